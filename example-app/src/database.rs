@@ -1,0 +1,50 @@
+//! Connecting, and making fresh databases for tests and benchmarks.
+
+use anyhow::{Context, Result};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend};
+
+/// Connects to `url` (`sqlite:…`, `postgres://…`, `mysql://…`). SQLite files get WAL mode,
+/// so readers do not block the writer.
+pub async fn connect(url: &str) -> Result<DatabaseConnection> {
+    let mut options = ConnectOptions::new(url.to_owned());
+    options
+        .sqlx_logging(false)
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .max_connections(32);
+    let db = Database::connect(options)
+        .await
+        .with_context(|| format!("cannot open database {url}"))?;
+    if db.get_database_backend() == DbBackend::Sqlite {
+        db.execute_unprepared(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
+        )
+        .await
+        .context("cannot configure SQLite")?;
+    }
+    Ok(db)
+}
+
+/// A new, empty database next to `base`: a file in `dir` for SQLite (`base` = "sqlite"), a
+/// new database on the same server for PostgreSQL or MySQL URLs.
+pub async fn fresh_database(base: &str, dir: &std::path::Path) -> Result<String> {
+    let name = format!("sync_{}", uuid::Uuid::new_v4().simple());
+    if base == "sqlite" || base.starts_with("sqlite:") {
+        return Ok(format!(
+            "sqlite://{}?mode=rwc",
+            dir.join(format!("{name}.db")).display()
+        ));
+    }
+    let admin = Database::connect(base)
+        .await
+        .with_context(|| format!("cannot reach database server {base}"))?;
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .context("cannot create a database")?;
+    let (server, _) = match base.rfind('/') {
+        Some(i) if i > base.find("://").map_or(0, |j| j + 2) => base.split_at(i),
+        _ => (base, ""),
+    };
+    Ok(format!("{server}/{name}"))
+}

@@ -1,0 +1,271 @@
+//! `example-app`: a media library that syncs. See `--help`.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use example_app::load::{LoadOptions, load};
+use example_app::{Migrator, connect, fresh_database, ops, registry};
+use sea_orm_migration::MigratorTrait;
+use sync_core::{Library, OpenError, Seq};
+
+const DEFAULT_DB: &str = "sqlite://media-library.db?mode=rwc";
+
+#[derive(Parser)]
+#[command(
+    name = "example-app",
+    version,
+    about = "A small media library that syncs with sync-core"
+)]
+struct Cli {
+    /// Database URL: a SQLite file (`sqlite://FILE?mode=rwc`) or `postgres://…`.
+    #[arg(long, global = true, default_value = DEFAULT_DB, env = "EXAMPLE_APP_DB")]
+    db: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Creates the schema, this device's identity and a library led by this device.
+    Init {
+        #[arg(long, default_value = "Media")]
+        library_name: String,
+    },
+    /// Inserts a record, or updates it when the JSON carries an existing `id`; prints it.
+    Put { model: String, json: String },
+    /// Deletes a record.
+    Delete { model: String, id: String },
+    /// Prints a record as JSON; exits non-zero when it is absent.
+    Get { model: String, id: String },
+    /// Every synced model's rows, synced fields only, as one canonical JSON object.
+    Dump,
+    /// Log entries as JSON lines.
+    Log {
+        /// The first seq to print.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+    },
+    /// A seeded random mix of writes over all models.
+    Load {
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 1)]
+        concurrency: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Writes per transaction.
+        #[arg(long, default_value_t = 1)]
+        batch: u64,
+        /// The same writes with capture switched off.
+        #[arg(long)]
+        no_sync: bool,
+    },
+    /// This device's role, library and position.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmarks; prints figures as JSON lines.
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Capture's cost: synced against unsynced writes of the same load, each in a fresh
+    /// database on the server of `--db` (or a temp SQLite file when `--db` is SQLite).
+    Capture {
+        #[arg(long, default_value_t = 4000)]
+        count: u64,
+        #[arg(long, default_value_t = 1)]
+        concurrency: u64,
+        /// Writes per transaction; give it more than once for several runs.
+        #[arg(long, default_values_t = [1, 100])]
+        batch: Vec<u64>,
+        /// Measured rounds per case (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn open(url: &str) -> Result<Library> {
+    let db = connect(url).await?;
+    match Library::open_default(db, registry()).await {
+        Err(OpenError::NotMigrated(_)) | Err(OpenError::NoLibrary) => {
+            bail!("{url} holds no library yet: run `example-app --db '{url}' init` first")
+        }
+        other => Ok(other?),
+    }
+}
+
+async fn init(url: &str, name: &str) -> Result<Library> {
+    let db = connect(url).await?;
+    Migrator::up(&db, None)
+        .await
+        .context("cannot create the schema")?;
+    match Library::open_default(db.clone(), registry()).await {
+        Ok(_) => bail!("{url} already holds a library"),
+        Err(OpenError::NoLibrary) => Ok(Library::create(db, name, registry()).await?),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Init { library_name } => {
+            let library = init(&cli.db, &library_name).await?;
+            println!(
+                "created library {} led by this device {}",
+                library.id(),
+                library.device_id()
+            );
+        }
+        Command::Put { model, json } => {
+            let library = open(&cli.db).await?;
+            print_json(&ops::put(&library, &model, &json).await?)?;
+        }
+        Command::Delete { model, id } => {
+            let library = open(&cli.db).await?;
+            ops::delete(&library, &model, &id).await?;
+        }
+        Command::Get { model, id } => {
+            let library = open(&cli.db).await?;
+            match ops::get(&library, &model, &id).await? {
+                Some(record) => print_json(&record)?,
+                None => {
+                    eprintln!("error: no {model} with id {id}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+        Command::Dump => {
+            let library = open(&cli.db).await?;
+            print_json(&library.dump().await?)?;
+        }
+        Command::Log { from, limit } => {
+            let library = open(&cli.db).await?;
+            for entry in library.read_log(Seq(from.saturating_sub(1)), limit).await? {
+                print_json(&entry)?;
+            }
+        }
+        Command::Load {
+            count,
+            concurrency,
+            seed,
+            batch,
+            no_sync,
+        } => {
+            let library = open(&cli.db).await?;
+            let report = load(
+                &library,
+                &LoadOptions {
+                    count,
+                    concurrency,
+                    seed,
+                    batch,
+                    sync: !no_sync,
+                },
+            )
+            .await?;
+            print_json(&report)?;
+        }
+        Command::Status { json } => {
+            let library = open(&cli.db).await?;
+            let status = library.status().await?;
+            if json {
+                print_json(&status)?;
+            } else {
+                println!(
+                    "{:?} of library {} (device {}), latest seq {}",
+                    status.role, status.library_id, status.device_id, status.latest_seq
+                );
+            }
+        }
+        Command::Bench {
+            which:
+                Bench::Capture {
+                    count,
+                    concurrency,
+                    batch,
+                    rounds,
+                },
+        } => {
+            bench_capture(&cli.db, count, concurrency, &batch, rounds).await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bench_capture(
+    url: &str,
+    count: u64,
+    concurrency: u64,
+    batches: &[u64],
+    rounds: u32,
+) -> Result<()> {
+    let dir = tempfile_dir()?;
+    let backend = url.split(':').next().unwrap_or("sqlite").to_owned();
+    for &batch in batches {
+        let mut best = [f64::INFINITY; 2];
+        for _ in 0..rounds.max(1) {
+            // Alternate the order so that neither side always runs on a warmer machine.
+            for (slot, sync) in [(0, false), (1, true)] {
+                let fresh = fresh_database(url, dir.path()).await?;
+                let library = init(&fresh, "bench").await?;
+                let options = LoadOptions {
+                    count,
+                    concurrency,
+                    seed: 7,
+                    batch,
+                    sync,
+                };
+                let report = load(&library, &options).await?;
+                best[slot] = best[slot].min(report.seconds);
+                library.db().clone().close().await.ok();
+            }
+        }
+        let [unsynced, synced] = best;
+        print_json(&serde_json::json!({
+            "bench": "capture",
+            "backend": backend,
+            "writes": count,
+            "writes_per_txn": batch,
+            "concurrency": concurrency,
+            "unsynced_seconds": unsynced,
+            "synced_seconds": synced,
+            "unsynced_writes_per_second": count as f64 / unsynced,
+            "synced_writes_per_second": count as f64 / synced,
+            "synced_over_unsynced_time": synced / unsynced,
+        }))?;
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<tempfile::TempDir> {
+    tempfile::tempdir().context("cannot make a temporary directory")
+}

@@ -1,0 +1,35 @@
+//! The sync tables, as sea-orm-migration migrations. Add them to your app's `Migrator`:
+//!
+//! ```ignore
+//! impl MigratorTrait for Migrator {
+//!     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+//!         let mut all = sync_migrations::migrations();
+//!         all.push(Box::new(m20260101_000001_my_tables::Migration));
+//!         all
+//!     }
+//! }
+//! ```
+//!
+//! Migration names start with `sync_core_`, so they cannot collide with an app's own
+//! (`m2026…` by sea-orm-cli's convention).
+#![warn(missing_docs)]
+
+use sea_orm_migration::prelude::*;
+
+mod m0001_sync_tables;
+
+/// Every sync migration, oldest first.
+pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+    vec![Box::new(m0001_sync_tables::Migration)]
+}
+
+/// A migrator holding only the sync tables, for apps that keep them apart.
+#[derive(Debug)]
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        migrations()
+    }
+}

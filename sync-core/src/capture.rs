@@ -1,0 +1,381 @@
+//! Change capture: the `ActiveModelBehavior` hooks and the per-transaction buffer they fill.
+//!
+//! `Library::transaction` opens a transaction and runs the app's closure inside a capture
+//! scope (a tokio task-local). The hooks of synced models note each write in the scope's
+//! buffer; when the closure succeeds, `flush` turns the buffer into log entries, takes the
+//! next sequence numbers from the library's counter row and inserts the entries, all in
+//! the same transaction, right before it commits. A closure that fails rolls back, and its
+//! buffer is dropped with it: a rolled-back write leaves no entry.
+//!
+//! A write to a synced model outside such a scope, or through a connection other than the
+//! transaction the scope belongs to, is refused by `before_save`/`before_delete` before it
+//! reaches the database. That is the rule that keeps writes from escaping the log.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, QuerySelect};
+
+use crate::entry::ChangeOp;
+use crate::{DeviceId, Hlc, HlcClock, LibraryId, Syncable};
+
+tokio::task_local! {
+    static SCOPE: Arc<CaptureScope>;
+}
+
+/// What every write in one library shares: who writes, and the clock.
+#[derive(Debug)]
+pub(crate) struct CaptureContext {
+    pub(crate) library_id: LibraryId,
+    pub(crate) device_id: DeviceId,
+    pub(crate) clock: Arc<HlcClock>,
+}
+
+/// The capture state of one `Library::transaction` call.
+pub(crate) struct CaptureScope {
+    pub(crate) context: Arc<CaptureContext>,
+    /// Address of the transaction the scope belongs to; hooks compare the connection they
+    /// are handed against it.
+    txn_address: usize,
+    /// False inside `Library::unrecorded`.
+    recording: bool,
+    buffer: Mutex<Buffer>,
+}
+
+#[derive(Default)]
+struct Buffer {
+    /// Saves whose `before_save` ran but whose `after_save` has not (yet): the changed
+    /// fields wait here for the model. Left over at flush, they were
+    /// `update_without_returning` calls, and the row is read back.
+    pending_saves: HashMap<(&'static str, String), PendingSave>,
+    /// Deletes whose `before_delete` found the row; `after_delete` records only these.
+    pending_deletes: HashMap<(&'static str, String), ()>,
+    changes: Vec<CapturedChange>,
+}
+
+struct PendingSave {
+    changed: Vec<&'static str>,
+    schema_version: u32,
+    reload: ReloadFn,
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+type ReloadFn =
+    for<'a> fn(&'a DatabaseTransaction, &'a str) -> BoxFuture<'a, Result<Option<String>, DbErr>>;
+
+/// A change noted by the hooks, not yet sequenced.
+#[derive(Debug, Clone)]
+pub(crate) struct CapturedChange {
+    pub(crate) model: &'static str,
+    pub(crate) record_id: String,
+    pub(crate) op: ChangeOp,
+    pub(crate) data: Option<String>,
+    pub(crate) changed: Vec<&'static str>,
+    pub(crate) hlc: Hlc,
+    pub(crate) schema_version: u32,
+}
+
+impl CaptureScope {
+    pub(crate) fn new(
+        context: Arc<CaptureContext>,
+        txn: &DatabaseTransaction,
+        recording: bool,
+    ) -> Arc<Self> {
+        Arc::new(CaptureScope {
+            context,
+            txn_address: address_of(txn),
+            recording,
+            buffer: Mutex::new(Buffer::default()),
+        })
+    }
+
+    /// Runs `fut` with this scope installed for the hooks.
+    pub(crate) async fn run<F: Future>(self: &Arc<Self>, fut: F) -> F::Output {
+        SCOPE.scope(Arc::clone(self), fut).await
+    }
+
+    fn buffer(&self) -> std::sync::MutexGuard<'_, Buffer> {
+        // A panic while holding the lock cannot leave the buffer half-updated in a way that
+        // matters: the transaction it belongs to is rolled back by the panic anyway.
+        self.buffer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Turns the buffer into the transaction's changes, in write order. Saves whose
+    /// `after_save` never ran are read back from the transaction.
+    pub(crate) async fn drain(
+        &self,
+        txn: &DatabaseTransaction,
+    ) -> Result<Vec<CapturedChange>, DbErr> {
+        let (mut changes, leftovers) = {
+            let mut buffer = self.buffer();
+            let leftovers: Vec<_> = buffer.pending_saves.drain().collect();
+            buffer.pending_deletes.clear();
+            (std::mem::take(&mut buffer.changes), leftovers)
+        };
+        for ((model, record_id), pending) in leftovers {
+            if let Some(data) = (pending.reload)(txn, &record_id).await? {
+                changes.push(CapturedChange {
+                    model,
+                    record_id,
+                    op: ChangeOp::Upsert,
+                    data: Some(data),
+                    changed: pending.changed,
+                    hlc: self.context.clock.now(),
+                    schema_version: pending.schema_version,
+                });
+            }
+        }
+        Ok(changes)
+    }
+}
+
+fn address_of<T>(value: &T) -> usize {
+    value as *const T as *const () as usize
+}
+
+/// Why a hook refused a write. Hooks must return `DbErr`, so these travel as
+/// `DbErr::Custom` with a message that says what to do.
+fn refuse(message: String) -> DbErr {
+    DbErr::Custom(message)
+}
+
+/// The scope a hook of model `E` runs in, checked against the connection it was handed.
+fn scope_for<E: Syncable, C: ConnectionTrait>(db: &C) -> Result<Arc<CaptureScope>, DbErr> {
+    let scope = SCOPE.try_with(Arc::clone).map_err(|_| {
+        refuse(format!(
+            "write to synced model `{}` outside a sync transaction: run it inside \
+             `Library::transaction` (or `Library::unrecorded` for local-only maintenance) \
+             so that the change and its log entry commit together",
+            E::SYNC_ID
+        ))
+    })?;
+    if address_of(db) != scope.txn_address {
+        return Err(refuse(format!(
+            "write to synced model `{}` through a connection other than the transaction \
+             that `Library::transaction` handed out: pass that transaction to the write \
+             (nested transactions and other connections would commit the change apart \
+             from its log entry)",
+            E::SYNC_ID
+        )));
+    }
+    Ok(scope)
+}
+
+fn synced_json<E: Syncable>(model: &E::Model) -> Result<String, DbErr> {
+    let map = E::sync_json(model).map_err(|e| {
+        DbErr::Json(format!(
+            "cannot serialise synced fields of `{}`: {e}",
+            E::SYNC_ID
+        ))
+    })?;
+    // serde_json's default map is ordered by key, so this text is canonical.
+    serde_json::to_string(&map).map_err(|e| {
+        DbErr::Json(format!(
+            "cannot serialise synced fields of `{}`: {e}",
+            E::SYNC_ID
+        ))
+    })
+}
+
+fn reload<'a, E: Syncable>(
+    txn: &'a DatabaseTransaction,
+    key: &'a str,
+) -> BoxFuture<'a, Result<Option<String>, DbErr>> {
+    Box::pin(async move {
+        let Some(pk) = E::parse_key(key) else {
+            return Ok(None);
+        };
+        match E::find_by_id(pk).one(txn).await? {
+            Some(model) if E::should_sync(&model) => Ok(Some(synced_json::<E>(&model)?)),
+            _ => Ok(None),
+        }
+    })
+}
+
+/// The `before_save` hook of a synced model. `#[derive(Syncable)]` calls it; an app with
+/// its own `ActiveModelBehavior` (`#[sync(custom_behavior)]`) calls it from its hook.
+pub async fn before_save<E, C>(
+    mut active: E::ActiveModel,
+    db: &C,
+    insert: bool,
+) -> Result<E::ActiveModel, DbErr>
+where
+    E: Syncable,
+    C: ConnectionTrait,
+{
+    if !E::ENABLED {
+        return Ok(active);
+    }
+    let scope = scope_for::<E, C>(db)?;
+    if insert {
+        E::fill_key(&mut active);
+    }
+    if !scope.recording {
+        return Ok(active);
+    }
+    let Some(key) = E::active_key(&active) else {
+        return Err(refuse(format!(
+            "synced model `{}` written without a value for its key `{}`: set it before saving",
+            E::SYNC_ID,
+            E::KEY_FIELD
+        )));
+    };
+    let changed = if insert {
+        E::synced_fields()
+    } else {
+        E::set_fields(&active)
+    };
+    scope.buffer().pending_saves.insert(
+        (E::SYNC_ID, key),
+        PendingSave {
+            changed,
+            schema_version: E::SCHEMA_VERSION,
+            reload: reload::<E>,
+        },
+    );
+    Ok(active)
+}
+
+/// The `after_save` hook of a synced model: records an upsert with the stored model.
+pub async fn after_save<E, C>(model: E::Model, db: &C, insert: bool) -> Result<E::Model, DbErr>
+where
+    E: Syncable,
+    C: ConnectionTrait,
+{
+    if !E::ENABLED {
+        return Ok(model);
+    }
+    let scope = scope_for::<E, C>(db)?;
+    if !scope.recording {
+        return Ok(model);
+    }
+    let key = E::record_key(&model);
+    let pending = scope
+        .buffer()
+        .pending_saves
+        .remove(&(E::SYNC_ID, key.clone()));
+    if !E::should_sync(&model) {
+        return Ok(model);
+    }
+    // Without a pending entry (a hook called by hand, out of order) claim every synced
+    // field changed: over-reporting only makes a field-level merge take values that are
+    // current anyway; under-reporting would lose edits.
+    let changed = match pending {
+        Some(p) if !insert => p.changed,
+        _ => E::synced_fields(),
+    };
+    let change = CapturedChange {
+        model: E::SYNC_ID,
+        record_id: key,
+        op: ChangeOp::Upsert,
+        data: Some(synced_json::<E>(&model)?),
+        changed,
+        hlc: scope.context.clock.now(),
+        schema_version: E::SCHEMA_VERSION,
+    };
+    scope.buffer().changes.push(change);
+    Ok(model)
+}
+
+/// The `before_delete` hook of a synced model: notes the delete if the row exists, so that
+/// `after_delete` (which SeaORM runs even when nothing was deleted) records no phantom.
+pub async fn before_delete<E, C>(active: E::ActiveModel, db: &C) -> Result<E::ActiveModel, DbErr>
+where
+    E: Syncable,
+    C: ConnectionTrait,
+{
+    if !E::ENABLED {
+        return Ok(active);
+    }
+    let scope = scope_for::<E, C>(db)?;
+    if !scope.recording {
+        return Ok(active);
+    }
+    let Some(key) = E::active_key(&active) else {
+        return Ok(active);
+    };
+    let Some(pk) = E::parse_key(&key) else {
+        return Ok(active);
+    };
+    // The row lock (PostgreSQL, MySQL; SQLite has one writer anyway) makes a concurrent
+    // delete of the same row wait, then find nothing: one delete entry, not two.
+    let existing = E::find_by_id(pk).lock_exclusive().one(db).await?;
+    if existing.as_ref().is_some_and(|m| E::should_sync(m)) {
+        scope.buffer().pending_deletes.insert((E::SYNC_ID, key), ());
+    }
+    Ok(active)
+}
+
+/// The `after_delete` hook of a synced model: records the delete noted by `before_delete`.
+pub async fn after_delete<E, C>(active: E::ActiveModel, db: &C) -> Result<E::ActiveModel, DbErr>
+where
+    E: Syncable,
+    C: ConnectionTrait,
+{
+    if !E::ENABLED {
+        return Ok(active);
+    }
+    let scope = scope_for::<E, C>(db)?;
+    if !scope.recording {
+        return Ok(active);
+    }
+    let Some(key) = E::active_key(&active) else {
+        return Ok(active);
+    };
+    let existed = {
+        let mut buffer = scope.buffer();
+        buffer.pending_saves.remove(&(E::SYNC_ID, key.clone()));
+        buffer
+            .pending_deletes
+            .remove(&(E::SYNC_ID, key.clone()))
+            .is_some()
+    };
+    if existed {
+        let change = CapturedChange {
+            model: E::SYNC_ID,
+            record_id: key,
+            op: ChangeOp::Delete,
+            data: None,
+            changed: Vec::new(),
+            hlc: scope.context.clock.now(),
+            schema_version: E::SCHEMA_VERSION,
+        };
+        scope.buffer().changes.push(change);
+    }
+    Ok(active)
+}
+
+/// Records the current state of one record, as if it had just been written: an upsert if
+/// it exists (and passes the model's filter), a delete otherwise. For repairing a record
+/// written by a path that skipped the hooks (see `Library::audit`).
+pub(crate) async fn record_again<E: Syncable>(
+    txn: &DatabaseTransaction,
+    key: &str,
+) -> Result<bool, DbErr> {
+    let scope = scope_for::<E, DatabaseTransaction>(txn)?;
+    let data = reload::<E>(txn, key).await?;
+    let change = CapturedChange {
+        model: E::SYNC_ID,
+        record_id: key.to_owned(),
+        op: if data.is_some() {
+            ChangeOp::Upsert
+        } else {
+            ChangeOp::Delete
+        },
+        changed: if data.is_some() {
+            E::synced_fields()
+        } else {
+            Vec::new()
+        },
+        data,
+        hlc: scope.context.clock.now(),
+        schema_version: E::SCHEMA_VERSION,
+    };
+    let upsert = change.op == ChangeOp::Upsert;
+    scope.buffer().changes.push(change);
+    Ok(upsert)
+}

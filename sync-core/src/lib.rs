@@ -1,0 +1,59 @@
+//! Offline-first sync for SeaORM applications: a leader-follower replication log.
+//!
+//! Put `#[derive(Syncable)]` beside `DeriveEntityModel` on a model, write through
+//! [`Library::transaction`], and every change lands in the library's sequenced log in the
+//! same transaction as the write.
+//!
+//! ```ignore
+//! use sea_orm::entity::prelude::*;
+//!
+//! #[derive(Clone, Debug, PartialEq, DeriveEntityModel, sync_core::Syncable)]
+//! #[sea_orm(table_name = "tag")]
+//! pub struct Model {
+//!     #[sea_orm(primary_key, auto_increment = false)]
+//!     pub id: Uuid,
+//!     pub name: String,
+//! }
+//! // No `impl ActiveModelBehavior`: the derive wires the capture hooks.
+//!
+//! library.transaction(|txn| Box::pin(async move {
+//!     ActiveModel { name: Set("holiday".into()), ..Default::default() }.insert(txn).await?;
+//!     Ok::<_, DbErr>(())
+//! })).await?;
+//! ```
+#![warn(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+mod capture;
+mod entry;
+mod error;
+mod hlc;
+mod ids;
+mod library;
+mod registry;
+mod syncable;
+mod tables;
+
+/// The hooks `#[derive(Syncable)]` wires into `ActiveModelBehavior`. Call them from your own
+/// `impl ActiveModelBehavior` when the model says `#[sync(custom_behavior)]`.
+pub mod hooks {
+    pub use crate::capture::{after_delete, after_save, before_delete, before_save};
+}
+
+pub use entry::{ChainError, ChangeOp, LogEntry, verify_chain};
+pub use error::{LogError, OpenError};
+pub use hlc::{Hlc, HlcClock};
+pub use ids::{DeviceId, LibraryId, Seq};
+pub use library::{Drift, DriftKind, Library, Role, Status, TxnFuture, read_log};
+pub use registry::{DuplicateSyncId, ModelRows, Registry};
+pub use sync_derive::Syncable;
+pub use syncable::{FieldMerge, FieldSpec, MergeRule, Syncable};
+
+/// Items the derive's generated code names. Not part of the public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use async_trait;
+    pub use sea_orm;
+    pub use serde_json;
+    pub use uuid;
+}

@@ -1,0 +1,568 @@
+//! `Library`: the handle an app writes through.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+};
+use serde::Serialize;
+
+use crate::capture::{CaptureContext, CaptureScope, CapturedChange};
+use crate::entry::{ChangeOp, LogEntry};
+use crate::error::{LogError, OpenError};
+use crate::registry::Registry;
+use crate::tables::{device, library, local, log};
+use crate::{DeviceId, Hlc, HlcClock, LibraryId, Seq};
+
+/// Rows per INSERT when appending to the log: 11 bound values each keeps a statement far
+/// below every backend's limit on bound parameters (SQLite's is 32,766).
+const LOG_INSERT_ROWS_MAX: usize = 500;
+
+const LOCAL_DEVICE_ID: &str = "device_id";
+const LOCAL_DEFAULT_LIBRARY: &str = "default_library";
+
+/// A boxed future borrowing the transaction, as `Library::transaction` takes it.
+pub type TxnFuture<'c, T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'c>>;
+
+/// This device's part in a library.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Holds the log and sequences every change.
+    Leader,
+    /// Pulls the log; may write (push) or only read, as the leader granted.
+    Follower,
+}
+
+/// One library's handle on this device: write through it, read its log.
+#[derive(Clone, Debug)]
+pub struct Library {
+    db: DatabaseConnection,
+    registry: Arc<Registry>,
+    context: Arc<CaptureContext>,
+    role: Role,
+}
+
+/// What `Library::status` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    /// Leader or follower.
+    pub role: Role,
+    /// The library.
+    pub library_id: LibraryId,
+    /// This device.
+    pub device_id: DeviceId,
+    /// The last seq in the log on this device.
+    pub latest_seq: Seq,
+}
+
+/// A record whose table row and log disagree: it was written by a path that skips the hooks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Drift {
+    /// The model's sync id.
+    pub model: String,
+    /// The record.
+    pub record_id: String,
+    /// How they disagree.
+    pub kind: DriftKind,
+}
+
+/// How a table row and the log disagree.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftKind {
+    /// The row exists, and the log has no entry for it or an older value.
+    Unlogged,
+    /// The log says the record exists, but the row is gone.
+    Vanished,
+}
+
+impl Library {
+    /// Creates a library led by this device (creating this device's identity on first use)
+    /// and makes it the database's default library.
+    pub async fn create(
+        db: DatabaseConnection,
+        name: &str,
+        registry: Registry,
+    ) -> Result<Library, OpenError> {
+        let device_id = ensure_device_id(&db).await?;
+        let library_id = LibraryId(uuid::Uuid::now_v7());
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let txn = db.begin().await?;
+        library::ActiveModel {
+            id: Set(library_id.to_string()),
+            name: Set(name.to_owned()),
+            leader_device_id: Set(device_id.to_string()),
+            last_seq: Set(0),
+            last_checksum: Set(0),
+            created_at_ms: Set(now_ms),
+        }
+        .insert_into(&txn)
+        .await?;
+        device::ActiveModel {
+            library_id: Set(library_id.to_string()),
+            device_id: Set(device_id.to_string()),
+            role: Set("leader".to_owned()),
+            name: Set(None),
+            added_at_ms: Set(now_ms),
+            revoked_at_ms: Set(None),
+        }
+        .insert_into(&txn)
+        .await?;
+        set_local(&txn, LOCAL_DEFAULT_LIBRARY, &library_id.to_string()).await?;
+        txn.commit().await?;
+        Library::open(db, library_id, registry).await
+    }
+
+    /// Opens the database's default library (the one `create` made).
+    pub async fn open_default(
+        db: DatabaseConnection,
+        registry: Registry,
+    ) -> Result<Library, OpenError> {
+        let value = get_local(&db, LOCAL_DEFAULT_LIBRARY)
+            .await?
+            .ok_or(OpenError::NoLibrary)?;
+        let library_id = value
+            .parse()
+            .map_err(|e| OpenError::Corrupt(format!("default library id `{value}`: {e}")))?;
+        Library::open(db, library_id, registry).await
+    }
+
+    /// Opens a library this device takes part in.
+    pub async fn open(
+        db: DatabaseConnection,
+        library_id: LibraryId,
+        registry: Registry,
+    ) -> Result<Library, OpenError> {
+        let device_id = ensure_device_id(&db).await?;
+        let row = library::Entity::find_by_id(library_id.to_string())
+            .one(&db)
+            .await?
+            .ok_or(OpenError::UnknownLibrary(library_id))?;
+        let role = if row.leader_device_id == device_id.to_string() {
+            Role::Leader
+        } else {
+            Role::Follower
+        };
+        // The clock starts above the newest entry so that a wall clock set back across a
+        // restart cannot order new changes before old ones.
+        let last = log::Entity::find()
+            .filter(log::Column::LibraryId.eq(library_id.to_string()))
+            .order_by_desc(log::Column::Seq)
+            .one(&db)
+            .await?;
+        let floor = last
+            .map(|e| Hlc::from_u64(e.hlc as u64))
+            .unwrap_or_default();
+        let context = Arc::new(CaptureContext {
+            library_id,
+            device_id,
+            clock: Arc::new(HlcClock::new(floor)),
+        });
+        Ok(Library {
+            db,
+            registry: Arc::new(registry),
+            context,
+            role,
+        })
+    }
+
+    /// The database connection (for reads; synced writes go through `transaction`).
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// The registry of synced models.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// This library's id.
+    pub fn id(&self) -> LibraryId {
+        self.context.library_id
+    }
+
+    /// This device's id.
+    pub fn device_id(&self) -> DeviceId {
+        self.context.device_id
+    }
+
+    /// Leader or follower.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Runs `work` in a transaction whose writes to synced models are recorded in the log,
+    /// committing the writes and their entries together. An `Err` from `work` (or a failure
+    /// to record) rolls everything back.
+    ///
+    /// Pass the transaction `work` receives to every write: the hooks refuse writes to
+    /// synced models made through any other connection.
+    ///
+    /// ```no_run
+    /// # use sea_orm::{ActiveModelTrait, DbErr};
+    /// # async fn example(library: &sync_core::Library) -> Result<(), DbErr> {
+    /// library
+    ///     .transaction(|txn| Box::pin(async move {
+    ///         // e.g. tag::ActiveModel { name: Set("holiday".into()), ..Default::default() }.insert(txn).await?;
+    ///         let _ = txn;
+    ///         Ok::<_, DbErr>(())
+    ///     }))
+    ///     .await
+    /// # }
+    /// ```
+    pub async fn transaction<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        F: for<'c> FnOnce(&'c DatabaseTransaction) -> TxnFuture<'c, T, E>,
+        E: From<DbErr>,
+    {
+        self.run(work, true).await
+    }
+
+    /// Like `transaction`, but its writes are not recorded: for local-only maintenance
+    /// (rebuilding a cache column, say). Followers will not see these writes.
+    pub async fn unrecorded<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        F: for<'c> FnOnce(&'c DatabaseTransaction) -> TxnFuture<'c, T, E>,
+        E: From<DbErr>,
+    {
+        self.run(work, false).await
+    }
+
+    async fn run<T, E, F>(&self, work: F, recording: bool) -> Result<T, E>
+    where
+        F: for<'c> FnOnce(&'c DatabaseTransaction) -> TxnFuture<'c, T, E>,
+        E: From<DbErr>,
+    {
+        let txn = self.db.begin().await?;
+        let scope = CaptureScope::new(Arc::clone(&self.context), &txn, recording);
+        let outcome = scope.run(work(&txn)).await;
+        match outcome {
+            Ok(value) => {
+                let changes = scope.drain(&txn).await?;
+                self.append(&txn, changes).await?;
+                txn.commit().await?;
+                Ok(value)
+            }
+            Err(e) => {
+                // Dropping an open transaction rolls it back too; an explicit rollback
+                // returns the connection sooner. Its own failure adds nothing to `e`.
+                if let Err(rollback) = txn.rollback().await {
+                    tracing::warn!(%rollback, "rollback after a failed sync transaction failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Records the current state of a record again, on purpose: an upsert of its synced
+    /// fields if it exists, a delete if not. Runs in its own recorded transaction.
+    pub async fn record_again(&self, model: &str, record_id: &str) -> Result<ChangeOp, DbErr> {
+        let ops =
+            self.registry.get(model).cloned().ok_or_else(|| {
+                DbErr::Custom(format!("`{model}` is not a synced model of this app"))
+            })?;
+        let record_id = record_id.to_owned();
+        let upsert = self
+            .transaction(move |txn| {
+                Box::pin(async move { ops.record_again(txn, &record_id).await })
+            })
+            .await?;
+        Ok(if upsert {
+            ChangeOp::Upsert
+        } else {
+            ChangeOp::Delete
+        })
+    }
+
+    /// Sequences `changes` after the library's last entry and appends them, in `txn`.
+    ///
+    /// The counter row is read with a row lock (`SELECT … FOR UPDATE`; SQLite has one writer
+    /// anyway) that is held until `txn` commits. So a library's writers take their seqs in
+    /// commit order, and a reader that has seen seq N can never later find an entry below N.
+    async fn append(
+        &self,
+        txn: &DatabaseTransaction,
+        changes: Vec<CapturedChange>,
+    ) -> Result<(), DbErr> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        if self.role != Role::Leader {
+            return Err(DbErr::Custom(format!(
+                "this device follows library {}; recording writes on a follower (the offline \
+                 outbox) is not available yet: write on the leader",
+                self.context.library_id
+            )));
+        }
+        let library_key = self.context.library_id.to_string();
+        let counter = library::Entity::find_by_id(library_key.clone())
+            .lock_exclusive()
+            .one(txn)
+            .await?
+            .ok_or_else(|| DbErr::RecordNotFound(format!("sync library {library_key}")))?;
+        let mut seq = Seq(counter.last_seq as u64);
+        let mut checksum = counter.last_checksum as u64;
+        let mut rows = Vec::with_capacity(changes.len());
+        for change in changes {
+            seq = seq.next();
+            let mut entry = LogEntry {
+                library_id: self.context.library_id,
+                seq,
+                model: change.model.to_owned(),
+                record_id: change.record_id,
+                op: change.op,
+                data: change.data,
+                changed: change.changed.iter().map(|f| (*f).to_owned()).collect(),
+                device_id: self.context.device_id,
+                hlc: change.hlc,
+                schema_version: change.schema_version,
+                checksum: 0,
+            };
+            entry.checksum = entry.chained_checksum(checksum);
+            checksum = entry.checksum;
+            rows.push(entry_row(&entry));
+        }
+        library::Entity::update_many()
+            .col_expr(library::Column::LastSeq, Expr::value(seq.0 as i64))
+            .col_expr(library::Column::LastChecksum, Expr::value(checksum as i64))
+            .filter(library::Column::Id.eq(library_key))
+            .exec(txn)
+            .await?;
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            let chunk: Vec<_> = rows.by_ref().take(LOG_INSERT_ROWS_MAX).collect();
+            log::Entity::insert_many(chunk)
+                .exec_without_returning(txn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The last seq of this library's log.
+    pub async fn latest_seq(&self) -> Result<Seq, LogError> {
+        let row = library::Entity::find_by_id(self.context.library_id.to_string())
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| {
+                DbErr::RecordNotFound(format!("sync library {}", self.context.library_id))
+            })?;
+        Ok(Seq(row.last_seq as u64))
+    }
+
+    /// Up to `limit` entries with seq greater than `after`, in seq order.
+    pub async fn read_log(&self, after: Seq, limit: u64) -> Result<Vec<LogEntry>, LogError> {
+        read_log(&self.db, self.context.library_id, after, limit).await
+    }
+
+    /// Leader or follower, ids and the latest seq.
+    pub async fn status(&self) -> Result<Status, LogError> {
+        Ok(Status {
+            role: self.role,
+            library_id: self.context.library_id,
+            device_id: self.context.device_id,
+            latest_seq: self.latest_seq().await?,
+        })
+    }
+
+    /// Every synced model's rows, synced fields only, sorted: identical on devices that
+    /// have converged.
+    pub async fn dump(&self) -> Result<serde_json::Value, DbErr> {
+        let mut out = serde_json::Map::new();
+        for ops in self.registry.iter_synced() {
+            let rows = ops.rows(&self.db).await?;
+            let rows = rows
+                .into_iter()
+                .map(|(_, fields)| serde_json::Value::Object(fields))
+                .collect();
+            out.insert(ops.sync_id().to_owned(), serde_json::Value::Array(rows));
+        }
+        Ok(serde_json::Value::Object(out))
+    }
+
+    /// Compares every synced table with the log and lists the records that disagree:
+    /// those written by a path that skips SeaORM's hooks (`Entity::insert(..).exec`,
+    /// `insert_many`, `update_many`, `delete_many`, `delete_by_id`, raw SQL). `repair`
+    /// records them.
+    pub async fn audit(&self) -> Result<Vec<Drift>, LogError> {
+        // The last logged data of every record, read page by page.
+        let mut logged: HashMap<(String, String), Option<String>> = HashMap::new();
+        let mut after = Seq::ZERO;
+        loop {
+            let page = self.read_log(after, 10_000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for entry in page {
+                logged.insert((entry.model, entry.record_id), entry.data);
+            }
+        }
+        let mut drift = Vec::new();
+        for ops in self.registry.iter_synced() {
+            let model = ops.sync_id().to_owned();
+            for (record_id, fields) in ops.rows(&self.db).await? {
+                let data =
+                    serde_json::to_string(&fields).map_err(|e| DbErr::Json(e.to_string()))?;
+                match logged.remove(&(model.clone(), record_id.clone())) {
+                    Some(Some(last)) if last == data => {}
+                    _ => drift.push(Drift {
+                        model: model.clone(),
+                        record_id,
+                        kind: DriftKind::Unlogged,
+                    }),
+                }
+            }
+        }
+        for ((model, record_id), data) in logged {
+            if data.is_some() && self.registry.get(&model).is_some() {
+                drift.push(Drift {
+                    model,
+                    record_id,
+                    kind: DriftKind::Vanished,
+                });
+            }
+        }
+        drift.sort_by(|a, b| (&a.model, &a.record_id).cmp(&(&b.model, &b.record_id)));
+        Ok(drift)
+    }
+
+    /// Records every drifted record's current state (see `audit`), in one transaction.
+    pub async fn repair(&self, drift: &[Drift]) -> Result<usize, DbErr> {
+        let mut targets = Vec::with_capacity(drift.len());
+        for d in drift {
+            let ops = self.registry.get(&d.model).cloned().ok_or_else(|| {
+                DbErr::Custom(format!("`{}` is not a synced model of this app", d.model))
+            })?;
+            targets.push((ops, d.record_id.clone()));
+        }
+        let count = targets.len();
+        self.transaction(move |txn| {
+            Box::pin(async move {
+                for (ops, record_id) in &targets {
+                    ops.record_again(txn, record_id).await?;
+                }
+                Ok::<_, DbErr>(())
+            })
+        })
+        .await?;
+        Ok(count)
+    }
+}
+
+/// Reads up to `limit` entries of a library's log with seq greater than `after`.
+pub async fn read_log<C: ConnectionTrait>(
+    db: &C,
+    library_id: LibraryId,
+    after: Seq,
+    limit: u64,
+) -> Result<Vec<LogEntry>, LogError> {
+    let rows = log::Entity::find()
+        .filter(log::Column::LibraryId.eq(library_id.to_string()))
+        .filter(log::Column::Seq.gt(after.0 as i64))
+        .order_by_asc(log::Column::Seq)
+        .limit(limit)
+        .all(db)
+        .await?;
+    rows.into_iter().map(entry_from_row).collect()
+}
+
+fn entry_row(entry: &LogEntry) -> log::ActiveModel {
+    log::ActiveModel {
+        library_id: Set(entry.library_id.to_string()),
+        seq: Set(entry.seq.0 as i64),
+        model: Set(entry.model.clone()),
+        record_id: Set(entry.record_id.clone()),
+        op: Set(entry.op.as_str().to_owned()),
+        data: Set(entry.data.clone()),
+        // A list of field names always serialises.
+        changed: Set(serde_json::to_string(&entry.changed).unwrap_or_else(|_| "[]".to_owned())),
+        device_id: Set(entry.device_id.to_string()),
+        hlc: Set(entry.hlc.as_u64() as i64),
+        schema_version: Set(entry.schema_version as i32),
+        checksum: Set(entry.checksum as i64),
+    }
+}
+
+fn entry_from_row(row: log::Model) -> Result<LogEntry, LogError> {
+    let seq = Seq(row.seq as u64);
+    let corrupt = |reason: String| LogError::Corrupt { seq, reason };
+    Ok(LogEntry {
+        library_id: row
+            .library_id
+            .parse()
+            .map_err(|e| corrupt(format!("library id: {e}")))?,
+        seq,
+        op: ChangeOp::parse(&row.op).ok_or_else(|| corrupt(format!("unknown op `{}`", row.op)))?,
+        changed: serde_json::from_str(&row.changed)
+            .map_err(|e| corrupt(format!("changed fields: {e}")))?,
+        device_id: row
+            .device_id
+            .parse()
+            .map_err(|e| corrupt(format!("device id: {e}")))?,
+        hlc: Hlc::from_u64(row.hlc as u64),
+        schema_version: u32::try_from(row.schema_version)
+            .map_err(|e| corrupt(format!("schema version: {e}")))?,
+        checksum: row.checksum as u64,
+        model: row.model,
+        record_id: row.record_id,
+        data: row.data,
+    })
+}
+
+async fn get_local<C: ConnectionTrait>(db: &C, key: &str) -> Result<Option<String>, OpenError> {
+    match local::Entity::find_by_id(key.to_owned()).one(db).await {
+        Ok(row) => Ok(row.map(|r| r.value)),
+        Err(e) if is_missing_table(&e) => Err(OpenError::NotMigrated(e)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn set_local<C: ConnectionTrait>(db: &C, key: &str, value: &str) -> Result<(), DbErr> {
+    local::Entity::delete_by_id(key.to_owned()).exec(db).await?;
+    local::ActiveModel {
+        key: Set(key.to_owned()),
+        value: Set(value.to_owned()),
+    }
+    .insert_into(db)
+    .await
+}
+
+/// This device's id, made on first use.
+async fn ensure_device_id(db: &DatabaseConnection) -> Result<DeviceId, OpenError> {
+    if let Some(value) = get_local(db, LOCAL_DEVICE_ID).await? {
+        return value
+            .parse()
+            .map_err(|e| OpenError::Corrupt(format!("device id `{value}`: {e}")));
+    }
+    let device_id = DeviceId::new_random();
+    set_local(db, LOCAL_DEVICE_ID, &device_id.to_string()).await?;
+    Ok(device_id)
+}
+
+fn is_missing_table(e: &DbErr) -> bool {
+    let text = e.to_string();
+    text.contains("no such table")
+        || text.contains("does not exist")
+        || text.contains("doesn't exist")
+}
+
+/// Inserting an ActiveModel of an internal table without reading it back.
+trait InsertInto {
+    async fn insert_into<C: ConnectionTrait>(self, db: &C) -> Result<(), DbErr>;
+}
+
+impl<A> InsertInto for A
+where
+    A: sea_orm::ActiveModelTrait + Send,
+{
+    async fn insert_into<C: ConnectionTrait>(self, db: &C) -> Result<(), DbErr> {
+        <A::Entity as EntityTrait>::insert(self)
+            .exec_without_returning(db)
+            .await
+            .map(|_| ())
+    }
+}

@@ -1,0 +1,96 @@
+//! SeaORM entities for the sync tables that `sync-migrations` creates. Internal: apps reach
+//! them through `Library`.
+#![allow(missing_docs, unreachable_pub)]
+
+pub mod library {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_library")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub name: String,
+        pub leader_device_id: String,
+        /// The last seq handed out; its row lock orders the library's writers.
+        pub last_seq: i64,
+        /// The rolling checksum of the entry at `last_seq`.
+        pub last_checksum: i64,
+        pub created_at_ms: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod log {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_log")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub library_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub seq: i64,
+        pub model: String,
+        pub record_id: String,
+        pub op: String,
+        #[sea_orm(column_type = "Text", nullable)]
+        pub data: Option<String>,
+        #[sea_orm(column_type = "Text")]
+        pub changed: String,
+        pub device_id: String,
+        pub hlc: i64,
+        pub schema_version: i32,
+        pub checksum: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod device {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_device")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub library_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub device_id: String,
+        pub role: String,
+        pub name: Option<String>,
+        pub added_at_ms: i64,
+        pub revoked_at_ms: Option<i64>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod local {
+    use sea_orm::entity::prelude::*;
+
+    /// Facts about this device: its id, and later its key pair.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_local")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub key: String,
+        #[sea_orm(column_type = "Text")]
+        pub value: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

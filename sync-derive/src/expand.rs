@@ -1,0 +1,155 @@
+//! Expands a `SyncModel` into the `Syncable` impl and the hook wiring.
+
+use proc_macro2::TokenStream;
+use quote::quote;
+
+use crate::model::{FieldMerge, Merge, SyncModel};
+
+pub(crate) fn expand(model: &SyncModel) -> TokenStream {
+    let krate = &model.krate;
+    let sea_orm = quote!(#krate::__private::sea_orm);
+    let serde_json = quote!(#krate::__private::serde_json);
+    let sync_id = &model.sync_id;
+    let schema_version = model.schema_version;
+    let enabled = model.enabled;
+    let merge = match &model.merge {
+        Merge::LastWriteWins => quote!(#krate::MergeRule::LastWriteWins),
+        Merge::FieldLevel => quote!(#krate::MergeRule::FieldLevel),
+        Merge::Manual => quote!(#krate::MergeRule::Manual),
+        Merge::Custom(_) => quote!(#krate::MergeRule::Custom),
+    };
+    let key = &model.fields[model.key];
+    let key_ident = &key.ident;
+    let key_ty = &key.ty;
+    let key_name = key_ident.to_string();
+    let key_is_uuid = matches!(&key.ty, syn::Type::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == "Uuid"));
+
+    let field_specs = model.fields.iter().map(|f| {
+        let name = f.ident.to_string();
+        let column = &f.column;
+        let synced = f.synced;
+        let merge = match f.merge {
+            FieldMerge::LastWriteWins => quote!(#krate::FieldMerge::LastWriteWins),
+            FieldMerge::Union => quote!(#krate::FieldMerge::Union),
+            FieldMerge::Manual => quote!(#krate::FieldMerge::Manual),
+        };
+        quote!(#krate::FieldSpec { name: #name, column: #column, synced: #synced, merge: #merge })
+    });
+    let synced: Vec<_> = model.fields.iter().filter(|f| f.synced).collect();
+    let json_inserts = synced.iter().map(|f| {
+        let ident = &f.ident;
+        let name = ident.to_string();
+        quote!(map.insert(::std::string::String::from(#name), #serde_json::to_value(&model.#ident)?);)
+    });
+    let set_checks = synced.iter().filter(|f| !f.primary_key).map(|f| {
+        let ident = &f.ident;
+        let name = ident.to_string();
+        quote!(if active.#ident.is_set() { out.push(#name); })
+    });
+    let fill_key = if key_is_uuid {
+        quote! {
+            if active.#key_ident.is_not_set() {
+                active.#key_ident = #sea_orm::ActiveValue::Set(<#key_ty>::now_v7());
+            }
+        }
+    } else {
+        quote!(let _ = active;)
+    };
+    let should_sync = model.filter.as_ref().map(|path| {
+        quote! {
+            fn should_sync(model: &Model) -> bool {
+                #path(model)
+            }
+        }
+    });
+    let merge_custom = match &model.merge {
+        Merge::Custom(path) => Some(quote! {
+            fn merge_custom(local: &Model, remote: &Model) -> ::std::option::Option<Model> {
+                ::std::option::Option::Some(#path(local, remote))
+            }
+        }),
+        _ => None,
+    };
+    let behavior = (!model.custom_behavior).then(|| {
+        quote! {
+            #[#krate::__private::async_trait::async_trait]
+            impl #sea_orm::ActiveModelBehavior for ActiveModel {
+                async fn before_save<C>(self, db: &C, insert: bool) -> ::std::result::Result<Self, #sea_orm::DbErr>
+                where
+                    C: #sea_orm::ConnectionTrait,
+                {
+                    #krate::hooks::before_save::<Entity, C>(self, db, insert).await
+                }
+
+                async fn after_save<C>(model: Model, db: &C, insert: bool) -> ::std::result::Result<Model, #sea_orm::DbErr>
+                where
+                    C: #sea_orm::ConnectionTrait,
+                {
+                    #krate::hooks::after_save::<Entity, C>(model, db, insert).await
+                }
+
+                async fn before_delete<C>(self, db: &C) -> ::std::result::Result<Self, #sea_orm::DbErr>
+                where
+                    C: #sea_orm::ConnectionTrait,
+                {
+                    #krate::hooks::before_delete::<Entity, C>(self, db).await
+                }
+
+                async fn after_delete<C>(self, db: &C) -> ::std::result::Result<Self, #sea_orm::DbErr>
+                where
+                    C: #sea_orm::ConnectionTrait,
+                {
+                    #krate::hooks::after_delete::<Entity, C>(self, db).await
+                }
+            }
+        }
+    });
+
+    quote! {
+        impl #krate::Syncable for Entity {
+            const SYNC_ID: &'static str = #sync_id;
+            const SCHEMA_VERSION: u32 = #schema_version;
+            const ENABLED: bool = #enabled;
+            const MERGE: #krate::MergeRule = #merge;
+            const FIELDS: &'static [#krate::FieldSpec] = &[#(#field_specs),*];
+            const KEY_FIELD: &'static str = #key_name;
+
+            fn record_key(model: &Model) -> ::std::string::String {
+                ::std::string::ToString::to_string(&model.#key_ident)
+            }
+
+            fn active_key(active: &ActiveModel) -> ::std::option::Option<::std::string::String> {
+                active.#key_ident.try_as_ref().map(::std::string::ToString::to_string)
+            }
+
+            fn fill_key(active: &mut ActiveModel) {
+                #fill_key
+            }
+
+            fn parse_key(
+                key: &str,
+            ) -> ::std::option::Option<<<Self as #sea_orm::EntityTrait>::PrimaryKey as #sea_orm::PrimaryKeyTrait>::ValueType> {
+                <#key_ty as ::std::str::FromStr>::from_str(key).ok()
+            }
+
+            fn set_fields(active: &ActiveModel) -> ::std::vec::Vec<&'static str> {
+                let mut out = ::std::vec::Vec::new();
+                #(#set_checks)*
+                out
+            }
+
+            fn sync_json(
+                model: &Model,
+            ) -> ::std::result::Result<#serde_json::Map<::std::string::String, #serde_json::Value>, #serde_json::Error> {
+                let mut map = #serde_json::Map::new();
+                #(#json_inserts)*
+                ::std::result::Result::Ok(map)
+            }
+
+            #should_sync
+            #merge_custom
+        }
+
+        #behavior
+    }
+}
