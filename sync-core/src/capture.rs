@@ -117,6 +117,9 @@ impl CaptureScope {
             (std::mem::take(&mut buffer.changes), leftovers)
         };
         for ((model, record_id), pending) in leftovers {
+            if pending.changed.is_empty() {
+                continue;
+            }
             if let Some(data) = (pending.reload)(txn, &record_id).await? {
                 changes.push(CapturedChange {
                     model,
@@ -268,6 +271,10 @@ where
         Some(p) if !insert => p.changed,
         _ => E::synced_fields(),
     };
+    if changed.is_empty() {
+        // An update of local fields only: nothing for other devices to learn.
+        return Ok(model);
+    }
     let change = CapturedChange {
         model: E::SYNC_ID,
         record_id: key,

@@ -73,7 +73,7 @@ pub struct Drift {
 }
 
 /// How a table row and the log disagree.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DriftKind {
     /// The row exists, and the log has no entry for it or an older value.

@@ -1,1 +1,9 @@
+//! The workspace's integration tests, in one binary.
+//!
+//! Backend tests run on SQLite always, and on PostgreSQL and MySQL/MariaDB when
+//! `SYNC_TEST_POSTGRES_URL` / `SYNC_TEST_MYSQL_URL` name a server (each test makes and drops
+//! its own database); otherwise they print `SKIPPED …` on stderr.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
+mod capture;
+mod support;
