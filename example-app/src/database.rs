@@ -1,7 +1,7 @@
 //! Connecting, and making fresh databases for tests and benchmarks.
 
 use anyhow::{Context, Result};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
 
 /// Connects to `url` (`sqlite:…`, `postgres://…`, `mysql://…`). SQLite files get WAL mode,
 /// so readers do not block the writer.
@@ -12,16 +12,16 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection> {
         .connect_timeout(std::time::Duration::from_secs(5))
         .acquire_timeout(std::time::Duration::from_secs(10))
         .max_connections(32);
+    // Every pooled SQLite connection gets WAL (readers never block the writer) and
+    // NORMAL sync (durable at checkpoints, safe against application crashes).
+    options.map_sqlx_sqlite_opts(|o| {
+        o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+            .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+            .busy_timeout(std::time::Duration::from_secs(10))
+    });
     let db = Database::connect(options)
         .await
         .with_context(|| format!("cannot open database {url}"))?;
-    if db.get_database_backend() == DbBackend::Sqlite {
-        db.execute_unprepared(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
-        )
-        .await
-        .context("cannot configure SQLite")?;
-    }
     Ok(db)
 }
 

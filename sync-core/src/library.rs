@@ -8,7 +8,8 @@ use std::sync::Arc;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqliteTransactionMode, TransactionOptions,
+    TransactionTrait,
 };
 use serde::Serialize;
 
@@ -239,7 +240,14 @@ impl Library {
         F: for<'c> FnOnce(&'c DatabaseTransaction) -> TxnFuture<'c, T, E>,
         E: From<DbErr>,
     {
-        let txn = self.db.begin().await?;
+        // SQLite: take the write lock at BEGIN. A deferred transaction that reads first and
+        // writes later fails with SQLITE_BUSY when another connection wrote in between;
+        // an immediate one waits its turn (busy_timeout) instead.
+        let options = TransactionOptions {
+            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+            ..TransactionOptions::default()
+        };
+        let txn = self.db.begin_with_options(options).await?;
         let scope = CaptureScope::new(Arc::clone(&self.context), &txn, recording);
         let outcome = scope.run(work(&txn)).await;
         match outcome {

@@ -6,4 +6,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
 mod capture;
+mod ordering;
 mod support;
