@@ -32,6 +32,34 @@ pub fn derive_syncable(input: TokenStream) -> TokenStream {
     let input = syn::parse_macro_input!(input as syn::DeriveInput);
     match model::SyncModel::parse(&input) {
         Ok(model) => expand::expand(&model).into(),
-        Err(errors) => errors.to_compile_error().into(),
+        Err(errors) => {
+            // Still implement `ActiveModelBehavior` (unless the app does), so that the
+            // compiler reports the mistake alone rather than a cascade of missing impls.
+            let mut out = errors.to_compile_error();
+            if !asks_for_custom_behavior(&input) {
+                out.extend(quote::quote! {
+                    impl ::sea_orm::ActiveModelBehavior for ActiveModel {}
+                });
+            }
+            out.into()
+        }
     }
+}
+
+fn asks_for_custom_behavior(input: &syn::DeriveInput) -> bool {
+    input
+        .attrs
+        .iter()
+        .filter(|a| a.path().is_ident("sync"))
+        .any(|a| {
+            let mut found = false;
+            let _ = a.parse_nested_meta(|meta| {
+                found |= meta.path.is_ident("custom_behavior");
+                if meta.input.peek(syn::Token![=]) {
+                    let _: syn::Expr = meta.value()?.parse()?;
+                }
+                Ok(())
+            });
+            found
+        })
 }

@@ -6,5 +6,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
 mod capture;
+mod derive;
 mod ordering;
 mod support;
