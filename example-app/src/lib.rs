@@ -17,7 +17,7 @@ use sync_core::Registry;
 /// Every model of the app, synced or not (`temp_file` is registered and ignored).
 pub fn registry() -> Registry {
     use models::*;
-    // Distinct sync ids are a property of this code, checked by the `registry_builds` test.
+    // Distinct sync ids are a property of this code, checked by the `declarations_follow_the_attributes` test.
     Registry::new()
         .register::<location::Entity>()
         .and_then(|r| r.register::<tag::Entity>())

@@ -216,7 +216,7 @@ async fn apply(txn: &DatabaseTransaction, op: Op, salt: u32) -> Result<(), DbErr
                 id: Set(id),
                 tags: Set(serde_json::json!([format!("t{}", salt % 7)])),
                 notes: Set(None),
-                favorite: Set(salt % 2 == 0),
+                favorite: Set(salt.is_multiple_of(2)),
             }
             .insert(txn)
             .await?;

@@ -130,10 +130,11 @@ where
             let mut active = model.into_active_model();
             for column in E::Column::iter() {
                 let name = sea_orm::IdenStatic::as_str(&column);
-                if given.iter().any(|g| g == name) && name != E::KEY_FIELD {
-                    if let Some(value) = active.get(column).into_value() {
-                        active.set(column, value);
-                    }
+                if given.iter().any(|g| g == name)
+                    && name != E::KEY_FIELD
+                    && let Some(value) = active.get(column).into_value()
+                {
+                    active.set(column, value);
                 }
             }
             library

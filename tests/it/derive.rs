@@ -59,8 +59,8 @@ fn declarations_follow_the_attributes() {
         merge_of::<location::Entity>("indexed_files"),
         Some((true, FieldMerge::LastWriteWins))
     );
-    assert!(!temp_file::Entity::ENABLED);
-    assert!(tag::Entity::ENABLED);
+    const { assert!(!temp_file::Entity::ENABLED) };
+    const { assert!(tag::Entity::ENABLED) };
     let hidden = tag::Model {
         id: uuid::Uuid::nil(),
         name: ".x".into(),
