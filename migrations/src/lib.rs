@@ -1,6 +1,6 @@
 //! The sync tables, as sea-orm-migration migrations. Add them to your app's `Migrator`:
 //!
-//! ```ignore
+//! ```text
 //! impl MigratorTrait for Migrator {
 //!     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
 //!         let mut all = sync_migrations::migrations();

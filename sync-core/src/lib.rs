@@ -4,7 +4,7 @@
 //! [`Library::transaction`], and every change lands in the library's sequenced log in the
 //! same transaction as the write.
 //!
-//! ```ignore
+//! ```text
 //! use sea_orm::entity::prelude::*;
 //!
 //! #[derive(Clone, Debug, PartialEq, DeriveEntityModel, sync_core::Syncable)]

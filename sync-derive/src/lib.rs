@@ -2,7 +2,7 @@
 //!
 //! Place it beside `DeriveEntityModel` on the entity's `Model`:
 //!
-//! ```ignore
+//! ```text
 //! #[derive(Clone, Debug, PartialEq, DeriveEntityModel, Syncable)]
 //! #[sea_orm(table_name = "volume")]
 //! #[sync(id = "volume", merge = "field")]

@@ -452,6 +452,55 @@ async fn writes_that_skip_hooks_are_found_by_audit_and_repaired(f: Fixture) -> F
     db.execute_unprepared(&format!("DELETE FROM {table} WHERE name = 't{c}'"))
         .await
         .expect("raw SQL");
+    let (e, g) = (Uuid::now_v7(), Uuid::now_v7());
+    tag::Entity::insert_many([
+        tag::ActiveModel {
+            id: Set(e),
+            name: Set("many e".into()),
+            color: Set(None),
+        },
+        tag::ActiveModel {
+            id: Set(g),
+            name: Set("many g".into()),
+            color: Set(None),
+        },
+    ])
+    .exec_without_returning(&db)
+    .await
+    .expect("insert_many");
+    f.library
+        .transaction(move |txn| {
+            Box::pin(async move {
+                tag::ActiveModel {
+                    id: Set(g),
+                    ..Default::default()
+                }
+                .delete(txn)
+                .await
+            })
+        })
+        .await
+        .expect("a logged delete of a record the log never saw");
+    let h = Uuid::now_v7();
+    f.library
+        .transaction(move |txn| {
+            Box::pin(async move {
+                tag::ActiveModel {
+                    id: Set(h),
+                    name: Set("h".into()),
+                    color: Set(None),
+                }
+                .insert(txn)
+                .await
+            })
+        })
+        .await
+        .expect("insert");
+    tag::Entity::delete_many()
+        .filter(tag::Column::Id.eq(h))
+        .exec(&db)
+        .await
+        .expect("delete_many");
 
     let drift = f.library.audit().await.expect("audit");
     let found: Vec<_> = drift
@@ -463,6 +512,8 @@ async fn writes_that_skip_hooks_are_found_by_audit_and_repaired(f: Fixture) -> F
         (b.to_string(), DriftKind::Vanished),
         (c.to_string(), DriftKind::Vanished),
         (d.to_string(), DriftKind::Unlogged),
+        (e.to_string(), DriftKind::Unlogged),
+        (h.to_string(), DriftKind::Vanished),
     ];
     expected.sort();
     let mut found_sorted = found.clone();
@@ -474,8 +525,9 @@ async fn writes_that_skip_hooks_are_found_by_audit_and_repaired(f: Fixture) -> F
         f.library.audit().await.expect("audit").is_empty(),
         "repair records every drifted record"
     );
+    // Three inserts, the delete of g, the insert of h, then one repair entry per drift.
     let log = whole_log(&f).await;
-    assert_eq!(log.len(), 3 + 4);
+    assert_eq!(log.len(), 3 + 2 + 6);
     f
 }
 
