@@ -16,8 +16,6 @@ enum SyncLibrary {
     Id,
     Name,
     LeaderDeviceId,
-    LastSeq,
-    LastChecksum,
     CreatedAtMs,
 }
 
@@ -86,18 +84,6 @@ impl MigrationTrait for Migration {
                         ColumnDef::new(SyncLibrary::LeaderDeviceId)
                             .string_len(ID_LEN)
                             .not_null(),
-                    )
-                    .col(
-                        ColumnDef::new(SyncLibrary::LastSeq)
-                            .big_integer()
-                            .not_null()
-                            .default(0),
-                    )
-                    .col(
-                        ColumnDef::new(SyncLibrary::LastChecksum)
-                            .big_integer()
-                            .not_null()
-                            .default(0),
                     )
                     .col(
                         ColumnDef::new(SyncLibrary::CreatedAtMs)

@@ -3,13 +3,13 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use sea_orm::sea_query::Expr;
+use sea_orm::sea_query::OnConflict;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqliteTransactionMode, TransactionOptions,
-    TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
+    DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqliteTransactionMode,
+    TransactionOptions, TransactionTrait,
 };
 use serde::Serialize;
 
@@ -20,15 +20,27 @@ use crate::registry::Registry;
 use crate::tables::{device, library, local, log};
 use crate::{DeviceId, Hlc, HlcClock, LibraryId, Seq};
 
-/// Rows per INSERT when appending to the log: 11 bound values each keeps a statement far
-/// below every backend's limit on bound parameters (SQLite's is 32,766).
-const LOG_INSERT_ROWS_MAX: usize = 500;
+/// Rows per INSERT when appending to the log. Measured on PostgreSQL (BENCHMARKS.md):
+/// statements of 8–32 rows are cheapest per row, and past ~60 rows (660 bound values) a
+/// statement suddenly costs tens of milliseconds. 16 rows keep well inside the fast range.
+const LOG_INSERT_ROWS_MAX: usize = 16;
+
+/// Claims of the next seq before giving up. Each failed claim means another writer
+/// committed in between, so this bounds a pathological storm, not ordinary contention.
+const CLAIM_ATTEMPTS_MAX: usize = 10_000;
 
 const LOCAL_DEVICE_ID: &str = "device_id";
 const LOCAL_DEFAULT_LIBRARY: &str = "default_library";
 
 /// A boxed future borrowing the transaction, as `Library::transaction` takes it.
 pub type TxnFuture<'c, T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'c>>;
+
+/// The last committed entry of the log, as this handle knows it.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+struct Tip {
+    seq: Seq,
+    checksum: u64,
+}
 
 /// This device's part in a library.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
@@ -47,6 +59,8 @@ pub struct Library {
     registry: Arc<Registry>,
     context: Arc<CaptureContext>,
     role: Role,
+    /// Shared by clones: the newest entry this handle has seen committed.
+    tip: Arc<Mutex<Tip>>,
 }
 
 /// What `Library::status` reports.
@@ -99,8 +113,6 @@ impl Library {
             id: Set(library_id.to_string()),
             name: Set(name.to_owned()),
             leader_device_id: Set(device_id.to_string()),
-            last_seq: Set(0),
-            last_checksum: Set(0),
             created_at_ms: Set(now_ms),
         }
         .insert_into(&txn)
@@ -158,7 +170,14 @@ impl Library {
             .one(&db)
             .await?;
         let floor = last
+            .as_ref()
             .map(|e| Hlc::from_u64(e.hlc as u64))
+            .unwrap_or_default();
+        let tip = last
+            .map(|e| Tip {
+                seq: Seq(e.seq as u64),
+                checksum: e.checksum as u64,
+            })
             .unwrap_or_default();
         let context = Arc::new(CaptureContext {
             library_id,
@@ -170,6 +189,7 @@ impl Library {
             registry: Arc::new(registry),
             context,
             role,
+            tip: Arc::new(Mutex::new(tip)),
         })
     }
 
@@ -253,8 +273,11 @@ impl Library {
         match outcome {
             Ok(value) => {
                 let changes = scope.drain(&txn).await?;
-                self.append(&txn, changes).await?;
+                let appended = self.append(&txn, changes).await?;
                 txn.commit().await?;
+                if let Some(tip) = appended {
+                    self.advance_tip(tip);
+                }
                 Ok(value)
             }
             Err(e) => {
@@ -289,17 +312,22 @@ impl Library {
     }
 
     /// Sequences `changes` after the library's last entry and appends them, in `txn`.
+    /// Returns the new tip, for `advance_tip` once `txn` has committed.
     ///
-    /// The counter row is read with a row lock (`SELECT … FOR UPDATE`; SQLite has one writer
-    /// anyway) that is held until `txn` commits. So a library's writers take their seqs in
-    /// commit order, and a reader that has seen seq N can never later find an entry below N.
+    /// The first entry *claims* the next seq: it is inserted with `ON CONFLICT DO NOTHING`
+    /// on the log's key `(library_id, seq)`. The seq comes from the in-memory tip, which
+    /// only ever holds committed entries; when another writer (another handle, another
+    /// process) got there first, the claim inserts nothing (on PostgreSQL and MySQL after
+    /// waiting for that writer to finish) and the committed tip is read back. So a writer
+    /// inserts seq N+1 only once seq N is committed and visible: seqs are gap-free and in
+    /// commit order, and a reader that has seen N never later finds an entry below N.
     async fn append(
         &self,
         txn: &DatabaseTransaction,
         changes: Vec<CapturedChange>,
-    ) -> Result<(), DbErr> {
+    ) -> Result<Option<Tip>, DbErr> {
         if changes.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         if self.role != Role::Leader {
             return Err(DbErr::Custom(format!(
@@ -308,59 +336,95 @@ impl Library {
                 self.context.library_id
             )));
         }
-        let library_key = self.context.library_id.to_string();
-        let counter = library::Entity::find_by_id(library_key.clone())
-            .lock_exclusive()
-            .one(txn)
-            .await?
-            .ok_or_else(|| DbErr::RecordNotFound(format!("sync library {library_key}")))?;
-        let mut seq = Seq(counter.last_seq as u64);
-        let mut checksum = counter.last_checksum as u64;
-        let mut rows = Vec::with_capacity(changes.len());
-        for change in changes {
-            seq = seq.next();
-            let mut entry = LogEntry {
-                library_id: self.context.library_id,
-                seq,
-                model: change.model.to_owned(),
-                record_id: change.record_id,
-                op: change.op,
-                data: change.data,
-                changed: change.changed.iter().map(|f| (*f).to_owned()).collect(),
-                device_id: self.context.device_id,
-                hlc: change.hlc,
-                schema_version: change.schema_version,
-                checksum: 0,
-            };
-            entry.checksum = entry.chained_checksum(checksum);
-            checksum = entry.checksum;
-            rows.push(entry_row(&entry));
-        }
-        library::Entity::update_many()
-            .col_expr(library::Column::LastSeq, Expr::value(seq.0 as i64))
-            .col_expr(library::Column::LastChecksum, Expr::value(checksum as i64))
-            .filter(library::Column::Id.eq(library_key))
-            .exec(txn)
-            .await?;
-        let mut rows = rows.into_iter().peekable();
-        while rows.peek().is_some() {
-            let chunk: Vec<_> = rows.by_ref().take(LOG_INSERT_ROWS_MAX).collect();
-            log::Entity::insert_many(chunk)
-                .exec_without_returning(txn)
+        let backend = txn.get_database_backend();
+        let mut tip = if backend == DbBackend::MySql {
+            // InnoDB: writers racing for one key deadlock on next-key locks, so on MySQL a
+            // library's appends take turns on the library's row instead of claiming.
+            library::Entity::find_by_id(self.context.library_id.to_string())
+                .lock_exclusive()
+                .one(txn)
                 .await?;
+            committed_tip(txn, self.context.library_id, true).await?
+        } else {
+            self.cached_tip()
+        };
+        for _ in 0..CLAIM_ATTEMPTS_MAX {
+            let (rows, last) = self.number(&changes, tip);
+            let mut rows = rows.into_iter().peekable();
+            if backend != DbBackend::MySql
+                && let Some(first) = rows.next()
+                && !claim(txn, first).await?
+            {
+                tip = committed_tip(txn, self.context.library_id, true).await?;
+                continue;
+            }
+            while rows.peek().is_some() {
+                let chunk: Vec<_> = rows.by_ref().take(LOG_INSERT_ROWS_MAX).collect();
+                log::Entity::insert_many(chunk)
+                    .exec_without_returning(txn)
+                    .await?;
+            }
+            return Ok(Some(last));
         }
-        Ok(())
+        Err(DbErr::Custom(format!(
+            "could not claim a seq in library {} after {CLAIM_ATTEMPTS_MAX} attempts: other writers keep winning",
+            self.context.library_id
+        )))
+    }
+
+    /// Numbers `changes` after `tip` and chains their checksums; returns the rows and the
+    /// new tip.
+    fn number(&self, changes: &[CapturedChange], tip: Tip) -> (Vec<log::ActiveModel>, Tip) {
+        let mut seq = tip.seq;
+        let mut checksum = tip.checksum;
+        let rows = changes
+            .iter()
+            .map(|change| {
+                seq = seq.next();
+                let mut entry = LogEntry {
+                    library_id: self.context.library_id,
+                    seq,
+                    model: change.model.to_owned(),
+                    record_id: change.record_id.clone(),
+                    op: change.op,
+                    data: change.data.clone(),
+                    changed: change.changed.iter().map(|f| (*f).to_owned()).collect(),
+                    device_id: self.context.device_id,
+                    hlc: change.hlc,
+                    schema_version: change.schema_version,
+                    checksum: 0,
+                };
+                entry.checksum = entry.chained_checksum(checksum);
+                checksum = entry.checksum;
+                entry_row(&entry)
+            })
+            .collect();
+        (rows, Tip { seq, checksum })
+    }
+
+    fn cached_tip(&self) -> Tip {
+        *self
+            .tip
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Moves the cached tip forward (never back) after a commit.
+    fn advance_tip(&self, committed: Tip) {
+        let mut tip = self
+            .tip
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if committed.seq > tip.seq {
+            *tip = committed;
+        }
     }
 
     /// The last seq of this library's log.
     pub async fn latest_seq(&self) -> Result<Seq, LogError> {
-        let row = library::Entity::find_by_id(self.context.library_id.to_string())
-            .one(&self.db)
+        Ok(committed_tip(&self.db, self.context.library_id, false)
             .await?
-            .ok_or_else(|| {
-                DbErr::RecordNotFound(format!("sync library {}", self.context.library_id))
-            })?;
-        Ok(Seq(row.last_seq as u64))
+            .seq)
     }
 
     /// Up to `limit` entries with seq greater than `after`, in seq order.
@@ -461,6 +525,50 @@ impl Library {
     }
 }
 
+/// Inserts the first entry of an append if its seq is free; false if another writer holds
+/// it. `ON CONFLICT DO NOTHING` (PostgreSQL, SQLite): its affected-row count says whether
+/// the row went in, and unlike a failed insert it does not abort a PostgreSQL transaction.
+/// Not used on MySQL, where sqlx's `CLIENT_FOUND_ROWS` would count the other writer's row.
+async fn claim(txn: &DatabaseTransaction, first: log::ActiveModel) -> Result<bool, DbErr> {
+    let insert = log::Entity::insert(first)
+        .on_conflict(
+            OnConflict::columns([log::Column::LibraryId, log::Column::Seq])
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(txn)
+        .await;
+    match insert {
+        Ok(affected) => Ok(affected == 1),
+        Err(DbErr::RecordNotInserted) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The last committed entry of a library's log: its seq and checksum (zero when empty).
+///
+/// The row lock (`FOR UPDATE`) matters on MySQL, whose repeatable-read snapshot would
+/// otherwise hide an entry committed since the transaction began; a locking read sees it.
+async fn committed_tip<C: ConnectionTrait>(
+    db: &C,
+    library_id: LibraryId,
+    lock: bool,
+) -> Result<Tip, DbErr> {
+    let mut query = log::Entity::find()
+        .filter(log::Column::LibraryId.eq(library_id.to_string()))
+        .order_by_desc(log::Column::Seq);
+    if lock {
+        query = query.lock_exclusive();
+    }
+    let last = query.one(db).await?;
+    Ok(last
+        .map(|e| Tip {
+            seq: Seq(e.seq as u64),
+            checksum: e.checksum as u64,
+        })
+        .unwrap_or_default())
+}
+
 /// Reads up to `limit` entries of a library's log with seq greater than `after`.
 pub async fn read_log<C: ConnectionTrait>(
     db: &C,
@@ -475,7 +583,20 @@ pub async fn read_log<C: ConnectionTrait>(
         .limit(limit)
         .all(db)
         .await?;
-    rows.into_iter().map(entry_from_row).collect()
+    // Serve only the contiguous run after `after`. Seqs are claimed gap-free, but InnoDB
+    // can make a later writer's commit visible a moment before an earlier one's: a reader
+    // must not move past a seq that it cannot see yet. It will be there on the next read.
+    let mut expected = after.next();
+    let mut entries = Vec::with_capacity(rows.len());
+    for row in rows {
+        if row.seq as u64 != expected.0 {
+            tracing::debug!(%expected, found = row.seq, "log read stops at a seq not yet visible");
+            break;
+        }
+        entries.push(entry_from_row(row)?);
+        expected = expected.next();
+    }
+    Ok(entries)
 }
 
 fn entry_row(entry: &LogEntry) -> log::ActiveModel {

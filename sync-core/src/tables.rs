@@ -12,10 +12,6 @@ pub mod library {
         pub id: String,
         pub name: String,
         pub leader_device_id: String,
-        /// The last seq handed out; its row lock orders the library's writers.
-        pub last_seq: i64,
-        /// The rolling checksum of the entry at `last_seq`.
-        pub last_checksum: i64,
         pub created_at_ms: i64,
     }
 

@@ -560,7 +560,35 @@ async fn bulk_writes_in_one_transaction_get_consecutive_seqs(f: Fixture) -> Fixt
     f
 }
 
+/// Two handles on one database (say the CLI beside a running server) each cache the log's
+/// tip; a handle whose cache is stale loses its claim and reads the committed tip.
+async fn two_handles_on_one_database_interleave(f: Fixture) -> Fixture {
+    let other = sync_core::Library::open(
+        f.library.db().clone(),
+        f.library.id(),
+        example_app::registry(),
+    )
+    .await
+    .expect("second handle");
+    for round in 0..6 {
+        let handle = if round % 2 == 0 { &f.library } else { &other };
+        handle
+            .transaction(|txn| {
+                Box::pin(async move { new_volume(Uuid::now_v7()).insert(txn).await })
+            })
+            .await
+            .expect("insert");
+    }
+    let log = whole_log(&f).await;
+    assert_eq!(
+        log.iter().map(|e| e.seq.0).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
+    f
+}
+
 crate::on_every_backend!(
+    two_handles_on_one_database_interleave,
     insert_update_delete_each_leave_one_entry,
     local_fields_never_reach_the_log,
     unsynced_models_and_filtered_records_never_reach_the_log,
