@@ -36,6 +36,21 @@ enum SyncLog {
 }
 
 #[derive(DeriveIden)]
+enum SyncPending {
+    Table,
+    Id,
+    LibraryId,
+    Model,
+    RecordId,
+    Op,
+    Data,
+    Changed,
+    DeviceId,
+    Hlc,
+    SchemaVersion,
+}
+
+#[derive(DeriveIden)]
 enum SyncDevice {
     Table,
     LibraryId,
@@ -195,11 +210,59 @@ impl MigrationTrait for Migration {
                     .to_owned(),
             )
             .await?;
+        // Entries committed by PostgreSQL writers and not yet numbered: the sequencer moves
+        // them into sync_log in commit order. The auto-increment id keeps a transaction's
+        // own writes in order.
+        manager
+            .create_table(
+                Table::create()
+                    .table(SyncPending::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(SyncPending::Id)
+                            .big_integer()
+                            .not_null()
+                            .auto_increment()
+                            .primary_key(),
+                    )
+                    .col(
+                        ColumnDef::new(SyncPending::LibraryId)
+                            .string_len(ID_LEN)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(SyncPending::Model)
+                            .string_len(128)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(SyncPending::RecordId)
+                            .string_len(255)
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(SyncPending::Op).string_len(16).not_null())
+                    .col(ColumnDef::new(SyncPending::Data).text().null())
+                    .col(ColumnDef::new(SyncPending::Changed).text().not_null())
+                    .col(
+                        ColumnDef::new(SyncPending::DeviceId)
+                            .string_len(ID_LEN)
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(SyncPending::Hlc).big_integer().not_null())
+                    .col(
+                        ColumnDef::new(SyncPending::SchemaVersion)
+                            .integer()
+                            .not_null(),
+                    )
+                    .to_owned(),
+            )
+            .await?;
         Ok(())
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         for table in [
+            SyncPending::Table.into_iden(),
             SyncPosition::Table.into_iden(),
             SyncLocal::Table.into_iden(),
             SyncDevice::Table.into_iden(),

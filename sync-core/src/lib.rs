@@ -44,7 +44,7 @@ pub use entry::{ChainError, ChangeOp, LogEntry, verify_chain};
 pub use error::{LogError, OpenError};
 pub use hlc::{Hlc, HlcClock};
 pub use ids::{DeviceId, LibraryId, Seq};
-pub use library::{Drift, DriftKind, Library, Role, Status, TxnFuture, read_log};
+pub use library::{Drift, DriftKind, Library, Role, Status, TxnFuture};
 pub use registry::{DuplicateSyncId, ModelRows, Registry};
 pub use sync_derive::Syncable;
 pub use syncable::{FieldMerge, FieldSpec, MergeRule, Syncable};

@@ -17,13 +17,19 @@ use crate::capture::{CaptureContext, CaptureScope, CapturedChange};
 use crate::entry::{ChangeOp, LogEntry};
 use crate::error::{LogError, OpenError};
 use crate::registry::Registry;
-use crate::tables::{device, library, local, log};
+use crate::tables::{device, library, local, log, pending};
 use crate::{DeviceId, Hlc, HlcClock, LibraryId, Seq};
 
 /// Rows per INSERT when appending to the log. Measured on PostgreSQL (BENCHMARKS.md):
 /// statements of 8–32 rows are cheapest per row, and past ~60 rows (660 bound values) a
 /// statement suddenly costs tens of milliseconds. 16 rows keep well inside the fast range.
 const LOG_INSERT_ROWS_MAX: usize = 16;
+
+/// Pending entries numbered per sequencer transaction: bounds its memory and lock time.
+const SEQUENCE_BATCH_MAX: u64 = 2_000;
+
+/// Ids per `DELETE … WHERE id IN (…)` when clearing sequenced pending entries.
+const PENDING_DELETE_IDS_MAX: usize = 500;
 
 /// Claims of the next seq before giving up. Each failed claim means another writer
 /// committed in between, so this bounds a pathological storm, not ordinary contention.
@@ -61,6 +67,18 @@ pub struct Library {
     role: Role,
     /// Shared by clones: the newest entry this handle has seen committed.
     tip: Arc<Mutex<Tip>>,
+    /// Shared by clones: one sequencer run at a time per handle.
+    sequencer: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// What `append` did with a transaction's changes.
+enum Appended {
+    /// There were none.
+    Nothing,
+    /// Numbered into the log, up to this tip.
+    Sequenced(Tip),
+    /// Stored for the sequencer (PostgreSQL).
+    Pending,
 }
 
 /// What `Library::status` reports.
@@ -190,6 +208,7 @@ impl Library {
             context,
             role,
             tip: Arc::new(Mutex::new(tip)),
+            sequencer: Arc::default(),
         })
     }
 
@@ -275,8 +294,17 @@ impl Library {
                 let changes = scope.drain(&txn).await?;
                 let appended = self.append(&txn, changes).await?;
                 txn.commit().await?;
-                if let Some(tip) = appended {
-                    self.advance_tip(tip);
+                match appended {
+                    Appended::Nothing => {}
+                    Appended::Sequenced(tip) => self.advance_tip(tip),
+                    // The write has committed, whatever happens next: a failure to number
+                    // its entries now leaves them for the next sequencer run (any write or
+                    // log read of this library), so it must not look like a failed write.
+                    Appended::Pending => {
+                        if let Err(e) = self.sequence().await {
+                            tracing::warn!(library = %self.context.library_id, %e, "sequencing deferred");
+                        }
+                    }
                 }
                 Ok(value)
             }
@@ -325,9 +353,9 @@ impl Library {
         &self,
         txn: &DatabaseTransaction,
         changes: Vec<CapturedChange>,
-    ) -> Result<Option<Tip>, DbErr> {
+    ) -> Result<Appended, DbErr> {
         if changes.is_empty() {
-            return Ok(None);
+            return Ok(Appended::Nothing);
         }
         if self.role != Role::Leader {
             return Err(DbErr::Custom(format!(
@@ -336,7 +364,20 @@ impl Library {
                 self.context.library_id
             )));
         }
+        let drafts: Vec<LogEntry> = changes.into_iter().map(|c| self.draft(c)).collect();
         let backend = txn.get_database_backend();
+        if backend == DbBackend::Postgres {
+            // Writers never wait for each other: the entries wait, unnumbered, for the
+            // sequencer, which runs once this transaction has committed.
+            let mut rows = drafts.iter().map(pending_row).peekable();
+            while rows.peek().is_some() {
+                let chunk: Vec<_> = rows.by_ref().take(LOG_INSERT_ROWS_MAX).collect();
+                pending::Entity::insert_many(chunk)
+                    .exec_without_returning(txn)
+                    .await?;
+            }
+            return Ok(Appended::Pending);
+        }
         let mut tip = if backend == DbBackend::MySql {
             // InnoDB: writers racing for one key deadlock on next-key locks, so on MySQL a
             // library's appends take turns on the library's row instead of claiming.
@@ -349,7 +390,7 @@ impl Library {
             self.cached_tip()
         };
         for _ in 0..CLAIM_ATTEMPTS_MAX {
-            let (rows, last) = self.number(&changes, tip);
+            let (rows, last) = Self::number(&drafts, tip);
             let mut rows = rows.into_iter().peekable();
             if backend != DbBackend::MySql
                 && let Some(first) = rows.next()
@@ -364,7 +405,7 @@ impl Library {
                     .exec_without_returning(txn)
                     .await?;
             }
-            return Ok(Some(last));
+            return Ok(Appended::Sequenced(last));
         }
         Err(DbErr::Custom(format!(
             "could not claim a seq in library {} after {CLAIM_ATTEMPTS_MAX} attempts: other writers keep winning",
@@ -372,34 +413,101 @@ impl Library {
         )))
     }
 
-    /// Numbers `changes` after `tip` and chains their checksums; returns the rows and the
+    /// Numbers `drafts` after `tip` and chains their checksums; returns the rows and the
     /// new tip.
-    fn number(&self, changes: &[CapturedChange], tip: Tip) -> (Vec<log::ActiveModel>, Tip) {
+    fn number(drafts: &[LogEntry], tip: Tip) -> (Vec<log::ActiveModel>, Tip) {
         let mut seq = tip.seq;
         let mut checksum = tip.checksum;
-        let rows = changes
+        let rows = drafts
             .iter()
-            .map(|change| {
+            .map(|draft| {
                 seq = seq.next();
-                let mut entry = LogEntry {
-                    library_id: self.context.library_id,
-                    seq,
-                    model: change.model.to_owned(),
-                    record_id: change.record_id.clone(),
-                    op: change.op,
-                    data: change.data.clone(),
-                    changed: change.changed.iter().map(|f| (*f).to_owned()).collect(),
-                    device_id: self.context.device_id,
-                    hlc: change.hlc,
-                    schema_version: change.schema_version,
-                    checksum: 0,
-                };
+                let mut entry = draft.clone();
+                entry.seq = seq;
                 entry.checksum = entry.chained_checksum(checksum);
                 checksum = entry.checksum;
                 entry_row(&entry)
             })
             .collect();
         (rows, Tip { seq, checksum })
+    }
+
+    /// A change as a log entry without its seq and checksum.
+    fn draft(&self, change: CapturedChange) -> LogEntry {
+        LogEntry {
+            library_id: self.context.library_id,
+            seq: Seq::ZERO,
+            model: change.model.to_owned(),
+            record_id: change.record_id,
+            op: change.op,
+            data: change.data,
+            changed: change.changed.iter().map(|f| (*f).to_owned()).collect(),
+            device_id: self.context.device_id,
+            hlc: change.hlc,
+            schema_version: change.schema_version,
+            checksum: 0,
+        }
+    }
+
+    /// Moves committed pending entries (PostgreSQL) into the log, numbered in the order the
+    /// sequencer sees them commit. A no-op on other backends.
+    ///
+    /// Runs serialise on the library's row (`FOR UPDATE`), across handles and processes.
+    /// A pending row becomes visible only when its transaction commits, so every run
+    /// numbers only committed entries, after all the entries earlier runs numbered: a
+    /// reader that has seen seq N never later finds an entry below N, and a transaction
+    /// that commits late simply gets later seqs.
+    pub async fn sequence(&self) -> Result<(), DbErr> {
+        if self.db.get_database_backend() != DbBackend::Postgres {
+            return Ok(());
+        }
+        // One run per handle at a time; a writer that waited here usually finds its entries
+        // already numbered by the run it waited for.
+        let _single_flight = self.sequencer.lock().await;
+        loop {
+            let txn = self.db.begin().await?;
+            let library_key = self.context.library_id.to_string();
+            library::Entity::find_by_id(library_key.clone())
+                .lock_exclusive()
+                .one(&txn)
+                .await?;
+            let waiting = pending::Entity::find()
+                .filter(pending::Column::LibraryId.eq(library_key))
+                .order_by_asc(pending::Column::Id)
+                .limit(SEQUENCE_BATCH_MAX)
+                .all(&txn)
+                .await?;
+            if waiting.is_empty() {
+                txn.commit().await?;
+                return Ok(());
+            }
+            let full_batch = waiting.len() as u64 == SEQUENCE_BATCH_MAX;
+            let ids: Vec<i64> = waiting.iter().map(|p| p.id).collect();
+            let drafts = waiting
+                .into_iter()
+                .map(draft_from_pending)
+                .collect::<Result<Vec<_>, _>>()?;
+            let tip = committed_tip(&txn, self.context.library_id, false).await?;
+            let (rows, last) = Self::number(&drafts, tip);
+            let mut rows = rows.into_iter().peekable();
+            while rows.peek().is_some() {
+                let chunk: Vec<_> = rows.by_ref().take(LOG_INSERT_ROWS_MAX).collect();
+                log::Entity::insert_many(chunk)
+                    .exec_without_returning(&txn)
+                    .await?;
+            }
+            for chunk in ids.chunks(PENDING_DELETE_IDS_MAX) {
+                pending::Entity::delete_many()
+                    .filter(pending::Column::Id.is_in(chunk.iter().copied()))
+                    .exec(&txn)
+                    .await?;
+            }
+            txn.commit().await?;
+            self.advance_tip(last);
+            if !full_batch {
+                return Ok(());
+            }
+        }
     }
 
     fn cached_tip(&self) -> Tip {
@@ -422,6 +530,7 @@ impl Library {
 
     /// The last seq of this library's log.
     pub async fn latest_seq(&self) -> Result<Seq, LogError> {
+        self.sequence().await?;
         Ok(committed_tip(&self.db, self.context.library_id, false)
             .await?
             .seq)
@@ -429,6 +538,7 @@ impl Library {
 
     /// Up to `limit` entries with seq greater than `after`, in seq order.
     pub async fn read_log(&self, after: Seq, limit: u64) -> Result<Vec<LogEntry>, LogError> {
+        self.sequence().await?;
         read_log(&self.db, self.context.library_id, after, limit).await
     }
 
@@ -569,8 +679,8 @@ async fn committed_tip<C: ConnectionTrait>(
         .unwrap_or_default())
 }
 
-/// Reads up to `limit` entries of a library's log with seq greater than `after`.
-pub async fn read_log<C: ConnectionTrait>(
+/// Reads up to `limit` entries of a library's log with seq greater than `after` (callers sequence first).
+async fn read_log<C: ConnectionTrait>(
     db: &C,
     library_id: LibraryId,
     after: Seq,
@@ -608,12 +718,59 @@ fn entry_row(entry: &LogEntry) -> log::ActiveModel {
         op: Set(entry.op.as_str().to_owned()),
         data: Set(entry.data.clone()),
         // A list of field names always serialises.
-        changed: Set(serde_json::to_string(&entry.changed).unwrap_or_else(|_| "[]".to_owned())),
+        changed: Set(changed_text(&entry.changed)),
         device_id: Set(entry.device_id.to_string()),
         hlc: Set(entry.hlc.as_u64() as i64),
         schema_version: Set(entry.schema_version as i32),
         checksum: Set(entry.checksum as i64),
     }
+}
+
+fn pending_row(draft: &LogEntry) -> pending::ActiveModel {
+    pending::ActiveModel {
+        id: sea_orm::ActiveValue::NotSet,
+        library_id: Set(draft.library_id.to_string()),
+        model: Set(draft.model.clone()),
+        record_id: Set(draft.record_id.clone()),
+        op: Set(draft.op.as_str().to_owned()),
+        data: Set(draft.data.clone()),
+        changed: Set(changed_text(&draft.changed)),
+        device_id: Set(draft.device_id.to_string()),
+        hlc: Set(draft.hlc.as_u64() as i64),
+        schema_version: Set(draft.schema_version as i32),
+    }
+}
+
+fn draft_from_pending(row: pending::Model) -> Result<LogEntry, DbErr> {
+    let corrupt =
+        |what: String| DbErr::Custom(format!("pending sync entry {} is corrupt: {what}", row.id));
+    Ok(LogEntry {
+        library_id: row
+            .library_id
+            .parse()
+            .map_err(|e| corrupt(format!("library id: {e}")))?,
+        seq: Seq::ZERO,
+        op: ChangeOp::parse(&row.op).ok_or_else(|| corrupt(format!("unknown op `{}`", row.op)))?,
+        changed: serde_json::from_str(&row.changed)
+            .map_err(|e| corrupt(format!("changed fields: {e}")))?,
+        device_id: row
+            .device_id
+            .parse()
+            .map_err(|e| corrupt(format!("device id: {e}")))?,
+        hlc: Hlc::from_u64(row.hlc as u64),
+        schema_version: u32::try_from(row.schema_version)
+            .map_err(|e| corrupt(format!("schema version: {e}")))?,
+        checksum: 0,
+        model: row.model.clone(),
+        record_id: row.record_id.clone(),
+        data: row.data.clone(),
+    })
+}
+
+/// A list of field names, as the log stores it.
+fn changed_text(changed: &[String]) -> String {
+    // Serialising a list of strings cannot fail.
+    serde_json::to_string(changed).unwrap_or_else(|_| "[]".to_owned())
 }
 
 fn entry_from_row(row: log::Model) -> Result<LogEntry, LogError> {

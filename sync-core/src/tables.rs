@@ -50,6 +50,34 @@ pub mod log {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+pub mod pending {
+    use sea_orm::entity::prelude::*;
+
+    /// Entries committed on PostgreSQL, waiting for the sequencer.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_pending")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub library_id: String,
+        pub model: String,
+        pub record_id: String,
+        pub op: String,
+        #[sea_orm(column_type = "Text", nullable)]
+        pub data: Option<String>,
+        #[sea_orm(column_type = "Text")]
+        pub changed: String,
+        pub device_id: String,
+        pub hlc: i64,
+        pub schema_version: i32,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 pub mod device {
     use sea_orm::entity::prelude::*;
 

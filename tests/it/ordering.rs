@@ -72,3 +72,59 @@ async fn sixteen_writers_leave_a_contiguous_log_in_commit_order(f: Fixture) -> F
 }
 
 crate::on_every_backend!(sixteen_writers_leave_a_contiguous_log_in_commit_order);
+
+/// The hazard PostgreSQL sequences have: a transaction that took its number early and
+/// commits late. Here writer A's entry is pending (inserted, uncommitted) while writer B
+/// commits; B's entry is numbered first, and A's, once committed, comes after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_late_commit_gets_a_later_seq() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let test = "ordering::postgres_late_commit_gets_a_later_seq";
+    let Some(f) = crate::support::fixture(crate::support::Backend::Postgres, test).await else {
+        return;
+    };
+    let late = f.library.db().begin().await.expect("begin");
+    late.execute_unprepared(&format!(
+        "INSERT INTO sync_pending (library_id, model, record_id, op, data, changed, device_id, hlc, schema_version) \
+         VALUES ('{}', 'tag', '{}', 'upsert', '{{}}', '[]', '{}', 1, 1)",
+        f.library.id(),
+        uuid::Uuid::now_v7(),
+        f.library.device_id()
+    ))
+    .await
+    .expect("pending insert");
+
+    f.library
+        .transaction(|txn| {
+            Box::pin(async move {
+                use sea_orm::ActiveModelTrait;
+                example_app::models::tag::ActiveModel {
+                    id: sea_orm::Set(uuid::Uuid::now_v7()),
+                    name: sea_orm::Set("early".into()),
+                    color: sea_orm::Set(None),
+                }
+                .insert(txn)
+                .await
+            })
+        })
+        .await
+        .expect("write");
+    let first = f.library.read_log(Seq::ZERO, 10).await.expect("read");
+    assert_eq!(
+        first.len(),
+        1,
+        "the uncommitted entry is invisible, so not numbered"
+    );
+    assert_eq!(first[0].model, "tag");
+
+    late.commit().await.expect("late commit");
+    let rest = f.library.read_log(first[0].seq, 10).await.expect("read");
+    assert_eq!(rest.len(), 1);
+    assert_eq!(
+        rest[0].seq,
+        Seq(2),
+        "the late transaction's entry comes after what readers saw"
+    );
+    verify_chain(first[0].seq, first[0].checksum, &rest).expect("chain continues");
+    f.finish().await;
+}
