@@ -2,9 +2,9 @@
 //!
 //! `Library::transaction` opens a transaction and runs the app's closure inside a capture
 //! scope (a tokio task-local). The hooks of synced models note each write in the scope's
-//! buffer; when the closure succeeds, `flush` turns the buffer into log entries, takes the
-//! next sequence numbers from the library's counter row and inserts the entries, all in
-//! the same transaction, right before it commits. A closure that fails rolls back, and its
+//! buffer; when the closure succeeds, `Library::append` turns the buffer into log entries
+//! (numbered, or pending for the sequencer on PostgreSQL) in the same transaction, right
+//! before it commits. A closure that fails rolls back, and its
 //! buffer is dropped with it: a rolled-back write leaves no entry.
 //!
 //! A write to a synced model outside such a scope, or through a connection other than the

@@ -5,6 +5,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::mpsc;
+
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
@@ -27,6 +29,11 @@ const LOG_INSERT_ROWS_MAX: usize = 16;
 
 /// Pending entries numbered per sequencer transaction: bounds its memory and lock time.
 const SEQUENCE_BATCH_MAX: u64 = 2_000;
+
+/// How long the background sequencer waits after a kick before it runs, so that one run
+/// takes the entries of every writer that commits meanwhile. It adds at most this much to
+/// the time from commit to a numbered entry.
+const SEQUENCE_COALESCE_MS: u64 = 2;
 
 /// Ids per `DELETE … WHERE id IN (…)` when clearing sequenced pending entries.
 const PENDING_DELETE_IDS_MAX: usize = 500;
@@ -67,8 +74,102 @@ pub struct Library {
     role: Role,
     /// Shared by clones: the newest entry this handle has seen committed.
     tip: Arc<Mutex<Tip>>,
-    /// Shared by clones: one sequencer run at a time per handle.
-    sequencer: Arc<tokio::sync::Mutex<()>>,
+    /// PostgreSQL only: numbers pending entries.
+    sequencer: Option<Arc<Sequencer>>,
+    /// PostgreSQL only: asks the background sequencer for a run. Capacity one, so kicks
+    /// made while a run is due coalesce into it.
+    kick: Option<mpsc::Sender<()>>,
+}
+
+/// Numbers the entries PostgreSQL writers leave in `sync_pending` (see `Library::append`).
+#[derive(Debug)]
+struct Sequencer {
+    db: DatabaseConnection,
+    library_id: LibraryId,
+    tip: Arc<Mutex<Tip>>,
+    /// One run at a time per handle: the background task and readers take turns.
+    running: tokio::sync::Mutex<()>,
+}
+
+impl Sequencer {
+    /// Moves committed pending entries (PostgreSQL) into the log, numbered in the order the
+    /// sequencer sees them commit.
+    ///
+    /// Runs serialise on the library's row (`FOR UPDATE`), across handles and processes.
+    /// A pending row becomes visible only when its transaction commits, so every run
+    /// numbers only committed entries, after all the entries earlier runs numbered: a
+    /// reader that has seen seq N never later finds an entry below N, and a transaction
+    /// that commits late simply gets later seqs.
+    async fn run(&self) -> Result<(), DbErr> {
+        // One run per handle at a time; a writer that waited here usually finds its entries
+        // already numbered by the run it waited for.
+        let _single_flight = self.running.lock().await;
+        loop {
+            let txn = self.db.begin().await?;
+            let library_key = self.library_id.to_string();
+            library::Entity::find_by_id(library_key.clone())
+                .lock_exclusive()
+                .one(&txn)
+                .await?;
+            let waiting = pending::Entity::find()
+                .filter(pending::Column::LibraryId.eq(library_key))
+                .order_by_asc(pending::Column::Id)
+                .limit(SEQUENCE_BATCH_MAX)
+                .all(&txn)
+                .await?;
+            if waiting.is_empty() {
+                txn.commit().await?;
+                return Ok(());
+            }
+            let full_batch = waiting.len() as u64 == SEQUENCE_BATCH_MAX;
+            let ids: Vec<i64> = waiting.iter().map(|p| p.id).collect();
+            let drafts = waiting
+                .into_iter()
+                .map(draft_from_pending)
+                .collect::<Result<Vec<_>, _>>()?;
+            let tip = committed_tip(&txn, self.library_id, false).await?;
+            let (rows, last) = Library::number(&drafts, tip);
+            let mut rows = rows.into_iter().peekable();
+            while rows.peek().is_some() {
+                let chunk: Vec<_> = rows.by_ref().take(LOG_INSERT_ROWS_MAX).collect();
+                log::Entity::insert_many(chunk)
+                    .exec_without_returning(&txn)
+                    .await?;
+            }
+            for chunk in ids.chunks(PENDING_DELETE_IDS_MAX) {
+                pending::Entity::delete_many()
+                    .filter(pending::Column::Id.is_in(chunk.iter().copied()))
+                    .exec(&txn)
+                    .await?;
+            }
+            txn.commit().await?;
+            advance(&self.tip, last);
+            if !full_batch {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Moves a cached tip forward, never back.
+fn advance(tip: &Mutex<Tip>, committed: Tip) {
+    let mut tip = tip.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if committed.seq > tip.seq {
+        *tip = committed;
+    }
+}
+
+/// Runs the sequencer whenever a writer kicks it, until every handle is gone.
+async fn sequence_in_background(sequencer: Arc<Sequencer>, mut kicks: mpsc::Receiver<()>) {
+    while kicks.recv().await.is_some() {
+        // Let the commits that land meanwhile join this run: one sequencer transaction
+        // (and one WAL flush) then numbers many writers' entries.
+        tokio::time::sleep(std::time::Duration::from_millis(SEQUENCE_COALESCE_MS)).await;
+        if let Err(e) = sequencer.run().await {
+            // The entries stay pending; the next kick or read numbers them.
+            tracing::warn!(library = %sequencer.library_id, %e, "sequencing failed; will retry");
+        }
+    }
 }
 
 /// What `append` did with a transaction's changes.
@@ -197,6 +298,20 @@ impl Library {
                 checksum: e.checksum as u64,
             })
             .unwrap_or_default();
+        let tip = Arc::new(Mutex::new(tip));
+        let (sequencer, kick) = if db.get_database_backend() == DbBackend::Postgres {
+            let sequencer = Arc::new(Sequencer {
+                db: db.clone(),
+                library_id,
+                tip: Arc::clone(&tip),
+                running: tokio::sync::Mutex::new(()),
+            });
+            let (kick, kicks) = mpsc::channel(1);
+            tokio::spawn(sequence_in_background(Arc::clone(&sequencer), kicks));
+            (Some(sequencer), Some(kick))
+        } else {
+            (None, None)
+        };
         let context = Arc::new(CaptureContext {
             library_id,
             device_id,
@@ -207,8 +322,9 @@ impl Library {
             registry: Arc::new(registry),
             context,
             role,
-            tip: Arc::new(Mutex::new(tip)),
-            sequencer: Arc::default(),
+            tip,
+            sequencer,
+            kick,
         })
     }
 
@@ -301,8 +417,9 @@ impl Library {
                     // its entries now leaves them for the next sequencer run (any write or
                     // log read of this library), so it must not look like a failed write.
                     Appended::Pending => {
-                        if let Err(e) = self.sequence().await {
-                            tracing::warn!(library = %self.context.library_id, %e, "sequencing deferred");
+                        if let Some(kick) = &self.kick {
+                            // Full means a run is already due, which will take these too.
+                            let _ = kick.try_send(());
                         }
                     }
                 }
@@ -449,64 +566,12 @@ impl Library {
         }
     }
 
-    /// Moves committed pending entries (PostgreSQL) into the log, numbered in the order the
-    /// sequencer sees them commit. A no-op on other backends.
-    ///
-    /// Runs serialise on the library's row (`FOR UPDATE`), across handles and processes.
-    /// A pending row becomes visible only when its transaction commits, so every run
-    /// numbers only committed entries, after all the entries earlier runs numbered: a
-    /// reader that has seen seq N never later finds an entry below N, and a transaction
-    /// that commits late simply gets later seqs.
+    /// Moves committed pending entries (PostgreSQL) into the log now; a no-op on other
+    /// backends. Writers only ask for this in the background, and reads do it first.
     pub async fn sequence(&self) -> Result<(), DbErr> {
-        if self.db.get_database_backend() != DbBackend::Postgres {
-            return Ok(());
-        }
-        // One run per handle at a time; a writer that waited here usually finds its entries
-        // already numbered by the run it waited for.
-        let _single_flight = self.sequencer.lock().await;
-        loop {
-            let txn = self.db.begin().await?;
-            let library_key = self.context.library_id.to_string();
-            library::Entity::find_by_id(library_key.clone())
-                .lock_exclusive()
-                .one(&txn)
-                .await?;
-            let waiting = pending::Entity::find()
-                .filter(pending::Column::LibraryId.eq(library_key))
-                .order_by_asc(pending::Column::Id)
-                .limit(SEQUENCE_BATCH_MAX)
-                .all(&txn)
-                .await?;
-            if waiting.is_empty() {
-                txn.commit().await?;
-                return Ok(());
-            }
-            let full_batch = waiting.len() as u64 == SEQUENCE_BATCH_MAX;
-            let ids: Vec<i64> = waiting.iter().map(|p| p.id).collect();
-            let drafts = waiting
-                .into_iter()
-                .map(draft_from_pending)
-                .collect::<Result<Vec<_>, _>>()?;
-            let tip = committed_tip(&txn, self.context.library_id, false).await?;
-            let (rows, last) = Self::number(&drafts, tip);
-            let mut rows = rows.into_iter().peekable();
-            while rows.peek().is_some() {
-                let chunk: Vec<_> = rows.by_ref().take(LOG_INSERT_ROWS_MAX).collect();
-                log::Entity::insert_many(chunk)
-                    .exec_without_returning(&txn)
-                    .await?;
-            }
-            for chunk in ids.chunks(PENDING_DELETE_IDS_MAX) {
-                pending::Entity::delete_many()
-                    .filter(pending::Column::Id.is_in(chunk.iter().copied()))
-                    .exec(&txn)
-                    .await?;
-            }
-            txn.commit().await?;
-            self.advance_tip(last);
-            if !full_batch {
-                return Ok(());
-            }
+        match &self.sequencer {
+            Some(sequencer) => sequencer.run().await,
+            None => Ok(()),
         }
     }
 
@@ -519,13 +584,7 @@ impl Library {
 
     /// Moves the cached tip forward (never back) after a commit.
     fn advance_tip(&self, committed: Tip) {
-        let mut tip = self
-            .tip
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if committed.seq > tip.seq {
-            *tip = committed;
-        }
+        advance(&self.tip, committed);
     }
 
     /// The last seq of this library's log.
