@@ -27,10 +27,13 @@
 mod capture;
 mod entry;
 mod error;
+mod follower;
 mod hlc;
 mod ids;
 mod library;
+mod protocol;
 mod registry;
+mod serve;
 mod syncable;
 mod tables;
 
@@ -42,9 +45,14 @@ pub mod hooks {
 
 pub use entry::{ChainError, ChangeOp, LogEntry, verify_chain};
 pub use error::{LogError, OpenError};
+pub use follower::{Applied, ApplyError, Position, SyncError};
 pub use hlc::{Hlc, HlcClock};
 pub use ids::{DeviceId, LibraryId, Seq};
 pub use library::{Drift, DriftKind, Library, Role, Status, TxnFuture};
+pub use protocol::{
+    InProcess, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PullError, PullRequest,
+    PullResponse, PulledItem, Transport,
+};
 pub use registry::{DuplicateSyncId, ModelRows, Registry};
 pub use sync_derive::Syncable;
 pub use syncable::{FieldMerge, FieldSpec, MergeRule, Syncable};

@@ -43,7 +43,7 @@ const PENDING_DELETE_IDS_MAX: usize = 500;
 const CLAIM_ATTEMPTS_MAX: usize = 10_000;
 
 const LOCAL_DEVICE_ID: &str = "device_id";
-const LOCAL_DEFAULT_LIBRARY: &str = "default_library";
+pub(crate) const LOCAL_DEFAULT_LIBRARY: &str = "default_library";
 
 /// A boxed future borrowing the transaction, as `Library::transaction` takes it.
 pub type TxnFuture<'c, T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'c>>;
@@ -68,10 +68,10 @@ pub enum Role {
 /// One library's handle on this device: write through it, read its log.
 #[derive(Clone, Debug)]
 pub struct Library {
-    db: DatabaseConnection,
-    registry: Arc<Registry>,
-    context: Arc<CaptureContext>,
-    role: Role,
+    pub(crate) db: DatabaseConnection,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) context: Arc<CaptureContext>,
+    pub(crate) role: Role,
     /// Shared by clones: the newest entry this handle has seen committed.
     tip: Arc<Mutex<Tip>>,
     /// PostgreSQL only: numbers pending entries.
@@ -84,7 +84,7 @@ pub struct Library {
 /// Numbers the entries PostgreSQL writers leave in `sync_pending` (see `Library::append`).
 #[derive(Debug)]
 struct Sequencer {
-    db: DatabaseConnection,
+    pub(crate) db: DatabaseConnection,
     library_id: LibraryId,
     tip: Arc<Mutex<Tip>>,
     /// One run at a time per handle: the background task and readers take turns.
@@ -739,7 +739,7 @@ async fn committed_tip<C: ConnectionTrait>(
 }
 
 /// Reads up to `limit` entries of a library's log with seq greater than `after` (callers sequence first).
-async fn read_log<C: ConnectionTrait>(
+pub(crate) async fn read_log<C: ConnectionTrait>(
     db: &C,
     library_id: LibraryId,
     after: Seq,
@@ -866,7 +866,11 @@ async fn get_local<C: ConnectionTrait>(db: &C, key: &str) -> Result<Option<Strin
     }
 }
 
-async fn set_local<C: ConnectionTrait>(db: &C, key: &str, value: &str) -> Result<(), DbErr> {
+pub(crate) async fn set_local<C: ConnectionTrait>(
+    db: &C,
+    key: &str,
+    value: &str,
+) -> Result<(), DbErr> {
     local::Entity::delete_by_id(key.to_owned()).exec(db).await?;
     local::ActiveModel {
         key: Set(key.to_owned()),
@@ -877,7 +881,7 @@ async fn set_local<C: ConnectionTrait>(db: &C, key: &str, value: &str) -> Result
 }
 
 /// This device's id, made on first use.
-async fn ensure_device_id(db: &DatabaseConnection) -> Result<DeviceId, OpenError> {
+pub(crate) async fn ensure_device_id(db: &DatabaseConnection) -> Result<DeviceId, OpenError> {
     if let Some(value) = get_local(db, LOCAL_DEVICE_ID).await? {
         return value
             .parse()
@@ -896,7 +900,7 @@ fn is_missing_table(e: &DbErr) -> bool {
 }
 
 /// Inserting an ActiveModel of an internal table without reading it back.
-trait InsertInto {
+pub(crate) trait InsertInto {
     async fn insert_into<C: ConnectionTrait>(self, db: &C) -> Result<(), DbErr>;
 }
 

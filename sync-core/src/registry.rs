@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr};
 
-use crate::{FieldSpec, MergeRule, Syncable};
+use sea_orm::{ActiveModelTrait, IntoActiveModel};
+
+use crate::{ChangeOp, FieldSpec, LogEntry, MergeRule, Syncable};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -27,11 +29,36 @@ pub(crate) trait ModelOps: Send + Sync {
         txn: &'a DatabaseTransaction,
         key: &'a str,
     ) -> BoxFuture<'a, Result<bool, DbErr>>;
+    fn apply<'a>(
+        &'a self,
+        txn: &'a DatabaseTransaction,
+        entry: &'a LogEntry,
+    ) -> BoxFuture<'a, Result<(), ApplyFailure>>;
+}
+
+/// Why one entry could not be applied.
+#[derive(Debug)]
+pub(crate) enum ApplyFailure {
+    /// The entry does not fit this build's model.
+    BadPayload(String),
+    /// The database refused.
+    Db(DbErr),
+}
+
+impl From<DbErr> for ApplyFailure {
+    fn from(e: DbErr) -> Self {
+        ApplyFailure::Db(e)
+    }
 }
 
 struct Typed<E>(std::marker::PhantomData<fn() -> E>);
 
-impl<E: Syncable> ModelOps for Typed<E> {
+impl<E> ModelOps for Typed<E>
+where
+    E: Syncable,
+    E::Model: IntoActiveModel<E::ActiveModel>,
+    E::ActiveModel: Send,
+{
     fn sync_id(&self) -> &'static str {
         E::SYNC_ID
     }
@@ -57,6 +84,78 @@ impl<E: Syncable> ModelOps for Typed<E> {
     ) -> BoxFuture<'a, Result<bool, DbErr>> {
         Box::pin(crate::capture::record_again::<E>(txn, key))
     }
+    fn apply<'a>(
+        &'a self,
+        txn: &'a DatabaseTransaction,
+        entry: &'a LogEntry,
+    ) -> BoxFuture<'a, Result<(), ApplyFailure>> {
+        Box::pin(apply_entry::<E>(txn, entry))
+    }
+}
+
+/// Applies one leader entry to a typed model. The leader's log is the order of truth: an
+/// upsert writes the synced fields it carries (under `FieldLevel`, only those it changed),
+/// local fields keep this device's values, and a delete of a missing record is a no-op.
+async fn apply_entry<E>(txn: &DatabaseTransaction, entry: &LogEntry) -> Result<(), ApplyFailure>
+where
+    E: Syncable,
+    E::Model: IntoActiveModel<E::ActiveModel>,
+    E::ActiveModel: Send,
+{
+    let parse_key = || {
+        E::parse_key(&entry.record_id).ok_or_else(|| {
+            ApplyFailure::BadPayload(format!(
+                "`{}` is not a key of `{}`",
+                entry.record_id,
+                E::SYNC_ID
+            ))
+        })
+    };
+    match entry.op {
+        ChangeOp::Delete => {
+            E::delete_by_id(parse_key()?).exec(txn).await?;
+        }
+        ChangeOp::Upsert => {
+            let text = entry
+                .data
+                .as_deref()
+                .ok_or_else(|| ApplyFailure::BadPayload("an upsert without data".into()))?;
+            let fields: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+                .map_err(|e| ApplyFailure::BadPayload(format!("data is not a JSON object: {e}")))?;
+            let synced = E::synced_fields();
+            if let Some(unknown) = fields.keys().find(|k| !synced.contains(&k.as_str())) {
+                return Err(ApplyFailure::BadPayload(format!(
+                    "`{unknown}` is not a synced field of `{}` in this build",
+                    E::SYNC_ID
+                )));
+            }
+            if let Some(missing) = synced.iter().find(|f| !fields.contains_key(**f)) {
+                return Err(ApplyFailure::BadPayload(format!(
+                    "the entry lacks the synced field `{missing}`"
+                )));
+            }
+            let bad = |e: serde_json::Error| {
+                ApplyFailure::BadPayload(format!("a field does not fit: {e}"))
+            };
+            match E::find_by_id(parse_key()?).one(txn).await? {
+                None => {
+                    let mut active = E::new_active(parse_key()?);
+                    E::apply_json(&mut active, &fields, None).map_err(bad)?;
+                    active.insert(txn).await?;
+                }
+                Some(existing) => {
+                    let mut active = existing.into_active_model();
+                    let only =
+                        (E::MERGE == MergeRule::FieldLevel).then_some(entry.changed.as_slice());
+                    E::apply_json(&mut active, &fields, only).map_err(bad)?;
+                    if active.is_changed() {
+                        active.update(txn).await?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn rows_of<E: Syncable, C: ConnectionTrait>(db: &C) -> Result<ModelRows, DbErr> {
@@ -103,7 +202,12 @@ impl Registry {
     }
 
     /// Adds a model. Models with `#[sync(local)]` may be registered too; they are ignored.
-    pub fn register<E: Syncable>(mut self) -> Result<Registry, DuplicateSyncId> {
+    pub fn register<E>(mut self) -> Result<Registry, DuplicateSyncId>
+    where
+        E: Syncable,
+        E::Model: IntoActiveModel<E::ActiveModel>,
+        E::ActiveModel: Send,
+    {
         if self.models.contains_key(E::SYNC_ID) {
             return Err(DuplicateSyncId(E::SYNC_ID));
         }

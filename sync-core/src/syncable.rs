@@ -82,6 +82,18 @@ pub trait Syncable: EntityTrait {
         model: &Self::Model,
     ) -> Result<serde_json::Map<String, serde_json::Value>, serde_json::Error>;
 
+    /// Sets the synced fields present in `fields` (only those named in `only`, when given)
+    /// on `active`. The key is never touched.
+    fn apply_json(
+        active: &mut Self::ActiveModel,
+        fields: &serde_json::Map<String, serde_json::Value>,
+        only: Option<&[String]>,
+    ) -> Result<(), serde_json::Error>;
+
+    /// A new record with this key: every local field at its type's `Default`, every synced
+    /// field unset (the caller applies them).
+    fn new_active(key: <Self::PrimaryKey as PrimaryKeyTrait>::ValueType) -> Self::ActiveModel;
+
     /// The per-record filter: a record for which this is false is not recorded.
     fn should_sync(_model: &Self::Model) -> bool {
         true

@@ -118,3 +118,23 @@ pub mod local {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod position {
+    use sea_orm::entity::prelude::*;
+
+    /// A follower's position in a library's log, moved with the data it applies.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_position")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub library_id: String,
+        pub seq: i64,
+        pub checksum: i64,
+        pub updated_at_ms: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

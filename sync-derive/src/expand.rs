@@ -46,6 +46,21 @@ pub(crate) fn expand(model: &SyncModel) -> TokenStream {
         let name = ident.to_string();
         quote!(if active.#ident.is_set() { out.push(#name); })
     });
+    let apply_fields = synced.iter().filter(|f| !f.primary_key).map(|f| {
+        let ident = &f.ident;
+        let name = ident.to_string();
+        quote! {
+            if let ::std::option::Option::Some(value) = fields.get(#name) {
+                if only.is_none_or(|names| names.iter().any(|n| n == #name)) {
+                    active.#ident = #sea_orm::ActiveValue::Set(#serde_json::from_value(::std::clone::Clone::clone(value))?);
+                }
+            }
+        }
+    });
+    let local_defaults = model.fields.iter().filter(|f| !f.synced).map(|f| {
+        let ident = &f.ident;
+        quote!(active.#ident = #sea_orm::ActiveValue::Set(::std::default::Default::default());)
+    });
     let fill_key = if key_is_uuid {
         quote! {
             if active.#key_ident.is_not_set() {
@@ -136,6 +151,23 @@ pub(crate) fn expand(model: &SyncModel) -> TokenStream {
                 let mut out = ::std::vec::Vec::new();
                 #(#set_checks)*
                 out
+            }
+
+            fn apply_json(
+                active: &mut ActiveModel,
+                fields: &#serde_json::Map<::std::string::String, #serde_json::Value>,
+                only: ::std::option::Option<&[::std::string::String]>,
+            ) -> ::std::result::Result<(), #serde_json::Error> {
+                let _ = (&active, fields, only);
+                #(#apply_fields)*
+                ::std::result::Result::Ok(())
+            }
+
+            fn new_active(key: #key_ty) -> ActiveModel {
+                let mut active = <ActiveModel as #sea_orm::ActiveModelTrait>::default();
+                active.#key_ident = #sea_orm::ActiveValue::Set(key);
+                #(#local_defaults)*
+                active
             }
 
             fn sync_json(

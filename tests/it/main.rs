@@ -7,5 +7,6 @@
 
 mod capture;
 mod derive;
+mod follower;
 mod ordering;
 mod support;

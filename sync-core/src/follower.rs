@@ -1,0 +1,363 @@
+//! The follower's side: apply pulled entries exactly once, with the position in the same
+//! transaction.
+
+use sea_orm::ActiveValue::Set;
+use sea_orm::{DatabaseConnection, DbErr, EntityTrait, TransactionTrait};
+use serde::Serialize;
+
+use crate::entry::ChainError;
+use crate::error::OpenError;
+use crate::library::{InsertInto, LOCAL_DEFAULT_LIBRARY, ensure_device_id, set_local};
+use crate::protocol::{
+    PROTOCOL_VERSION, PullError, PullRequest, PullResponse, PulledItem, Transport,
+};
+use crate::registry::ApplyFailure;
+use crate::tables::{device, library, position};
+use crate::{DeviceId, Library, LibraryId, Registry, Role, Seq};
+
+/// Where a follower stands in a library's log.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Position {
+    /// Everything up to here is applied.
+    pub seq: Seq,
+    /// The log's rolling checksum at `seq`.
+    pub checksum: u64,
+}
+
+/// What one `apply` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Applied {
+    /// Entries applied.
+    pub entries: usize,
+    /// The position afterwards.
+    pub position: Position,
+    /// `(model, record_id)` of every applied entry, for "changes applied" listeners.
+    pub records: Vec<(String, String)>,
+}
+
+/// Why a batch was not applied. The position stays where it was: nothing of the batch is
+/// applied.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApplyError {
+    /// The leader speaks another protocol version.
+    #[error(
+        "protocol version mismatch: this follower speaks {ours}, the leader {theirs}; \
+         update the older app"
+    )]
+    VersionMismatch {
+        /// Ours.
+        ours: u32,
+        /// The leader's.
+        theirs: u32,
+    },
+    /// The response is about another library.
+    #[error("the leader answered for library {found}, but this follower follows {expected}")]
+    WrongLibrary {
+        /// Ours.
+        expected: LibraryId,
+        /// In the response.
+        found: LibraryId,
+    },
+    /// The batch does not continue this follower's history.
+    #[error("{0}; stopped before applying anything of this batch")]
+    Chain(#[from] ChainError),
+    /// An entry is for a model this build does not know: the leader runs a newer app.
+    #[error(
+        "entry {seq} is for model `{model}`, which this app does not know: the leader runs a \
+         newer version; update this app, then sync again"
+    )]
+    UnknownModel {
+        /// The entry.
+        seq: Seq,
+        /// Its model.
+        model: String,
+    },
+    /// An entry was written with another schema version of its model.
+    #[error(
+        "entry {seq} of `{model}` has schema version {theirs}, this app has {ours}: \
+         update the older app, then sync again"
+    )]
+    SchemaMismatch {
+        /// The entry.
+        seq: Seq,
+        /// Its model.
+        model: String,
+        /// This build's version.
+        ours: u32,
+        /// The entry's.
+        theirs: u32,
+    },
+    /// An entry does not fit the local schema.
+    #[error("entry {seq} of `{model}` does not fit this app's model: {reason}")]
+    BadPayload {
+        /// The entry.
+        seq: Seq,
+        /// Its model.
+        model: String,
+        /// What does not fit.
+        reason: String,
+    },
+    /// Another apply moved the position meanwhile.
+    #[error("the position moved from {expected} to {found} during this pull; pull again")]
+    PositionMoved {
+        /// Where this batch starts.
+        expected: Seq,
+        /// Where the position is.
+        found: Seq,
+    },
+    /// The database failed.
+    #[error("database error: {0}")]
+    Db(#[from] DbErr),
+}
+
+/// Why a sync round failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    /// Pulling failed.
+    #[error(transparent)]
+    Pull(#[from] PullError),
+    /// Applying failed.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+impl Library {
+    /// Sets up this database as a follower of `library_id`, led by `leader`, and makes it
+    /// the default library.
+    pub async fn join(
+        db: DatabaseConnection,
+        library_id: LibraryId,
+        leader: DeviceId,
+        name: &str,
+        registry: Registry,
+    ) -> Result<Library, OpenError> {
+        let device_id = ensure_device_id(&db).await?;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let txn = db.begin().await?;
+        library::ActiveModel {
+            id: Set(library_id.to_string()),
+            name: Set(name.to_owned()),
+            leader_device_id: Set(leader.to_string()),
+            created_at_ms: Set(now_ms),
+        }
+        .insert_into(&txn)
+        .await?;
+        device::ActiveModel {
+            library_id: Set(library_id.to_string()),
+            device_id: Set(device_id.to_string()),
+            role: Set("follower".to_owned()),
+            name: Set(None),
+            added_at_ms: Set(now_ms),
+            revoked_at_ms: Set(None),
+        }
+        .insert_into(&txn)
+        .await?;
+        set_local(&txn, LOCAL_DEFAULT_LIBRARY, &library_id.to_string()).await?;
+        txn.commit().await?;
+        Library::open(db, library_id, registry).await
+    }
+
+    /// This follower's position in the log.
+    pub async fn position(&self) -> Result<Position, DbErr> {
+        read_position(&self.db, self.id()).await
+    }
+
+    /// Applies a pull response that answers a request from `after`, in one transaction
+    /// together with the new position: all of it or none of it, exactly once.
+    ///
+    /// The batch must continue this follower's history: contiguous seqs from its position
+    /// and an unbroken checksum chain. An entry of an unknown model, of another schema
+    /// version, or that does not fit the local model stops the batch with an error.
+    /// Applied entries are not recorded again by this device's hooks.
+    pub async fn apply(&self, after: Seq, response: &PullResponse) -> Result<Applied, ApplyError> {
+        if response.protocol_version != PROTOCOL_VERSION {
+            return Err(ApplyError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: response.protocol_version,
+            });
+        }
+        if response.library_id != self.id() {
+            return Err(ApplyError::WrongLibrary {
+                expected: self.id(),
+                found: response.library_id,
+            });
+        }
+        if response.items.is_empty() {
+            return Ok(Applied {
+                position: self.position().await?,
+                ..Applied::default()
+            });
+        }
+        let this = self.clone();
+        let items = response.items.clone();
+        self.unrecorded(move |txn| {
+            Box::pin(async move {
+                let start = read_position(txn, this.id()).await?;
+                if start.seq != after {
+                    return Err(ApplyError::PositionMoved {
+                        expected: after,
+                        found: start.seq,
+                    });
+                }
+                let mut expected = after.next();
+                let mut checksum = start.checksum;
+                let mut applied = Applied::default();
+                for item in &items {
+                    match item {
+                        PulledItem::Skipped {
+                            through,
+                            checksum: at,
+                        } => {
+                            if *through < expected {
+                                return Err(ChainError::Gap {
+                                    expected,
+                                    found: *through,
+                                }
+                                .into());
+                            }
+                            checksum = *at;
+                            expected = through.next();
+                        }
+                        PulledItem::Entry(entry) => {
+                            crate::verify_chain(
+                                Seq(expected.0 - 1),
+                                checksum,
+                                std::slice::from_ref(entry),
+                            )?;
+                            this.apply_entry(txn, entry).await?;
+                            this.context.clock.observe(entry.hlc);
+                            checksum = entry.checksum;
+                            expected = expected.next();
+                            applied.entries += 1;
+                            applied
+                                .records
+                                .push((entry.model.clone(), entry.record_id.clone()));
+                        }
+                    }
+                }
+                let position = Position {
+                    seq: Seq(expected.0 - 1),
+                    checksum,
+                };
+                write_position(txn, this.id(), position).await?;
+                applied.position = position;
+                Ok(applied)
+            })
+        })
+        .await
+    }
+
+    async fn apply_entry(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+        entry: &crate::LogEntry,
+    ) -> Result<(), ApplyError> {
+        let Some(ops) = self.registry.get(&entry.model) else {
+            return Err(ApplyError::UnknownModel {
+                seq: entry.seq,
+                model: entry.model.clone(),
+            });
+        };
+        if ops.schema_version() != entry.schema_version {
+            return Err(ApplyError::SchemaMismatch {
+                seq: entry.seq,
+                model: entry.model.clone(),
+                ours: ops.schema_version(),
+                theirs: entry.schema_version,
+            });
+        }
+        ops.apply(txn, entry)
+            .await
+            .map_err(|failure| match failure {
+                ApplyFailure::BadPayload(reason) => ApplyError::BadPayload {
+                    seq: entry.seq,
+                    model: entry.model.clone(),
+                    reason,
+                },
+                ApplyFailure::Db(e) => ApplyError::Db(e),
+            })
+    }
+
+    /// Pulls one batch of at most `limit` entries from the leader and applies it. Returns
+    /// what was applied and the leader's latest seq.
+    pub async fn pull_once(
+        &self,
+        transport: &dyn Transport,
+        limit: u32,
+    ) -> Result<(Applied, Seq), SyncError> {
+        if self.role() != Role::Follower {
+            return Err(PullError::NotLeader(self.id()).into());
+        }
+        let after = self.position().await.map_err(ApplyError::from)?.seq;
+        let mut request = PullRequest::after(self.id(), after);
+        request.limit = limit;
+        let response = transport.pull(request).await?;
+        let latest = response.latest_seq;
+        let applied = self.apply(after, &response).await?;
+        Ok((applied, latest))
+    }
+
+    /// Pulls and applies until the position reaches the leader's latest seq as of the
+    /// first answer. Each batch commits on its own, so an interruption resumes from the
+    /// last applied batch, not from zero.
+    pub async fn catch_up(
+        &self,
+        transport: &dyn Transport,
+        limit: u32,
+    ) -> Result<Position, SyncError> {
+        let mut target = None;
+        let mut previous = None;
+        loop {
+            let (applied, latest) = self.pull_once(transport, limit).await?;
+            let target = *target.get_or_insert(latest);
+            let position = applied.position;
+            if position.seq >= target {
+                return Ok(position);
+            }
+            // A leader that answers twice with nothing new while it claims more would
+            // otherwise keep this loop spinning.
+            if previous == Some(position.seq) {
+                return Err(PullError::Stalled {
+                    position: position.seq,
+                    latest: target,
+                }
+                .into());
+            }
+            previous = Some(position.seq);
+        }
+    }
+}
+
+async fn read_position<C: sea_orm::ConnectionTrait>(
+    db: &C,
+    library_id: LibraryId,
+) -> Result<Position, DbErr> {
+    Ok(position::Entity::find_by_id(library_id.to_string())
+        .one(db)
+        .await?
+        .map(|p| Position {
+            seq: Seq(p.seq as u64),
+            checksum: p.checksum as u64,
+        })
+        .unwrap_or_default())
+}
+
+async fn write_position(
+    txn: &sea_orm::DatabaseTransaction,
+    library_id: LibraryId,
+    at: Position,
+) -> Result<(), DbErr> {
+    position::Entity::delete_by_id(library_id.to_string())
+        .exec(txn)
+        .await?;
+    position::ActiveModel {
+        library_id: Set(library_id.to_string()),
+        seq: Set(at.seq.0 as i64),
+        checksum: Set(at.checksum as i64),
+        updated_at_ms: Set(chrono::Utc::now().timestamp_millis()),
+    }
+    .insert_into(txn)
+    .await
+}

@@ -1,0 +1,160 @@
+//! The pull protocol: what a follower asks the leader and what it gets back. Transport-
+//! agnostic: sync-transport carries these over QUIC; tests call the leader in process.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{LibraryId, LogEntry, Seq};
+
+/// The protocol this build speaks. A peer speaking another version is refused, not misread.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Entries per pull response, whatever the follower asks for: bounds the leader's memory
+/// per request and the follower's per batch.
+pub const PULL_ENTRIES_MAX: u32 = 5_000;
+
+/// Bytes of entry payload per pull response (a response holds at least one entry, however
+/// large): keeps frames well under the transport's frame limit.
+pub const PULL_BYTES_MAX: u32 = 4 * 1024 * 1024;
+
+/// A follower asks for the entries after `after`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullRequest {
+    /// The follower's `PROTOCOL_VERSION`.
+    pub protocol_version: u32,
+    /// The library the request is about.
+    pub library_id: LibraryId,
+    /// The follower's position: it has everything up to here.
+    pub after: Seq,
+    /// At most this many entries (clamped to `PULL_ENTRIES_MAX`).
+    pub limit: u32,
+    /// At most about this many payload bytes (clamped to `PULL_BYTES_MAX`).
+    pub max_bytes: u32,
+    /// Only these models (selective sync); `None` for all.
+    pub models: Option<Vec<String>>,
+}
+
+impl PullRequest {
+    /// A request for everything after `after`, with the protocol's bounds.
+    pub fn after(library_id: LibraryId, after: Seq) -> PullRequest {
+        PullRequest {
+            protocol_version: PROTOCOL_VERSION,
+            library_id,
+            after,
+            limit: PULL_ENTRIES_MAX,
+            max_bytes: PULL_BYTES_MAX,
+            models: None,
+        }
+    }
+}
+
+/// One item of a pull response, in seq order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PulledItem {
+    /// An entry to apply.
+    Entry(LogEntry),
+    /// Entries up to `through` the follower needs not apply: of models it did not ask for,
+    /// or superseded by a later entry of this response for the same record. `checksum` is
+    /// the log's rolling checksum at `through`.
+    Skipped {
+        /// The last seq skipped.
+        through: Seq,
+        /// The rolling checksum at `through`.
+        checksum: u64,
+    },
+}
+
+impl PulledItem {
+    /// The last seq this item covers.
+    pub fn last_seq(&self) -> Seq {
+        match self {
+            PulledItem::Entry(entry) => entry.seq,
+            PulledItem::Skipped { through, .. } => *through,
+        }
+    }
+}
+
+/// The leader's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullResponse {
+    /// The leader's `PROTOCOL_VERSION`.
+    pub protocol_version: u32,
+    /// The library.
+    pub library_id: LibraryId,
+    /// The entries after the request's `after`, contiguous, in seq order.
+    pub items: Vec<PulledItem>,
+    /// The leader's latest seq when it answered: the follower is caught up once its
+    /// position reaches it.
+    pub latest_seq: Seq,
+}
+
+impl PullResponse {
+    /// The seq the follower has everything up to once it applied this response.
+    pub fn through(&self, after: Seq) -> Seq {
+        self.items.last().map_or(after, PulledItem::last_seq)
+    }
+}
+
+/// Why a pull was refused or failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PullError {
+    /// The two sides speak different protocol versions.
+    #[error(
+        "protocol version mismatch: this side speaks {ours}, the peer speaks {theirs}; \
+         update the older app so both run the same sync protocol"
+    )]
+    VersionMismatch {
+        /// Ours.
+        ours: u32,
+        /// The peer's.
+        theirs: u32,
+    },
+    /// The request names a library this leader does not lead.
+    #[error("this device does not lead library {0}")]
+    NotLeader(LibraryId),
+    /// The leader claims entries up to `latest` but sends none after `position`.
+    #[error(
+        "the leader reports entries up to seq {latest} but sent none after seq {position}; its log may be damaged"
+    )]
+    Stalled {
+        /// This follower's position.
+        position: crate::Seq,
+        /// What the leader claims.
+        latest: crate::Seq,
+    },
+    /// Reading the log failed.
+    #[error(transparent)]
+    Log(#[from] crate::LogError),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(String),
+}
+
+/// Carries pull requests to a leader. sync-transport implements it over QUIC;
+/// `InProcess` calls a leader `Library` directly.
+#[async_trait::async_trait]
+pub trait Transport: Send + Sync {
+    /// Sends `request` and waits for the answer.
+    async fn pull(&self, request: PullRequest) -> Result<PullResponse, PullError>;
+}
+
+/// A transport to a leader in the same process (tests, benchmarks, embedding).
+#[derive(Clone, Debug)]
+pub struct InProcess {
+    leader: crate::Library,
+}
+
+impl InProcess {
+    /// Pulls from `leader`.
+    pub fn new(leader: crate::Library) -> InProcess {
+        InProcess { leader }
+    }
+}
+
+#[async_trait::async_trait]
+impl Transport for InProcess {
+    async fn pull(&self, request: PullRequest) -> Result<PullResponse, PullError> {
+        self.leader.serve_pull(&request).await
+    }
+}

@@ -1,0 +1,123 @@
+//! The leader's side of a pull: a bounded range of the log, filtered and compressed.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::protocol::{
+    PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PullError, PullRequest, PullResponse,
+    PulledItem,
+};
+use crate::{ChangeOp, Library, LogEntry, MergeRule, Registry, Role};
+
+/// Bytes an entry is counted as beyond its payload (ids, clock, checksum, framing).
+const ENTRY_OVERHEAD_BYTES: usize = 128;
+
+impl Library {
+    /// Answers a follower's pull: the entries after `request.after`, at most
+    /// `request.limit` of them and about `request.max_bytes` of payload (both clamped to
+    /// the protocol's bounds, at least one entry), with entries of unrequested models and
+    /// superseded entries replaced by `Skipped` runs.
+    pub async fn serve_pull(&self, request: &PullRequest) -> Result<PullResponse, PullError> {
+        if request.protocol_version != PROTOCOL_VERSION {
+            return Err(PullError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: request.protocol_version,
+            });
+        }
+        if request.library_id != self.id() || self.role != Role::Leader {
+            return Err(PullError::NotLeader(request.library_id));
+        }
+        let limit = request.limit.clamp(1, PULL_ENTRIES_MAX);
+        let max_bytes = request.max_bytes.clamp(1, PULL_BYTES_MAX) as usize;
+        let entries = self.read_log(request.after, u64::from(limit)).await?;
+        let mut bytes = 0;
+        let mut taken = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let size = ENTRY_OVERHEAD_BYTES
+                + entry.record_id.len()
+                + entry.data.as_ref().map_or(0, String::len);
+            if !taken.is_empty() && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            taken.push(entry);
+        }
+        let latest_seq = self.latest_seq().await?;
+        Ok(PullResponse {
+            protocol_version: PROTOCOL_VERSION,
+            library_id: self.id(),
+            items: select(taken, request.models.as_deref(), &self.registry),
+            latest_seq,
+        })
+    }
+}
+
+/// Turns a range of entries into response items: entries the follower needs, and `Skipped`
+/// runs for the rest.
+///
+/// An entry is skipped when its model was not asked for, or when later entries of this
+/// same range overwrite everything it wrote: a later delete of the record, a later upsert
+/// of a whole-record model, or later upserts of a field-level model whose changed fields
+/// cover its own. Applied in order, the remaining entries leave the follower exactly as
+/// all of them would.
+pub(crate) fn select(
+    entries: Vec<LogEntry>,
+    models: Option<&[String]>,
+    registry: &Registry,
+) -> Vec<PulledItem> {
+    let wanted = |model: &str| models.is_none_or(|m| m.iter().any(|w| w == model));
+    // Walking backwards: per record, which fields later entries overwrite (None: all).
+    let mut covered: HashMap<(&str, &str), Option<HashSet<&str>>> = HashMap::new();
+    let mut keep = vec![false; entries.len()];
+    for (i, entry) in entries.iter().enumerate().rev() {
+        if !wanted(&entry.model) {
+            continue;
+        }
+        let key = (entry.model.as_str(), entry.record_id.as_str());
+        let superseded = match covered.get(&key) {
+            Some(None) => true,
+            Some(Some(fields)) => {
+                entry.op == ChangeOp::Upsert
+                    && entry.changed.iter().all(|f| fields.contains(f.as_str()))
+            }
+            None => false,
+        };
+        keep[i] = !superseded;
+        let field_level = registry
+            .describe(&entry.model)
+            .is_some_and(|(rule, _)| rule == MergeRule::FieldLevel);
+        let this_covers = match entry.op {
+            ChangeOp::Delete => None,
+            ChangeOp::Upsert if !field_level && registry.describe(&entry.model).is_some() => None,
+            ChangeOp::Upsert => Some(
+                entry
+                    .changed
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<HashSet<_>>(),
+            ),
+        };
+        match (covered.get_mut(&key), this_covers) {
+            (Some(None), _) => {}
+            (Some(slot), None) => *slot = None,
+            (Some(Some(fields)), Some(more)) => fields.extend(more),
+            (None, cover) => {
+                covered.insert(key, cover);
+            }
+        }
+    }
+    let mut items: Vec<PulledItem> = Vec::with_capacity(entries.len());
+    for (entry, keep) in entries.into_iter().zip(keep) {
+        if keep {
+            items.push(PulledItem::Entry(entry));
+        } else if let Some(PulledItem::Skipped { through, checksum }) = items.last_mut() {
+            *through = entry.seq;
+            *checksum = entry.checksum;
+        } else {
+            items.push(PulledItem::Skipped {
+                through: entry.seq,
+                checksum: entry.checksum,
+            });
+        }
+    }
+    items
+}

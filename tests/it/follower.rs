@@ -1,0 +1,438 @@
+//! Followers: pull by seq, apply exactly once, refuse what they cannot apply.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use example_app::load::{LoadOptions, load};
+use example_app::models::volume;
+use example_app::{Migrator, connect, fresh_database, registry};
+use sea_orm::ActiveValue::{Set, Unchanged};
+use sea_orm::{ActiveModelTrait, EntityTrait};
+use sea_orm_migration::MigratorTrait;
+use sync_core::{
+    ApplyError, InProcess, Library, PROTOCOL_VERSION, PullError, PullRequest, PullResponse,
+    PulledItem, Seq, SyncError, Transport,
+};
+use uuid::Uuid;
+
+use crate::support::{Backend, Fixture, fixture};
+
+/// A follower of `leader` on a fresh database of `backend` (SQLite unless a server is set).
+async fn follower_of(leader: &Library, backend: Backend, dir: &std::path::Path) -> Option<Library> {
+    let server = crate::support::server_url(backend, "follower")?;
+    let url = fresh_database(&server, dir).await.expect("fresh database");
+    let db = connect(&url).await.expect("connect");
+    Migrator::up(&db, None).await.expect("migrate");
+    Some(
+        Library::join(db, leader.id(), leader.device_id(), "follower", registry())
+            .await
+            .expect("join"),
+    )
+}
+
+async fn write_load(leader: &Library, count: u64, seed: u64) {
+    load(
+        leader,
+        &LoadOptions {
+            count,
+            concurrency: 2,
+            seed,
+            batch: 3,
+            sync: true,
+        },
+    )
+    .await
+    .expect("load");
+}
+
+/// Fails every `every`-th pull (as a lost connection or a crash before commit would).
+struct Flaky {
+    inner: InProcess,
+    every: usize,
+    calls: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Transport for Flaky {
+    async fn pull(&self, request: PullRequest) -> Result<PullResponse, PullError> {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        let response = self.inner.pull(request).await?;
+        if self.every > 0 && n.is_multiple_of(self.every) {
+            // Corrupt the last entry: apply must refuse the whole batch and keep its position.
+            let mut response = response;
+            if let Some(PulledItem::Entry(entry)) = response.items.last_mut() {
+                entry.checksum ^= 1;
+            }
+            return Ok(response);
+        }
+        Ok(response)
+    }
+}
+
+async fn converge(leader: &Library, follower: &Library, transport: &dyn Transport, limit: u32) {
+    let target = leader.latest_seq().await.expect("latest");
+    for _ in 0..10_000 {
+        match follower.catch_up(transport, limit).await {
+            Ok(position) if position.seq >= target => break,
+            Ok(_) => continue,
+            Err(SyncError::Apply(ApplyError::Chain(_))) => continue,
+            Err(e) => panic!("sync failed: {e}"),
+        }
+    }
+    assert_eq!(follower.position().await.expect("position").seq, target);
+    assert_eq!(
+        follower.dump().await.expect("dump"),
+        leader.dump().await.expect("dump"),
+        "follower converged"
+    );
+}
+
+async fn follower_converges_on(backend: Backend, test: &str) {
+    let Some(f) = fixture(Backend::Sqlite, test).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let Some(follower) = follower_of(&f.library, backend, dir.path()).await else {
+        return;
+    };
+    write_load(&f.library, 300, 11).await;
+    converge(
+        &f.library,
+        &follower,
+        &InProcess::new(f.library.clone()),
+        17,
+    )
+    .await;
+    // More writes, and the follower continues from its position.
+    write_load(&f.library, 100, 12).await;
+    converge(
+        &f.library,
+        &follower,
+        &InProcess::new(f.library.clone()),
+        1000,
+    )
+    .await;
+    f.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_follower_converges() {
+    follower_converges_on(Backend::Sqlite, "follower::sqlite_follower_converges").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_follower_converges() {
+    follower_converges_on(Backend::Postgres, "follower::postgres_follower_converges").await;
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 8, .. proptest::prelude::ProptestConfig::default() })]
+    /// Random writes, pulled in random batch sizes, with failures (a batch refused before
+    /// commit, as a crash during apply would leave it) at random points: the follower ends
+    /// with exactly the leader's synced data.
+    #[test]
+    fn random_writes_batches_and_crashes_converge(seed in 0u64..1_000_000, count in 20u64..200, limit in 1u32..60, every in proptest::prop_oneof![proptest::strategy::Just(0usize), 2usize..5]) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        runtime.block_on(async move {
+            let Some(f) = fixture(Backend::Sqlite, "follower::proptest").await else { return };
+            let dir = tempfile::tempdir().expect("dir");
+            let follower = follower_of(&f.library, Backend::Sqlite, dir.path()).await.expect("follower");
+            write_load(&f.library, count, seed).await;
+            let flaky = Flaky { inner: InProcess::new(f.library.clone()), every, calls: AtomicUsize::new(0) };
+            converge(&f.library, &follower, &flaky, limit).await;
+            f.finish().await;
+        });
+    }
+}
+
+/// A leader with two entries and a follower at position 0, for the refusal cases.
+async fn refusal_setup(test: &str) -> Option<(Fixture, Library, tempfile::TempDir, PullResponse)> {
+    let f = fixture(Backend::Sqlite, test).await?;
+    let dir = tempfile::tempdir().expect("dir");
+    let follower = follower_of(&f.library, Backend::Sqlite, dir.path()).await?;
+    for name in ["a", "b"] {
+        example_app::ops::put(&f.library, "tag", &format!(r#"{{"name":"{name}"}}"#))
+            .await
+            .expect("put");
+    }
+    let response = f
+        .library
+        .serve_pull(&PullRequest::after(f.library.id(), Seq::ZERO))
+        .await
+        .expect("pull");
+    assert_eq!(response.items.len(), 2);
+    Some((f, follower, dir, response))
+}
+
+/// Recomputes every entry's checksum, so that a test's edit is refused for what it is and
+/// not for breaking the chain.
+fn rechain(response: &mut PullResponse) {
+    let mut prev = 0;
+    for item in &mut response.items {
+        if let PulledItem::Entry(entry) = item {
+            entry.checksum = entry.chained_checksum(prev);
+            prev = entry.checksum;
+        }
+    }
+}
+
+fn last_entry(response: &mut PullResponse) -> &mut sync_core::LogEntry {
+    match response.items.last_mut() {
+        Some(PulledItem::Entry(entry)) => entry,
+        other => panic!("expected an entry, got {other:?}"),
+    }
+}
+
+async fn assert_refused_and_unmoved(
+    follower: &Library,
+    response: &PullResponse,
+    check: impl Fn(&ApplyError) -> bool,
+) {
+    let err = follower
+        .apply(Seq::ZERO, response)
+        .await
+        .expect_err("must be refused");
+    assert!(check(&err), "unexpected error: {err}");
+    assert!(!err.to_string().is_empty());
+    assert_eq!(
+        follower.position().await.expect("position").seq,
+        Seq::ZERO,
+        "position kept"
+    );
+    assert_eq!(
+        follower.dump().await.expect("dump")["tag"],
+        serde_json::json!([]),
+        "nothing applied: not half a batch"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_model_is_refused() {
+    let Some((f, follower, _dir, mut response)) =
+        refusal_setup("follower::unknown_model_is_refused").await
+    else {
+        return;
+    };
+    last_entry(&mut response).model = "playlist".into();
+    rechain(&mut response);
+    assert_refused_and_unmoved(
+        &follower,
+        &response,
+        |e| matches!(e, ApplyError::UnknownModel { model, .. } if model == "playlist"),
+    )
+    .await;
+    f.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_payload_is_refused() {
+    let Some((f, follower, _dir, mut response)) =
+        refusal_setup("follower::bad_payload_is_refused").await
+    else {
+        return;
+    };
+    last_entry(&mut response).data = Some(r#"{"id":"x","name":"a"}"#.into());
+    assert_refused_and_unmoved(&follower, &response, |e| matches!(e, ApplyError::Chain(_))).await;
+    // With a checksum that matches, the payload itself is refused.
+    let prev = match &response.items[0] {
+        PulledItem::Entry(first) => first.checksum,
+        other => panic!("{other:?}"),
+    };
+    let entry_ref = last_entry(&mut response);
+    entry_ref.checksum = entry_ref.chained_checksum(prev);
+    assert_refused_and_unmoved(&follower, &response, |e| {
+        matches!(e, ApplyError::BadPayload { .. })
+    })
+    .await;
+    f.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_checksum_is_refused() {
+    let Some((f, follower, _dir, mut response)) =
+        refusal_setup("follower::bad_checksum_is_refused").await
+    else {
+        return;
+    };
+    last_entry(&mut response).checksum ^= 0xff;
+    assert_refused_and_unmoved(&follower, &response, |e| matches!(e, ApplyError::Chain(_))).await;
+    f.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_mismatch_and_protocol_version_are_refused() {
+    let Some((f, follower, _dir, mut response)) = refusal_setup("follower::schema_mismatch").await
+    else {
+        return;
+    };
+    let mut other_version = response.clone();
+    other_version.protocol_version = PROTOCOL_VERSION + 1;
+    assert_refused_and_unmoved(&follower, &other_version, |e| {
+        matches!(e, ApplyError::VersionMismatch { .. })
+    })
+    .await;
+    let mut request = PullRequest::after(f.library.id(), Seq::ZERO);
+    request.protocol_version = PROTOCOL_VERSION + 1;
+    let err = f
+        .library
+        .serve_pull(&request)
+        .await
+        .expect_err("leader refuses");
+    assert!(matches!(err, PullError::VersionMismatch { .. }), "{err}");
+
+    let entry = last_entry(&mut response);
+    entry.schema_version = 2;
+    let prev = match &response.items[0] {
+        PulledItem::Entry(first) => first.checksum,
+        other => panic!("{other:?}"),
+    };
+    let entry = last_entry(&mut response);
+    entry.checksum = entry.chained_checksum(prev);
+    assert_refused_and_unmoved(&follower, &response, |e| {
+        matches!(e, ApplyError::SchemaMismatch { theirs: 2, .. })
+    })
+    .await;
+    f.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selective_sync_pulls_only_the_models_asked_for() {
+    let Some(f) = fixture(Backend::Sqlite, "follower::selective").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let follower = follower_of(&f.library, Backend::Sqlite, dir.path())
+        .await
+        .expect("follower");
+    write_load(&f.library, 120, 5).await;
+    let latest = f.library.latest_seq().await.expect("latest");
+    let mut request = PullRequest::after(f.library.id(), Seq::ZERO);
+    request.models = Some(vec!["tag".into()]);
+    let response = f.library.serve_pull(&request).await.expect("pull");
+    let applied = follower.apply(Seq::ZERO, &response).await.expect("apply");
+    assert_eq!(
+        applied.position.seq, latest,
+        "skipped entries still move the position"
+    );
+    assert!(applied.records.iter().all(|(model, _)| model == "tag"));
+    let (leader, mine) = (
+        f.library.dump().await.expect("dump"),
+        follower.dump().await.expect("dump"),
+    );
+    assert_eq!(leader["tag"], mine["tag"]);
+    assert_eq!(mine["volume"], serde_json::json!([]));
+    f.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn superseded_changes_are_collapsed_without_changing_the_outcome() {
+    let Some(f) = fixture(Backend::Sqlite, "follower::compression").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let follower = follower_of(&f.library, Backend::Sqlite, dir.path())
+        .await
+        .expect("follower");
+    let stored = example_app::ops::put(&f.library, "volume", r#"{"name":"v0","mount_point":"/m"}"#)
+        .await
+        .expect("put");
+    let id = stored["id"].as_str().expect("id").to_owned();
+    for i in 1..=20 {
+        example_app::ops::put(
+            &f.library,
+            "volume",
+            &format!(r#"{{"id":"{id}","name":"v{i}"}}"#),
+        )
+        .await
+        .expect("put");
+    }
+    let response = f
+        .library
+        .serve_pull(&PullRequest::after(f.library.id(), Seq::ZERO))
+        .await
+        .expect("pull");
+    let entries = response
+        .items
+        .iter()
+        .filter(|i| matches!(i, PulledItem::Entry(_)))
+        .count();
+    assert_eq!(
+        entries, 1,
+        "twenty whole-record upserts of one record collapse into the last"
+    );
+    follower.apply(Seq::ZERO, &response).await.expect("apply");
+    assert_eq!(
+        follower.dump().await.expect("dump"),
+        f.library.dump().await.expect("dump")
+    );
+    f.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_fields_keep_the_followers_values_and_applies_are_not_recorded() {
+    let Some(f) = fixture(Backend::Sqlite, "follower::local_fields").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let follower = follower_of(&f.library, Backend::Sqlite, dir.path())
+        .await
+        .expect("follower");
+    let stored = example_app::ops::put(
+        &f.library,
+        "volume",
+        r#"{"name":"Disk","mount_point":"/leader"}"#,
+    )
+    .await
+    .expect("put");
+    let id: Uuid = stored["id"].as_str().expect("id").parse().expect("uuid");
+    let transport = InProcess::new(f.library.clone());
+    follower.catch_up(&transport, 100).await.expect("sync");
+    let mine = volume::Entity::find_by_id(id)
+        .one(follower.db())
+        .await
+        .expect("read")
+        .expect("applied");
+    assert_eq!(
+        mine.mount_point, "",
+        "a new record's local fields start at their default"
+    );
+    follower
+        .unrecorded(move |txn| {
+            Box::pin(async move {
+                volume::ActiveModel {
+                    id: Unchanged(id),
+                    mount_point: Set("/follower".into()),
+                    ..Default::default()
+                }
+                .update(txn)
+                .await
+            })
+        })
+        .await
+        .expect("local write");
+    example_app::ops::put(
+        &f.library,
+        "volume",
+        &format!(r#"{{"id":"{id}","name":"Renamed"}}"#),
+    )
+    .await
+    .expect("put");
+    follower.catch_up(&transport, 100).await.expect("sync");
+    let mine = volume::Entity::find_by_id(id)
+        .one(follower.db())
+        .await
+        .expect("read")
+        .expect("present");
+    assert_eq!(
+        (mine.name.as_str(), mine.mount_point.as_str()),
+        ("Renamed", "/follower")
+    );
+    assert!(
+        follower
+            .read_log(Seq::ZERO, 10)
+            .await
+            .expect("log")
+            .is_empty(),
+        "applied changes are not logged again"
+    );
+    f.finish().await;
+}
