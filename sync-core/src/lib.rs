@@ -27,6 +27,7 @@
 mod capture;
 mod entry;
 mod error;
+mod follow_loop;
 mod follower;
 mod hlc;
 mod ids;
@@ -45,6 +46,7 @@ pub mod hooks {
 
 pub use entry::{ChainError, ChangeOp, LogEntry, verify_chain};
 pub use error::{LogError, OpenError};
+pub use follow_loop::{ChangesApplied, Follow, FollowConfig, FollowStatus};
 pub use follower::{Applied, ApplyError, Position, SyncError};
 pub use hlc::{Hlc, HlcClock};
 pub use ids::{DeviceId, LibraryId, Seq};
