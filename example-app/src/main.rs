@@ -79,6 +79,16 @@ enum Command {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// Follower apply: initial sync of `--count` changes over the in-process transport,
+    /// against a SeaORM `insert_many` of the same rows in one transaction; and the
+    /// process's peak memory. SQLite files in a temp dir.
+    Apply {
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+        /// Entries per pull.
+        #[arg(long, default_value_t = 1_000)]
+        batch: u32,
+    },
     /// Capture's cost: synced against unsynced writes of the same load, each in a fresh
     /// database on the server of `--db` (or a temp SQLite file when `--db` is SQLite).
     Capture {
@@ -210,6 +220,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Demo => demo().await?,
         Command::Bench {
+            which: Bench::Apply { count, batch },
+        } => bench_apply(count, batch).await?,
+        Command::Bench {
             which:
                 Bench::Capture {
                     count,
@@ -327,6 +340,97 @@ async fn demo() -> Result<()> {
     let drift = library.audit().await?;
     println!("audit: {} records differ from the log", drift.len());
     println!("(followers and QUIC transport are not built yet: see the open issues)");
+    Ok(())
+}
+
+/// The process's peak resident memory so far, in KiB (Linux), if it can be read.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+async fn bench_apply(count: u64, batch: u32) -> Result<()> {
+    use example_app::models::tag;
+    use sea_orm::{ActiveModelTrait, EntityTrait, Set, TransactionTrait};
+    let dir = tempfile_dir()?;
+    let leader = init(&fresh_database("sqlite", dir.path()).await?, "bench").await?;
+    // The leader's log: `count` inserts of tags, written 1,000 per transaction.
+    let mut written = 0;
+    while written < count {
+        let n = (count - written).min(1_000);
+        leader
+            .transaction(move |txn| {
+                Box::pin(async move {
+                    for i in 0..n {
+                        tag::ActiveModel {
+                            id: Set(uuid::Uuid::now_v7()),
+                            name: Set(format!("tag {}", written + i)),
+                            color: Set(None),
+                        }
+                        .insert(txn)
+                        .await?;
+                    }
+                    Ok::<_, sea_orm::DbErr>(())
+                })
+            })
+            .await?;
+        written += n;
+    }
+    let rss_before_sync = peak_rss_kib();
+
+    let follower_url = fresh_database("sqlite", dir.path()).await?;
+    let follower_db = connect(&follower_url).await?;
+    Migrator::up(&follower_db, None).await?;
+    let follower = Library::join(
+        follower_db,
+        leader.id(),
+        leader.device_id(),
+        "bench",
+        registry(),
+    )
+    .await?;
+    let started = std::time::Instant::now();
+    follower
+        .catch_up(&sync_core::InProcess::new(leader.clone()), batch)
+        .await?;
+    let apply_seconds = started.elapsed().as_secs_f64();
+    let rss_after_sync = peak_rss_kib();
+
+    // The practical limit: the same rows, insert_many in one transaction (chunks of 1,000
+    // rows keep each statement under SQLite's bound-parameter limit).
+    let rows = tag::Entity::find().all(leader.db()).await?;
+    let baseline_db = connect(&fresh_database("sqlite", dir.path()).await?).await?;
+    Migrator::up(&baseline_db, None).await?;
+    let started = std::time::Instant::now();
+    let txn = baseline_db.begin().await?;
+    for chunk in rows.chunks(1_000) {
+        let models: Vec<tag::ActiveModel> = chunk
+            .iter()
+            .map(|m| tag::ActiveModel {
+                id: Set(m.id),
+                name: Set(m.name.clone()),
+                color: Set(m.color.clone()),
+            })
+            .collect();
+        tag::Entity::insert_many(models)
+            .exec_without_returning(&txn)
+            .await?;
+    }
+    txn.commit().await?;
+    let insert_many_seconds = started.elapsed().as_secs_f64();
+    print_json(&serde_json::json!({
+        "bench": "apply",
+        "changes": count,
+        "batch": batch,
+        "apply_seconds": apply_seconds,
+        "apply_changes_per_second": count as f64 / apply_seconds,
+        "insert_many_seconds": insert_many_seconds,
+        "insert_many_rows_per_second": count as f64 / insert_many_seconds,
+        "apply_over_insert_many_throughput": insert_many_seconds / apply_seconds,
+        "peak_rss_kib_before_sync": rss_before_sync,
+        "peak_rss_kib_after_sync": rss_after_sync,
+    }))?;
     Ok(())
 }
 
