@@ -2,17 +2,17 @@
 //! transaction.
 
 use sea_orm::ActiveValue::Set;
-use sea_orm::{DatabaseConnection, DbErr, EntityTrait, TransactionTrait};
+use sea_orm::{DatabaseConnection, DbErr, EntityTrait};
 use serde::Serialize;
 
 use crate::entry::ChainError;
 use crate::error::OpenError;
-use crate::library::{InsertInto, LOCAL_DEFAULT_LIBRARY, ensure_device_id, set_local};
+use crate::library::{InsertInto, add_library, ensure_device_id};
 use crate::protocol::{
     PROTOCOL_VERSION, PullError, PullRequest, PullResponse, PulledItem, Transport,
 };
 use crate::registry::ApplyFailure;
-use crate::tables::{device, library, position};
+use crate::tables::position;
 use crate::{DeviceId, Library, LibraryId, Registry, Role, Seq};
 
 /// Where a follower stands in a library's log.
@@ -134,28 +134,7 @@ impl Library {
         registry: Registry,
     ) -> Result<Library, OpenError> {
         let device_id = ensure_device_id(&db).await?;
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        let txn = db.begin().await?;
-        library::ActiveModel {
-            id: Set(library_id.to_string()),
-            name: Set(name.to_owned()),
-            leader_device_id: Set(leader.to_string()),
-            created_at_ms: Set(now_ms),
-        }
-        .insert_into(&txn)
-        .await?;
-        device::ActiveModel {
-            library_id: Set(library_id.to_string()),
-            device_id: Set(device_id.to_string()),
-            role: Set("follower".to_owned()),
-            name: Set(None),
-            added_at_ms: Set(now_ms),
-            revoked_at_ms: Set(None),
-        }
-        .insert_into(&txn)
-        .await?;
-        set_local(&txn, LOCAL_DEFAULT_LIBRARY, &library_id.to_string()).await?;
-        txn.commit().await?;
+        add_library(&db, library_id, name, leader, device_id, "follower").await?;
         Library::open(db, library_id, registry).await
     }
 
@@ -288,7 +267,7 @@ impl Library {
         limit: u32,
     ) -> Result<(Applied, Seq), SyncError> {
         if self.role() != Role::Follower {
-            return Err(PullError::NotLeader(self.id()).into());
+            return Err(PullError::NotFollower(self.id()).into());
         }
         let after = self.position().await.map_err(ApplyError::from)?.seq;
         let mut request = PullRequest::after(self.id(), after);

@@ -43,7 +43,7 @@ const PENDING_DELETE_IDS_MAX: usize = 500;
 const CLAIM_ATTEMPTS_MAX: usize = 10_000;
 
 const LOCAL_DEVICE_ID: &str = "device_id";
-pub(crate) const LOCAL_DEFAULT_LIBRARY: &str = "default_library";
+const LOCAL_DEFAULT_LIBRARY: &str = "default_library";
 
 /// A boxed future borrowing the transaction, as `Library::transaction` takes it.
 pub type TxnFuture<'c, T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'c>>;
@@ -226,28 +226,7 @@ impl Library {
     ) -> Result<Library, OpenError> {
         let device_id = ensure_device_id(&db).await?;
         let library_id = LibraryId(uuid::Uuid::now_v7());
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        let txn = db.begin().await?;
-        library::ActiveModel {
-            id: Set(library_id.to_string()),
-            name: Set(name.to_owned()),
-            leader_device_id: Set(device_id.to_string()),
-            created_at_ms: Set(now_ms),
-        }
-        .insert_into(&txn)
-        .await?;
-        device::ActiveModel {
-            library_id: Set(library_id.to_string()),
-            device_id: Set(device_id.to_string()),
-            role: Set("leader".to_owned()),
-            name: Set(None),
-            added_at_ms: Set(now_ms),
-            revoked_at_ms: Set(None),
-        }
-        .insert_into(&txn)
-        .await?;
-        set_local(&txn, LOCAL_DEFAULT_LIBRARY, &library_id.to_string()).await?;
-        txn.commit().await?;
+        add_library(&db, library_id, name, device_id, device_id, "leader").await?;
         Library::open(db, library_id, registry).await
     }
 
@@ -866,11 +845,7 @@ async fn get_local<C: ConnectionTrait>(db: &C, key: &str) -> Result<Option<Strin
     }
 }
 
-pub(crate) async fn set_local<C: ConnectionTrait>(
-    db: &C,
-    key: &str,
-    value: &str,
-) -> Result<(), DbErr> {
+async fn set_local<C: ConnectionTrait>(db: &C, key: &str, value: &str) -> Result<(), DbErr> {
     local::Entity::delete_by_id(key.to_owned()).exec(db).await?;
     local::ActiveModel {
         key: Set(key.to_owned()),
@@ -878,6 +853,40 @@ pub(crate) async fn set_local<C: ConnectionTrait>(
     }
     .insert_into(db)
     .await
+}
+
+/// Records a library on this device (led by `leader`, with this device in `role`) and
+/// makes it the database's default library.
+pub(crate) async fn add_library(
+    db: &DatabaseConnection,
+    library_id: LibraryId,
+    name: &str,
+    leader: DeviceId,
+    this_device: DeviceId,
+    role: &str,
+) -> Result<(), DbErr> {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let txn = db.begin().await?;
+    library::ActiveModel {
+        id: Set(library_id.to_string()),
+        name: Set(name.to_owned()),
+        leader_device_id: Set(leader.to_string()),
+        created_at_ms: Set(now_ms),
+    }
+    .insert_into(&txn)
+    .await?;
+    device::ActiveModel {
+        library_id: Set(library_id.to_string()),
+        device_id: Set(this_device.to_string()),
+        role: Set(role.to_owned()),
+        name: Set(None),
+        added_at_ms: Set(now_ms),
+        revoked_at_ms: Set(None),
+    }
+    .insert_into(&txn)
+    .await?;
+    set_local(&txn, LOCAL_DEFAULT_LIBRARY, &library_id.to_string()).await?;
+    txn.commit().await
 }
 
 /// This device's id, made on first use.

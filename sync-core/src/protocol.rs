@@ -113,6 +113,9 @@ pub enum PullError {
     /// The request names a library this leader does not lead.
     #[error("this device does not lead library {0}")]
     NotLeader(LibraryId),
+    /// `pull_once`/`catch_up` was called on the library's leader.
+    #[error("this device leads library {0}; only its followers pull")]
+    NotFollower(LibraryId),
     /// The leader claims entries up to `latest` but sends none after `position`.
     #[error(
         "the leader reports entries up to seq {latest} but sent none after seq {position}; its log may be damaged"
