@@ -180,9 +180,11 @@ impl Library {
                         found: start.seq,
                     });
                 }
+                // Check the whole batch first, then write it model run by model run.
                 let mut expected = after.next();
                 let mut checksum = start.checksum;
                 let mut applied = Applied::default();
+                let mut runs: Vec<Vec<&crate::LogEntry>> = Vec::new();
                 for item in &items {
                     match item {
                         PulledItem::Skipped {
@@ -205,7 +207,7 @@ impl Library {
                                 checksum,
                                 std::slice::from_ref(entry),
                             )?;
-                            this.apply_entry(txn, entry).await?;
+                            this.check_entry(entry)?;
                             this.context.clock.observe(entry.hlc);
                             checksum = entry.checksum;
                             expected = expected.next();
@@ -213,8 +215,15 @@ impl Library {
                             applied
                                 .records
                                 .push((entry.model.clone(), entry.record_id.clone()));
+                            match runs.last_mut() {
+                                Some(run) if run[0].model == entry.model => run.push(entry),
+                                _ => runs.push(vec![entry]),
+                            }
                         }
                     }
+                }
+                for run in &runs {
+                    this.apply_run(txn, run).await?;
                 }
                 let position = Position {
                     seq: Seq(expected.0 - 1),
@@ -228,11 +237,8 @@ impl Library {
         .await
     }
 
-    async fn apply_entry(
-        &self,
-        txn: &sea_orm::DatabaseTransaction,
-        entry: &crate::LogEntry,
-    ) -> Result<(), ApplyError> {
+    /// Refuses an entry this build cannot apply: an unknown model or another schema version.
+    fn check_entry(&self, entry: &crate::LogEntry) -> Result<(), ApplyError> {
         let Some(ops) = self.registry.get(&entry.model) else {
             return Err(ApplyError::UnknownModel {
                 seq: entry.seq,
@@ -247,12 +253,28 @@ impl Library {
                 theirs: entry.schema_version,
             });
         }
-        ops.apply(txn, entry)
+        Ok(())
+    }
+
+    /// Writes a run of checked entries of one model.
+    async fn apply_run(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+        run: &[&crate::LogEntry],
+    ) -> Result<(), ApplyError> {
+        let model = &run[0].model;
+        let Some(ops) = self.registry.get(model) else {
+            return Err(ApplyError::UnknownModel {
+                seq: run[0].seq,
+                model: model.clone(),
+            });
+        };
+        ops.apply(txn, run)
             .await
-            .map_err(|failure| match failure {
+            .map_err(|(seq, failure)| match failure {
                 ApplyFailure::BadPayload(reason) => ApplyError::BadPayload {
-                    seq: entry.seq,
-                    model: entry.model.clone(),
+                    seq,
+                    model: model.clone(),
                     reason,
                 },
                 ApplyFailure::Db(e) => ApplyError::Db(e),

@@ -7,9 +7,12 @@ use std::sync::Arc;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr};
 
-use sea_orm::{ActiveModelTrait, IntoActiveModel};
+use std::collections::HashSet;
 
-use crate::{ChangeOp, FieldSpec, LogEntry, MergeRule, Syncable};
+use sea_orm::sea_query::OnConflict;
+use sea_orm::{IdenStatic, IntoActiveModel, Iterable};
+
+use crate::{ChangeOp, FieldSpec, LogEntry, MergeRule, Seq, Syncable};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -32,8 +35,8 @@ pub(crate) trait ModelOps: Send + Sync {
     fn apply<'a>(
         &'a self,
         txn: &'a DatabaseTransaction,
-        entry: &'a LogEntry,
-    ) -> BoxFuture<'a, Result<(), ApplyFailure>>;
+        entries: &'a [&'a LogEntry],
+    ) -> BoxFuture<'a, Result<(), (Seq, ApplyFailure)>>;
 }
 
 /// Why one entry could not be applied.
@@ -87,75 +90,169 @@ where
     fn apply<'a>(
         &'a self,
         txn: &'a DatabaseTransaction,
-        entry: &'a LogEntry,
-    ) -> BoxFuture<'a, Result<(), ApplyFailure>> {
-        Box::pin(apply_entry::<E>(txn, entry))
+        entries: &'a [&'a LogEntry],
+    ) -> BoxFuture<'a, Result<(), (Seq, ApplyFailure)>> {
+        Box::pin(apply_entries::<E>(txn, entries))
     }
 }
 
-/// Applies one leader entry to a typed model. The leader's log is the order of truth: an
-/// upsert writes the synced fields it carries (under `FieldLevel`, only those it changed),
-/// local fields keep this device's values, and a delete of a missing record is a no-op.
-async fn apply_entry<E>(txn: &DatabaseTransaction, entry: &LogEntry) -> Result<(), ApplyFailure>
+/// Rows of one apply statement: about this many bound values, inside the range that
+/// measured fast on PostgreSQL (see `LOG_INSERT_ROWS_MAX`).
+const APPLY_VALUES_MAX: usize = 400;
+
+/// Applies a run of leader entries of one model, in order. The leader's log is the order of
+/// truth: an upsert writes the synced fields it carries (under `FieldLevel`, on an existing
+/// record only those it changed), local fields keep this device's values (and start at
+/// their `Default` on a new record), and a delete of a missing record is a no-op.
+///
+/// Consecutive upserts become one `INSERT … ON CONFLICT (key) DO UPDATE` of the synced
+/// columns, split where a key repeats (a statement may touch a row once) or where the
+/// columns to update differ.
+async fn apply_entries<E>(
+    txn: &DatabaseTransaction,
+    entries: &[&LogEntry],
+) -> Result<(), (Seq, ApplyFailure)>
 where
     E: Syncable,
     E::Model: IntoActiveModel<E::ActiveModel>,
     E::ActiveModel: Send,
 {
-    let parse_key = || {
-        E::parse_key(&entry.record_id).ok_or_else(|| {
-            ApplyFailure::BadPayload(format!(
+    let columns: Vec<(&'static str, E::Column)> = E::FIELDS
+        .iter()
+        .filter_map(|f| {
+            E::Column::iter()
+                .find(|c| c.as_str() == f.column)
+                .map(|c| (f.name, c))
+        })
+        .collect();
+    let column_of = |name: &str| columns.iter().find(|(n, _)| *n == name).map(|(_, c)| *c);
+    let Some(key_column) = column_of(E::KEY_FIELD) else {
+        return Err((
+            Seq::ZERO,
+            ApplyFailure::BadPayload(format!("`{}` has no key column", E::SYNC_ID)),
+        ));
+    };
+    let whole_record: Vec<&'static str> = E::synced_fields()
+        .into_iter()
+        .filter(|f| *f != E::KEY_FIELD)
+        .collect();
+    let rows_max = (APPLY_VALUES_MAX / E::FIELDS.len().max(1)).max(1);
+
+    let mut run: Vec<E::ActiveModel> = Vec::new();
+    let mut run_keys: HashSet<&str> = HashSet::new();
+    let mut run_updates: Vec<&str> = Vec::new();
+    for entry in entries {
+        let fail = |failure: ApplyFailure| (entry.seq, failure);
+        let key = E::parse_key(&entry.record_id).ok_or_else(|| {
+            fail(ApplyFailure::BadPayload(format!(
                 "`{}` is not a key of `{}`",
                 entry.record_id,
                 E::SYNC_ID
-            ))
-        })
-    };
-    match entry.op {
-        ChangeOp::Delete => {
-            E::delete_by_id(parse_key()?).exec(txn).await?;
+            )))
+        })?;
+        let (row, updates) = match entry.op {
+            ChangeOp::Delete => {
+                flush::<E>(txn, &mut run, &run_updates, key_column, &column_of)
+                    .await
+                    .map_err(fail)?;
+                run_keys.clear();
+                E::delete_by_id(key)
+                    .exec(txn)
+                    .await
+                    .map_err(|e| fail(e.into()))?;
+                continue;
+            }
+            ChangeOp::Upsert => {
+                let fields = upsert_fields::<E>(entry).map_err(fail)?;
+                let mut row = E::new_active(key);
+                E::apply_json(&mut row, &fields, None).map_err(|e| {
+                    fail(ApplyFailure::BadPayload(format!(
+                        "a field does not fit: {e}"
+                    )))
+                })?;
+                let updates: Vec<&str> = if E::MERGE == MergeRule::FieldLevel {
+                    entry
+                        .changed
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|f| *f != E::KEY_FIELD)
+                        .collect()
+                } else {
+                    whole_record.clone()
+                };
+                (row, updates)
+            }
+        };
+        if run_keys.contains(entry.record_id.as_str())
+            || updates != run_updates
+            || run.len() >= rows_max
+        {
+            flush::<E>(txn, &mut run, &run_updates, key_column, &column_of)
+                .await
+                .map_err(fail)?;
+            run_keys.clear();
         }
-        ChangeOp::Upsert => {
-            let text = entry
-                .data
-                .as_deref()
-                .ok_or_else(|| ApplyFailure::BadPayload("an upsert without data".into()))?;
-            let fields: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
-                .map_err(|e| ApplyFailure::BadPayload(format!("data is not a JSON object: {e}")))?;
-            let synced = E::synced_fields();
-            if let Some(unknown) = fields.keys().find(|k| !synced.contains(&k.as_str())) {
-                return Err(ApplyFailure::BadPayload(format!(
-                    "`{unknown}` is not a synced field of `{}` in this build",
-                    E::SYNC_ID
-                )));
-            }
-            if let Some(missing) = synced.iter().find(|f| !fields.contains_key(**f)) {
-                return Err(ApplyFailure::BadPayload(format!(
-                    "the entry lacks the synced field `{missing}`"
-                )));
-            }
-            let bad = |e: serde_json::Error| {
-                ApplyFailure::BadPayload(format!("a field does not fit: {e}"))
-            };
-            match E::find_by_id(parse_key()?).one(txn).await? {
-                None => {
-                    let mut active = E::new_active(parse_key()?);
-                    E::apply_json(&mut active, &fields, None).map_err(bad)?;
-                    active.insert(txn).await?;
-                }
-                Some(existing) => {
-                    let mut active = existing.into_active_model();
-                    let only =
-                        (E::MERGE == MergeRule::FieldLevel).then_some(entry.changed.as_slice());
-                    E::apply_json(&mut active, &fields, only).map_err(bad)?;
-                    if active.is_changed() {
-                        active.update(txn).await?;
-                    }
-                }
-            }
-        }
+        run_keys.insert(entry.record_id.as_str());
+        run_updates = updates;
+        run.push(row);
     }
-    Ok(())
+    let last = entries.last().map_or(Seq::ZERO, |e| e.seq);
+    flush::<E>(txn, &mut run, &run_updates, key_column, &column_of)
+        .await
+        .map_err(|f| (last, f))
+}
+
+/// Writes a run of upserts (and empties it).
+async fn flush<E: Syncable>(
+    txn: &DatabaseTransaction,
+    run: &mut Vec<E::ActiveModel>,
+    updates: &[&str],
+    key_column: E::Column,
+    column_of: &impl Fn(&str) -> Option<E::Column>,
+) -> Result<(), ApplyFailure> {
+    if run.is_empty() {
+        return Ok(());
+    }
+    let mut on_conflict = OnConflict::column(key_column);
+    let update_columns: Vec<E::Column> = updates.iter().filter_map(|f| column_of(f)).collect();
+    if update_columns.is_empty() {
+        on_conflict.do_nothing_on([key_column]);
+    } else {
+        on_conflict.update_columns(update_columns);
+    }
+    let insert = E::insert_many(std::mem::take(run))
+        .on_conflict(on_conflict)
+        .exec_without_returning(txn)
+        .await;
+    match insert {
+        Ok(_) | Err(DbErr::RecordNotInserted) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The synced fields of an upsert, checked against this build's model.
+fn upsert_fields<E: Syncable>(
+    entry: &LogEntry,
+) -> Result<serde_json::Map<String, serde_json::Value>, ApplyFailure> {
+    let text = entry
+        .data
+        .as_deref()
+        .ok_or_else(|| ApplyFailure::BadPayload("an upsert without data".into()))?;
+    let fields: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+        .map_err(|e| ApplyFailure::BadPayload(format!("data is not a JSON object: {e}")))?;
+    let synced = E::synced_fields();
+    if let Some(unknown) = fields.keys().find(|k| !synced.contains(&k.as_str())) {
+        return Err(ApplyFailure::BadPayload(format!(
+            "`{unknown}` is not a synced field of `{}` in this build",
+            E::SYNC_ID
+        )));
+    }
+    if let Some(missing) = synced.iter().find(|f| !fields.contains_key(**f)) {
+        return Err(ApplyFailure::BadPayload(format!(
+            "the entry lacks the synced field `{missing}`"
+        )));
+    }
+    Ok(fields)
 }
 
 async fn rows_of<E: Syncable, C: ConnectionTrait>(db: &C) -> Result<ModelRows, DbErr> {

@@ -124,6 +124,11 @@ async fn postgres_follower_converges() {
     follower_converges_on(Backend::Postgres, "follower::postgres_follower_converges").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_follower_converges() {
+    follower_converges_on(Backend::Mysql, "follower::mysql_follower_converges").await;
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig { cases: 8, .. proptest::prelude::ProptestConfig::default() })]
     /// Random writes, pulled in random batch sizes, with failures (a batch refused before
