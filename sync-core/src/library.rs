@@ -779,30 +779,24 @@ fn pending_row(draft: &LogEntry) -> pending::ActiveModel {
     }
 }
 
+/// A pending entry as a log entry without its seq and checksum: the same columns, read by
+/// the same parser.
 fn draft_from_pending(row: pending::Model) -> Result<LogEntry, DbErr> {
-    let corrupt =
-        |what: String| DbErr::Custom(format!("pending sync entry {} is corrupt: {what}", row.id));
-    Ok(LogEntry {
-        library_id: row
-            .library_id
-            .parse()
-            .map_err(|e| corrupt(format!("library id: {e}")))?,
-        seq: Seq::ZERO,
-        op: ChangeOp::parse(&row.op).ok_or_else(|| corrupt(format!("unknown op `{}`", row.op)))?,
-        changed: serde_json::from_str(&row.changed)
-            .map_err(|e| corrupt(format!("changed fields: {e}")))?,
-        device_id: row
-            .device_id
-            .parse()
-            .map_err(|e| corrupt(format!("device id: {e}")))?,
-        hlc: Hlc::from_u64(row.hlc as u64),
-        schema_version: u32::try_from(row.schema_version)
-            .map_err(|e| corrupt(format!("schema version: {e}")))?,
+    let id = row.id;
+    let as_log = log::Model {
+        library_id: row.library_id,
+        seq: 0,
+        model: row.model,
+        record_id: row.record_id,
+        op: row.op,
+        data: row.data,
+        changed: row.changed,
+        device_id: row.device_id,
+        hlc: row.hlc,
+        schema_version: row.schema_version,
         checksum: 0,
-        model: row.model.clone(),
-        record_id: row.record_id.clone(),
-        data: row.data.clone(),
-    })
+    };
+    entry_from_row(as_log).map_err(|e| DbErr::Custom(format!("pending sync entry {id}: {e}")))
 }
 
 /// A list of field names, as the log stores it.
