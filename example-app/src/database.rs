@@ -48,3 +48,22 @@ pub async fn fresh_database(base: &str, dir: &std::path::Path) -> Result<String>
     };
     Ok(format!("{server}/{name}"))
 }
+
+/// Drops a database made by `fresh_database` on a server (a no-op for SQLite files, which go
+/// with their directory).
+pub async fn drop_database(url: &str) -> Result<()> {
+    if url.starts_with("sqlite:") {
+        return Ok(());
+    }
+    let (server, name) = url
+        .rsplit_once('/')
+        .context("the database URL names no database")?;
+    let admin = Database::connect(server)
+        .await
+        .with_context(|| format!("cannot reach database server {server}"))?;
+    admin
+        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name}"))
+        .await
+        .context("cannot drop the database")?;
+    Ok(())
+}

@@ -9,7 +9,7 @@ pub mod migrator;
 pub mod models;
 pub mod ops;
 
-pub use database::{connect, fresh_database};
+pub use database::{connect, drop_database, fresh_database};
 pub use migrator::Migrator;
 
 use sync_core::Registry;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use example_app::load::{LoadOptions, load};
-use example_app::{Migrator, connect, fresh_database, ops, registry};
+use example_app::{Migrator, connect, drop_database, fresh_database, ops, registry};
 use sea_orm_migration::MigratorTrait;
 use sync_core::{Library, OpenError, Seq};
 
@@ -263,6 +263,7 @@ async fn bench_capture(
                 let report = load(&library, &options).await?;
                 best[slot] = best[slot].min(report.seconds);
                 library.db().clone().close().await.ok();
+                drop_database(&fresh).await?;
             }
         }
         let [unsynced, synced] = best;

@@ -18,15 +18,25 @@ use crate::support::{Backend, Fixture, fixture};
 
 /// A follower of `leader` on a fresh database of `backend` (SQLite unless a server is set).
 async fn follower_of(leader: &Library, backend: Backend, dir: &std::path::Path) -> Option<Library> {
+    follower_with_url(leader, backend, dir)
+        .await
+        .map(|(library, _)| library)
+}
+
+/// `follower_of`, and the follower database's URL (to drop it afterwards).
+async fn follower_with_url(
+    leader: &Library,
+    backend: Backend,
+    dir: &std::path::Path,
+) -> Option<(Library, String)> {
     let server = crate::support::server_url(backend, "follower")?;
     let url = fresh_database(&server, dir).await.expect("fresh database");
     let db = connect(&url).await.expect("connect");
     Migrator::up(&db, None).await.expect("migrate");
-    Some(
-        Library::join(db, leader.id(), leader.device_id(), "follower", registry())
-            .await
-            .expect("join"),
-    )
+    let library = Library::join(db, leader.id(), leader.device_id(), "follower", registry())
+        .await
+        .expect("join");
+    Some((library, url))
 }
 
 async fn write_load(leader: &Library, count: u64, seed: u64) {
@@ -91,7 +101,8 @@ async fn follower_converges_on(backend: Backend, test: &str) {
         return;
     };
     let dir = tempfile::tempdir().expect("dir");
-    let Some(follower) = follower_of(&f.library, backend, dir.path()).await else {
+    let Some((follower, follower_url)) = follower_with_url(&f.library, backend, dir.path()).await
+    else {
         return;
     };
     write_load(&f.library, 300, 11).await;
@@ -111,6 +122,8 @@ async fn follower_converges_on(backend: Backend, test: &str) {
         1000,
     )
     .await;
+    let _ = follower.db().clone().close().await;
+    let _ = example_app::drop_database(&follower_url).await;
     f.finish().await;
 }
 

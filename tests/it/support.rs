@@ -3,8 +3,7 @@
 use std::future::Future;
 use std::io::Write;
 
-use example_app::{Migrator, connect, fresh_database, registry};
-use sea_orm::{ConnectionTrait, Database};
+use example_app::{Migrator, connect, drop_database, fresh_database, registry};
 use sea_orm_migration::MigratorTrait;
 use sync_core::Library;
 
@@ -23,7 +22,6 @@ pub enum Backend {
 pub struct Fixture {
     pub library: Library,
     pub url: String,
-    pub backend: Backend,
     _dir: tempfile::TempDir,
 }
 
@@ -62,7 +60,6 @@ pub async fn fixture(backend: Backend, test: &str) -> Option<Fixture> {
     Some(Fixture {
         library,
         url,
-        backend,
         _dir: dir,
     })
 }
@@ -70,22 +67,10 @@ pub async fn fixture(backend: Backend, test: &str) -> Option<Fixture> {
 impl Fixture {
     /// Drops the server-side database. SQLite files go with the temp dir.
     pub async fn finish(self) {
-        let Fixture {
-            library,
-            url,
-            backend,
-            _dir,
-        } = self;
+        let Fixture { library, url, .. } = self;
         let _ = library.db().clone().close().await;
-        if backend == Backend::Sqlite {
-            return;
-        }
-        let (server, name) = url.rsplit_once('/').expect("url has a database");
-        if let Ok(admin) = Database::connect(server).await {
-            let _ = admin
-                .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name}"))
-                .await;
-        }
+        // Best effort: a leftover test database is untidy, not wrong.
+        let _ = drop_database(&url).await;
     }
 }
 
