@@ -178,3 +178,22 @@ fn an_unreachable_database_is_a_clear_error() {
     };
     cli.fails(&["status"], "cannot open database");
 }
+
+#[test]
+fn the_demo_runs_and_its_follower_matches_the_leader() {
+    let out = Command::new(env!("CARGO_BIN_EXE_example-app"))
+        .arg("demo")
+        .output()
+        .expect("run demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("checksum chain verified"), "{stdout}");
+    assert!(
+        stdout.contains("leader and follower hold identical synced data"),
+        "{stdout}"
+    );
+}
