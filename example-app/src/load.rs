@@ -115,10 +115,7 @@ async fn write_share(
             let roll = rng.random_range(0..100);
             let op = match live[k].len() {
                 0 => Op::Insert(KINDS[k], Uuid::now_v7()),
-                n if roll < 50 => {
-                    let _ = n;
-                    Op::Insert(KINDS[k], Uuid::now_v7())
-                }
+                _ if roll < 50 => Op::Insert(KINDS[k], Uuid::now_v7()),
                 n if roll < 85 => Op::Update(KINDS[k], live[k][rng.random_range(0..n)]),
                 n => Op::Delete(KINDS[k], live[k].swap_remove(rng.random_range(0..n))),
             };

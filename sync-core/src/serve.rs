@@ -82,12 +82,11 @@ pub(crate) fn select(
             None => false,
         };
         keep[i] = !superseded;
-        let field_level = registry
-            .describe(&entry.model)
-            .is_some_and(|(rule, _)| rule == MergeRule::FieldLevel);
+        let rule = registry.describe(&entry.model).map(|(rule, _)| rule);
         let this_covers = match entry.op {
             ChangeOp::Delete => None,
-            ChangeOp::Upsert if !field_level && registry.describe(&entry.model).is_some() => None,
+            // A whole-record upsert of a model this build knows rewrites every field.
+            ChangeOp::Upsert if rule.is_some_and(|r| r != MergeRule::FieldLevel) => None,
             ChangeOp::Upsert => Some(
                 entry
                     .changed

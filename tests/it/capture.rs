@@ -448,8 +448,7 @@ async fn writes_that_skip_hooks_are_found_by_audit_and_repaired(f: Fixture) -> F
         .exec(&db)
         .await
         .expect("delete_by_id");
-    let table = "tag";
-    db.execute_unprepared(&format!("DELETE FROM {table} WHERE name = 't{c}'"))
+    db.execute_unprepared(&format!("DELETE FROM tag WHERE name = 't{c}'"))
         .await
         .expect("raw SQL");
     let (e, g) = (Uuid::now_v7(), Uuid::now_v7());

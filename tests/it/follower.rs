@@ -251,12 +251,7 @@ async fn bad_payload_is_refused() {
     last_entry(&mut response).data = Some(r#"{"id":"x","name":"a"}"#.into());
     assert_refused_and_unmoved(&follower, &response, |e| matches!(e, ApplyError::Chain(_))).await;
     // With a checksum that matches, the payload itself is refused.
-    let prev = match &response.items[0] {
-        PulledItem::Entry(first) => first.checksum,
-        other => panic!("{other:?}"),
-    };
-    let entry_ref = last_entry(&mut response);
-    entry_ref.checksum = entry_ref.chained_checksum(prev);
+    rechain(&mut response);
     assert_refused_and_unmoved(&follower, &response, |e| {
         matches!(e, ApplyError::BadPayload { .. })
     })
@@ -297,14 +292,8 @@ async fn schema_mismatch_and_protocol_version_are_refused() {
         .expect_err("leader refuses");
     assert!(matches!(err, PullError::VersionMismatch { .. }), "{err}");
 
-    let entry = last_entry(&mut response);
-    entry.schema_version = 2;
-    let prev = match &response.items[0] {
-        PulledItem::Entry(first) => first.checksum,
-        other => panic!("{other:?}"),
-    };
-    let entry = last_entry(&mut response);
-    entry.checksum = entry.chained_checksum(prev);
+    last_entry(&mut response).schema_version = 2;
+    rechain(&mut response);
     assert_refused_and_unmoved(&follower, &response, |e| {
         matches!(e, ApplyError::SchemaMismatch { theirs: 2, .. })
     })
