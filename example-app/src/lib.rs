@@ -3,10 +3,12 @@
 //! The binary (`src/main.rs`) is a thin clap shell over this library, so that the tests
 //! drive exactly what the CLI does.
 
+pub mod bench;
 pub mod database;
 pub mod load;
 pub mod migrator;
 pub mod models;
+pub mod net;
 pub mod ops;
 
 pub use database::{connect, drop_database, fresh_database};

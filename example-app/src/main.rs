@@ -5,9 +5,10 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use example_app::load::{LoadOptions, load};
+use example_app::net;
 use example_app::{Migrator, connect, drop_database, fresh_database, ops, registry};
 use sea_orm_migration::MigratorTrait;
-use sync_core::{Library, OpenError, Seq};
+use sync_core::{Access, FollowConfig, Library, OpenError, Seq};
 
 const DEFAULT_DB: &str = "sqlite://media-library.db?mode=rwc";
 
@@ -68,7 +69,47 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// A short showcase in a temp dir: writes on a leader, and the log they leave.
+    /// Serves this device's library over QUIC until SIGINT/SIGTERM.
+    Serve {
+        /// Where to listen, `HOST:PORT` (port 0 picks a free one).
+        #[arg(long, default_value = "0.0.0.0:7447")]
+        listen: std::net::SocketAddr,
+    },
+    /// Prints a one-time join token for a new device (leader only).
+    Invite {
+        #[arg(long, value_enum, default_value_t = InviteRole::Write)]
+        role: InviteRole,
+        /// How long the token works: `90s`, `30m`, `24h`, `7d`.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: std::time::Duration,
+        /// The leader address the token advertises (default: where `serve` last listened).
+        #[arg(long)]
+        address: Option<String>,
+    },
+    /// Sets up a fresh database as a follower of the library a token invites to.
+    Join {
+        token: String,
+        /// A name for this device in the leader's device list.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Follows the leader: live until SIGINT/SIGTERM, or `--once`.
+    Follow {
+        /// The leader's address, when it changed since `join` (its key stays pinned).
+        #[arg(long)]
+        leader: Option<String>,
+        /// Pull until this device has the leader's latest seq as of now, then exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// The library's devices (leader).
+    Devices {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revokes a device (leader): it is refused from now on, live connections too.
+    Revoke { device_id: String },
+    /// The one-command showcase: a leader and a follower in a temp dir, syncing over QUIC.
     Demo,
     /// Benchmarks; prints figures as JSON lines.
     Bench {
@@ -77,8 +118,61 @@ enum Command {
     },
 }
 
+#[derive(Copy, Clone, clap::ValueEnum)]
+enum InviteRole {
+    Read,
+    Write,
+}
+
+/// `90s`, `30m`, `24h`, `7d`, or plain seconds.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, "s"), |at| text.split_at(at));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 90s, 30m, 24h or 7d"))?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3_600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(format!("unknown unit in `{text}`: use s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(seconds))
+}
+
 #[derive(Subcommand)]
 enum Bench {
+    /// Latency from commit on the leader to applied on a live follower, over loopback
+    /// QUIC, one write at a time.
+    Live {
+        #[arg(long, default_value_t = 1_000)]
+        writes: u64,
+    },
+    /// Initial sync over QUIC against the in-process transport; bytes per change on the
+    /// wire with and without compression.
+    Catchup {
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+        #[arg(long, default_value_t = 1_000)]
+        batch: u32,
+    },
+    /// One leader, many live followers (in a child process): the leader's memory and CPU
+    /// per follower.
+    Fanout {
+        #[arg(long, default_value_t = 50)]
+        followers: usize,
+        #[arg(long, default_value_t = 200)]
+        writes: u64,
+    },
+    /// The followers' side of `fanout` (started by it).
+    #[command(hide = true)]
+    FanoutFollowers {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+    },
     /// Follower apply: initial sync of `--count` changes over the in-process transport,
     /// against a SeaORM `insert_many` of the same rows in one transaction; and the
     /// process's peak memory. SQLite files in a temp dir.
@@ -140,6 +234,29 @@ async fn init(url: &str, name: &str) -> Result<Library> {
         Err(OpenError::NoLibrary) => Ok(Library::create(db, name, registry()).await?),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("cannot listen for SIGINT"),
+        _ = term.recv() => Ok(()),
+    }
+}
+
+/// A progress bar on stderr when it is a terminal.
+fn progress_bar() -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    let style = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} seq {msg}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    Some(bar)
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<()> {
@@ -208,20 +325,125 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Status { json } => {
             let library = open(&cli.db).await?;
-            let status = library.status().await?;
+            let status = net::status(&library).await?;
             if json {
                 print_json(&status)?;
             } else {
-                println!(
-                    "{:?} of library {} (device {}), latest seq {}",
-                    status.role, status.library_id, status.device_id, status.latest_seq
-                );
+                println!("{}", net::describe(&status));
             }
+        }
+        Command::Serve { listen } => {
+            let library = open(&cli.db).await?;
+            let server = net::serve(&library, listen).await?;
+            println!("listening on {}", server.local_addr());
+            shutdown_signal().await?;
+            server.shutdown().await;
+            eprintln!("stopped serving");
+        }
+        Command::Invite { role, ttl, address } => {
+            let library = open(&cli.db).await?;
+            let access = match role {
+                InviteRole::Read => Access::Read,
+                InviteRole::Write => Access::Write,
+            };
+            println!("{}", net::invite(&library, access, ttl, address).await?);
+        }
+        Command::Join { token, name } => {
+            let library = net::join(&cli.db, &token, name.as_deref()).await?;
+            println!(
+                "joined library {} ({}) as a follower with {} access",
+                library.id(),
+                library.name().await?,
+                library.access().await?
+            );
+        }
+        Command::Follow { leader, once } => {
+            let library = open(&cli.db).await?;
+            let transport = net::transport(&library, leader.as_deref()).await?;
+            if once {
+                let bar = progress_bar();
+                let position = net::sync_once(&library, &transport, |at, target| {
+                    if let Some(bar) = &bar {
+                        bar.set_length(target);
+                        bar.set_position(at);
+                    }
+                })
+                .await;
+                if let Some(bar) = bar {
+                    bar.finish_and_clear();
+                }
+                println!("in sync at seq {}", position?.seq);
+            } else {
+                let follow = library.start_following(transport, FollowConfig::default());
+                eprintln!("following; Ctrl-C stops");
+                let mut events = follow.subscribe();
+                let signal = shutdown_signal();
+                tokio::pin!(signal);
+                loop {
+                    tokio::select! {
+                        result = &mut signal => { result?; break; }
+                        event = events.recv() => match event {
+                            Ok(applied) => println!(
+                                "applied {} changes, now at seq {}",
+                                applied.records.len(),
+                                applied.position
+                            ),
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                        },
+                    }
+                }
+                let status = follow.status();
+                follow.stop().await;
+                net::record_follow_status(&library, &status).await?;
+            }
+        }
+        Command::Devices { json } => {
+            let library = open(&cli.db).await?;
+            let members = library.members().await?;
+            if json {
+                print_json(&members)?;
+            } else {
+                for m in members {
+                    println!(
+                        "{}  {:<6} {:<8} position {}  {}",
+                        m.device_id,
+                        m.access,
+                        if m.revoked_at_ms.is_some() {
+                            "revoked"
+                        } else {
+                            "active"
+                        },
+                        m.position.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                        m.name.unwrap_or_default()
+                    );
+                }
+            }
+        }
+        Command::Revoke { device_id } => {
+            let library = open(&cli.db).await?;
+            let device = device_id
+                .parse()
+                .with_context(|| format!("`{device_id}` is not a device id (see `devices`)"))?;
+            library.revoke(device).await?;
+            println!("revoked {device_id}");
         }
         Command::Demo => demo().await?,
         Command::Bench {
             which: Bench::Apply { count, batch },
         } => bench_apply(count, batch).await?,
+        Command::Bench {
+            which: Bench::Live { writes },
+        } => print_json(&example_app::bench::live(writes).await?)?,
+        Command::Bench {
+            which: Bench::Catchup { count, batch },
+        } => print_json(&example_app::bench::catchup(count, batch).await?)?,
+        Command::Bench {
+            which: Bench::Fanout { followers, writes },
+        } => print_json(&example_app::bench::fanout(followers, writes).await?)?,
+        Command::Bench {
+            which: Bench::FanoutFollowers { dir },
+        } => example_app::bench::fanout_followers(&dir).await?,
         Command::Bench {
             which:
                 Bench::Capture {
@@ -285,91 +507,109 @@ async fn bench_capture(
 
 async fn demo() -> Result<()> {
     let dir = tempfile_dir()?;
-    let url = format!(
-        "sqlite://{}?mode=rwc",
-        dir.path().join("leader.db").display()
-    );
-    let library = init(&url, "Demo").await?;
+    let leader_path = dir.path().join("leader.db");
+    let leader = init(
+        &format!("sqlite://{}?mode=rwc", leader_path.display()),
+        "Demo",
+    )
+    .await?;
+    let server = net::serve(&leader, "127.0.0.1:0".parse()?).await?;
     println!(
-        "leader: library {} on {}",
-        library.id(),
-        dir.path().join("leader.db").display()
+        "leader   {} serves library {} over QUIC on {}",
+        leader.device_id(),
+        leader.id(),
+        server.local_addr()
     );
+    let token = net::invite(
+        &leader,
+        Access::Write,
+        std::time::Duration::from_secs(600),
+        None,
+    )
+    .await?;
+    let follower_path = dir.path().join("follower.db");
+    let follower = net::join(
+        &format!("sqlite://{}?mode=rwc", follower_path.display()),
+        &token,
+        Some("demo follower"),
+    )
+    .await?;
+    println!(
+        "follower {} joined with a one-time invite (leader key pinned)",
+        follower.device_id()
+    );
+    let transport = net::transport(&follower, None).await?;
+    let follow = follower.start_following(transport, FollowConfig::default());
+    let mut events = follow.subscribe();
+
     let disk = ops::put(
-        &library,
+        &leader,
         "volume",
         r#"{"name":"Backup disk","total_capacity":2000000000000,"mount_point":"/mnt/backup"}"#,
     )
     .await?;
     let disk_id = disk["id"].as_str().unwrap_or_default().to_owned();
-    println!("put volume `Backup disk` (mount_point /mnt/backup stays on this device)");
     ops::put(
-        &library,
-        "volume",
-        &format!(r#"{{"id":"{disk_id}","display_name":"Backups","is_mounted":true}}"#),
-    )
-    .await?;
-    println!("renamed it to `Backups` (is_mounted changed too, but it is local)");
-    ops::put(
-        &library,
+        &leader,
         "user_metadata",
         r#"{"tags":["holiday","2026"],"favorite":true}"#,
     )
     .await?;
-    ops::put(&library, "temp_file", r#"{"path":"/tmp/thumb.jpg"}"#).await?;
-    println!("put user_metadata with tags, and a temp_file (never synced)");
-    let tag = ops::put(&library, "tag", r#"{"name":"to-delete"}"#).await?;
-    ops::delete(&library, "tag", tag["id"].as_str().unwrap_or_default()).await?;
-    println!("put and deleted a tag");
-    let entries = library.read_log(Seq::ZERO, 100).await?;
-    sync_core::verify_chain(Seq::ZERO, 0, &entries)?;
-    println!(
-        "the log holds {} entries, seq 1..={}, checksum chain verified:",
-        entries.len(),
-        entries.len()
-    );
-    for e in &entries {
-        println!(
-            "  seq {:>2}  {:<6} {:<13} {}  changed {:?}",
-            e.seq,
-            e.op.as_str(),
-            e.model,
-            e.record_id,
-            e.changed
+    ops::put(&leader, "temp_file", r#"{"path":"/tmp/thumb.jpg"}"#).await?;
+    println!("leader   put a volume, user_metadata and a temp_file (temp files never sync)");
+    let latest = leader.latest_seq().await?;
+    let caught_up = follow
+        .wait_for(std::time::Duration::from_secs(30), |s| s.position >= latest)
+        .await;
+    if caught_up.is_none() {
+        bail!(
+            "the follower did not reach seq {latest}: {:?}",
+            follow.status().last_error
         );
     }
-    let drift = library.audit().await?;
-    println!("audit: {} records differ from the log", drift.len());
-
-    let follower_path = dir.path().join("follower.db");
-    let follower_db = connect(&format!("sqlite://{}?mode=rwc", follower_path.display())).await?;
-    Migrator::up(&follower_db, None).await?;
-    let follower = Library::join(
-        follower_db,
-        library.id(),
-        library.device_id(),
-        "Demo",
-        registry(),
+    while let Ok(applied) = events.try_recv() {
+        let models: Vec<&str> = applied.records.iter().map(|(m, _)| m.as_str()).collect();
+        println!(
+            "follower applied {} at once, now at seq {}",
+            models.join(", "),
+            applied.position
+        );
+    }
+    ops::put(
+        &leader,
+        "volume",
+        &format!(r#"{{"id":"{disk_id}","display_name":"Backups","is_mounted":true}}"#),
     )
     .await?;
-    let transport = sync_core::InProcess::new(library.clone());
-    let position = follower.catch_up(&transport, 2).await?;
+    let started = std::time::Instant::now();
+    let latest = leader.latest_seq().await?;
+    follow
+        .wait_for(std::time::Duration::from_secs(30), |s| s.position >= latest)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("the follower did not apply the rename"))?;
     println!(
-        "follower on {} pulled in batches of 2 (in process; QUIC is not built yet): position {}",
-        follower_path.display(),
-        position.seq
+        "leader   renamed the volume; the follower had it {:.1} ms later (live notice over QUIC)",
+        started.elapsed().as_secs_f64() * 1e3
     );
-    ops::put(&library, "tag", r#"{"name":"added later"}"#).await?;
-    let position = follower.catch_up(&transport, 100).await?;
-    println!(
-        "one more write on the leader; the follower continues from its position to {}",
-        position.seq
-    );
-    let (leader_data, follower_data) = (library.dump().await?, follower.dump().await?);
+    follow.stop().await;
+    server.shutdown().await;
+    let (leader_data, follower_data) = (leader.dump().await?, follower.dump().await?);
     if leader_data != follower_data {
         bail!("the follower's synced data differs from the leader's");
     }
-    println!("leader and follower hold identical synced data");
+    let mount = ops::get(&follower, "volume", &disk_id)
+        .await?
+        .and_then(|m| {
+            m.get("mount_point")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    println!(
+        "both hold identical synced data (seq {latest}); the volume's mount_point is {:?} on \
+         the follower, /mnt/backup on the leader: local fields stay on their device",
+        mount
+    );
     Ok(())
 }
 
@@ -417,6 +657,7 @@ async fn bench_apply(count: u64, batch: u32) -> Result<()> {
         leader.id(),
         leader.device_id(),
         "bench",
+        Access::Read,
         registry(),
     )
     .await?;

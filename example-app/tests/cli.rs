@@ -191,9 +191,216 @@ fn the_demo_runs_and_its_follower_matches_the_leader() {
         "demo failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("checksum chain verified"), "{stdout}");
+    assert!(stdout.contains("over QUIC on 127.0.0.1:"), "{stdout}");
+    assert!(stdout.contains("joined with a one-time invite"), "{stdout}");
     assert!(
-        stdout.contains("leader and follower hold identical synced data"),
+        stdout.contains("both hold identical synced data"),
         "{stdout}"
     );
+}
+
+/// A `serve` process, stopped with SIGTERM when dropped.
+struct Serving {
+    child: std::process::Child,
+    address: String,
+}
+
+impl Serving {
+    fn start(cli: &Cli) -> Serving {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_example-app"))
+            .args(["--db", &cli.db, "serve", "--listen", "127.0.0.1:0"])
+            .env_remove("EXAMPLE_APP_DB")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn serve");
+        let rx = lines_of(child.stdout.take().expect("stdout"));
+        let line = rx
+            .recv_timeout(DEADLINE)
+            .expect("serve prints `listening on ADDR`");
+        let address = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+            .to_owned();
+        Serving { child, address }
+    }
+
+    /// SIGTERM, then the exit status (within the deadline).
+    fn stop(mut self) -> std::process::ExitStatus {
+        signal(&self.child, "TERM");
+        let status = wait_with_deadline(&mut self.child);
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The lines a child prints, as they come.
+fn lines_of(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn signal(child: &std::process::Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+fn wait_with_deadline(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(start.elapsed() < DEADLINE, "process did not exit in time");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn sqlite_cli(dir: &std::path::Path, name: &str) -> Cli {
+    Cli {
+        db: format!("sqlite://{}?mode=rwc", dir.join(name).display()),
+    }
+}
+
+#[test]
+fn two_processes_sync_over_quic_and_a_revoked_follower_is_told_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let leader = sqlite_cli(dir.path(), "leader.db");
+    let follower = sqlite_cli(dir.path(), "follower.db");
+    leader.ok(&["init"]);
+    leader.ok(&["put", "tag", r#"{"name":"before serve"}"#]);
+    let serving = Serving::start(&leader);
+    let token = leader.ok(&["invite", "--role", "write", "--ttl", "10m"]);
+    assert_eq!(token.trim().lines().count(), 1, "the token alone: {token}");
+    assert!(
+        follower
+            .ok(&["join", token.trim()])
+            .contains("write access")
+    );
+    follower.fails(&["join", token.trim()], "already holds library");
+
+    // A write by another process beside the running `serve`.
+    leader.ok(&["put", "tag", r#"{"name":"beside serve"}"#]);
+    // `--leader` gives the address explicitly (as after the leader moved); the key stays pinned.
+    let synced = follower.ok(&["follow", "--once", "--leader", &serving.address]);
+    assert!(synced.contains("in sync at seq 2"), "{synced}");
+    assert_eq!(leader.ok(&["dump"]), follower.ok(&["dump"]));
+
+    // Live: a `follow` process applies a write made by a `put` process at once.
+    let mut following = Command::new(env!("CARGO_BIN_EXE_example-app"))
+        .args(["--db", &follower.db, "follow"])
+        .env_remove("EXAMPLE_APP_DB")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn follow");
+    let lines = lines_of(following.stdout.take().expect("stdout"));
+    leader.ok(&["put", "tag", r#"{"name":"live"}"#]);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("the live follower applies the write");
+        if line.contains("now at seq 3") {
+            break;
+        }
+    }
+    signal(&following, "TERM");
+    assert!(wait_with_deadline(&mut following).success());
+    assert_eq!(leader.ok(&["dump"]), follower.ok(&["dump"]));
+
+    let status = json(&follower.ok(&["status", "--json"]));
+    assert_eq!(status["role"], "follower");
+    assert_eq!(status["position"], 3);
+    assert_eq!(status["lag"], 0);
+    assert_eq!(status["last_error"], serde_json::Value::Null);
+    let status = json(&leader.ok(&["status", "--json"]));
+    let followers = status["followers"].as_array().expect("followers");
+    assert_eq!(followers.len(), 1);
+    let device = followers[0]["device_id"].as_str().expect("id").to_owned();
+    assert!(leader.ok(&["devices"]).contains(&device));
+
+    leader.ok(&["revoke", &device]);
+    follower.fails(&["follow", "--once"], "revoked");
+    let status = json(&follower.ok(&["status", "--json"]));
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("revoked"),
+        "{status}"
+    );
+    // A damaged token is refused before anything is dialed.
+    let stranger = sqlite_cli(dir.path(), "stranger.db");
+    stranger.fails(&["join", "syncjoin1.garbage.x"], "damaged or was altered");
+
+    let exit = serving.stop();
+    assert!(exit.success(), "serve exits cleanly on SIGTERM: {exit:?}");
+}
+
+#[test]
+fn a_follower_killed_during_initial_sync_resumes_and_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let leader = sqlite_cli(dir.path(), "leader.db");
+    let follower = sqlite_cli(dir.path(), "follower.db");
+    leader.ok(&["init"]);
+    leader.ok(&["load", "--count", "30000", "--batch", "200"]);
+    let latest = json(&leader.ok(&["status", "--json"]))["latest_seq"]
+        .as_u64()
+        .expect("latest");
+    let serving = Serving::start(&leader);
+    let token = leader.ok(&["invite"]);
+    follower.ok(&["join", token.trim()]);
+
+    let mut following = Command::new(env!("CARGO_BIN_EXE_example-app"))
+        .args(["--db", &follower.db, "follow"])
+        .env_remove("EXAMPLE_APP_DB")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn follow");
+    // Kill it as soon as it has applied something.
+    let start = std::time::Instant::now();
+    let killed_at = loop {
+        let position = json(&follower.ok(&["status", "--json"]))["position"]
+            .as_u64()
+            .unwrap_or(0);
+        if position > 0 {
+            signal(&following, "KILL");
+            break position;
+        }
+        assert!(start.elapsed() < DEADLINE, "the follower applied nothing");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let _ = wait_with_deadline(&mut following);
+    assert!(
+        killed_at < latest,
+        "killed during initial sync: at {killed_at} of {latest}"
+    );
+    let resumed = follower.ok(&["follow", "--once"]);
+    assert!(
+        resumed.contains(&format!("in sync at seq {latest}")),
+        "{resumed}"
+    );
+    assert_eq!(leader.ok(&["dump"]), follower.ok(&["dump"]));
+    drop(serving);
 }

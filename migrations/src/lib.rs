@@ -17,10 +17,14 @@
 use sea_orm_migration::prelude::*;
 
 mod m0001_sync_tables;
+mod m0002_invites_and_peers;
 
 /// Every sync migration, oldest first.
 pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-    vec![Box::new(m0001_sync_tables::Migration)]
+    vec![
+        Box::new(m0001_sync_tables::Migration),
+        Box::new(m0002_invites_and_peers::Migration),
+    ]
 }
 
 /// A migrator holding only the sync tables, for apps that keep them apart.

@@ -162,15 +162,6 @@ impl LoopState {
     async fn run(self, mut commands: mpsc::Receiver<Command>) {
         let mut failures: u32 = 0;
         loop {
-            let delay = if failures == 0 {
-                self.config.poll_interval
-            } else {
-                let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(16));
-                self.config
-                    .retry_delay_min
-                    .saturating_mul(factor)
-                    .min(self.config.retry_delay_max)
-            };
             match self.pull_until_caught_up().await {
                 Ok(()) => failures = 0,
                 Err(message) => {
@@ -179,9 +170,25 @@ impl LoopState {
                     self.status.send_modify(|s| s.last_error = Some(message));
                 }
             }
+            // Decided after the pull: a failure retries soon, not a poll interval later.
+            let delay = if failures == 0 {
+                self.config.poll_interval
+            } else {
+                let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(16));
+                let delay = self
+                    .config
+                    .retry_delay_min
+                    .saturating_mul(factor)
+                    .min(self.config.retry_delay_max);
+                // Jitter: followers that lost one leader together do not all come back
+                // in the same instant.
+                delay.mul_f64(rand::random_range(0.5..1.0))
+            };
             let next = tokio::select! {
                 command = commands.recv() => command,
                 () = tokio::time::sleep(delay) => Some(Command::SyncNow),
+                // The leader announced news: pull at once (unless backing off).
+                () = self.transport.news(), if failures == 0 => Some(Command::SyncNow),
             };
             match next {
                 Some(Command::SyncNow) => {}

@@ -13,7 +13,7 @@ use crate::protocol::{
 };
 use crate::registry::ApplyFailure;
 use crate::tables::position;
-use crate::{DeviceId, Library, LibraryId, Registry, Role, Seq};
+use crate::{Access, DeviceId, Library, LibraryId, Registry, Role, Seq};
 
 /// Where a follower stands in a library's log.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -124,17 +124,18 @@ pub enum SyncError {
 }
 
 impl Library {
-    /// Sets up this database as a follower of `library_id`, led by `leader`, and makes it
-    /// the default library.
+    /// Sets up this database as a follower of `library_id`, led by `leader`, with the
+    /// `access` the leader granted, and makes it the default library.
     pub async fn join(
         db: DatabaseConnection,
         library_id: LibraryId,
         leader: DeviceId,
         name: &str,
+        access: Access,
         registry: Registry,
     ) -> Result<Library, OpenError> {
         let device_id = ensure_device_id(&db).await?;
-        add_library(&db, library_id, name, leader, device_id, "follower").await?;
+        add_library(&db, library_id, name, leader, device_id, access.as_str()).await?;
         Library::open(db, library_id, registry).await
     }
 
@@ -308,25 +309,69 @@ impl Library {
         transport: &dyn Transport,
         limit: u32,
     ) -> Result<Position, SyncError> {
-        let mut target = None;
-        let mut previous = None;
+        self.catch_up_with(transport, limit, |_, _| {}).await
+    }
+
+    /// `catch_up`, calling `progress(applied, target)` after each batch.
+    ///
+    /// The next batch is requested while the current one is applied (its start is known:
+    /// where the current one ends), so the leader's reading and the network overlap the
+    /// follower's writing. A batch that fails to apply discards the prefetched one.
+    pub async fn catch_up_with(
+        &self,
+        transport: &dyn Transport,
+        limit: u32,
+        mut progress: impl FnMut(&Applied, Seq),
+    ) -> Result<Position, SyncError> {
+        if self.role() != Role::Follower {
+            return Err(PullError::NotFollower(self.id()).into());
+        }
+        let request = |after: Seq| {
+            let mut request = PullRequest::after(self.id(), after);
+            request.limit = limit;
+            request
+        };
+        let mut after = self.position().await.map_err(ApplyError::from)?.seq;
+        let mut response = transport.pull(request(after)).await?;
+        let target = response.latest_seq;
+        let mut stalled = false;
         loop {
-            let (applied, latest) = self.pull_once(transport, limit).await?;
-            let target = *target.get_or_insert(latest);
+            let through = response.through(after);
+            let (applied, next) = if through < target && through > after {
+                let (applied, next) = tokio::join!(
+                    self.apply(after, &response),
+                    transport.pull(request(through))
+                );
+                (applied?, Some(next))
+            } else {
+                (self.apply(after, &response).await?, None)
+            };
+            progress(&applied, target);
             let position = applied.position;
             if position.seq >= target {
                 return Ok(position);
             }
-            // A leader that answers twice with nothing new while it claims more would
-            // otherwise keep this loop spinning.
-            if previous == Some(position.seq) {
-                return Err(PullError::Stalled {
-                    position: position.seq,
-                    latest: target,
+            after = position.seq;
+            response = match next {
+                Some(next) => next?,
+                // Nothing new although the leader claims more: an entry may not be
+                // visible to its reader yet (MySQL), so ask once more. A leader that
+                // answers twice with nothing would otherwise keep this loop spinning.
+                None if !stalled => {
+                    stalled = true;
+                    transport.pull(request(after)).await?
                 }
-                .into());
+                None => {
+                    return Err(PullError::Stalled {
+                        position: position.seq,
+                        latest: target,
+                    }
+                    .into());
+                }
+            };
+            if response.through(after) > after {
+                stalled = false;
             }
-            previous = Some(position.seq);
         }
     }
 }

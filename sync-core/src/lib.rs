@@ -25,13 +25,16 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod capture;
+mod commits;
 mod entry;
 mod error;
 mod follow_loop;
 mod follower;
 mod hlc;
+mod identity;
 mod ids;
 mod library;
+mod members;
 mod protocol;
 mod registry;
 mod serve;
@@ -44,13 +47,16 @@ pub mod hooks {
     pub use crate::capture::{after_delete, after_save, before_delete, before_save};
 }
 
+pub use commits::CommitWatcher;
 pub use entry::{ChainError, ChangeOp, LogEntry, verify_chain};
 pub use error::{LogError, OpenError};
 pub use follow_loop::{ChangesApplied, Follow, FollowConfig, FollowStatus};
 pub use follower::{Applied, ApplyError, Position, SyncError};
 pub use hlc::{Hlc, HlcClock};
+pub use identity::{BadFingerprint, DeviceKey, KeyError, KeyFingerprint};
 pub use ids::{DeviceId, LibraryId, Seq};
-pub use library::{Drift, DriftKind, Library, Role, Status, TxnFuture};
+pub use library::{Drift, DriftKind, LatestSeq, Library, Role, Status, TxnFuture};
+pub use members::{Access, Admission, Invite, InviteError, Member, MemberError};
 pub use protocol::{
     InProcess, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PullError, PullRequest,
     PullResponse, PulledItem, Transport,

@@ -3,9 +3,9 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
@@ -20,7 +20,7 @@ use crate::entry::{ChangeOp, LogEntry};
 use crate::error::{LogError, OpenError};
 use crate::registry::Registry;
 use crate::tables::{device, library, local, log, pending};
-use crate::{DeviceId, Hlc, HlcClock, LibraryId, Seq};
+use crate::{DeviceId, DeviceKey, Hlc, HlcClock, LibraryId, Seq};
 
 /// Rows per INSERT when appending to the log. Measured on PostgreSQL (BENCHMARKS.md):
 /// statements of 8–32 rows are cheapest per row, and past ~60 rows (660 bound values) a
@@ -42,7 +42,7 @@ const PENDING_DELETE_IDS_MAX: usize = 500;
 /// committed in between, so this bounds a pathological storm, not ordinary contention.
 const CLAIM_ATTEMPTS_MAX: usize = 10_000;
 
-const LOCAL_DEVICE_ID: &str = "device_id";
+const LOCAL_DEVICE_KEY: &str = "device_key";
 const LOCAL_DEFAULT_LIBRARY: &str = "default_library";
 
 /// A boxed future borrowing the transaction, as `Library::transaction` takes it.
@@ -53,6 +53,24 @@ pub type TxnFuture<'c, T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send 
 struct Tip {
     seq: Seq,
     checksum: u64,
+}
+
+/// A library's latest seq, watched: see `Library::watch_latest_seq`.
+#[derive(Clone, Debug)]
+pub struct LatestSeq(watch::Receiver<Tip>);
+
+impl LatestSeq {
+    /// The latest seq known now.
+    pub fn get(&self) -> Seq {
+        self.0.borrow().seq
+    }
+
+    /// Waits until the latest seq moves past what this watcher last saw, and returns it;
+    /// `None` once the library's handles are all gone.
+    pub async fn changed(&mut self) -> Option<Seq> {
+        self.0.changed().await.ok()?;
+        Some(self.0.borrow_and_update().seq)
+    }
 }
 
 /// This device's part in a library.
@@ -73,12 +91,14 @@ pub struct Library {
     pub(crate) context: Arc<CaptureContext>,
     pub(crate) role: Role,
     /// Shared by clones: the newest entry this handle has seen committed.
-    tip: Arc<Mutex<Tip>>,
+    tip: Arc<watch::Sender<Tip>>,
     /// PostgreSQL only: numbers pending entries.
     sequencer: Option<Arc<Sequencer>>,
     /// PostgreSQL only: asks the background sequencer for a run. Capacity one, so kicks
     /// made while a run is due coalesce into it.
     kick: Option<mpsc::Sender<()>>,
+    /// Bumped when this process admits or revokes a device, so live connections recheck.
+    membership: Arc<watch::Sender<u64>>,
 }
 
 /// Numbers the entries PostgreSQL writers leave in `sync_pending` (see `Library::append`).
@@ -86,7 +106,7 @@ pub struct Library {
 struct Sequencer {
     pub(crate) db: DatabaseConnection,
     library_id: LibraryId,
-    tip: Arc<Mutex<Tip>>,
+    tip: Arc<watch::Sender<Tip>>,
     /// One run at a time per handle: the background task and readers take turns.
     running: tokio::sync::Mutex<()>,
 }
@@ -142,6 +162,17 @@ impl Sequencer {
                     .exec(&txn)
                     .await?;
             }
+            // Delivered at commit: leaders serving this library from other processes
+            // learn of the new entries at once (see `Library::watch_commits`).
+            txn.execute_raw(sea_orm::Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT pg_notify($1, $2)",
+                [
+                    crate::commits::NOTIFY_CHANNEL.into(),
+                    self.library_id.to_string().into(),
+                ],
+            ))
+            .await?;
             txn.commit().await?;
             advance(&self.tip, last);
             if !full_batch {
@@ -151,12 +182,15 @@ impl Sequencer {
     }
 }
 
-/// Moves a cached tip forward, never back.
-fn advance(tip: &Mutex<Tip>, committed: Tip) {
-    let mut tip = tip.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if committed.seq > tip.seq {
-        *tip = committed;
-    }
+/// Moves a cached tip forward, never back, and tells its watchers.
+fn advance(tip: &watch::Sender<Tip>, committed: Tip) {
+    tip.send_if_modified(|tip| {
+        let newer = committed.seq > tip.seq;
+        if newer {
+            *tip = committed;
+        }
+        newer
+    });
 }
 
 /// Runs the sequencer whenever a writer kicks it, until every handle is gone.
@@ -277,7 +311,7 @@ impl Library {
                 checksum: e.checksum as u64,
             })
             .unwrap_or_default();
-        let tip = Arc::new(Mutex::new(tip));
+        let tip = Arc::new(watch::Sender::new(tip));
         let (sequencer, kick) = if db.get_database_backend() == DbBackend::Postgres {
             let sequencer = Arc::new(Sequencer {
                 db: db.clone(),
@@ -304,6 +338,7 @@ impl Library {
             tip,
             sequencer,
             kick,
+            membership: Arc::new(watch::Sender::new(0)),
         })
     }
 
@@ -325,6 +360,17 @@ impl Library {
     /// This device's id.
     pub fn device_id(&self) -> DeviceId {
         self.context.device_id
+    }
+
+    /// This device's key pair (for its TLS identity). The private key stays on the device.
+    pub async fn device_key(&self) -> Result<DeviceKey, OpenError> {
+        ensure_device_key(&self.db).await
+    }
+
+    /// The key pair of the device whose database `db` is, made on first use: a device
+    /// needs it before it holds a library (to join one).
+    pub async fn device_key_of(db: &DatabaseConnection) -> Result<DeviceKey, OpenError> {
+        ensure_device_key(db).await
     }
 
     /// Leader or follower.
@@ -555,10 +601,24 @@ impl Library {
     }
 
     fn cached_tip(&self) -> Tip {
-        *self
-            .tip
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        *self.tip.borrow()
+    }
+
+    /// Watches membership changes made through this process (admissions, revocations);
+    /// other processes' changes show on the next membership check.
+    pub fn watch_membership(&self) -> watch::Receiver<u64> {
+        self.membership.subscribe()
+    }
+
+    pub(crate) fn membership_changed(&self) {
+        self.membership.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Watches this library's latest seq as this process sees it: moved by its own
+    /// commits at once, and by other processes' commits once something reads the log's
+    /// tip (`latest_seq`, or a `CommitWatcher`).
+    pub fn watch_latest_seq(&self) -> LatestSeq {
+        LatestSeq(self.tip.subscribe())
     }
 
     /// Moves the cached tip forward (never back) after a commit.
@@ -569,9 +629,9 @@ impl Library {
     /// The last seq of this library's log.
     pub async fn latest_seq(&self) -> Result<Seq, LogError> {
         self.sequence().await?;
-        Ok(committed_tip(&self.db, self.context.library_id, false)
-            .await?
-            .seq)
+        let tip = committed_tip(&self.db, self.context.library_id, false).await?;
+        self.advance_tip(tip);
+        Ok(tip.seq)
     }
 
     /// Up to `limit` entries with seq greater than `after`, in seq order.
@@ -839,6 +899,26 @@ async fn get_local<C: ConnectionTrait>(db: &C, key: &str) -> Result<Option<Strin
     }
 }
 
+/// A `sync_local` value.
+pub(crate) async fn get_local_value<C: ConnectionTrait>(
+    db: &C,
+    key: &str,
+) -> Result<Option<String>, DbErr> {
+    Ok(local::Entity::find_by_id(key.to_owned())
+        .one(db)
+        .await?
+        .map(|r| r.value))
+}
+
+/// Sets a `sync_local` value.
+pub(crate) async fn set_local_value<C: ConnectionTrait>(
+    db: &C,
+    key: &str,
+    value: &str,
+) -> Result<(), DbErr> {
+    set_local(db, key, value).await
+}
+
 async fn set_local<C: ConnectionTrait>(db: &C, key: &str, value: &str) -> Result<(), DbErr> {
     local::Entity::delete_by_id(key.to_owned()).exec(db).await?;
     local::ActiveModel {
@@ -883,16 +963,25 @@ pub(crate) async fn add_library(
     txn.commit().await
 }
 
-/// This device's id, made on first use.
+/// This device's id, derived from its key pair, which is made on first use.
 pub(crate) async fn ensure_device_id(db: &DatabaseConnection) -> Result<DeviceId, OpenError> {
-    if let Some(value) = get_local(db, LOCAL_DEVICE_ID).await? {
-        return value
-            .parse()
-            .map_err(|e| OpenError::Corrupt(format!("device id `{value}`: {e}")));
+    Ok(ensure_device_key(db).await?.device_id())
+}
+
+/// This device's key pair, made on first use and kept in `sync_local`.
+pub(crate) async fn ensure_device_key(db: &DatabaseConnection) -> Result<DeviceKey, OpenError> {
+    if let Some(pem) = get_local(db, LOCAL_DEVICE_KEY).await? {
+        return DeviceKey::from_pem(&pem).map_err(|e| OpenError::Corrupt(e.to_string()));
     }
-    let device_id = DeviceId::new_random();
-    set_local(db, LOCAL_DEVICE_ID, &device_id.to_string()).await?;
-    Ok(device_id)
+    let key = DeviceKey::generate().map_err(|e| OpenError::Corrupt(e.to_string()))?;
+    let txn = db.begin().await?;
+    // Two processes making the key at once: the first one stored wins.
+    if let Some(pem) = get_local(&txn, LOCAL_DEVICE_KEY).await? {
+        return DeviceKey::from_pem(&pem).map_err(|e| OpenError::Corrupt(e.to_string()));
+    }
+    set_local(&txn, LOCAL_DEVICE_KEY, &key.to_pem()).await?;
+    txn.commit().await?;
+    Ok(key)
 }
 
 fn is_missing_table(e: &DbErr) -> bool {

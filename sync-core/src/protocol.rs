@@ -140,6 +140,13 @@ pub enum PullError {
 pub trait Transport: Send + Sync {
     /// Sends `request` and waits for the answer.
     async fn pull(&self, request: PullRequest) -> Result<PullResponse, PullError>;
+
+    /// Completes when the leader announces news (a new latest seq, or that something
+    /// changed about the session): the follow loop then pulls at once instead of waiting
+    /// for its next poll. Transports without announcements never complete.
+    async fn news(&self) {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// A transport to a leader in the same process (tests, benchmarks, embedding).

@@ -54,11 +54,17 @@ impl Library {
 /// Turns a range of entries into response items: entries the follower needs, and `Skipped`
 /// runs for the rest.
 ///
-/// An entry is skipped when its model was not asked for, or when later entries of this
-/// same range overwrite everything it wrote: a later delete of the record, a later upsert
-/// of a whole-record model, or later upserts of a field-level model whose changed fields
+/// An entry is skipped when its model was not asked for, or when the entries right after
+/// it, of the same record, overwrite everything it wrote: a delete of the record, an
+/// upsert of a whole-record model, or upserts of a field-level model whose changed fields
 /// cover its own. Applied in order, the remaining entries leave the follower exactly as
 /// all of them would.
+///
+/// Only a run of consecutive entries of one record collapses: no other record's entry may
+/// lie between an entry and what supersedes it. Other records can reference this one
+/// (foreign keys); skipping its creation, or an update that moved its own reference,
+/// would show them a state the leader never had, which the follower's database can
+/// refuse (`foreign_keys::parents_and_children_apply_in_an_order_the_database_accepts`).
 pub(crate) fn select(
     entries: Vec<LogEntry>,
     models: Option<&[String]>,
@@ -68,11 +74,17 @@ pub(crate) fn select(
     // Walking backwards: per record, which fields later entries overwrite (None: all).
     let mut covered: HashMap<(&str, &str), Option<HashSet<&str>>> = HashMap::new();
     let mut keep = vec![false; entries.len()];
+    let mut run_of = None;
     for (i, entry) in entries.iter().enumerate().rev() {
         if !wanted(&entry.model) {
             continue;
         }
         let key = (entry.model.as_str(), entry.record_id.as_str());
+        if run_of != Some(key) {
+            // Another record's entry ends the run: nothing before it is superseded.
+            covered.clear();
+            run_of = Some(key);
+        }
         let superseded = match covered.get(&key) {
             Some(None) => true,
             Some(Some(fields)) => {

@@ -138,3 +138,47 @@ pub mod position {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod invite {
+    use sea_orm::entity::prelude::*;
+
+    /// An invite the leader issued: only the hash of its secret is kept.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_invite")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub secret_hash: String,
+        pub library_id: String,
+        pub role: String,
+        pub created_at_ms: i64,
+        pub expires_at_ms: i64,
+        pub used_at_ms: Option<i64>,
+        pub used_by: Option<String>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod peer {
+    use sea_orm::entity::prelude::*;
+
+    /// Where a follower last pulled from, as the leader saw it.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_peer")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub library_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub device_id: String,
+        pub position: i64,
+        pub last_seen_ms: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -33,9 +33,16 @@ async fn follower_with_url(
     let url = fresh_database(&server, dir).await.expect("fresh database");
     let db = connect(&url).await.expect("connect");
     Migrator::up(&db, None).await.expect("migrate");
-    let library = Library::join(db, leader.id(), leader.device_id(), "follower", registry())
-        .await
-        .expect("join");
+    let library = Library::join(
+        db,
+        leader.id(),
+        leader.device_id(),
+        "follower",
+        sync_core::Access::Read,
+        registry(),
+    )
+    .await
+    .expect("join");
     Some((library, url))
 }
 
@@ -54,19 +61,35 @@ async fn write_load(leader: &Library, count: u64, seed: u64) {
     .expect("load");
 }
 
-/// Fails every `every`-th pull (as a lost connection or a crash before commit would).
+/// Fails every `every`-th pull (as a lost connection or a crash before commit would), but
+/// never twice for one position: `catch_up` prefetches the next batch while it applies one,
+/// so a fixed rhythm of failures could otherwise line up with the same batch forever.
 struct Flaky {
     inner: InProcess,
     every: usize,
     calls: AtomicUsize,
+    failed_at: std::sync::Mutex<std::collections::HashSet<Seq>>,
+}
+
+impl Flaky {
+    fn new(inner: InProcess, every: usize) -> Self {
+        Flaky {
+            inner,
+            every,
+            calls: AtomicUsize::new(0),
+            failed_at: Default::default(),
+        }
+    }
 }
 
 #[async_trait::async_trait]
 impl Transport for Flaky {
     async fn pull(&self, request: PullRequest) -> Result<PullResponse, PullError> {
         let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        let after = request.after;
         let response = self.inner.pull(request).await?;
-        if self.every > 0 && n.is_multiple_of(self.every) {
+        let due = self.every > 0 && n.is_multiple_of(self.every);
+        if due && self.failed_at.lock().expect("failed_at lock").insert(after) {
             // Corrupt the last entry: apply must refuse the whole batch and keep its position.
             let mut response = response;
             if let Some(PulledItem::Entry(entry)) = response.items.last_mut() {
@@ -155,8 +178,25 @@ proptest::proptest! {
             let dir = tempfile::tempdir().expect("dir");
             let follower = follower_of(&f.library, Backend::Sqlite, dir.path()).await.expect("follower");
             write_load(&f.library, count, seed).await;
-            let flaky = Flaky { inner: InProcess::new(f.library.clone()), every, calls: AtomicUsize::new(0) };
+            let flaky = Flaky::new(InProcess::new(f.library.clone()), every);
             converge(&f.library, &follower, &flaky, limit).await;
+            f.finish().await;
+        });
+    }
+
+    /// The same on a PostgreSQL follower (fewer cases: each makes a database).
+    #[test]
+    fn random_writes_batches_and_crashes_converge_on_postgres(seed in 0u64..1_000_000, count in 20u64..150, limit in 1u32..60, every in proptest::prop_oneof![proptest::strategy::Just(0usize), 2usize..5]) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        runtime.block_on(async move {
+            let Some(f) = fixture(Backend::Sqlite, "follower::proptest_postgres").await else { return };
+            let dir = tempfile::tempdir().expect("dir");
+            let Some((follower, url)) = follower_with_url(&f.library, Backend::Postgres, dir.path()).await else { return };
+            write_load(&f.library, count, seed).await;
+            let flaky = Flaky::new(InProcess::new(f.library.clone()), every);
+            converge(&f.library, &follower, &flaky, limit).await;
+            let _ = follower.db().clone().close().await;
+            let _ = example_app::drop_database(&url).await;
             f.finish().await;
         });
     }

@@ -8,5 +8,7 @@
 mod capture;
 mod derive;
 mod follower;
+mod foreign_keys;
 mod ordering;
+mod quic;
 mod support;

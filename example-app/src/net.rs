@@ -1,0 +1,290 @@
+//! The app's networking: serve a library over QUIC, invite devices, join, follow. The CLI
+//! commands `serve`, `invite`, `join`, `follow`, `devices` and `revoke` are thin shells
+//! over these functions, so tests drive exactly what the CLI does.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use sea_orm_migration::MigratorTrait;
+use sync_core::{Access, Library, OpenError, Position, Role};
+use sync_transport::{Client, ClientConfig, JoinToken, QuicTransport, Server, ServerConfig};
+
+use crate::{Migrator, connect, registry};
+
+/// Leader: where `serve` last listened (the address `invite` advertises by default).
+pub const SERVE_ADDRESS: &str = "serve_address";
+/// Follower: where the leader was last reached.
+pub const LEADER_ADDRESS: &str = "leader_address";
+/// Follower: the leader's pinned key fingerprint.
+pub const LEADER_KEY: &str = "leader_key";
+/// Follower: the leader's latest seq as of the last sync.
+pub const LEADER_LATEST: &str = "leader_latest_seq";
+/// Follower: the last sync error, cleared by a successful sync.
+pub const LAST_ERROR: &str = "last_error";
+
+/// Serves `library` on `listen` and remembers the address for `invite`.
+pub async fn serve(library: &Library, listen: SocketAddr) -> Result<Server> {
+    if library.role() != Role::Leader {
+        bail!(
+            "this device follows library {}; run `serve` on its leader (or `follow` here)",
+            library.id()
+        );
+    }
+    let key = library.device_key().await?;
+    let server = Server::bind(listen, &key, vec![library.clone()], ServerConfig::default()).await?;
+    library
+        .set_local_setting(SERVE_ADDRESS, &advertised(server.local_addr()).to_string())
+        .await?;
+    Ok(server)
+}
+
+/// The address to advertise for a server listening on `local`: a wildcard address
+/// (`0.0.0.0`, `::`) is replaced by this machine's address on its default route, which is
+/// what another device would dial (`invite --address` overrides it).
+fn advertised(local: SocketAddr) -> SocketAddr {
+    if !local.ip().is_unspecified() {
+        return local;
+    }
+    // Connecting a UDP socket sends nothing; it only picks the outgoing interface.
+    let probe = if local.is_ipv4() {
+        std::net::UdpSocket::bind("0.0.0.0:0").and_then(|s| {
+            s.connect("192.0.2.1:9")?;
+            s.local_addr()
+        })
+    } else {
+        std::net::UdpSocket::bind("[::]:0").and_then(|s| {
+            s.connect("[2001:db8::1]:9")?;
+            s.local_addr()
+        })
+    };
+    match probe {
+        Ok(found) if !found.ip().is_unspecified() => SocketAddr::new(found.ip(), local.port()),
+        _ => SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), local.port()),
+    }
+}
+
+/// Issues an invite and returns its token. `address` defaults to where `serve` last
+/// listened.
+pub async fn invite(
+    library: &Library,
+    access: Access,
+    ttl: Duration,
+    address: Option<String>,
+) -> Result<String> {
+    let address = match address {
+        Some(address) => address,
+        None => library.local_setting(SERVE_ADDRESS).await?.ok_or_else(|| {
+            anyhow!("no address to advertise: run `serve --listen HOST:PORT` first, or pass `--address HOST:PORT`")
+        })?,
+    };
+    let invite = library.invite(access, ttl).await?;
+    let key = library.device_key().await?;
+    Ok(JoinToken::new(&invite, &address, key.fingerprint()).encode())
+}
+
+/// Sets up the database at `url` (which must hold no library yet) as a follower of the
+/// library `token` invites to.
+pub async fn join(url: &str, token: &str, name: Option<&str>) -> Result<Library> {
+    let token = JoinToken::decode(token)?;
+    let db = connect(url).await?;
+    Migrator::up(&db, None)
+        .await
+        .context("cannot create the schema")?;
+    match Library::open_default(db.clone(), registry()).await {
+        Ok(library) => bail!(
+            "{url} already holds library {}; join with a fresh database",
+            library.id()
+        ),
+        Err(OpenError::NoLibrary) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let key = sync_core::Library::device_key_of(&db).await?;
+    let client = Client::new(key, ClientConfig::default());
+    let joined = client.join(&token, name).await?;
+    let library = Library::join(
+        db,
+        joined.library_id,
+        joined.leader_device_id,
+        &joined.library_name,
+        joined.access,
+        registry(),
+    )
+    .await?;
+    library
+        .set_local_setting(LEADER_ADDRESS, &token.address)
+        .await?;
+    library
+        .set_local_setting(LEADER_KEY, &token.leader_key)
+        .await?;
+    Ok(library)
+}
+
+/// A QUIC transport to `library`'s leader, from what `join` stored. `leader` replaces the
+/// stored address (the leader moved); the key stays pinned.
+pub async fn transport(library: &Library, leader: Option<&str>) -> Result<Arc<QuicTransport>> {
+    if library.role() != Role::Follower {
+        bail!(
+            "this device leads library {}; followers `follow`, the leader `serve`s",
+            library.id()
+        );
+    }
+    if let Some(address) = leader {
+        library.set_local_setting(LEADER_ADDRESS, address).await?;
+    }
+    let address = library
+        .local_setting(LEADER_ADDRESS)
+        .await?
+        .ok_or_else(|| anyhow!("no leader address stored: pass `--leader HOST:PORT`"))?;
+    let pin = library
+        .local_setting(LEADER_KEY)
+        .await?
+        .ok_or_else(|| anyhow!("no leader key stored: this database did not `join`"))?
+        .parse()
+        .context("the stored leader key is damaged; join again")?;
+    let key = library.device_key().await?;
+    let client = Client::new(key, ClientConfig::default());
+    Ok(Arc::new(QuicTransport::new(
+        client,
+        &address,
+        pin,
+        library.id(),
+    )))
+}
+
+/// Pulls until the follower has the leader's latest seq as of the first answer, calling
+/// `progress(position, target)` after each batch. Records the outcome for `status`.
+pub async fn sync_once(
+    library: &Library,
+    transport: &QuicTransport,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<Position> {
+    let outcome = async {
+        let position = library
+            .catch_up_with(transport, 1_000, |applied, target| {
+                progress(applied.position.seq.0, target.0);
+            })
+            .await?;
+        library
+            .set_local_setting(LEADER_LATEST, &transport.leader_latest_seq().0.to_string())
+            .await?;
+        Ok::<_, anyhow::Error>(position)
+    }
+    .await;
+    let error = outcome.as_ref().err().map(|e| format!("{e:#}"));
+    library
+        .set_local_setting(LAST_ERROR, error.as_deref().unwrap_or(""))
+        .await?;
+    outcome
+}
+
+/// What `status --json` prints.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AppStatus {
+    /// Leader or follower.
+    pub role: Role,
+    /// The library.
+    pub library_id: sync_core::LibraryId,
+    /// This device.
+    pub device_id: sync_core::DeviceId,
+    /// This device's access.
+    pub access: Access,
+    /// Leader: its log's latest seq. Follower: the leader's, as of the last sync.
+    pub latest_seq: u64,
+    /// Follower: how far it has applied.
+    pub position: Option<u64>,
+    /// Follower: `latest_seq - position`.
+    pub lag: Option<u64>,
+    /// Leader: its devices and where each last pulled from.
+    pub followers: Option<Vec<sync_core::Member>>,
+    /// Follower: the last sync error, if the last sync failed.
+    pub last_error: Option<String>,
+}
+
+/// This device's status in its library.
+pub async fn status(library: &Library) -> Result<AppStatus> {
+    let access = library.access().await?;
+    Ok(match library.role() {
+        Role::Leader => AppStatus {
+            role: Role::Leader,
+            library_id: library.id(),
+            device_id: library.device_id(),
+            access,
+            latest_seq: library.latest_seq().await?.0,
+            position: None,
+            lag: None,
+            followers: Some(
+                library
+                    .members()
+                    .await?
+                    .into_iter()
+                    .filter(|m| m.access != Access::Leader)
+                    .collect(),
+            ),
+            last_error: None,
+        },
+        Role::Follower => {
+            let position = library.position().await?.seq.0;
+            let latest = match library.local_setting(LEADER_LATEST).await? {
+                Some(text) => text.parse().unwrap_or(position),
+                None => position,
+            }
+            .max(position);
+            let last_error = library
+                .local_setting(LAST_ERROR)
+                .await?
+                .filter(|e| !e.is_empty());
+            AppStatus {
+                role: Role::Follower,
+                library_id: library.id(),
+                device_id: library.device_id(),
+                access,
+                latest_seq: latest,
+                position: Some(position),
+                lag: Some(latest - position),
+                followers: None,
+                last_error,
+            }
+        }
+    })
+}
+
+/// `status` for people.
+pub fn describe(status: &AppStatus) -> String {
+    match status.role {
+        Role::Leader => format!(
+            "leader of library {} (device {}), latest seq {}, {} follower(s)",
+            status.library_id,
+            status.device_id,
+            status.latest_seq,
+            status.followers.as_ref().map_or(0, Vec::len)
+        ),
+        Role::Follower => format!(
+            "follower ({} access) of library {} (device {}), at seq {} of {}{}",
+            status.access,
+            status.library_id,
+            status.device_id,
+            status.position.unwrap_or_default(),
+            status.latest_seq,
+            status
+                .last_error
+                .as_ref()
+                .map_or_else(String::new, |e| format!("; last error: {e}"))
+        ),
+    }
+}
+
+/// Stores what the live follow loop last knew, for `status`.
+pub async fn record_follow_status(
+    library: &Library,
+    status: &sync_core::FollowStatus,
+) -> Result<()> {
+    library
+        .set_local_setting(LEADER_LATEST, &status.latest_seq.0.to_string())
+        .await?;
+    library
+        .set_local_setting(LAST_ERROR, status.last_error.as_deref().unwrap_or(""))
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! This device's key pair. Made on first use and kept in the device's own database; the
+//! private key never leaves it. The device id and the key fingerprint derive from the
+//! public key, so a peer that proves it holds the key proves which device it is.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rcgen::{KeyPair, PKCS_ED25519, PublicKeyData};
+
+use crate::DeviceId;
+
+/// A device's Ed25519 key pair.
+pub struct DeviceKey {
+    key: KeyPair,
+}
+
+/// Why a key could not be made or read.
+#[derive(Debug, thiserror::Error)]
+#[error("device key: {0}")]
+pub struct KeyError(String);
+
+impl DeviceKey {
+    /// A fresh key pair.
+    pub fn generate() -> Result<DeviceKey, KeyError> {
+        KeyPair::generate_for(&PKCS_ED25519)
+            .map(|key| DeviceKey { key })
+            .map_err(|e| KeyError(e.to_string()))
+    }
+
+    /// A key pair stored by `to_pem`.
+    pub fn from_pem(pem: &str) -> Result<DeviceKey, KeyError> {
+        KeyPair::from_pem(pem)
+            .map(|key| DeviceKey { key })
+            .map_err(|e| KeyError(e.to_string()))
+    }
+
+    /// The key pair in PKCS#8 PEM, private key included: for this device's database only.
+    pub fn to_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
+    /// The private key in PKCS#8 DER, for this device's TLS configuration.
+    pub fn private_key_der(&self) -> Vec<u8> {
+        self.key.serialize_der()
+    }
+
+    /// The public key as a DER SubjectPublicKeyInfo.
+    pub fn public_key_der(&self) -> Vec<u8> {
+        self.key.subject_public_key_info()
+    }
+
+    /// The public key's fingerprint.
+    pub fn fingerprint(&self) -> KeyFingerprint {
+        KeyFingerprint::of_public_key(&self.public_key_der())
+    }
+
+    /// The device id this key stands for.
+    pub fn device_id(&self) -> DeviceId {
+        self.fingerprint().device_id()
+    }
+
+    /// A self-signed certificate for the key, in DER, to present in TLS. Peers check the
+    /// key inside it against a fingerprint or a member list, never a certificate authority.
+    pub fn self_signed_certificate(&self) -> Result<Vec<u8>, KeyError> {
+        let params = rcgen::CertificateParams::new(vec!["seaorm-sync".to_owned()])
+            .map_err(|e| KeyError(e.to_string()))?;
+        params
+            .self_signed(&self.key)
+            .map(|cert| cert.der().to_vec())
+            .map_err(|e| KeyError(e.to_string()))
+    }
+}
+
+impl fmt::Debug for DeviceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the private key.
+        f.debug_struct("DeviceKey")
+            .field("fingerprint", &self.fingerprint())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The BLAKE3 hash of a public key (its DER SubjectPublicKeyInfo). Followers pin the
+/// leader's; shown as 64 hex digits.
+#[derive(Copy, Clone, PartialEq, Eq, Hash)]
+pub struct KeyFingerprint(pub [u8; 32]);
+
+impl KeyFingerprint {
+    /// The fingerprint of a DER SubjectPublicKeyInfo.
+    pub fn of_public_key(spki_der: &[u8]) -> KeyFingerprint {
+        KeyFingerprint(*blake3::hash(spki_der).as_bytes())
+    }
+
+    /// The device id of the key: the fingerprint's first 16 bytes as a UUID (version 8).
+    pub fn device_id(&self) -> DeviceId {
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&self.0[..16]);
+        DeviceId(uuid::Builder::from_custom_bytes(bytes).into_uuid())
+    }
+}
+
+impl fmt::Display for KeyFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for KeyFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyFingerprint({self})")
+    }
+}
+
+/// Why a fingerprint did not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("a key fingerprint is 64 hex digits")]
+pub struct BadFingerprint;
+
+impl FromStr for KeyFingerprint {
+    type Err = BadFingerprint;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.as_bytes();
+        if s.len() != 64 {
+            return Err(BadFingerprint);
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in s.chunks(2).enumerate() {
+            let text = std::str::from_utf8(pair).map_err(|_| BadFingerprint)?;
+            out[i] = u8::from_str_radix(text, 16).map_err(|_| BadFingerprint)?;
+        }
+        Ok(KeyFingerprint(out))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_key_is_the_same_device() {
+        let key = DeviceKey::generate().unwrap();
+        let again = DeviceKey::from_pem(&key.to_pem()).unwrap();
+        assert_eq!(key.device_id(), again.device_id());
+        assert_eq!(key.fingerprint(), again.fingerprint());
+        assert_ne!(key.device_id(), DeviceKey::generate().unwrap().device_id());
+        assert_eq!(key.device_id().0.get_version_num(), 8);
+    }
+
+    #[test]
+    fn fingerprints_round_trip_through_text() {
+        let fingerprint = DeviceKey::generate().unwrap().fingerprint();
+        assert_eq!(
+            fingerprint.to_string().parse::<KeyFingerprint>().unwrap(),
+            fingerprint
+        );
+        assert!("abc".parse::<KeyFingerprint>().is_err());
+        assert!("zz".repeat(32).parse::<KeyFingerprint>().is_err());
+    }
+}

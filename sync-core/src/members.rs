@@ -1,0 +1,412 @@
+//! Who may sync a library: its members, the invites that admit new ones, revocation, and
+//! what the leader knows of each follower's progress.
+
+use std::time::Duration;
+
+use sea_orm::ActiveValue::Set;
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::{ColumnTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, TransactionTrait};
+use serde::{Deserialize, Serialize};
+
+use crate::library::{InsertInto, get_local_value, set_local_value};
+use crate::tables::{device, invite, peer};
+use crate::{DeviceId, Library, LibraryId, Role, Seq};
+
+/// What a member of a library may do.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// The leader: holds and sequences the log.
+    Leader,
+    /// Pulls the log and pushes its own changes.
+    Write,
+    /// Pulls the log only.
+    Read,
+}
+
+impl Access {
+    /// As stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Leader => "leader",
+            Access::Write => "write",
+            Access::Read => "read",
+        }
+    }
+
+    /// Parses `as_str`'s output.
+    pub fn parse(text: &str) -> Option<Access> {
+        match text {
+            "leader" => Some(Access::Leader),
+            "write" => Some(Access::Write),
+            "read" => Some(Access::Read),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A device that takes part in a library, as its leader records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Member {
+    /// The device.
+    pub device_id: DeviceId,
+    /// What it may do.
+    pub access: Access,
+    /// The name it gave when it joined.
+    pub name: Option<String>,
+    /// When it joined (ms since the epoch).
+    pub added_at_ms: i64,
+    /// When it was revoked, if it was.
+    pub revoked_at_ms: Option<i64>,
+    /// The position it last pulled from, if it pulled.
+    pub position: Option<Seq>,
+    /// When it last pulled.
+    pub last_seen_ms: Option<i64>,
+}
+
+/// Whether a device may sync a library now.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// A member, with this access.
+    Member(Access),
+    /// Never a member.
+    NotMember,
+    /// A member once, revoked at this time (ms since the epoch).
+    Revoked(i64),
+}
+
+/// An invite: the one-time secret a joining device presents, and what it grants.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Invite {
+    /// The one-time secret. The leader keeps only its hash.
+    pub secret: [u8; 32],
+    /// The library it admits to.
+    pub library_id: LibraryId,
+    /// What it grants.
+    pub access: Access,
+    /// When it stops working (ms since the epoch).
+    pub expires_at_ms: i64,
+}
+
+impl std::fmt::Debug for Invite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        f.debug_struct("Invite")
+            .field("library_id", &self.library_id)
+            .field("access", &self.access)
+            .field("expires_at_ms", &self.expires_at_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a membership change was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MemberError {
+    /// Only the leader admits and revokes devices.
+    #[error("only the leader of library {0} manages its devices; run this on the leader")]
+    NotLeader(LibraryId),
+    /// An invite grants read or write.
+    #[error("an invite grants `read` or `write`, not `{0}`")]
+    BadAccess(Access),
+    /// No such member.
+    #[error("device {device} is not a member of library {library}; `devices` lists the members")]
+    UnknownDevice {
+        /// The device.
+        device: DeviceId,
+        /// The library.
+        library: LibraryId,
+    },
+    /// The leader cannot revoke itself.
+    #[error("device {0} leads this library and cannot be revoked; move leadership first")]
+    IsLeader(DeviceId),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Db(#[from] DbErr),
+}
+
+/// Why an invite was not redeemed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InviteError {
+    /// The leader has no invite with this secret.
+    #[error(
+        "the leader of library {0} knows no such invite: the token was altered or made by \
+         another leader; ask the leader for a new one (`invite`)"
+    )]
+    Unknown(LibraryId),
+    /// The invite expired.
+    #[error("this invite expired at {0}; ask the leader for a new one (`invite`)")]
+    Expired(String),
+    /// The invite admitted a device already.
+    #[error(
+        "this invite was already used (an invite admits one device); ask the leader for a new one"
+    )]
+    AlreadyUsed,
+    /// The token claims other terms than the leader issued.
+    #[error(
+        "this invite was altered: the leader issued it for `{issued}` access, the token \
+         claims `{claimed}`; ask the leader for a new one"
+    )]
+    Altered {
+        /// What the leader issued.
+        issued: Access,
+        /// What the token claims.
+        claimed: Access,
+    },
+    /// Membership could not be recorded.
+    #[error(transparent)]
+    Member(#[from] MemberError),
+}
+
+impl From<DbErr> for InviteError {
+    fn from(e: DbErr) -> Self {
+        InviteError::Member(MemberError::Db(e))
+    }
+}
+
+impl Library {
+    fn require_leader(&self) -> Result<(), MemberError> {
+        if self.role() == Role::Leader {
+            Ok(())
+        } else {
+            Err(MemberError::NotLeader(self.id()))
+        }
+    }
+
+    /// Whether `device` may sync this library now.
+    pub async fn admission(&self, device: DeviceId) -> Result<Admission, DbErr> {
+        let row = device::Entity::find_by_id((self.id().to_string(), device.to_string()))
+            .one(&self.db)
+            .await?;
+        Ok(match row {
+            None => Admission::NotMember,
+            Some(row) => match row.revoked_at_ms {
+                Some(at) => Admission::Revoked(at),
+                None => Admission::Member(parse_access(&row.role)?),
+            },
+        })
+    }
+
+    /// This device's own access to the library.
+    pub async fn access(&self) -> Result<Access, DbErr> {
+        match self.admission(self.device_id()).await? {
+            Admission::Member(access) => Ok(access),
+            // A device's own row is written when it creates or joins the library.
+            _ => Ok(Access::Read),
+        }
+    }
+
+    /// Every device that is or was a member, the leader first, with what the leader knows
+    /// of its progress.
+    pub async fn members(&self) -> Result<Vec<Member>, DbErr> {
+        let rows = device::Entity::find()
+            .filter(device::Column::LibraryId.eq(self.id().to_string()))
+            .order_by_asc(device::Column::AddedAtMs)
+            .all(&self.db)
+            .await?;
+        let peers = peer::Entity::find()
+            .filter(peer::Column::LibraryId.eq(self.id().to_string()))
+            .all(&self.db)
+            .await?;
+        let mut members = Vec::with_capacity(rows.len());
+        for row in rows {
+            let seen = peers.iter().find(|p| p.device_id == row.device_id);
+            members.push(Member {
+                device_id: row.device_id.parse().map_err(|e| {
+                    DbErr::Custom(format!("sync_device id `{}`: {e}", row.device_id))
+                })?,
+                access: parse_access(&row.role)?,
+                name: row.name,
+                added_at_ms: row.added_at_ms,
+                revoked_at_ms: row.revoked_at_ms,
+                position: seen.map(|p| Seq(p.position as u64)),
+                last_seen_ms: seen.map(|p| p.last_seen_ms),
+            });
+        }
+        members.sort_by_key(|m| m.access != Access::Leader);
+        Ok(members)
+    }
+
+    /// Issues an invite granting `access` for `ttl` (leader only).
+    pub async fn invite(&self, access: Access, ttl: Duration) -> Result<Invite, MemberError> {
+        self.require_leader()?;
+        if access == Access::Leader {
+            return Err(MemberError::BadAccess(access));
+        }
+        let secret: [u8; 32] = rand::random();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let expires_at_ms = now_ms.saturating_add(ttl_ms);
+        invite::ActiveModel {
+            secret_hash: Set(secret_hash(&secret)),
+            library_id: Set(self.id().to_string()),
+            role: Set(access.as_str().to_owned()),
+            created_at_ms: Set(now_ms),
+            expires_at_ms: Set(expires_at_ms),
+            used_at_ms: Set(None),
+            used_by: Set(None),
+        }
+        .insert_into(&self.db)
+        .await?;
+        Ok(Invite {
+            secret,
+            library_id: self.id(),
+            access,
+            expires_at_ms,
+        })
+    }
+
+    /// Admits `device` with the invite holding `secret`, once (leader only). `claimed` is
+    /// the access the joining device's token states; it must be what the leader issued.
+    /// A device revoked earlier is admitted again: the leader invited it anew.
+    pub async fn redeem_invite(
+        &self,
+        secret: &[u8; 32],
+        claimed: Access,
+        device: DeviceId,
+        name: Option<&str>,
+    ) -> Result<Access, InviteError> {
+        self.require_leader()?;
+        let hash = secret_hash(secret);
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let txn = self.db.begin().await?;
+        let row = invite::Entity::find_by_id(hash.clone())
+            .filter(invite::Column::LibraryId.eq(self.id().to_string()))
+            .one(&txn)
+            .await?
+            .ok_or(InviteError::Unknown(self.id()))?;
+        let issued = parse_access(&row.role)?;
+        if issued != claimed {
+            return Err(InviteError::Altered { issued, claimed });
+        }
+        if row.used_at_ms.is_some() {
+            return Err(InviteError::AlreadyUsed);
+        }
+        if row.expires_at_ms <= now_ms {
+            return Err(InviteError::Expired(format_ms(row.expires_at_ms)));
+        }
+        // Whoever marks the invite used first wins; a concurrent redeemer finds it used.
+        let marked = invite::Entity::update_many()
+            .col_expr(invite::Column::UsedAtMs, Expr::value(now_ms))
+            .col_expr(invite::Column::UsedBy, Expr::value(device.to_string()))
+            .filter(invite::Column::SecretHash.eq(hash))
+            .filter(invite::Column::UsedAtMs.is_null())
+            .exec(&txn)
+            .await?;
+        if marked.rows_affected != 1 {
+            return Err(InviteError::AlreadyUsed);
+        }
+        device::Entity::insert(device::ActiveModel {
+            library_id: Set(self.id().to_string()),
+            device_id: Set(device.to_string()),
+            role: Set(issued.as_str().to_owned()),
+            name: Set(name.map(str::to_owned)),
+            added_at_ms: Set(now_ms),
+            revoked_at_ms: Set(None),
+        })
+        .on_conflict(
+            OnConflict::columns([device::Column::LibraryId, device::Column::DeviceId])
+                .update_columns([
+                    device::Column::Role,
+                    device::Column::Name,
+                    device::Column::RevokedAtMs,
+                ])
+                .to_owned(),
+        )
+        .exec_without_returning(&txn)
+        .await?;
+        txn.commit().await?;
+        self.membership_changed();
+        Ok(issued)
+    }
+
+    /// Revokes `device` (leader only): it is refused from now on, on live connections too.
+    pub async fn revoke(&self, device: DeviceId) -> Result<(), MemberError> {
+        self.require_leader()?;
+        if device == self.device_id() {
+            return Err(MemberError::IsLeader(device));
+        }
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let updated = device::Entity::update_many()
+            .col_expr(device::Column::RevokedAtMs, Expr::value(now_ms))
+            .filter(device::Column::LibraryId.eq(self.id().to_string()))
+            .filter(device::Column::DeviceId.eq(device.to_string()))
+            .filter(device::Column::RevokedAtMs.is_null())
+            .exec(&self.db)
+            .await?;
+        if updated.rows_affected == 0 {
+            // Revoked already is fine; unknown is an error.
+            if self.admission(device).await? == Admission::NotMember {
+                return Err(MemberError::UnknownDevice {
+                    device,
+                    library: self.id(),
+                });
+            }
+        }
+        self.membership_changed();
+        Ok(())
+    }
+
+    /// Records that `device` pulled from `position` (leader side, for status).
+    pub async fn record_peer_position(&self, device: DeviceId, position: Seq) -> Result<(), DbErr> {
+        peer::Entity::insert(peer::ActiveModel {
+            library_id: Set(self.id().to_string()),
+            device_id: Set(device.to_string()),
+            position: Set(position.0 as i64),
+            last_seen_ms: Set(chrono::Utc::now().timestamp_millis()),
+        })
+        .on_conflict(
+            OnConflict::columns([peer::Column::LibraryId, peer::Column::DeviceId])
+                .update_columns([peer::Column::Position, peer::Column::LastSeenMs])
+                .to_owned(),
+        )
+        .exec_without_returning(&self.db)
+        .await
+        .map(|_| ())
+    }
+
+    /// The library's name.
+    pub async fn name(&self) -> Result<String, DbErr> {
+        Ok(
+            crate::tables::library::Entity::find_by_id(self.id().to_string())
+                .one(&self.db)
+                .await?
+                .map(|row| row.name)
+                .unwrap_or_default(),
+        )
+    }
+
+    /// A value this app keeps on this device (not synced), such as where the leader was
+    /// last reached.
+    pub async fn local_setting(&self, key: &str) -> Result<Option<String>, DbErr> {
+        get_local_value(&self.db, &self.setting_key(key)).await
+    }
+
+    /// Stores a local setting (see `local_setting`).
+    pub async fn set_local_setting(&self, key: &str, value: &str) -> Result<(), DbErr> {
+        set_local_value(&self.db, &self.setting_key(key), value).await
+    }
+
+    fn setting_key(&self, key: &str) -> String {
+        format!("{}/{key}", self.id())
+    }
+}
+
+fn parse_access(text: &str) -> Result<Access, DbErr> {
+    Access::parse(text).ok_or_else(|| DbErr::Custom(format!("unknown device role `{text}`")))
+}
+
+fn secret_hash(secret: &[u8; 32]) -> String {
+    blake3::hash(secret).to_hex().to_string()
+}
+
+fn format_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map_or_else(|| ms.to_string(), |t| t.to_rfc3339())
+}

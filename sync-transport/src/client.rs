@@ -1,0 +1,512 @@
+//! The follower's side: join a library with a token, open sessions, pull, and hear the
+//! leader's announcements of new seqs.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sync_core::{
+    Access, DeviceId, DeviceKey, KeyFingerprint, LibraryId, PROTOCOL_VERSION, PullError,
+    PullRequest, PullResponse, Seq, Transport,
+};
+use tokio::sync::watch;
+
+use crate::frame::{self, ReadError, Refusal, Request, Response};
+use crate::token::JoinToken;
+use crate::{TransportError, tls};
+
+/// Deadlines of a follower.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// For reaching the leader and its first answer.
+    pub connect_timeout: Duration,
+    /// For one request's answer.
+    pub request_timeout: Duration,
+    /// Keep-alives, so that an idle session survives the leader's idle timeout.
+    pub keep_alive: Duration,
+    /// A connection silent this long is considered lost.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
+            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What joining a library gave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Joined {
+    /// The library.
+    pub library_id: LibraryId,
+    /// Its name.
+    pub library_name: String,
+    /// Its leader.
+    pub leader_device_id: DeviceId,
+    /// What this device may do.
+    pub access: Access,
+}
+
+/// A device's QUIC client.
+#[derive(Clone, Debug)]
+pub struct Client {
+    key: Arc<DeviceKey>,
+    config: ClientConfig,
+}
+
+/// An open session with a leader on one library.
+#[derive(Debug)]
+pub struct Session {
+    // Kept for as long as the connection lives.
+    _endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+    library_id: LibraryId,
+    access: Access,
+    request_timeout: Duration,
+    /// The refusal the leader sent on the control stream (a revocation), if any.
+    refusal: Arc<Mutex<Option<TransportError>>>,
+    control: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.control.abort();
+        self.connection.close(0u32.into(), b"done");
+    }
+}
+
+impl Client {
+    /// A client that presents `key`.
+    pub fn new(key: DeviceKey, config: ClientConfig) -> Client {
+        Client {
+            key: Arc::new(key),
+            config,
+        }
+    }
+
+    /// Redeems `token` with the leader it names: this device becomes a member.
+    pub async fn join(
+        &self,
+        token: &JoinToken,
+        name: Option<&str>,
+    ) -> Result<Joined, TransportError> {
+        let pin = token
+            .fingerprint()
+            .map_err(|e| TransportError::Config(e.to_string()))?;
+        let (endpoint, connection) = self.dial(&token.address, pin).await?;
+        let request = Request::Join {
+            protocol_version: PROTOCOL_VERSION,
+            library_id: token.library_id,
+            secret: token.secret.clone(),
+            access: token.access,
+            name: name.map(str::to_owned),
+        };
+        let answer = self.first_exchange(&connection, &request).await;
+        connection.close(0u32.into(), b"joined");
+        drop(endpoint);
+        match answer? {
+            (
+                Response::Joined {
+                    library_name,
+                    leader_device_id,
+                    access,
+                    ..
+                },
+                _,
+            ) => Ok(Joined {
+                library_id: token.library_id,
+                library_name,
+                leader_device_id,
+                access,
+            }),
+            (other, _) => Err(unexpected(&other)),
+        }
+    }
+
+    /// Opens a session on `library_id` with the leader at `address`, whose key must have
+    /// the fingerprint `pin`. `latest` receives the leader's announcements of new seqs.
+    pub async fn connect(
+        &self,
+        address: &str,
+        pin: KeyFingerprint,
+        library_id: LibraryId,
+        latest: watch::Sender<Seq>,
+    ) -> Result<Session, TransportError> {
+        let (endpoint, connection) = self.dial(address, pin).await?;
+        let hello = Request::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            library_id,
+        };
+        let (welcome, mut control) = self.first_exchange(&connection, &hello).await?;
+        let Response::Welcome {
+            access, latest_seq, ..
+        } = welcome
+        else {
+            return Err(unexpected(&welcome));
+        };
+        latest.send_replace(latest_seq);
+        let refusal = Arc::new(Mutex::new(None));
+        let control = tokio::spawn({
+            let refusal = Arc::clone(&refusal);
+            async move {
+                loop {
+                    match frame::read::<Response>(&mut control).await {
+                        Ok(Response::Tip { latest_seq }) => {
+                            latest.send_replace(latest_seq);
+                        }
+                        Ok(Response::Refused { code, message }) => {
+                            *refusal.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some(TransportError::Refused { code, message });
+                            // Wake the follower so it learns at once.
+                            latest.send_modify(|_| {});
+                            return;
+                        }
+                        Ok(other) => {
+                            tracing::warn!(?other, "unexpected message on the control stream");
+                        }
+                        Err(_) => {
+                            latest.send_modify(|_| {});
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Session {
+            _endpoint: endpoint,
+            connection,
+            library_id,
+            access,
+            request_timeout: self.config.request_timeout,
+            refusal,
+            control,
+        })
+    }
+
+    /// Opens the control stream, sends `request`, reads the first answer.
+    async fn first_exchange(
+        &self,
+        connection: &quinn::Connection,
+        request: &Request,
+    ) -> Result<(Response, quinn::RecvStream), TransportError> {
+        let exchange = async {
+            let (mut send, mut recv) = connection
+                .open_bi()
+                .await
+                .map_err(|e| connection_error(connection, e.to_string()))?;
+            frame::write(&mut send, request)
+                .await
+                .map_err(|e| connection_error(connection, e.to_string()))?;
+            let answer = frame::read::<Response>(&mut recv)
+                .await
+                .map_err(|e| read_error(connection, e))?;
+            Ok::<_, TransportError>((answer, recv))
+        };
+        let (answer, recv) = tokio::time::timeout(self.config.connect_timeout, exchange)
+            .await
+            .map_err(|_| TransportError::Timeout("the leader's first answer"))??;
+        if let Response::Refused { code, message } = answer {
+            return Err(TransportError::Refused { code, message });
+        }
+        Ok((answer, recv))
+    }
+
+    /// Dials the leader and writes `bytes` as the first thing on the control stream, then
+    /// returns the leader's first answer: for tests and diagnostics of a leader's
+    /// refusals (malformed frames, other protocol versions).
+    #[doc(hidden)]
+    pub async fn send_raw(
+        &self,
+        address: &str,
+        pin: KeyFingerprint,
+        bytes: &[u8],
+    ) -> Result<Response, TransportError> {
+        let (_endpoint, connection) = self.dial(address, pin).await?;
+        let exchange = async {
+            let (mut send, mut recv) = connection
+                .open_bi()
+                .await
+                .map_err(|e| connection_error(&connection, e.to_string()))?;
+            send.write_all(bytes)
+                .await
+                .map_err(|e| connection_error(&connection, e.to_string()))?;
+            let _ = send.finish();
+            frame::read::<Response>(&mut recv)
+                .await
+                .map_err(|e| read_error(&connection, e))
+        };
+        tokio::time::timeout(self.config.connect_timeout, exchange)
+            .await
+            .map_err(|_| TransportError::Timeout("the leader's first answer"))?
+    }
+
+    /// A bare connection to the leader, for tests of what a misbehaving peer costs it.
+    #[doc(hidden)]
+    pub async fn dial_raw(
+        &self,
+        address: &str,
+        pin: KeyFingerprint,
+    ) -> Result<(quinn::Endpoint, quinn::Connection), TransportError> {
+        self.dial(address, pin).await
+    }
+
+    async fn dial(
+        &self,
+        address: &str,
+        pin: KeyFingerprint,
+    ) -> Result<(quinn::Endpoint, quinn::Connection), TransportError> {
+        let target = resolve(address).await?;
+        let bind: SocketAddr = if target.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = quinn::Endpoint::client(bind).map_err(TransportError::Io)?;
+        let seen = Arc::new(Mutex::new(None));
+        let crypto = tls::client_config(&self.key, pin, Arc::clone(&seen))?;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
+            .map_err(|e| TransportError::Config(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .keep_alive_interval(Some(self.config.keep_alive))
+            .max_idle_timeout(Some(
+                self.config
+                    .idle_timeout
+                    .try_into()
+                    .map_err(|_| TransportError::Config("idle timeout too long".into()))?,
+            ));
+        config.transport_config(Arc::new(transport));
+        let connecting = endpoint
+            .connect_with(config, target, tls::SERVER_NAME)
+            .map_err(|e| TransportError::Config(e.to_string()))?;
+        let connection = match tokio::time::timeout(self.config.connect_timeout, connecting).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(e)) => {
+                let found = *seen.lock().unwrap_or_else(|p| p.into_inner());
+                return Err(match found {
+                    Some(found) if found != pin => TransportError::WrongLeader {
+                        address: address.to_owned(),
+                        expected: pin,
+                        found,
+                    },
+                    _ => TransportError::Unreachable {
+                        address: address.to_owned(),
+                        reason: e.to_string(),
+                    },
+                });
+            }
+            Err(_) => {
+                return Err(TransportError::Unreachable {
+                    address: address.to_owned(),
+                    reason: format!("no answer within {:?}", self.config.connect_timeout),
+                });
+            }
+        };
+        Ok((endpoint, connection))
+    }
+}
+
+async fn resolve(address: &str) -> Result<SocketAddr, TransportError> {
+    let mut found = tokio::net::lookup_host(address)
+        .await
+        .map_err(|e| TransportError::Address(format!("`{address}`: {e}")))?;
+    found
+        .next()
+        .ok_or_else(|| TransportError::Address(format!("`{address}` resolves to nothing")))
+}
+
+fn unexpected(response: &Response) -> TransportError {
+    TransportError::Protocol(format!("unexpected answer from the leader: {response:?}"))
+}
+
+/// The leader's reason, when it closed the connection with one; else `fallback`.
+fn connection_error(connection: &quinn::Connection, fallback: String) -> TransportError {
+    match connection.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+            let message = String::from_utf8_lossy(&close.reason).into_owned();
+            match refusal_of(close.error_code.into_inner()) {
+                Some(code) => TransportError::Refused { code, message },
+                None => {
+                    TransportError::Lost(format!("the leader closed the connection: {message}"))
+                }
+            }
+        }
+        Some(other) => TransportError::Lost(other.to_string()),
+        None => TransportError::Lost(fallback),
+    }
+}
+
+fn read_error(connection: &quinn::Connection, e: ReadError) -> TransportError {
+    match e {
+        ReadError::Frame(e) => TransportError::Frame(e),
+        other => connection_error(connection, other.to_string()),
+    }
+}
+
+fn refusal_of(code: u64) -> Option<Refusal> {
+    [
+        Refusal::VersionMismatch,
+        Refusal::UnknownLibrary,
+        Refusal::NotMember,
+        Refusal::Revoked,
+        Refusal::Invite,
+        Refusal::BadRequest,
+        Refusal::Internal,
+    ]
+    .into_iter()
+    .find(|r| u64::from(r.close_code()) == code)
+}
+
+impl Session {
+    /// What the leader lets this device do.
+    pub fn access(&self) -> Access {
+        self.access
+    }
+
+    /// Whether the connection is gone (closed, lost or refused).
+    pub fn is_closed(&self) -> bool {
+        self.connection.close_reason().is_some() || self.refused().is_some()
+    }
+
+    fn refused(&self) -> Option<TransportError> {
+        self.refusal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(TransportError::clone_refusal)
+    }
+
+    /// Sends a pull request and waits for its answer.
+    pub async fn pull(&self, request: &PullRequest) -> Result<PullResponse, TransportError> {
+        if let Some(refused) = self.refused() {
+            return Err(refused);
+        }
+        if request.library_id != self.library_id {
+            return Err(TransportError::Config(format!(
+                "this session is for library {}, not {}",
+                self.library_id, request.library_id
+            )));
+        }
+        let connection = &self.connection;
+        let exchange = async {
+            let (mut send, mut recv) = connection
+                .open_bi()
+                .await
+                .map_err(|e| connection_error(connection, e.to_string()))?;
+            frame::write(&mut send, &Request::Pull(request.clone()))
+                .await
+                .map_err(|e| connection_error(connection, e.to_string()))?;
+            let _ = send.finish();
+            frame::read::<Response>(&mut recv)
+                .await
+                .map_err(|e| read_error(connection, e))
+        };
+        let answer = tokio::time::timeout(self.request_timeout, exchange)
+            .await
+            .map_err(|_| TransportError::Timeout("a pull's answer"))?;
+        let answer = match answer {
+            Ok(answer) => answer,
+            // The control stream may hold the real reason (a revocation).
+            Err(e) => return Err(self.refused().unwrap_or(e)),
+        };
+        match answer {
+            Response::Pulled(response) => Ok(response),
+            Response::Refused { code, message } => Err(TransportError::Refused { code, message }),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+/// `sync_core::Transport` over QUIC: one session at a time, opened on first use and again
+/// after it is lost; the follow loop's backoff paces the retries.
+#[derive(Debug)]
+pub struct QuicTransport {
+    client: Client,
+    address: Mutex<String>,
+    pin: KeyFingerprint,
+    library_id: LibraryId,
+    session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    latest: watch::Sender<Seq>,
+    news: tokio::sync::Mutex<watch::Receiver<Seq>>,
+}
+
+impl QuicTransport {
+    /// A transport to the leader of `library_id` at `address`, pinned to `pin`.
+    pub fn new(client: Client, address: &str, pin: KeyFingerprint, library_id: LibraryId) -> Self {
+        let (latest, news) = watch::channel(Seq::ZERO);
+        QuicTransport {
+            client,
+            address: Mutex::new(address.to_owned()),
+            pin,
+            library_id,
+            session: tokio::sync::Mutex::new(None),
+            latest,
+            news: tokio::sync::Mutex::new(news),
+        }
+    }
+
+    /// The leader's latest seq, as last announced.
+    pub fn leader_latest_seq(&self) -> Seq {
+        *self.latest.borrow()
+    }
+
+    /// Opens a session now (or returns the open one).
+    pub async fn session(&self) -> Result<Arc<Session>, TransportError> {
+        let mut slot = self.session.lock().await;
+        if let Some(session) = slot.as_ref()
+            && !session.is_closed()
+        {
+            return Ok(Arc::clone(session));
+        }
+        *slot = None;
+        let address = self
+            .address
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let session = Arc::new(
+            self.client
+                .connect(&address, self.pin, self.library_id, self.latest.clone())
+                .await?,
+        );
+        *slot = Some(Arc::clone(&session));
+        Ok(session)
+    }
+
+    /// Closes the session (the next request opens a new one).
+    pub async fn disconnect(&self) {
+        self.session.lock().await.take();
+    }
+}
+
+#[async_trait::async_trait]
+impl Transport for QuicTransport {
+    async fn pull(&self, request: PullRequest) -> Result<PullResponse, PullError> {
+        let session = self
+            .session()
+            .await
+            .map_err(|e| PullError::Transport(e.to_string()))?;
+        match session.pull(&request).await {
+            Ok(response) => Ok(response),
+            Err(e) => {
+                if session.is_closed() {
+                    self.session.lock().await.take();
+                }
+                Err(PullError::Transport(e.to_string()))
+            }
+        }
+    }
+
+    async fn news(&self) {
+        let mut news = self.news.lock().await;
+        if news.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}

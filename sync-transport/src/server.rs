@@ -1,0 +1,534 @@
+//! The leader's side: serves every library this device leads to the devices that are
+//! members of it.
+//!
+//! One task per connection. A connection opens with a control stream whose first frame
+//! is `Hello` (a member starting a session) or `Join` (a device redeeming an invite).
+//! After `Welcome`, the leader keeps the control stream to announce its latest seq, and
+//! answers each request on a stream of its own. Whatever a peer sends, it costs the
+//! leader that one connection at most: frames are bounded, every wait has a deadline,
+//! and a refusal closes only that connection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sync_core::{
+    Access, Admission, CommitWatcher, DeviceId, DeviceKey, KeyFingerprint, Library, LibraryId,
+    PROTOCOL_VERSION, Role,
+};
+use tokio::task::JoinSet;
+
+use crate::frame::{self, ReadError, Refusal, Request, Response};
+use crate::{TransportError, tls};
+
+/// Deadlines and limits of a leader.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// For the TLS handshake and the first frame.
+    pub handshake_timeout: Duration,
+    /// For a request frame once its stream opened.
+    pub request_timeout: Duration,
+    /// A connection silent this long is closed (followers send keep-alives).
+    pub idle_timeout: Duration,
+    /// Requests in flight per connection.
+    pub streams_per_connection: u32,
+    /// How often a live session rechecks its device's membership, for revocations made
+    /// by another process (this process's own revocations apply at once).
+    pub membership_recheck: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+            streams_per_connection: 16,
+            membership_recheck: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A running leader. Dropping it stops accepting; `shutdown` also closes connections.
+#[derive(Debug)]
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    accept: tokio::task::JoinHandle<()>,
+    _watchers: Vec<CommitWatcher>,
+}
+
+struct Shared {
+    libraries: HashMap<LibraryId, Library>,
+    config: ServerConfig,
+}
+
+impl Server {
+    /// Serves `libraries` (each led by this device, whose key is `key`) on `addr`.
+    pub async fn bind(
+        addr: SocketAddr,
+        key: &DeviceKey,
+        libraries: Vec<Library>,
+        config: ServerConfig,
+    ) -> Result<Server, TransportError> {
+        let mut served = HashMap::new();
+        for library in libraries {
+            if library.role() != Role::Leader {
+                return Err(TransportError::Config(format!(
+                    "this device follows library {}; only its leader serves it",
+                    library.id()
+                )));
+            }
+            served.insert(library.id(), library);
+        }
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_idle_timeout(Some(
+                config
+                    .idle_timeout
+                    .try_into()
+                    .map_err(|_| TransportError::Config("idle timeout too long".into()))?,
+            ))
+            .max_concurrent_bidi_streams(config.streams_per_connection.into())
+            .max_concurrent_uni_streams(0u32.into());
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(key)?)
+            .map_err(|e| TransportError::Config(e.to_string()))?;
+        let mut quic = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        quic.transport_config(Arc::new(transport));
+        let endpoint = quinn::Endpoint::server(quic, addr)
+            .map_err(|e| TransportError::Config(format!("cannot listen on {addr}: {e}")))?;
+        let local_addr = endpoint.local_addr().map_err(TransportError::Io)?;
+        let watchers = served.values().map(Library::watch_commits).collect();
+        let shared = Arc::new(Shared {
+            libraries: served,
+            config,
+        });
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), shared));
+        Ok(Server {
+            endpoint,
+            local_addr,
+            accept,
+            _watchers: watchers,
+        })
+    }
+
+    /// Where it listens (with the port the OS chose for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, tells connected followers the leader is going away, and waits
+    /// (briefly) until they have been told.
+    pub async fn shutdown(self) {
+        self.accept.abort();
+        self.endpoint
+            .close(0u32.into(), b"the leader is shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    let mut connections = JoinSet::new();
+    while let Some(incoming) = endpoint.accept().await {
+        // Reap finished connection tasks as we go.
+        while connections.try_join_next().is_some() {}
+        let shared = Arc::clone(&shared);
+        connections.spawn(async move {
+            let remote = incoming.remote_address();
+            match tokio::time::timeout(shared.config.handshake_timeout, incoming).await {
+                Ok(Ok(connection)) => serve_connection(connection, shared).await,
+                Ok(Err(e)) => tracing::debug!(%remote, %e, "handshake failed"),
+                Err(_) => tracing::debug!(%remote, "handshake timed out"),
+            }
+        });
+    }
+}
+
+/// Refuses on `send`, then closes the connection with the same message, so the peer sees
+/// the reason whichever it reads first.
+async fn refuse(
+    connection: &quinn::Connection,
+    send: Option<&mut quinn::SendStream>,
+    code: Refusal,
+    message: String,
+) {
+    tracing::info!(remote = %connection.remote_address(), ?code, %message, "refused");
+    if let Some(send) = send {
+        let refused = Response::Refused {
+            code,
+            message: message.clone(),
+        };
+        if frame::write(send, &refused).await.is_ok() && send.finish().is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        }
+    }
+    // QUIC carries a close reason of up to about a packet; long messages are cut.
+    let mut reason = message.into_bytes();
+    reason.truncate(1_000);
+    connection.close(code.close_code().into(), &reason);
+}
+
+async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
+    let Some(fingerprint) = tls::peer_fingerprint(&connection) else {
+        refuse(
+            &connection,
+            None,
+            Refusal::BadRequest,
+            "no device key presented".into(),
+        )
+        .await;
+        return;
+    };
+    let device = fingerprint.device_id();
+    let timeout = shared.config.handshake_timeout;
+    let Ok(Ok((mut send, mut recv))) = tokio::time::timeout(timeout, connection.accept_bi()).await
+    else {
+        connection.close(
+            Refusal::BadRequest.close_code().into(),
+            b"no request in time",
+        );
+        return;
+    };
+    let first = match tokio::time::timeout(timeout, frame::read_bytes(&mut recv)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            refuse(
+                &connection,
+                Some(&mut send),
+                Refusal::BadRequest,
+                e.to_string(),
+            )
+            .await;
+            return;
+        }
+        Err(_) => {
+            refuse(
+                &connection,
+                Some(&mut send),
+                Refusal::BadRequest,
+                "no request in time".into(),
+            )
+            .await;
+            return;
+        }
+    };
+    let request = match frame::decode::<Request>(&first) {
+        Ok(request) => request,
+        Err(e) => {
+            let (code, message) = match frame::stated_protocol_version(&first) {
+                Some(theirs) if theirs != u64::from(PROTOCOL_VERSION) => {
+                    (Refusal::VersionMismatch, version_message(theirs))
+                }
+                _ => (Refusal::BadRequest, e.to_string()),
+            };
+            refuse(&connection, Some(&mut send), code, message).await;
+            return;
+        }
+    };
+    let (protocol_version, library_id) = match &request {
+        Request::Hello {
+            protocol_version,
+            library_id,
+        }
+        | Request::Join {
+            protocol_version,
+            library_id,
+            ..
+        } => (*protocol_version, *library_id),
+        Request::Pull(_) => {
+            let message = "a session opens with `hello` or `join`".to_owned();
+            refuse(&connection, Some(&mut send), Refusal::BadRequest, message).await;
+            return;
+        }
+    };
+    if protocol_version != PROTOCOL_VERSION {
+        let message = version_message(u64::from(protocol_version));
+        refuse(
+            &connection,
+            Some(&mut send),
+            Refusal::VersionMismatch,
+            message,
+        )
+        .await;
+        return;
+    }
+    let Some(library) = shared.libraries.get(&library_id).cloned() else {
+        let message = format!(
+            "this device does not lead library {library_id}: the leader may have moved; \
+             ask its current leader for an invite"
+        );
+        refuse(
+            &connection,
+            Some(&mut send),
+            Refusal::UnknownLibrary,
+            message,
+        )
+        .await;
+        return;
+    };
+    match request {
+        Request::Join {
+            secret,
+            access,
+            name,
+            ..
+        } => join(&connection, send, &library, device, &secret, access, name).await,
+        Request::Hello { .. } => {
+            let access = match admitted(&library, device).await {
+                Ok(access) => access,
+                Err((code, message)) => {
+                    refuse(&connection, Some(&mut send), code, message).await;
+                    return;
+                }
+            };
+            let latest_seq = library.watch_latest_seq().get();
+            let welcome = Response::Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                access,
+                latest_seq,
+            };
+            if frame::write(&mut send, &welcome).await.is_err() {
+                return;
+            }
+            tracing::info!(%device, library = %library.id(), %access, "follower connected");
+            session(connection, send, library, device, fingerprint, shared).await;
+        }
+        Request::Pull(_) => {}
+    }
+}
+
+fn version_message(theirs: u64) -> String {
+    format!(
+        "protocol version mismatch: the leader speaks sync protocol {PROTOCOL_VERSION}, this \
+         device speaks {theirs}; update the older app so both run the same protocol"
+    )
+}
+
+/// Whether `device` may sync `library` now, or the refusal to send.
+async fn admitted(library: &Library, device: DeviceId) -> Result<Access, (Refusal, String)> {
+    match library.admission(device).await {
+        Ok(Admission::Member(access)) => Ok(access),
+        Ok(Admission::NotMember) => Err((
+            Refusal::NotMember,
+            format!(
+                "device {device} is not a member of library {}: ask its leader for an invite \
+                 (`invite`), then `join` with the token",
+                library.id()
+            ),
+        )),
+        Ok(Admission::Revoked(at)) => Err((
+            Refusal::Revoked,
+            format!(
+                "device {device} was revoked from library {} at {}: ask its leader for a new \
+                 invite to rejoin",
+                library.id(),
+                chrono::DateTime::from_timestamp_millis(at)
+                    .map_or_else(|| at.to_string(), |t| t.to_rfc3339())
+            ),
+        )),
+        Err(e) => Err((
+            Refusal::Internal,
+            format!("the leader's database failed: {e}"),
+        )),
+    }
+}
+
+async fn join(
+    connection: &quinn::Connection,
+    mut send: quinn::SendStream,
+    library: &Library,
+    device: DeviceId,
+    secret: &str,
+    access: Access,
+    name: Option<String>,
+) {
+    let Some(secret) = crate::token::parse_hex32(secret) else {
+        let message = "the invite's secret is malformed; copy the token again".to_owned();
+        refuse(connection, Some(&mut send), Refusal::Invite, message).await;
+        return;
+    };
+    let joined = match library
+        .redeem_invite(&secret, access, device, name.as_deref())
+        .await
+    {
+        Ok(access) => access,
+        Err(e) => {
+            refuse(connection, Some(&mut send), Refusal::Invite, e.to_string()).await;
+            return;
+        }
+    };
+    let library_name = library.name().await.unwrap_or_default();
+    let reply = Response::Joined {
+        protocol_version: PROTOCOL_VERSION,
+        library_name,
+        leader_device_id: library.device_id(),
+        access: joined,
+    };
+    tracing::info!(%device, library = %library.id(), access = %joined, "device joined");
+    if frame::write(&mut send, &reply).await.is_ok() && send.finish().is_ok() {
+        // Let the joiner read the answer and close; it opens a session next.
+        let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
+    }
+}
+
+/// A member's session: announce new seqs on the control stream, answer requests, and end
+/// it the moment the device is revoked.
+async fn session(
+    connection: quinn::Connection,
+    mut control: quinn::SendStream,
+    library: Library,
+    device: DeviceId,
+    fingerprint: KeyFingerprint,
+    shared: Arc<Shared>,
+) {
+    let mut latest = library.watch_latest_seq();
+    let mut membership = library.watch_membership();
+    let mut recheck = tokio::time::interval(shared.config.membership_recheck);
+    let mut requests = JoinSet::new();
+    let last_recorded = Arc::new(std::sync::Mutex::new(None::<Instant>));
+    loop {
+        tokio::select! {
+            seq = latest.changed() => {
+                let Some(latest_seq) = seq else { break };
+                if frame::write(&mut control, &Response::Tip { latest_seq }).await.is_err() {
+                    break;
+                }
+            }
+            changed = membership.changed() => {
+                if changed.is_err() || !still_member(&connection, &mut control, &library, device).await {
+                    break;
+                }
+            }
+            _ = recheck.tick() => {
+                if !still_member(&connection, &mut control, &library, device).await {
+                    break;
+                }
+            }
+            stream = connection.accept_bi() => {
+                let Ok((send, recv)) = stream else { break };
+                while requests.try_join_next().is_some() {}
+                requests.spawn(answer(
+                    send,
+                    recv,
+                    library.clone(),
+                    device,
+                    Arc::clone(&last_recorded),
+                    shared.config.request_timeout,
+                ));
+            }
+        }
+    }
+    requests.abort_all();
+    tracing::info!(%device, key = %fingerprint, "session ended");
+}
+
+async fn still_member(
+    connection: &quinn::Connection,
+    control: &mut quinn::SendStream,
+    library: &Library,
+    device: DeviceId,
+) -> bool {
+    match admitted(library, device).await {
+        Ok(_) => true,
+        // A failed check is not a revocation: keep the session, check again later.
+        Err((Refusal::Internal, message)) => {
+            tracing::warn!(%device, %message, "membership check failed");
+            true
+        }
+        Err((code, message)) => {
+            refuse(connection, Some(control), code, message).await;
+            false
+        }
+    }
+}
+
+/// Answers one request stream.
+async fn answer(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    library: Library,
+    device: DeviceId,
+    last_recorded: Arc<std::sync::Mutex<Option<Instant>>>,
+    timeout: Duration,
+) {
+    let request = match tokio::time::timeout(timeout, frame::read::<Request>(&mut recv)).await {
+        Ok(Ok(request)) => request,
+        Ok(Err(ReadError::Ended)) => return,
+        Ok(Err(e)) => {
+            let _ = reply_refused(&mut send, Refusal::BadRequest, e.to_string()).await;
+            return;
+        }
+        Err(_) => {
+            let _ =
+                reply_refused(&mut send, Refusal::BadRequest, "no request in time".into()).await;
+            return;
+        }
+    };
+    let Request::Pull(pull) = request else {
+        let message = "only `pull` is answered inside a session".to_owned();
+        let _ = reply_refused(&mut send, Refusal::BadRequest, message).await;
+        return;
+    };
+    if pull.library_id != library.id() {
+        let message = format!(
+            "this session is for library {}, not {}",
+            library.id(),
+            pull.library_id
+        );
+        let _ = reply_refused(&mut send, Refusal::BadRequest, message).await;
+        return;
+    }
+    // Revocation is checked per request too: nothing is served after it.
+    if let Err((code, message)) = admitted(&library, device).await {
+        let _ = reply_refused(&mut send, code, message).await;
+        return;
+    }
+    let reply = match library.serve_pull(&pull).await {
+        Ok(response) => Response::Pulled(response),
+        Err(e) => Response::Refused {
+            code: Refusal::Internal,
+            message: e.to_string(),
+        },
+    };
+    if frame::write(&mut send, &reply).await.is_ok() {
+        let _ = send.finish();
+    }
+    record_position(&library, device, pull.after, &last_recorded).await;
+}
+
+/// Records where a follower stands, at most once a second per session: status needs it,
+/// a write per pull would cost the leader's database more than it is worth.
+async fn record_position(
+    library: &Library,
+    device: DeviceId,
+    after: sync_core::Seq,
+    last: &std::sync::Mutex<Option<Instant>>,
+) {
+    {
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(Instant::now());
+    }
+    if let Err(e) = library.record_peer_position(device, after).await {
+        tracing::debug!(%device, %e, "recording a follower's position failed");
+    }
+}
+
+async fn reply_refused(
+    send: &mut quinn::SendStream,
+    code: Refusal,
+    message: String,
+) -> Result<(), TransportError> {
+    frame::write(send, &Response::Refused { code, message }).await?;
+    let _ = send.finish();
+    Ok(())
+}
