@@ -8,7 +8,7 @@ use example_app::load::{LoadOptions, load};
 use example_app::net;
 use example_app::{Migrator, connect, drop_database, fresh_database, ops, registry};
 use sea_orm_migration::MigratorTrait;
-use sync_core::{Access, FollowConfig, Library, OpenError, Seq};
+use sync_core::{Access, FollowConfig, Library, OpenError, Resolution, Seq};
 
 const DEFAULT_DB: &str = "sqlite://media-library.db?mode=rwc";
 
@@ -109,6 +109,27 @@ enum Command {
     },
     /// Revokes a device (leader): it is refused from now on, live connections too.
     Revoke { device_id: String },
+    /// Open conflicts: `id`, model, record id, and both sides (`local`: the value kept,
+    /// `remote`: the concurrent value set aside).
+    Conflicts {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Settles a conflict with one side, or with a value of your own; the resolution syncs.
+    Resolve {
+        id: String,
+        /// Keep the value the library kept (`local`) or take the one set aside (`remote`).
+        #[arg(
+            long,
+            value_enum,
+            conflicts_with = "value",
+            required_unless_present = "value"
+        )]
+        take: Option<Side>,
+        /// The fields to set, as a JSON object (e.g. '{"name":"Photos"}').
+        #[arg(long)]
+        value: Option<String>,
+    },
     /// The one-command showcase: a leader and a follower in a temp dir, syncing over QUIC.
     Demo,
     /// Benchmarks; prints figures as JSON lines.
@@ -116,6 +137,12 @@ enum Command {
         #[command(subcommand)]
         which: Bench,
     },
+}
+
+#[derive(Copy, Clone, clap::ValueEnum)]
+enum Side {
+    Local,
+    Remote,
 }
 
 #[derive(Copy, Clone, clap::ValueEnum)]
@@ -331,6 +358,38 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 println!("{}", net::describe(&status));
             }
+        }
+        Command::Conflicts { json } => {
+            let library = open(&cli.db).await?;
+            let conflicts = library.conflicts().await?;
+            if json {
+                print_json(&conflicts)?;
+            } else if conflicts.is_empty() {
+                println!("no open conflicts");
+            } else {
+                for c in &conflicts {
+                    println!(
+                        "{}  {} {}  local {}  remote {}",
+                        c.id, c.model, c.record_id, c.local, c.remote
+                    );
+                }
+            }
+        }
+        Command::Resolve { id, take, value } => {
+            let library = open(&cli.db).await?;
+            let resolution = match (take, value) {
+                (_, Some(text)) => match serde_json::from_str(&text) {
+                    Ok(serde_json::Value::Object(fields)) => Resolution::Value(fields),
+                    _ => {
+                        anyhow::bail!("--value takes a JSON object, e.g. '{{\"name\":\"Photos\"}}'")
+                    }
+                },
+                (Some(Side::Local), None) => Resolution::TakeLocal,
+                (Some(Side::Remote), None) => Resolution::TakeRemote,
+                (None, None) => anyhow::bail!("say --take local|remote or --value JSON"),
+            };
+            library.resolve(&id, resolution).await?;
+            println!("resolved {id}");
         }
         Command::Serve { listen } => {
             let library = open(&cli.db).await?;

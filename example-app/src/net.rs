@@ -161,6 +161,10 @@ pub async fn sync_once(
     mut progress: impl FnMut(u64, u64),
 ) -> Result<Position> {
     let outcome = async {
+        // This device's own writes first, so the pull brings back how the leader took them.
+        if !library.is_read_only() {
+            library.push_outbox(transport).await?;
+        }
         let position = library
             .catch_up_with(transport, 1_000, |applied, target| {
                 progress(applied.position.seq.0, target.0);
@@ -200,6 +204,10 @@ pub struct AppStatus {
     pub followers: Option<Vec<sync_core::Member>>,
     /// Follower: the last sync error, if the last sync failed.
     pub last_error: Option<String>,
+    /// Follower: its own changes waiting to be pushed to the leader.
+    pub outbox: u64,
+    /// Open conflicts (they replicate: every device shows the same count once in sync).
+    pub conflicts: u64,
 }
 
 /// This device's status in its library.
@@ -223,6 +231,8 @@ pub async fn status(library: &Library) -> Result<AppStatus> {
                     .collect(),
             ),
             last_error: None,
+            outbox: 0,
+            conflicts: library.conflict_count().await?,
         },
         Role::Follower => {
             let position = library.position().await?.seq.0;
@@ -245,6 +255,8 @@ pub async fn status(library: &Library) -> Result<AppStatus> {
                 lag: Some(latest - position),
                 followers: None,
                 last_error,
+                outbox: library.outbox_len().await?,
+                conflicts: library.conflict_count().await?,
             }
         }
     })
@@ -254,19 +266,22 @@ pub async fn status(library: &Library) -> Result<AppStatus> {
 pub fn describe(status: &AppStatus) -> String {
     match status.role {
         Role::Leader => format!(
-            "leader of library {} (device {}), latest seq {}, {} follower(s)",
+            "leader of library {} (device {}), latest seq {}, {} follower(s), {} open conflict(s)",
             status.library_id,
             status.device_id,
             status.latest_seq,
-            status.followers.as_ref().map_or(0, Vec::len)
+            status.followers.as_ref().map_or(0, Vec::len),
+            status.conflicts
         ),
         Role::Follower => format!(
-            "follower ({} access) of library {} (device {}), at seq {} of {}{}",
+            "follower ({} access) of library {} (device {}), at seq {} of {}, {} change(s) to push, {} open conflict(s){}",
             status.access,
             status.library_id,
             status.device_id,
             status.position.unwrap_or_default(),
             status.latest_seq,
+            status.outbox,
+            status.conflicts,
             status
                 .last_error
                 .as_ref()

@@ -18,12 +18,14 @@ use sea_orm_migration::prelude::*;
 
 mod m0001_sync_tables;
 mod m0002_invites_and_peers;
+mod m0003_outbox_and_conflicts;
 
 /// Every sync migration, oldest first.
 pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
     vec![
         Box::new(m0001_sync_tables::Migration),
         Box::new(m0002_invites_and_peers::Migration),
+        Box::new(m0003_outbox_and_conflicts::Migration),
     ]
 }
 

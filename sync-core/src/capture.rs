@@ -31,6 +31,8 @@ pub(crate) struct CaptureContext {
     pub(crate) library_id: LibraryId,
     pub(crate) device_id: DeviceId,
     pub(crate) clock: Arc<HlcClock>,
+    /// A follower with read access: its synced writes are refused before they happen.
+    pub(crate) read_only: bool,
 }
 
 /// The capture state of one `Library::transaction` call.
@@ -75,6 +77,9 @@ pub(crate) struct CapturedChange {
     pub(crate) changed: Vec<&'static str>,
     pub(crate) hlc: Hlc,
     pub(crate) schema_version: u32,
+    /// The device that made the change, when not this one (a follower's pushed change,
+    /// sequenced by the leader).
+    pub(crate) author: Option<DeviceId>,
 }
 
 impl CaptureScope {
@@ -129,6 +134,7 @@ impl CaptureScope {
                     changed: pending.changed,
                     hlc: self.context.clock.now(),
                     schema_version: pending.schema_version,
+                    author: None,
                 });
             }
         }
@@ -165,7 +171,25 @@ fn scope_for<E: Syncable, C: ConnectionTrait>(db: &C) -> Result<Arc<CaptureScope
             E::SYNC_ID
         )));
     }
+    if scope.recording && scope.context.read_only {
+        return Err(refuse(format!(
+            "this device has read access to library {}: it cannot change synced model `{}`; \
+             write on the leader, or join with an invite that grants write access",
+            scope.context.library_id,
+            E::SYNC_ID
+        )));
+    }
     Ok(scope)
+}
+
+/// Adds a change to the current recorded scope's buffer: how the leader logs what it takes
+/// from a push, in the push's transaction.
+pub(crate) fn record(change: CapturedChange) -> Result<(), DbErr> {
+    let scope = SCOPE.try_with(Arc::clone).map_err(|_| {
+        DbErr::Custom("internal: a pushed change was taken outside a sync transaction".into())
+    })?;
+    scope.buffer().changes.push(change);
+    Ok(())
 }
 
 fn synced_json<E: Syncable>(model: &E::Model) -> Result<String, DbErr> {
@@ -283,6 +307,7 @@ where
         changed,
         hlc: scope.context.clock.now(),
         schema_version: E::SCHEMA_VERSION,
+        author: None,
     };
     scope.buffer().changes.push(change);
     Ok(model)
@@ -350,6 +375,7 @@ where
             changed: Vec::new(),
             hlc: scope.context.clock.now(),
             schema_version: E::SCHEMA_VERSION,
+            author: None,
         };
         scope.buffer().changes.push(change);
     }
@@ -381,6 +407,7 @@ pub(crate) async fn record_again<E: Syncable>(
         data,
         hlc: scope.context.clock.now(),
         schema_version: E::SCHEMA_VERSION,
+        author: None,
     };
     let upsert = change.op == ChangeOp::Upsert;
     scope.buffer().changes.push(change);

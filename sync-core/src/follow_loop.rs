@@ -50,8 +50,10 @@ pub struct FollowStatus {
     pub latest_seq: Seq,
     /// `latest_seq - position`.
     pub lag: u64,
-    /// The last error, cleared by the next successful pull.
+    /// The last error, cleared by the next successful round.
     pub last_error: Option<String>,
+    /// This follower's own changes waiting to be pushed, as of the last round.
+    pub outbox: u64,
 }
 
 /// Records a pull applied, for UIs that refresh what they show.
@@ -161,8 +163,10 @@ struct LoopState {
 impl LoopState {
     async fn run(self, mut commands: mpsc::Receiver<Command>) {
         let mut failures: u32 = 0;
+        let mut outbox = self.library.watch_outbox();
         loop {
-            match self.pull_until_caught_up().await {
+            outbox.mark_unchanged();
+            match self.round().await {
                 Ok(()) => failures = 0,
                 Err(message) => {
                     failures = failures.saturating_add(1);
@@ -189,6 +193,8 @@ impl LoopState {
                 () = tokio::time::sleep(delay) => Some(Command::SyncNow),
                 // The leader announced news: pull at once (unless backing off).
                 () = self.transport.news(), if failures == 0 => Some(Command::SyncNow),
+                // A local write entered the outbox: push it.
+                Ok(()) = outbox.changed(), if failures == 0 => Some(Command::SyncNow),
             };
             match next {
                 Some(Command::SyncNow) => {}
@@ -202,6 +208,21 @@ impl LoopState {
         }
     }
 
+    /// One round: push this follower's own changes first (so that the pull brings back
+    /// how the leader sequenced them), then pull until caught up.
+    async fn round(&self) -> Result<(), String> {
+        if !self.library.is_read_only() {
+            self.library
+                .push_outbox(self.transport.as_ref())
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let result = self.pull_until_caught_up().await;
+        let outbox = self.library.outbox_len().await.unwrap_or(0);
+        self.status.send_modify(|s| s.outbox = outbox);
+        result
+    }
+
     async fn pull_until_caught_up(&self) -> Result<(), String> {
         let mut previous = None;
         loop {
@@ -211,11 +232,11 @@ impl LoopState {
                 .await
                 .map_err(|e| e.to_string())?;
             let position = applied.position.seq;
-            self.status.send_replace(FollowStatus {
-                position,
-                latest_seq: latest,
-                lag: latest.0.saturating_sub(position.0),
-                last_error: None,
+            self.status.send_modify(|s| {
+                s.position = position;
+                s.latest_seq = latest;
+                s.lag = latest.0.saturating_sub(position.0);
+                s.last_error = None;
             });
             if !applied.records.is_empty() {
                 // No subscribers is fine.

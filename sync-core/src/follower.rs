@@ -121,6 +121,9 @@ pub enum SyncError {
     /// Applying failed.
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    /// Pushing the outbox failed.
+    #[error(transparent)]
+    Push(#[from] crate::protocol::PushError),
 }
 
 impl Library {
@@ -142,6 +145,14 @@ impl Library {
     /// This follower's position in the log.
     pub async fn position(&self) -> Result<Position, DbErr> {
         read_position(&self.db, self.id()).await
+    }
+
+    /// The position as a transaction sees it.
+    pub(crate) async fn position_in(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+    ) -> Result<Position, DbErr> {
+        read_position(txn, self.id()).await
     }
 
     /// Applies a pull response that answers a request from `after`, in one transaction

@@ -35,7 +35,9 @@ mod identity;
 mod ids;
 mod library;
 mod members;
+mod merge;
 mod protocol;
+mod push;
 mod registry;
 mod serve;
 mod syncable;
@@ -58,9 +60,11 @@ pub use ids::{DeviceId, LibraryId, Seq};
 pub use library::{Drift, DriftKind, LatestSeq, Library, Role, Status, TxnFuture};
 pub use members::{Access, Admission, Invite, InviteError, Member, MemberError};
 pub use protocol::{
-    InProcess, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PullError, PullRequest,
-    PullResponse, PulledItem, Transport,
+    InProcess, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PUSH_CHANGES_MAX, PullError,
+    PullRequest, PullResponse, PulledItem, PushError, PushRequest, PushResponse, PushedChange,
+    Transport,
 };
+pub use push::{Conflict, PushOutcome, Resolution, ResolveError};
 pub use registry::{DuplicateSyncId, ModelRows, Registry};
 pub use sync_derive::Syncable;
 pub use syncable::{FieldMerge, FieldSpec, MergeRule, Syncable};

@@ -19,7 +19,7 @@ use crate::capture::{CaptureContext, CaptureScope, CapturedChange};
 use crate::entry::{ChangeOp, LogEntry};
 use crate::error::{LogError, OpenError};
 use crate::registry::Registry;
-use crate::tables::{device, library, local, log, pending};
+use crate::tables::{device, library, local, log, outbox, pending};
 use crate::{DeviceId, DeviceKey, Hlc, HlcClock, LibraryId, Seq};
 
 /// Rows per INSERT when appending to the log. Measured on PostgreSQL (BENCHMARKS.md):
@@ -99,6 +99,8 @@ pub struct Library {
     kick: Option<mpsc::Sender<()>>,
     /// Bumped when this process admits or revokes a device, so live connections recheck.
     membership: Arc<watch::Sender<u64>>,
+    /// Bumped when a write enters this follower's outbox, so the follow loop pushes.
+    outbox_news: Arc<watch::Sender<u64>>,
 }
 
 /// Numbers the entries PostgreSQL writers leave in `sync_pending` (see `Library::append`).
@@ -214,6 +216,8 @@ enum Appended {
     Sequenced(Tip),
     /// Stored for the sequencer (PostgreSQL).
     Pending,
+    /// Stored in a follower's outbox.
+    Outbox,
 }
 
 /// What `Library::status` reports.
@@ -325,11 +329,27 @@ impl Library {
         } else {
             (None, None)
         };
+        // A follower's own writes wait in its outbox: the clock starts above them too.
+        let floor = match outbox::Entity::find()
+            .filter(outbox::Column::LibraryId.eq(library_id.to_string()))
+            .order_by_desc(outbox::Column::Hlc)
+            .one(&db)
+            .await?
+        {
+            Some(row) => floor.max(Hlc::from_u64(row.hlc as u64)),
+            None => floor,
+        };
+        let own = device::Entity::find_by_id((library_id.to_string(), device_id.to_string()))
+            .one(&db)
+            .await?;
+        let read_only = role == Role::Follower && own.is_none_or(|d| d.role == "read");
         let context = Arc::new(CaptureContext {
             library_id,
             device_id,
             clock: Arc::new(HlcClock::new(floor)),
+            read_only,
         });
+        let registry = registry.with_internal_models();
         Ok(Library {
             db,
             registry: Arc::new(registry),
@@ -339,6 +359,7 @@ impl Library {
             sequencer,
             kick,
             membership: Arc::new(watch::Sender::new(0)),
+            outbox_news: Arc::new(watch::Sender::new(0)),
         })
     }
 
@@ -441,6 +462,7 @@ impl Library {
                     // The write has committed, whatever happens next: a failure to number
                     // its entries now leaves them for the next sequencer run (any write or
                     // log read of this library), so it must not look like a failed write.
+                    Appended::Outbox => self.outbox_news.send_modify(|n| *n = n.wrapping_add(1)),
                     Appended::Pending => {
                         if let Some(kick) = &self.kick {
                             // Full means a run is already due, which will take these too.
@@ -500,11 +522,9 @@ impl Library {
             return Ok(Appended::Nothing);
         }
         if self.role != Role::Leader {
-            return Err(DbErr::Custom(format!(
-                "this device follows library {}; recording writes on a follower (the offline \
-                 outbox) is not available yet: write on the leader",
-                self.context.library_id
-            )));
+            // A follower's writes wait in its outbox for the leader to sequence them.
+            self.append_outbox(txn, changes).await?;
+            return Ok(Appended::Outbox);
         }
         let drafts: Vec<LogEntry> = changes.into_iter().map(|c| self.draft(c)).collect();
         let backend = txn.get_database_backend();
@@ -584,7 +604,7 @@ impl Library {
             op: change.op,
             data: change.data,
             changed: change.changed.iter().map(|f| (*f).to_owned()).collect(),
-            device_id: self.context.device_id,
+            device_id: change.author.unwrap_or(self.context.device_id),
             hlc: change.hlc,
             schema_version: change.schema_version,
             checksum: 0,
@@ -608,6 +628,16 @@ impl Library {
     /// other processes' changes show on the next membership check.
     pub fn watch_membership(&self) -> watch::Receiver<u64> {
         self.membership.subscribe()
+    }
+
+    /// Watches writes entering this follower's outbox (made through this process).
+    pub fn watch_outbox(&self) -> watch::Receiver<u64> {
+        self.outbox_news.subscribe()
+    }
+
+    /// True for a follower that may not change synced models (read access).
+    pub fn is_read_only(&self) -> bool {
+        self.context.read_only
     }
 
     pub(crate) fn membership_changed(&self) {

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{LibraryId, LogEntry, Seq};
+use crate::{ChangeOp, DeviceId, Hlc, LibraryId, LogEntry, Seq};
 
 /// The protocol this build speaks. A peer speaking another version is refused, not misread.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -134,12 +134,124 @@ pub enum PullError {
     Transport(String),
 }
 
+/// Changes per push request: bounds the leader's transaction and the frame.
+pub const PUSH_CHANGES_MAX: usize = 500;
+
+/// A follower's own change, from its outbox, as it asks the leader to sequence it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushedChange {
+    /// The outbox id: grows with every write on the follower, never reused.
+    pub id: u64,
+    /// The model's sync id.
+    pub model: String,
+    /// The record's key, as text.
+    pub record_id: String,
+    /// Upsert or delete.
+    pub op: ChangeOp,
+    /// The synced fields after the write (canonical JSON); `None` for deletes.
+    pub data: Option<String>,
+    /// The synced fields the write set.
+    pub changed: Vec<String>,
+    /// When the follower made it, by its clock.
+    pub hlc: Hlc,
+    /// The model's schema version on the follower.
+    pub schema_version: u32,
+    /// What it was based on: the follower's position when it wrote. Entries of other
+    /// devices after this seq are concurrent with it.
+    pub base: Seq,
+}
+
+/// A follower asks the leader to sequence its outbox's oldest changes, in id order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushRequest {
+    /// The follower's `PROTOCOL_VERSION`.
+    pub protocol_version: u32,
+    /// The library.
+    pub library_id: LibraryId,
+    /// The pushing device (over QUIC it must be the authenticated peer).
+    pub device_id: DeviceId,
+    /// At most `PUSH_CHANGES_MAX` changes, by ascending id.
+    pub changes: Vec<PushedChange>,
+}
+
+/// The leader's acknowledgement: every change of this device up to `acked` is sequenced
+/// (or merged away) and may leave the outbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushResponse {
+    /// The leader's `PROTOCOL_VERSION`.
+    pub protocol_version: u32,
+    /// The library.
+    pub library_id: LibraryId,
+    /// The highest outbox id of this device the leader has taken, ever.
+    pub acked: u64,
+    /// The leader's latest seq after taking them.
+    pub latest_seq: Seq,
+}
+
+/// Why a push was refused or failed. Nothing of a refused push is sequenced.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PushError {
+    /// The two sides speak different protocol versions.
+    #[error(
+        "protocol version mismatch: this side speaks {ours}, the peer speaks {theirs}; \
+         update the older app so both run the same sync protocol"
+    )]
+    VersionMismatch {
+        /// Ours.
+        ours: u32,
+        /// The peer's.
+        theirs: u32,
+    },
+    /// The request names a library this device does not lead.
+    #[error("this device does not lead library {0}")]
+    NotLeader(LibraryId),
+    /// The device may not write to the library.
+    #[error(
+        "device {device} may not write to library {library}: {reason}; ask the leader for \
+         an invite with write access"
+    )]
+    NotWriter {
+        /// The device.
+        device: DeviceId,
+        /// The library.
+        library: LibraryId,
+        /// Read-only, revoked or not a member.
+        reason: String,
+    },
+    /// A change cannot be taken as it is: unknown model, other schema version, bad payload.
+    #[error("change {id} of `{model}` refused: {reason}")]
+    BadChange {
+        /// The outbox id.
+        id: u64,
+        /// Its model.
+        model: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// The leader's database failed.
+    #[error("database error on the leader: {0}")]
+    Db(#[from] sea_orm::DbErr),
+    /// The transport failed or cannot push.
+    #[error("transport: {0}")]
+    Transport(String),
+}
+
 /// Carries pull requests to a leader. sync-transport implements it over QUIC;
 /// `InProcess` calls a leader `Library` directly.
 #[async_trait::async_trait]
 pub trait Transport: Send + Sync {
     /// Sends `request` and waits for the answer.
     async fn pull(&self, request: PullRequest) -> Result<PullResponse, PullError>;
+
+    /// Sends a follower's outbox changes to the leader and waits for its acknowledgement.
+    /// Transports that only pull refuse.
+    async fn push(&self, request: PushRequest) -> Result<PushResponse, PushError> {
+        let _ = request;
+        Err(PushError::Transport(
+            "this transport does not carry pushes".into(),
+        ))
+    }
 
     /// Completes when the leader announces news (a new latest seq, or that something
     /// changed about the session): the follow loop then pulls at once instead of waiting
@@ -166,5 +278,9 @@ impl InProcess {
 impl Transport for InProcess {
     async fn pull(&self, request: PullRequest) -> Result<PullResponse, PullError> {
         self.leader.serve_pull(&request).await
+    }
+
+    async fn push(&self, request: PushRequest) -> Result<PushResponse, PushError> {
+        self.leader.serve_push(&request).await
     }
 }

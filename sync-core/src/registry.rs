@@ -10,7 +10,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr};
 use std::collections::HashSet;
 
 use sea_orm::sea_query::OnConflict;
-use sea_orm::{IdenStatic, IntoActiveModel, Iterable};
+use sea_orm::{ActiveModelTrait, IdenStatic, IntoActiveModel, Iterable, QuerySelect, TryIntoModel};
 
 use crate::{ChangeOp, FieldSpec, LogEntry, MergeRule, Seq, Syncable};
 
@@ -37,7 +37,32 @@ pub(crate) trait ModelOps: Send + Sync {
         txn: &'a DatabaseTransaction,
         entries: &'a [&'a LogEntry],
     ) -> BoxFuture<'a, Result<(), (Seq, ApplyFailure)>>;
+    fn key_field(&self) -> &'static str;
+    /// The record's synced fields, read with a row lock; `None` if it does not exist (or
+    /// the model's filter excludes it).
+    fn current<'a>(
+        &'a self,
+        txn: &'a DatabaseTransaction,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Fields>, DbErr>>;
+    /// `Syncable::merge_custom` on two versions of a record's synced fields.
+    fn merge_custom(
+        &self,
+        key: &str,
+        local: &Fields,
+        remote: &Fields,
+    ) -> Result<Option<Fields>, String>;
+    /// Sets synced fields of an existing record through the model's hooks (so the write is
+    /// recorded). A missing record is left missing.
+    fn set_fields<'a>(
+        &'a self,
+        txn: &'a DatabaseTransaction,
+        key: &'a str,
+        values: &'a Fields,
+    ) -> BoxFuture<'a, Result<(), ApplyFailure>>;
 }
+
+type Fields = serde_json::Map<String, serde_json::Value>;
 
 /// Why one entry could not be applied.
 #[derive(Debug)]
@@ -60,7 +85,7 @@ impl<E> ModelOps for Typed<E>
 where
     E: Syncable,
     E::Model: IntoActiveModel<E::ActiveModel>,
-    E::ActiveModel: Send,
+    E::ActiveModel: Send + TryIntoModel<E::Model>,
 {
     fn sync_id(&self) -> &'static str {
         E::SYNC_ID
@@ -93,6 +118,63 @@ where
         entries: &'a [&'a LogEntry],
     ) -> BoxFuture<'a, Result<(), (Seq, ApplyFailure)>> {
         Box::pin(apply_entries::<E>(txn, entries))
+    }
+    fn key_field(&self) -> &'static str {
+        E::KEY_FIELD
+    }
+    fn current<'a>(
+        &'a self,
+        txn: &'a DatabaseTransaction,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Fields>, DbErr>> {
+        Box::pin(async move {
+            let Some(pk) = E::parse_key(key) else {
+                return Ok(None);
+            };
+            match E::find_by_id(pk).lock_exclusive().one(txn).await? {
+                Some(model) if E::should_sync(&model) => E::sync_json(&model)
+                    .map(Some)
+                    .map_err(|e| DbErr::Json(format!("`{}`: {e}", E::SYNC_ID))),
+                _ => Ok(None),
+            }
+        })
+    }
+    fn merge_custom(
+        &self,
+        key: &str,
+        local: &Fields,
+        remote: &Fields,
+    ) -> Result<Option<Fields>, String> {
+        let model_of = |fields: &Fields| {
+            let pk = E::parse_key(key).ok_or_else(|| format!("`{key}` is not a key"))?;
+            let mut active = E::new_active(pk);
+            E::apply_json(&mut active, fields, None).map_err(|e| e.to_string())?;
+            active.try_into_model().map_err(|e| e.to_string())
+        };
+        let merged = E::merge_custom(&model_of(local)?, &model_of(remote)?);
+        merged
+            .map(|m| E::sync_json(&m).map_err(|e| e.to_string()))
+            .transpose()
+    }
+    fn set_fields<'a>(
+        &'a self,
+        txn: &'a DatabaseTransaction,
+        key: &'a str,
+        values: &'a Fields,
+    ) -> BoxFuture<'a, Result<(), ApplyFailure>> {
+        Box::pin(async move {
+            let Some(pk) = E::parse_key(key) else {
+                return Err(ApplyFailure::BadPayload(format!("`{key}` is not a key")));
+            };
+            let Some(model) = E::find_by_id(pk).one(txn).await? else {
+                return Ok(());
+            };
+            let mut active = model.into_active_model();
+            E::apply_json(&mut active, values, None)
+                .map_err(|e| ApplyFailure::BadPayload(format!("a field does not fit: {e}")))?;
+            active.update(txn).await?;
+            Ok(())
+        })
     }
 }
 
@@ -303,7 +385,7 @@ impl Registry {
     where
         E: Syncable,
         E::Model: IntoActiveModel<E::ActiveModel>,
-        E::ActiveModel: Send,
+        E::ActiveModel: Send + TryIntoModel<E::Model>,
     {
         if self.models.contains_key(E::SYNC_ID) {
             return Err(DuplicateSyncId(E::SYNC_ID));
@@ -336,6 +418,17 @@ impl Registry {
             .get(sync_id)
             .filter(|m| m.enabled())
             .map(|m| (m.merge(), m.fields()))
+    }
+
+    /// With sync-core's own synced models (conflicts) added.
+    pub(crate) fn with_internal_models(mut self) -> Registry {
+        let conflict = <crate::tables::conflict::Entity as Syncable>::SYNC_ID;
+        self.models.entry(conflict).or_insert_with(|| {
+            Arc::new(Typed::<crate::tables::conflict::Entity>(
+                std::marker::PhantomData,
+            ))
+        });
+        self
     }
 
     pub(crate) fn get(&self, sync_id: &str) -> Option<&Arc<dyn ModelOps>> {

@@ -182,3 +182,90 @@ pub mod peer {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod outbox {
+    use sea_orm::entity::prelude::*;
+
+    /// A follower's own write, waiting for the leader to sequence it.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_outbox")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub library_id: String,
+        pub model: String,
+        pub record_id: String,
+        pub op: String,
+        #[sea_orm(column_type = "Text", nullable)]
+        pub data: Option<String>,
+        #[sea_orm(column_type = "Text")]
+        pub changed: String,
+        pub hlc: i64,
+        pub schema_version: i32,
+        pub base_seq: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod pushed {
+    use sea_orm::entity::prelude::*;
+
+    /// On the leader: the last outbox id of a device that it has taken.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_pushed")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub library_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub device_id: String,
+        pub through: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod conflict {
+    use sea_orm::entity::prelude::*;
+    use serde::{Deserialize, Serialize};
+
+    /// An open conflict: a synced model of sync-core's own, so every device sees it and any
+    /// write-role device can resolve it (a resolution deletes the row and writes the record,
+    /// both ordinary changes).
+    #[derive(
+        Clone,
+        Debug,
+        PartialEq,
+        Eq,
+        DeriveEntityModel,
+        Serialize,
+        Deserialize,
+        sync_derive::Syncable,
+    )]
+    #[sea_orm(table_name = "sync_conflict")]
+    #[sync(crate = "crate")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        /// The conflicting record's model and key.
+        pub model: String,
+        pub record_id: String,
+        /// The value the library kept (JSON object of the conflicting synced fields).
+        #[sea_orm(column_type = "Text")]
+        pub local: String,
+        /// The concurrent value set aside.
+        #[sea_orm(column_type = "Text")]
+        pub remote: String,
+        /// The device that wrote the value set aside.
+        pub remote_device: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sync_core::{
     Access, DeviceId, DeviceKey, KeyFingerprint, LibraryId, PROTOCOL_VERSION, PullError,
-    PullRequest, PullResponse, Seq, Transport,
+    PullRequest, PullResponse, PushError, PushRequest, PushResponse, Seq, Transport,
 };
 use tokio::sync::watch;
 
@@ -358,6 +358,7 @@ fn refusal_of(code: u64) -> Option<Refusal> {
         Refusal::Invite,
         Refusal::BadRequest,
         Refusal::Internal,
+        Refusal::ReadOnly,
     ]
     .into_iter()
     .find(|r| u64::from(r.close_code()) == code)
@@ -384,13 +385,50 @@ impl Session {
 
     /// Sends a pull request and waits for its answer.
     pub async fn pull(&self, request: &PullRequest) -> Result<PullResponse, TransportError> {
+        match self
+            .exchange(
+                request.library_id,
+                Request::Pull(request.clone()),
+                "a pull's answer",
+            )
+            .await?
+        {
+            Response::Pulled(response) => Ok(response),
+            Response::Refused { code, message } => Err(TransportError::Refused { code, message }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends outbox changes and waits for the leader's acknowledgement.
+    pub async fn push(&self, request: &PushRequest) -> Result<PushResponse, TransportError> {
+        match self
+            .exchange(
+                request.library_id,
+                Request::Push(request.clone()),
+                "a push's answer",
+            )
+            .await?
+        {
+            Response::Pushed(response) => Ok(response),
+            Response::Refused { code, message } => Err(TransportError::Refused { code, message }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// One request on its own stream, and its answer.
+    async fn exchange(
+        &self,
+        library_id: LibraryId,
+        request: Request,
+        what: &'static str,
+    ) -> Result<Response, TransportError> {
         if let Some(refused) = self.refused() {
             return Err(refused);
         }
-        if request.library_id != self.library_id {
+        if library_id != self.library_id {
             return Err(TransportError::Config(format!(
-                "this session is for library {}, not {}",
-                self.library_id, request.library_id
+                "this session is for library {}, not {library_id}",
+                self.library_id
             )));
         }
         let connection = &self.connection;
@@ -399,7 +437,7 @@ impl Session {
                 .open_bi()
                 .await
                 .map_err(|e| connection_error(connection, e.to_string()))?;
-            frame::write(&mut send, &Request::Pull(request.clone()))
+            frame::write(&mut send, &request)
                 .await
                 .map_err(|e| connection_error(connection, e.to_string()))?;
             let _ = send.finish();
@@ -409,16 +447,11 @@ impl Session {
         };
         let answer = tokio::time::timeout(self.request_timeout, exchange)
             .await
-            .map_err(|_| TransportError::Timeout("a pull's answer"))?;
-        let answer = match answer {
-            Ok(answer) => answer,
-            // The control stream may hold the real reason (a revocation).
-            Err(e) => return Err(self.refused().unwrap_or(e)),
-        };
+            .map_err(|_| TransportError::Timeout(what))?;
         match answer {
-            Response::Pulled(response) => Ok(response),
-            Response::Refused { code, message } => Err(TransportError::Refused { code, message }),
-            other => Err(unexpected(&other)),
+            Ok(answer) => Ok(answer),
+            // The control stream may hold the real reason (a revocation).
+            Err(e) => Err(self.refused().unwrap_or(e)),
         }
     }
 }
@@ -499,6 +532,22 @@ impl Transport for QuicTransport {
                     self.session.lock().await.take();
                 }
                 Err(PullError::Transport(e.to_string()))
+            }
+        }
+    }
+
+    async fn push(&self, request: PushRequest) -> Result<PushResponse, PushError> {
+        let session = self
+            .session()
+            .await
+            .map_err(|e| PushError::Transport(e.to_string()))?;
+        match session.push(&request).await {
+            Ok(response) => Ok(response),
+            Err(e) => {
+                if session.is_closed() {
+                    self.session.lock().await.take();
+                }
+                Err(PushError::Transport(e.to_string()))
             }
         }
     }

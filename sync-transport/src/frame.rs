@@ -11,7 +11,9 @@
 //! small frame cannot expand into a large allocation.
 
 use serde::{Deserialize, Serialize};
-use sync_core::{Access, DeviceId, LibraryId, PullRequest, PullResponse, Seq};
+use sync_core::{
+    Access, DeviceId, LibraryId, PullRequest, PullResponse, PushRequest, PushResponse, Seq,
+};
 
 /// The frame format this build writes and reads.
 pub const FRAME_VERSION: u8 = 1;
@@ -59,6 +61,8 @@ pub enum Request {
     },
     /// Asks for a range of the log.
     Pull(PullRequest),
+    /// Hands the leader outbox changes to sequence (write access only).
+    Push(PushRequest),
 }
 
 /// What the leader answers.
@@ -87,6 +91,8 @@ pub enum Response {
     },
     /// A pull's answer.
     Pulled(PullResponse),
+    /// The answer to a push: what the leader took.
+    Pushed(PushResponse),
     /// The leader's latest seq moved (sent on the control stream).
     Tip {
         /// The new latest seq.
@@ -119,6 +125,8 @@ pub enum Refusal {
     BadRequest,
     /// The leader failed.
     Internal,
+    /// The device may pull but not push (read access).
+    ReadOnly,
 }
 
 impl Refusal {
@@ -132,6 +140,7 @@ impl Refusal {
             Refusal::Invite => 6,
             Refusal::BadRequest => 7,
             Refusal::Internal => 8,
+            Refusal::ReadOnly => 9,
         }
     }
 }

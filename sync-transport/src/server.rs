@@ -242,7 +242,7 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
             library_id,
             ..
         } => (*protocol_version, *library_id),
-        Request::Pull(_) => {
+        Request::Pull(_) | Request::Push(_) => {
             let message = "a session opens with `hello` or `join`".to_owned();
             refuse(&connection, Some(&mut send), Refusal::BadRequest, message).await;
             return;
@@ -300,7 +300,7 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
             tracing::info!(%device, library = %library.id(), %access, "follower connected");
             session(connection, send, library, device, fingerprint, shared).await;
         }
-        Request::Pull(_) => {}
+        Request::Pull(_) | Request::Push(_) => {}
     }
 }
 
@@ -471,16 +471,19 @@ async fn answer(
             return;
         }
     };
-    let Request::Pull(pull) = request else {
-        let message = "only `pull` is answered inside a session".to_owned();
-        let _ = reply_refused(&mut send, Refusal::BadRequest, message).await;
-        return;
+    let library_id = match &request {
+        Request::Pull(pull) => pull.library_id,
+        Request::Push(push) => push.library_id,
+        _ => {
+            let message = "only `pull` and `push` are answered inside a session".to_owned();
+            let _ = reply_refused(&mut send, Refusal::BadRequest, message).await;
+            return;
+        }
     };
-    if pull.library_id != library.id() {
+    if library_id != library.id() {
         let message = format!(
-            "this session is for library {}, not {}",
-            library.id(),
-            pull.library_id
+            "this session is for library {}, not {library_id}",
+            library.id()
         );
         let _ = reply_refused(&mut send, Refusal::BadRequest, message).await;
         return;
@@ -490,17 +493,53 @@ async fn answer(
         let _ = reply_refused(&mut send, code, message).await;
         return;
     }
-    let reply = match library.serve_pull(&pull).await {
-        Ok(response) => Response::Pulled(response),
-        Err(e) => Response::Refused {
-            code: Refusal::Internal,
-            message: e.to_string(),
-        },
-    };
-    if frame::write(&mut send, &reply).await.is_ok() {
-        let _ = send.finish();
+    match request {
+        Request::Pull(pull) => {
+            let reply = match library.serve_pull(&pull).await {
+                Ok(response) => Response::Pulled(response),
+                Err(e) => Response::Refused {
+                    code: Refusal::Internal,
+                    message: e.to_string(),
+                },
+            };
+            if frame::write(&mut send, &reply).await.is_ok() {
+                let _ = send.finish();
+            }
+            record_position(&library, device, pull.after, &last_recorded).await;
+        }
+        Request::Push(push) => {
+            // A device pushes only its own changes: the TLS handshake proved which it is.
+            let reply = if push.device_id != device {
+                Response::Refused {
+                    code: Refusal::BadRequest,
+                    message: format!(
+                        "this session is device {device}'s; it cannot push for {}",
+                        push.device_id
+                    ),
+                }
+            } else {
+                match library.serve_push(&push).await {
+                    Ok(response) => Response::Pushed(response),
+                    Err(e @ sync_core::PushError::NotWriter { .. }) => Response::Refused {
+                        code: Refusal::ReadOnly,
+                        message: e.to_string(),
+                    },
+                    Err(e @ sync_core::PushError::BadChange { .. }) => Response::Refused {
+                        code: Refusal::BadRequest,
+                        message: e.to_string(),
+                    },
+                    Err(e) => Response::Refused {
+                        code: Refusal::Internal,
+                        message: e.to_string(),
+                    },
+                }
+            };
+            if frame::write(&mut send, &reply).await.is_ok() {
+                let _ = send.finish();
+            }
+        }
+        _ => {}
     }
-    record_position(&library, device, pull.after, &last_recorded).await;
 }
 
 /// Records where a follower stands, at most once a second per session: status needs it,

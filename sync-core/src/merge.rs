@@ -1,0 +1,455 @@
+//! The leader's merge decision for one pushed change: pure, no I/O.
+//!
+//! The leader is the only sequencer, so what a follower knew when it wrote is one number:
+//! its position in the log (`PushedChange::base`). An entry of the same record by another
+//! device with a seq above that base was made without the follower having seen it: the two
+//! are concurrent, and the model's rule merges them. With no such entry the pushed change
+//! simply comes later and is taken as it is. (A version vector reduces to this with one
+//! sequencer: every device's knowledge of others is a prefix of the log, plus its own
+//! unpushed writes, which the outbox keeps in order.)
+//!
+//! Outcomes, per combination (the leader's current record is "local", the push "remote"):
+//!
+//! | local \ pushed      | upsert                                   | delete                      |
+//! | ---                 | ---                                      | ---                         |
+//! | record exists       | by the model's rule (below)              | the later HLC wins          |
+//! | record gone         | the later HLC wins (a win re-creates it) | nothing to do               |
+//!
+//! Upsert against upsert (this includes two devices creating one id):
+//! - `LastWriteWins`: the whole record of the later HLC (ties: the greater device id).
+//! - `FieldLevel`: per field the pushed change set — a field no concurrent entry touched
+//!   takes the pushed value; otherwise `LastWriteWins` fields go by HLC, `Union` fields
+//!   keep both sides' elements (local order, then the pushed side's new ones), `Manual`
+//!   fields keep the local value and record a conflict holding both.
+//! - `Custom`: the model's `merge_custom(local, remote)`; `None` falls back to HLC.
+//! - `Manual`: the local record stays and a conflict records both sides.
+//!
+//! A delete that loses leaves the record as it is; an upsert that loses is dropped. Either
+//! way the pushing device converges when it pulls the entries it had not seen.
+
+use serde_json::{Map, Value};
+
+use crate::{ChangeOp, DeviceId, FieldMerge, FieldSpec, Hlc, MergeRule};
+
+/// Synced fields of one record, as JSON.
+pub(crate) type Fields = Map<String, Value>;
+
+/// An entry of another device that the pushing device had not seen.
+#[derive(Clone, Debug)]
+pub(crate) struct Concurrent {
+    pub(crate) op: ChangeOp,
+    pub(crate) changed: Vec<String>,
+    pub(crate) hlc: Hlc,
+    pub(crate) device: DeviceId,
+}
+
+/// The pushed change.
+#[derive(Clone, Debug)]
+pub(crate) struct Pushed<'a> {
+    pub(crate) op: ChangeOp,
+    pub(crate) data: Option<&'a Fields>,
+    pub(crate) changed: &'a [String],
+    pub(crate) hlc: Hlc,
+    pub(crate) device: DeviceId,
+}
+
+/// What the leader writes (and logs) for a pushed change.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Write {
+    pub(crate) op: ChangeOp,
+    /// The whole record's synced fields after the write; `None` for a delete.
+    pub(crate) data: Option<Fields>,
+    /// The synced fields the write sets (what a `FieldLevel` follower updates).
+    pub(crate) changed: Vec<String>,
+    pub(crate) hlc: Hlc,
+}
+
+/// Both sides of a manual conflict: the kept value and the one set aside.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Conflict {
+    pub(crate) local: Fields,
+    pub(crate) remote: Fields,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Decision {
+    pub(crate) write: Option<Write>,
+    pub(crate) conflict: Option<Conflict>,
+}
+
+/// A model's `merge_custom(local, remote)` on synced fields.
+pub(crate) type CustomMerge<'a> =
+    dyn Fn(&Fields, &Fields) -> Result<Option<Fields>, String> + Sync + 'a;
+
+/// The model as the merge sees it.
+pub(crate) struct ModelRules<'a> {
+    pub(crate) rule: MergeRule,
+    pub(crate) fields: &'static [FieldSpec],
+    pub(crate) key_field: &'static str,
+    /// `merge_custom(local, remote)` for `MergeRule::Custom`.
+    pub(crate) custom: &'a CustomMerge<'a>,
+}
+
+impl ModelRules<'_> {
+    fn synced(&self) -> impl Iterator<Item = &'static FieldSpec> + '_ {
+        self.fields
+            .iter()
+            .filter(|f| f.synced && f.name != self.key_field)
+    }
+}
+
+/// Decides what the leader does with `pushed`, given its current record and the entries
+/// concurrent with it.
+pub(crate) fn decide(
+    model: &ModelRules<'_>,
+    current: Option<&Fields>,
+    pushed: &Pushed<'_>,
+    concurrent: &[Concurrent],
+) -> Result<Decision, String> {
+    let newest = concurrent.iter().map(|c| (c.hlc, c.device)).max();
+    let pushed_wins = newest.is_none_or(|n| (pushed.hlc, pushed.device) > n);
+    let merged_hlc = newest.map_or(pushed.hlc, |(h, _)| h.max(pushed.hlc));
+    let all_fields = || {
+        model
+            .synced()
+            .map(|f| f.name.to_owned())
+            .collect::<Vec<_>>()
+    };
+    let write = |op, data: Option<Fields>, changed: Vec<String>, hlc| {
+        Ok(Decision {
+            write: Some(Write {
+                op,
+                data,
+                changed,
+                hlc,
+            }),
+            conflict: None,
+        })
+    };
+    match (pushed.op, current) {
+        (ChangeOp::Delete, None) => Ok(Decision::default()),
+        (ChangeOp::Delete, Some(_)) if pushed_wins => {
+            write(ChangeOp::Delete, None, Vec::new(), merged_hlc)
+        }
+        (ChangeOp::Delete, Some(_)) => Ok(Decision::default()),
+        (ChangeOp::Upsert, current) => {
+            let data = pushed
+                .data
+                .ok_or_else(|| "an upsert without data".to_owned())?;
+            match current {
+                None if pushed_wins => write(
+                    ChangeOp::Upsert,
+                    Some(data.clone()),
+                    all_fields(),
+                    merged_hlc,
+                ),
+                None => Ok(Decision::default()),
+                Some(current) if concurrent.is_empty() => {
+                    // Nothing it had not seen: the pushed change simply comes later.
+                    if model.rule == MergeRule::FieldLevel {
+                        let mut next = current.clone();
+                        for field in pushed.changed {
+                            if let Some(value) = data.get(field) {
+                                next.insert(field.clone(), value.clone());
+                            }
+                        }
+                        changed_write(current, next, pushed.hlc)
+                    } else {
+                        write(
+                            ChangeOp::Upsert,
+                            Some(data.clone()),
+                            pushed.changed.to_vec(),
+                            pushed.hlc,
+                        )
+                    }
+                }
+                Some(current) => {
+                    merge_concurrent(model, current, data, pushed, concurrent, pushed_wins)
+                }
+            }
+        }
+    }
+}
+
+/// Upsert against a record that changed concurrently.
+fn merge_concurrent(
+    model: &ModelRules<'_>,
+    current: &Fields,
+    data: &Fields,
+    pushed: &Pushed<'_>,
+    concurrent: &[Concurrent],
+    pushed_wins: bool,
+) -> Result<Decision, String> {
+    let merged_hlc = concurrent
+        .iter()
+        .map(|c| c.hlc)
+        .max()
+        .map_or(pushed.hlc, |h| h.max(pushed.hlc));
+    match model.rule {
+        MergeRule::FieldLevel => {
+            let mut next = current.clone();
+            let mut local = Fields::new();
+            let mut remote = Fields::new();
+            for spec in model.synced() {
+                let name = spec.name;
+                if !pushed.changed.iter().any(|c| c == name) {
+                    continue;
+                }
+                let Some(theirs) = data.get(name) else {
+                    continue;
+                };
+                let touched = concurrent
+                    .iter()
+                    .filter(|c| c.op == ChangeOp::Delete || c.changed.iter().any(|f| f == name))
+                    .map(|c| (c.hlc, c.device))
+                    .max();
+                let Some(touched) = touched else {
+                    next.insert(name.to_owned(), theirs.clone());
+                    continue;
+                };
+                let ours = current.get(name).cloned().unwrap_or(Value::Null);
+                match spec.merge {
+                    FieldMerge::LastWriteWins => {
+                        if (pushed.hlc, pushed.device) > touched {
+                            next.insert(name.to_owned(), theirs.clone());
+                        }
+                    }
+                    FieldMerge::Union => {
+                        next.insert(name.to_owned(), union(&ours, theirs));
+                    }
+                    FieldMerge::Manual => {
+                        if &ours != theirs {
+                            local.insert(name.to_owned(), ours);
+                            remote.insert(name.to_owned(), theirs.clone());
+                        }
+                    }
+                }
+            }
+            let mut decision = changed_write(current, next, merged_hlc)?;
+            if !remote.is_empty() {
+                decision.conflict = Some(Conflict { local, remote });
+            }
+            Ok(decision)
+        }
+        MergeRule::Manual => {
+            if without_key(current, model.key_field) == without_key(data, model.key_field) {
+                return Ok(Decision::default());
+            }
+            Ok(Decision {
+                write: None,
+                conflict: Some(Conflict {
+                    local: without_key(current, model.key_field),
+                    remote: without_key(data, model.key_field),
+                }),
+            })
+        }
+        MergeRule::Custom => match (model.custom)(current, data)? {
+            Some(merged) => changed_write(current, merged, merged_hlc),
+            None if pushed_wins => changed_write(current, data.clone(), merged_hlc),
+            None => Ok(Decision::default()),
+        },
+        // LastWriteWins, and any rule added later: the whole record of the later change.
+        _ => {
+            if pushed_wins {
+                changed_write(current, data.clone(), merged_hlc)
+            } else {
+                Ok(Decision::default())
+            }
+        }
+    }
+}
+
+/// An upsert of `next` over `current`, naming the fields that differ; nothing if none do.
+fn changed_write(current: &Fields, next: Fields, hlc: Hlc) -> Result<Decision, String> {
+    let changed: Vec<String> = next
+        .iter()
+        .filter(|(k, v)| current.get(*k) != Some(*v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    if changed.is_empty() {
+        return Ok(Decision::default());
+    }
+    Ok(Decision {
+        write: Some(Write {
+            op: ChangeOp::Upsert,
+            data: Some(next),
+            changed,
+            hlc,
+        }),
+        conflict: None,
+    })
+}
+
+fn without_key(fields: &Fields, key: &str) -> Fields {
+    let mut fields = fields.clone();
+    fields.remove(key);
+    fields
+}
+
+/// Set union of two JSON arrays: `ours` in its order, then `theirs`' elements it lacks.
+/// Anything but two arrays is not a set: the pushed value wins.
+fn union(ours: &Value, theirs: &Value) -> Value {
+    match (ours, theirs) {
+        (Value::Array(ours), Value::Array(theirs)) => {
+            let mut out = ours.clone();
+            for item in theirs {
+                if !out.contains(item) {
+                    out.push(item.clone());
+                }
+            }
+            Value::Array(out)
+        }
+        (Value::Null, theirs) => theirs.clone(),
+        (_, theirs) => theirs.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIELDS: &[FieldSpec] = &[
+        FieldSpec {
+            name: "id",
+            column: "id",
+            synced: true,
+            merge: FieldMerge::LastWriteWins,
+        },
+        FieldSpec {
+            name: "name",
+            column: "name",
+            synced: true,
+            merge: FieldMerge::Manual,
+        },
+        FieldSpec {
+            name: "tags",
+            column: "tags",
+            synced: true,
+            merge: FieldMerge::Union,
+        },
+        FieldSpec {
+            name: "notes",
+            column: "notes",
+            synced: true,
+            merge: FieldMerge::LastWriteWins,
+        },
+    ];
+
+    fn no_custom(_: &Fields, _: &Fields) -> Result<Option<Fields>, String> {
+        Ok(None)
+    }
+
+    fn rules(rule: MergeRule) -> ModelRules<'static> {
+        ModelRules {
+            rule,
+            fields: FIELDS,
+            key_field: "id",
+            custom: &no_custom,
+        }
+    }
+
+    fn fields(json: serde_json::Value) -> Fields {
+        match json {
+            Value::Object(map) => map,
+            _ => Fields::new(),
+        }
+    }
+
+    fn device(n: u8) -> DeviceId {
+        DeviceId(uuid::Uuid::from_bytes([n; 16]))
+    }
+
+    fn theirs(changed: &[&str], hlc: u64) -> Concurrent {
+        Concurrent {
+            op: ChangeOp::Upsert,
+            changed: changed.iter().map(|s| (*s).to_owned()).collect(),
+            hlc: Hlc::new(hlc, 0),
+            device: device(1),
+        }
+    }
+
+    #[test]
+    fn field_level_merges_each_field_by_its_own_rule() {
+        let current =
+            fields(serde_json::json!({"id": "r", "name": "A", "tags": ["x"], "notes": "old"}));
+        let data =
+            fields(serde_json::json!({"id": "r", "name": "B", "tags": ["y"], "notes": "new"}));
+        let changed = ["name".to_owned(), "tags".to_owned(), "notes".to_owned()];
+        let pushed = Pushed {
+            op: ChangeOp::Upsert,
+            data: Some(&data),
+            changed: &changed,
+            hlc: Hlc::new(5, 0),
+            device: device(2),
+        };
+        // Another device renamed and retagged later; nobody else touched the notes.
+        let decision = decide(
+            &rules(MergeRule::FieldLevel),
+            Some(&current),
+            &pushed,
+            &[theirs(&["name", "tags"], 9)],
+        )
+        .expect("decide");
+        let write = decision.write.expect("a write");
+        assert_eq!(
+            Value::Object(write.data.expect("data")),
+            serde_json::json!({"id": "r", "name": "A", "tags": ["x", "y"], "notes": "new"})
+        );
+        let conflict = decision.conflict.expect("a conflict on name");
+        assert_eq!(
+            Value::Object(conflict.local),
+            serde_json::json!({"name": "A"})
+        );
+        assert_eq!(
+            Value::Object(conflict.remote),
+            serde_json::json!({"name": "B"})
+        );
+    }
+
+    #[test]
+    fn last_write_wins_by_hlc_then_device() {
+        let current =
+            fields(serde_json::json!({"id": "r", "name": "A", "tags": [], "notes": null}));
+        let data = fields(serde_json::json!({"id": "r", "name": "B", "tags": [], "notes": null}));
+        let changed = ["name".to_owned()];
+        let at = |hlc| Pushed {
+            op: ChangeOp::Upsert,
+            data: Some(&data),
+            changed: &changed,
+            hlc: Hlc::new(hlc, 0),
+            device: device(2),
+        };
+        let lww = rules(MergeRule::LastWriteWins);
+        let earlier =
+            decide(&lww, Some(&current), &at(3), &[theirs(&["name"], 4)]).expect("decide");
+        assert_eq!(earlier, Decision::default());
+        let later = decide(&lww, Some(&current), &at(5), &[theirs(&["name"], 4)]).expect("decide");
+        assert_eq!(later.write.expect("write").changed, vec!["name".to_owned()]);
+        // Equal HLCs: the greater device id (2 > 1) wins, the same on every device.
+        let tie = decide(&lww, Some(&current), &at(4), &[theirs(&["name"], 4)]).expect("decide");
+        assert!(tie.write.is_some());
+    }
+
+    #[test]
+    fn delete_against_update_goes_by_hlc() {
+        let current =
+            fields(serde_json::json!({"id": "r", "name": "A", "tags": [], "notes": null}));
+        let delete = |hlc| Pushed {
+            op: ChangeOp::Delete,
+            data: None,
+            changed: &[],
+            hlc: Hlc::new(hlc, 0),
+            device: device(2),
+        };
+        let lww = rules(MergeRule::LastWriteWins);
+        let lost =
+            decide(&lww, Some(&current), &delete(1), &[theirs(&["name"], 4)]).expect("decide");
+        assert_eq!(lost, Decision::default());
+        let won =
+            decide(&lww, Some(&current), &delete(9), &[theirs(&["name"], 4)]).expect("decide");
+        assert_eq!(won.write.expect("write").op, ChangeOp::Delete);
+        // Deleting what is already gone does nothing.
+        let gone = decide(&lww, None, &delete(9), &[]).expect("decide");
+        assert_eq!(gone, Decision::default());
+    }
+}

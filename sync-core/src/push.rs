@@ -1,0 +1,585 @@
+//! Offline writes: a follower's outbox, the push that empties it, the leader's side that
+//! sequences (and merges) what it receives, and the conflicts a manual merge leaves.
+//!
+//! On a write-role follower, `Library::append` stores a transaction's changes in
+//! `sync_outbox`, in the same transaction as the write, each with the follower's position
+//! as its base. `push_outbox` sends the oldest changes to the leader; the leader takes them
+//! in one transaction — merging each against what the follower had not seen (see
+//! `merge.rs`), writing the result to its own tables and appending it to the log, and
+//! recording the last outbox id it took — and acknowledges that id. Only then does the
+//! follower delete those outbox rows. A push repeated after a lost acknowledgement finds
+//! its ids at or below the recorded one, and the leader logs nothing twice.
+
+use sea_orm::ActiveValue::Set;
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, DbErr,
+    EntityTrait, IntoActiveModel, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+};
+use serde::Serialize;
+
+use crate::capture::{self, CapturedChange};
+use crate::follower::SyncError;
+use crate::merge::{self, Concurrent, Fields, ModelRules, Pushed};
+use crate::protocol::{
+    PROTOCOL_VERSION, PUSH_CHANGES_MAX, PushError, PushRequest, PushResponse, PushedChange,
+    Transport,
+};
+use crate::tables::{conflict, log, outbox, pending, pushed};
+use crate::{Access, Admission, ChangeOp, DeviceId, Hlc, Library, LogEntry, Role, Seq};
+
+/// What one `push_outbox` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PushOutcome {
+    /// Outbox changes the leader acknowledged (and that left the outbox).
+    pub acknowledged: u64,
+    /// The leader's latest seq after the last push.
+    pub latest_seq: Seq,
+}
+
+/// An open conflict, as `Library::conflicts` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Conflict {
+    /// Its id, for `Library::resolve`.
+    pub id: String,
+    /// The record's model.
+    pub model: String,
+    /// The record's key.
+    pub record_id: String,
+    /// The value the library kept (the conflicting synced fields).
+    pub local: serde_json::Value,
+    /// The concurrent value set aside.
+    pub remote: serde_json::Value,
+    /// The device that wrote the value set aside.
+    pub remote_device: String,
+}
+
+/// How to settle a conflict.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// Keep the value the library kept.
+    TakeLocal,
+    /// Take the value that was set aside.
+    TakeRemote,
+    /// Set these synced fields (a JSON object).
+    Value(serde_json::Map<String, serde_json::Value>),
+}
+
+/// Why a conflict could not be resolved.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResolveError {
+    /// No open conflict has this id (resolved already, here or elsewhere).
+    #[error("no open conflict has id `{0}`; `conflicts` lists the open ones")]
+    NotFound(String),
+    /// The conflict names a model this app does not know.
+    #[error("conflict `{id}` is about model `{model}`, which this app does not know")]
+    UnknownModel {
+        /// The conflict.
+        id: String,
+        /// Its model.
+        model: String,
+    },
+    /// The value does not fit the model.
+    #[error("the value does not fit `{model}`: {reason}")]
+    BadValue {
+        /// The model.
+        model: String,
+        /// What does not fit.
+        reason: String,
+    },
+    /// The database failed, or the write was refused (a read-role device, say).
+    #[error(transparent)]
+    Db(#[from] DbErr),
+}
+
+impl Library {
+    /// Stores a follower transaction's changes in the outbox, based on the follower's
+    /// current position. Runs inside that transaction.
+    pub(crate) async fn append_outbox(
+        &self,
+        txn: &DatabaseTransaction,
+        changes: Vec<CapturedChange>,
+    ) -> Result<(), DbErr> {
+        let base = self.position_in(txn).await?.seq;
+        let rows: Vec<outbox::ActiveModel> = changes
+            .into_iter()
+            .map(|c| outbox::ActiveModel {
+                library_id: Set(self.id().to_string()),
+                model: Set(c.model.to_owned()),
+                record_id: Set(c.record_id),
+                op: Set(c.op.as_str().to_owned()),
+                data: Set(c.data),
+                changed: Set(changed_list(&c.changed)),
+                hlc: Set(c.hlc.as_u64() as i64),
+                schema_version: Set(c.schema_version as i32),
+                base_seq: Set(base.0 as i64),
+                ..Default::default()
+            })
+            .collect();
+        // One row per statement: the ids must follow write order on every backend.
+        for row in rows {
+            outbox::Entity::insert(row)
+                .exec_without_returning(txn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Changes waiting in this follower's outbox.
+    pub async fn outbox_len(&self) -> Result<u64, DbErr> {
+        outbox::Entity::find()
+            .filter(outbox::Column::LibraryId.eq(self.id().to_string()))
+            .count(&self.db)
+            .await
+    }
+
+    /// Sends the outbox to the leader until it is empty (as of the start: writes made
+    /// meanwhile go with the next call). Each acknowledged batch leaves the outbox in its
+    /// own transaction; an interruption resends at most the unacknowledged batch, which the
+    /// leader recognises.
+    pub async fn push_outbox(&self, transport: &dyn Transport) -> Result<PushOutcome, SyncError> {
+        if self.role() != Role::Follower {
+            return Err(PushError::NotLeader(self.id()).into());
+        }
+        let last = outbox::Entity::find()
+            .filter(outbox::Column::LibraryId.eq(self.id().to_string()))
+            .order_by_desc(outbox::Column::Id)
+            .one(&self.db)
+            .await
+            .map_err(PushError::from)?;
+        let Some(last) = last else {
+            return Ok(PushOutcome::default());
+        };
+        let mut outcome = PushOutcome::default();
+        loop {
+            let rows = outbox::Entity::find()
+                .filter(outbox::Column::LibraryId.eq(self.id().to_string()))
+                .filter(outbox::Column::Id.lte(last.id))
+                .order_by_asc(outbox::Column::Id)
+                .limit(PUSH_CHANGES_MAX as u64)
+                .all(&self.db)
+                .await
+                .map_err(PushError::from)?;
+            if rows.is_empty() {
+                return Ok(outcome);
+            }
+            let changes = rows
+                .into_iter()
+                .map(pushed_change)
+                .collect::<Result<Vec<_>, _>>()?;
+            let sent_through = changes.last().map_or(0, |c| c.id);
+            let response = transport
+                .push(PushRequest {
+                    protocol_version: PROTOCOL_VERSION,
+                    library_id: self.id(),
+                    device_id: self.device_id(),
+                    changes,
+                })
+                .await?;
+            if response.protocol_version != PROTOCOL_VERSION {
+                return Err(PushError::VersionMismatch {
+                    ours: PROTOCOL_VERSION,
+                    theirs: response.protocol_version,
+                }
+                .into());
+            }
+            if response.library_id != self.id() {
+                return Err(PushError::Transport(format!(
+                    "the leader acknowledged for library {}, not {}",
+                    response.library_id,
+                    self.id()
+                ))
+                .into());
+            }
+            let removed = outbox::Entity::delete_many()
+                .filter(outbox::Column::LibraryId.eq(self.id().to_string()))
+                .filter(outbox::Column::Id.lte(response.acked.min(sent_through) as i64))
+                .exec(&self.db)
+                .await
+                .map_err(PushError::from)?;
+            outcome.acknowledged += removed.rows_affected;
+            outcome.latest_seq = response.latest_seq;
+            if response.acked < sent_through {
+                return Err(PushError::Transport(format!(
+                    "the leader acknowledged outbox id {} of {sent_through} sent; retrying later",
+                    response.acked
+                ))
+                .into());
+            }
+        }
+    }
+
+    /// The leader's side of a push: takes the changes it has not taken yet, in one
+    /// transaction, and acknowledges the last outbox id taken.
+    pub async fn serve_push(&self, request: &PushRequest) -> Result<PushResponse, PushError> {
+        if request.protocol_version != PROTOCOL_VERSION {
+            return Err(PushError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: request.protocol_version,
+            });
+        }
+        if request.library_id != self.id() || self.role() != Role::Leader {
+            return Err(PushError::NotLeader(request.library_id));
+        }
+        let device = request.device_id;
+        let refuse = |reason: &str| PushError::NotWriter {
+            device,
+            library: self.id(),
+            reason: reason.to_owned(),
+        };
+        match self.admission(device).await? {
+            Admission::Member(Access::Write | Access::Leader) => {}
+            Admission::Member(Access::Read) => return Err(refuse("it has read access only")),
+            Admission::Revoked(_) => return Err(refuse("it was revoked")),
+            Admission::NotMember => return Err(refuse("it is not a member")),
+        }
+        if request.changes.len() > PUSH_CHANGES_MAX {
+            return Err(PushError::Transport(format!(
+                "a push carries at most {PUSH_CHANGES_MAX} changes, this one {}",
+                request.changes.len()
+            )));
+        }
+        if let Some(pair) = request.changes.windows(2).find(|w| w[0].id >= w[1].id) {
+            return Err(PushError::BadChange {
+                id: pair[1].id,
+                model: pair[1].model.clone(),
+                reason: "outbox ids must ascend within a push".into(),
+            });
+        }
+        let this = self.clone();
+        let request = request.clone();
+        let acked = self
+            .transaction(move |txn| Box::pin(async move { this.take_push(txn, &request).await }))
+            .await?;
+        Ok(PushResponse {
+            protocol_version: PROTOCOL_VERSION,
+            library_id: self.id(),
+            acked,
+            latest_seq: self.latest_seq().await.map_err(|e| match e {
+                crate::LogError::Db(e) => PushError::Db(e),
+                other => PushError::Transport(other.to_string()),
+            })?,
+        })
+    }
+
+    async fn take_push(
+        &self,
+        txn: &DatabaseTransaction,
+        request: &PushRequest,
+    ) -> Result<u64, PushError> {
+        let key = (self.id().to_string(), request.device_id.to_string());
+        let mark = pushed::Entity::find_by_id(key.clone())
+            .lock_exclusive()
+            .one(txn)
+            .await?;
+        let mut through = mark.as_ref().map_or(0, |m| m.through as u64);
+        for change in &request.changes {
+            if change.id <= through {
+                // Taken by an earlier push whose acknowledgement was lost.
+                continue;
+            }
+            self.take_change(txn, request.device_id, change).await?;
+            through = change.id;
+        }
+        let row = pushed::ActiveModel {
+            library_id: Set(key.0),
+            device_id: Set(key.1),
+            through: Set(through as i64),
+        };
+        if mark.is_some() {
+            row.update(txn).await?;
+        } else {
+            row.insert(txn).await?;
+        }
+        Ok(through)
+    }
+
+    async fn take_change(
+        &self,
+        txn: &DatabaseTransaction,
+        device: DeviceId,
+        change: &PushedChange,
+    ) -> Result<(), PushError> {
+        let bad = |reason: String| PushError::BadChange {
+            id: change.id,
+            model: change.model.clone(),
+            reason,
+        };
+        let ops = self.registry.get(&change.model).cloned().ok_or_else(|| {
+            bad("the leader's app does not know this model: update the leader's app".into())
+        })?;
+        if change.schema_version != ops.schema_version() {
+            return Err(bad(format!(
+                "schema version {} on the follower, {} on the leader: update the older app",
+                change.schema_version,
+                ops.schema_version()
+            )));
+        }
+        let data: Option<Fields> = match (&change.op, &change.data) {
+            (ChangeOp::Upsert, Some(text)) => Some(
+                serde_json::from_str(text)
+                    .map_err(|e| bad(format!("data is not a JSON object: {e}")))?,
+            ),
+            (ChangeOp::Upsert, None) => return Err(bad("an upsert without data".into())),
+            (ChangeOp::Delete, _) => None,
+        };
+        self.context.clock.observe(change.hlc);
+        let current = ops.current(txn, &change.record_id).await?;
+        let concurrent = concurrent_entries(
+            txn,
+            self,
+            &change.model,
+            &change.record_id,
+            change.base,
+            device,
+        )
+        .await?;
+        let custom =
+            |local: &Fields, remote: &Fields| ops.merge_custom(&change.record_id, local, remote);
+        let rules = ModelRules {
+            rule: ops.merge(),
+            fields: ops.fields(),
+            key_field: ops.key_field(),
+            custom: &custom,
+        };
+        let pushed = Pushed {
+            op: change.op,
+            data: data.as_ref(),
+            changed: &change.changed,
+            hlc: change.hlc,
+            device,
+        };
+        let decision =
+            merge::decide(&rules, current.as_ref(), &pushed, &concurrent).map_err(bad)?;
+        if let Some(write) = decision.write {
+            let data = write
+                .data
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(|e| bad(e.to_string()))?;
+            let entry = LogEntry {
+                library_id: self.id(),
+                seq: Seq::ZERO,
+                model: change.model.clone(),
+                record_id: change.record_id.clone(),
+                op: write.op,
+                data: data.clone(),
+                changed: write.changed.clone(),
+                device_id: device,
+                hlc: write.hlc,
+                schema_version: change.schema_version,
+                checksum: 0,
+            };
+            ops.apply(txn, &[&entry])
+                .await
+                .map_err(|(_, failure)| match failure {
+                    crate::registry::ApplyFailure::Db(e) => PushError::Db(e),
+                    crate::registry::ApplyFailure::BadPayload(reason) => bad(reason),
+                })?;
+            let changed = write
+                .changed
+                .iter()
+                .filter_map(|f| ops.fields().iter().find(|s| s.name == f).map(|s| s.name))
+                .collect();
+            capture::record(CapturedChange {
+                model: ops.sync_id(),
+                record_id: change.record_id.clone(),
+                op: write.op,
+                data,
+                changed,
+                hlc: write.hlc,
+                schema_version: change.schema_version,
+                author: Some(device),
+            })?;
+        }
+        if let Some(conflict) = decision.conflict {
+            let text =
+                |fields: &Fields| serde_json::to_string(fields).map_err(|e| bad(e.to_string()));
+            conflict::ActiveModel {
+                id: Set(uuid::Uuid::now_v7().to_string()),
+                model: Set(change.model.clone()),
+                record_id: Set(change.record_id.clone()),
+                local: Set(text(&conflict.local)?),
+                remote: Set(text(&conflict.remote)?),
+                remote_device: Set(device.to_string()),
+            }
+            .insert(txn)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The open conflicts of this library, oldest first.
+    pub async fn conflicts(&self) -> Result<Vec<Conflict>, DbErr> {
+        let rows = conflict::Entity::find()
+            .order_by_asc(conflict::Column::Id)
+            .all(&self.db)
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                let parse = |text: &str| {
+                    serde_json::from_str(text).map_err(|e| {
+                        DbErr::Json(format!("conflict `{}` holds bad JSON: {e}", row.id))
+                    })
+                };
+                Ok(Conflict {
+                    local: parse(&row.local)?,
+                    remote: parse(&row.remote)?,
+                    id: row.id,
+                    model: row.model,
+                    record_id: row.record_id,
+                    remote_device: row.remote_device,
+                })
+            })
+            .collect()
+    }
+
+    /// Open conflicts, counted.
+    pub async fn conflict_count(&self) -> Result<u64, DbErr> {
+        conflict::Entity::find().count(&self.db).await
+    }
+
+    /// Settles a conflict: writes the chosen value to the record (unless it keeps the local
+    /// one) and closes the conflict, in one recorded transaction — on a follower that is an
+    /// outbox change like any other, and it reaches every device.
+    pub async fn resolve(&self, id: &str, resolution: Resolution) -> Result<(), ResolveError> {
+        let row = conflict::Entity::find_by_id(id.to_owned())
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| ResolveError::NotFound(id.to_owned()))?;
+        let ops =
+            self.registry
+                .get(&row.model)
+                .cloned()
+                .ok_or_else(|| ResolveError::UnknownModel {
+                    id: row.id.clone(),
+                    model: row.model.clone(),
+                })?;
+        let values: Option<Fields> = match resolution {
+            Resolution::TakeLocal => None,
+            Resolution::TakeRemote => {
+                Some(
+                    serde_json::from_str(&row.remote).map_err(|e| ResolveError::BadValue {
+                        model: row.model.clone(),
+                        reason: e.to_string(),
+                    })?,
+                )
+            }
+            Resolution::Value(map) => Some(map),
+        };
+        if let Some(values) = &values {
+            let synced = ops.fields();
+            if let Some(unknown) = values
+                .keys()
+                .find(|k| !synced.iter().any(|f| f.synced && f.name == k.as_str()))
+            {
+                return Err(ResolveError::BadValue {
+                    model: row.model.clone(),
+                    reason: format!("`{unknown}` is not a synced field"),
+                });
+            }
+        }
+        let id = id.to_owned();
+        self.transaction(move |txn| {
+            Box::pin(async move {
+                // Deleted through the hooks, so the closing is a change that syncs.
+                let open = conflict::Entity::find_by_id(id.clone())
+                    .one(txn)
+                    .await?
+                    .ok_or_else(|| ResolveError::NotFound(id.clone()))?;
+                if let Some(values) = values {
+                    ops.set_fields(txn, &open.record_id, &values)
+                        .await
+                        .map_err(|e| match e {
+                            crate::registry::ApplyFailure::Db(e) => ResolveError::Db(e),
+                            crate::registry::ApplyFailure::BadPayload(reason) => {
+                                ResolveError::BadValue {
+                                    model: open.model.clone(),
+                                    reason,
+                                }
+                            }
+                        })?;
+                }
+                open.into_active_model().delete(txn).await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+}
+
+/// Entries of `model`/`record_id` by devices other than `device`, after `base`: those the
+/// pushing device had not seen. On PostgreSQL, committed entries still waiting for the
+/// sequencer are newer than every logged one, so they count too.
+async fn concurrent_entries(
+    txn: &DatabaseTransaction,
+    library: &Library,
+    model: &str,
+    record_id: &str,
+    base: Seq,
+    device: DeviceId,
+) -> Result<Vec<Concurrent>, PushError> {
+    let library_id = library.id().to_string();
+    let device_text = device.to_string();
+    let logged = log::Entity::find()
+        .filter(log::Column::LibraryId.eq(library_id.clone()))
+        .filter(log::Column::Model.eq(model))
+        .filter(log::Column::RecordId.eq(record_id))
+        .filter(log::Column::Seq.gt(base.0 as i64))
+        .filter(log::Column::DeviceId.ne(device_text.clone()))
+        .all(txn)
+        .await?;
+    let mut out = Vec::with_capacity(logged.len());
+    for row in logged {
+        out.push(concurrent(&row.op, &row.changed, row.hlc, &row.device_id)?);
+    }
+    if txn.get_database_backend() == DbBackend::Postgres {
+        let waiting = pending::Entity::find()
+            .filter(pending::Column::LibraryId.eq(library_id))
+            .filter(pending::Column::Model.eq(model))
+            .filter(pending::Column::RecordId.eq(record_id))
+            .filter(pending::Column::DeviceId.ne(device_text))
+            .all(txn)
+            .await?;
+        for row in waiting {
+            out.push(concurrent(&row.op, &row.changed, row.hlc, &row.device_id)?);
+        }
+    }
+    Ok(out)
+}
+
+fn concurrent(op: &str, changed: &str, hlc: i64, device: &str) -> Result<Concurrent, PushError> {
+    let corrupt = |what: &str| DbErr::Custom(format!("a log row holds a bad {what}"));
+    Ok(Concurrent {
+        op: ChangeOp::parse(op).ok_or_else(|| corrupt("op"))?,
+        changed: serde_json::from_str(changed).map_err(|_| corrupt("changed list"))?,
+        hlc: Hlc::from_u64(hlc as u64),
+        device: device.parse().map_err(|_| corrupt("device id"))?,
+    })
+}
+
+fn changed_list(fields: &[&str]) -> String {
+    // A list of plain strings always serialises.
+    serde_json::to_string(fields).unwrap_or_else(|_| "[]".into())
+}
+
+fn pushed_change(row: outbox::Model) -> Result<PushedChange, PushError> {
+    let corrupt = |what: &str| {
+        PushError::Db(DbErr::Custom(format!(
+            "outbox row {} holds a bad {what}",
+            row.id
+        )))
+    };
+    Ok(PushedChange {
+        id: row.id as u64,
+        op: ChangeOp::parse(&row.op).ok_or_else(|| corrupt("op"))?,
+        changed: serde_json::from_str(&row.changed).map_err(|_| corrupt("changed list"))?,
+        hlc: Hlc::from_u64(row.hlc as u64),
+        schema_version: row.schema_version as u32,
+        base: Seq(row.base_seq as u64),
+        model: row.model,
+        record_id: row.record_id,
+        data: row.data,
+    })
+}
