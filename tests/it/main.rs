@@ -9,6 +9,7 @@ mod capture;
 mod derive;
 mod follower;
 mod foreign_keys;
+mod offline;
 mod ordering;
 mod quic;
 mod support;

@@ -1,0 +1,550 @@
+//! Offline writes on followers: the outbox, pushes, and concurrent edits that converge.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use example_app::ops;
+use example_app::{Migrator, registry};
+use sea_orm_migration::MigratorTrait;
+use serde_json::{Value, json};
+use sync_core::{
+    Access, InProcess, Library, PullError, PullRequest, PullResponse, PushError, PushRequest,
+    PushResponse, Resolution, Transport,
+};
+
+use crate::support::{Backend, fixture};
+
+/// A follower on its own SQLite file, admitted by `leader` with `access`.
+async fn member(leader: &Library, dir: &std::path::Path, name: &str, access: Access) -> Library {
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.join(format!("{name}.db")).display()
+    );
+    let db = example_app::connect(&url).await.expect("connect");
+    Migrator::up(&db, None).await.expect("migrate");
+    let key = Library::device_key_of(&db).await.expect("device key");
+    let invite = leader
+        .invite(access, Duration::from_secs(600))
+        .await
+        .expect("invite");
+    leader
+        .redeem_invite(&invite.secret, access, key.device_id(), Some(name))
+        .await
+        .expect("redeem");
+    Library::join(
+        db,
+        leader.id(),
+        leader.device_id(),
+        "test",
+        access,
+        registry(),
+    )
+    .await
+    .expect("join")
+}
+
+/// One sync round of `device`: push its outbox, then pull until caught up.
+async fn sync(device: &Library, leader: &Library) {
+    let transport = InProcess::new(leader.clone());
+    device.push_outbox(&transport).await.expect("push");
+    device.catch_up(&transport, 1_000).await.expect("pull");
+}
+
+async fn put(library: &Library, model: &str, value: Value) -> Value {
+    ops::put(library, model, &value.to_string())
+        .await
+        .expect("put")
+}
+
+async fn get(library: &Library, model: &str, id: &str) -> Option<Value> {
+    ops::get(library, model, id).await.expect("get")
+}
+
+/// Waits until the wall clock has moved to the next millisecond, so that the next write's
+/// HLC is greater than every earlier write's on any device (HLCs order by milliseconds,
+/// then by a per-device counter: two devices' writes in one millisecond tie).
+async fn tick() {
+    let start = chrono::Utc::now().timestamp_millis();
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while chrono::Utc::now().timestamp_millis() <= start {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the clock does not move"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+fn id_of(record: &Value) -> String {
+    record["id"].as_str().expect("an id").to_owned()
+}
+
+/// Every device holds the same synced data, and nothing waits in an outbox.
+async fn assert_converged(devices: &[&Library]) {
+    let first = devices[0].dump().await.expect("dump");
+    for device in &devices[1..] {
+        assert_eq!(device.dump().await.expect("dump"), first, "devices differ");
+        assert_eq!(device.outbox_len().await.expect("outbox"), 0);
+    }
+}
+
+/// Entries of one record in the leader's log.
+async fn entries_of(leader: &Library, record_id: &str) -> Vec<sync_core::LogEntry> {
+    leader
+        .read_log(sync_core::Seq::ZERO, 100_000)
+        .await
+        .expect("log")
+        .into_iter()
+        .filter(|e| e.record_id == record_id)
+        .collect()
+}
+
+/// A leader and two write-role followers, synced with a few shared records.
+struct Three {
+    leader: crate::support::Fixture,
+    a: Library,
+    b: Library,
+    _dir: tempfile::TempDir,
+}
+
+async fn three(backend: Backend, test: &str) -> Option<Three> {
+    let leader = fixture(backend, test).await?;
+    let dir = tempfile::tempdir().expect("dir");
+    let a = member(&leader.library, dir.path(), "a", Access::Write).await;
+    let b = member(&leader.library, dir.path(), "b", Access::Write).await;
+    Some(Three {
+        leader,
+        a,
+        b,
+        _dir: dir,
+    })
+}
+
+/// Offline edits on both followers and the leader — to the same records and to different
+/// ones — synced in `order`; every device ends with the same data, nothing lost.
+async fn offline_edits_converge(backend: Backend, test: &str, a_first: bool) {
+    let Some(t) = three(backend, test).await else {
+        return;
+    };
+    let leader = &t.leader.library;
+    let shared_tag = put(leader, "tag", json!({"name": "shared"})).await;
+    let location = put(
+        leader,
+        "location",
+        json!({"name": "Photos", "path": "/photos", "indexed_files": 1}),
+    )
+    .await;
+    let meta = put(
+        leader,
+        "user_metadata",
+        json!({"tags": ["a"], "notes": null, "favorite": false}),
+    )
+    .await;
+    sync(&t.a, leader).await;
+    sync(&t.b, leader).await;
+
+    // Offline: each device writes without seeing the others.
+    let a_only = put(&t.a, "tag", json!({"name": "from a"})).await;
+    let b_only = put(&t.b, "volume", json!({"name": "B's disk"})).await;
+    let leader_only = put(leader, "tag", json!({"name": "from the leader"})).await;
+    put(
+        &t.a,
+        "tag",
+        json!({"id": id_of(&shared_tag), "name": "renamed by a"}),
+    )
+    .await;
+    tick().await;
+    put(
+        &t.b,
+        "tag",
+        json!({"id": id_of(&shared_tag), "name": "renamed by b"}),
+    )
+    .await;
+    put(
+        &t.a,
+        "user_metadata",
+        json!({"id": id_of(&meta), "tags": ["a", "x"]}),
+    )
+    .await;
+    put(
+        &t.b,
+        "user_metadata",
+        json!({"id": id_of(&meta), "tags": ["a", "y"], "favorite": true}),
+    )
+    .await;
+    put(
+        &t.a,
+        "location",
+        json!({"id": id_of(&location), "name": "Pictures"}),
+    )
+    .await;
+    put(
+        &t.b,
+        "location",
+        json!({"id": id_of(&location), "name": "Images", "indexed_files": 9}),
+    )
+    .await;
+    assert_eq!(t.a.outbox_len().await.expect("outbox"), 4);
+
+    let (first, second) = if a_first { (&t.a, &t.b) } else { (&t.b, &t.a) };
+    sync(first, leader).await;
+    sync(second, leader).await;
+    sync(first, leader).await;
+    assert_converged(&[leader, &t.a, &t.b]).await;
+
+    // Nothing lost: every device's own records arrived everywhere.
+    for (model, record) in [("tag", &a_only), ("volume", &b_only), ("tag", &leader_only)] {
+        assert!(
+            get(leader, model, &id_of(record)).await.is_some(),
+            "{record} lost"
+        );
+    }
+    // The same tag renamed twice: the later write (b's) wins on every device.
+    let tag = get(leader, "tag", &id_of(&shared_tag)).await.expect("tag");
+    assert_eq!(tag["name"], "renamed by b");
+    // Field level: both tag sets are kept, b's favorite survives.
+    let meta = get(leader, "user_metadata", &id_of(&meta))
+        .await
+        .expect("meta");
+    let mut tags: Vec<String> = serde_json::from_value(meta["tags"].clone()).expect("tags");
+    tags.sort();
+    assert_eq!(tags, ["a", "x", "y"]);
+    assert_eq!(meta["favorite"], true);
+    // Concurrent renames of a location are a manual conflict: the first to reach the
+    // leader is kept, b's indexed_files (no conflict) is taken.
+    let location = get(leader, "location", &id_of(&location))
+        .await
+        .expect("location");
+    let (kept, aside) = if a_first {
+        ("Pictures", "Images")
+    } else {
+        ("Images", "Pictures")
+    };
+    assert_eq!(location["name"], kept);
+    assert_eq!(location["indexed_files"], 9);
+    for device in [leader, &t.a, &t.b] {
+        let conflicts = device.conflicts().await.expect("conflicts");
+        assert_eq!(conflicts.len(), 1, "the conflict replicates");
+        assert_eq!(conflicts[0].local, json!({"name": kept}));
+        assert_eq!(conflicts[0].remote, json!({"name": aside}));
+    }
+    t.leader.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_devices_converge_a_first() {
+    offline_edits_converge(
+        Backend::Sqlite,
+        "offline::three_devices_converge_a_first",
+        true,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_devices_converge_b_first() {
+    offline_edits_converge(
+        Backend::Sqlite,
+        "offline::three_devices_converge_b_first",
+        false,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_devices_converge_on_a_postgres_leader() {
+    offline_edits_converge(
+        Backend::Postgres,
+        "offline::three_devices_converge_on_a_postgres_leader",
+        true,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_devices_converge_on_a_mysql_leader() {
+    offline_edits_converge(
+        Backend::Mysql,
+        "offline::three_devices_converge_on_a_mysql_leader",
+        false,
+    )
+    .await;
+}
+
+/// A manual conflict is listed on a follower, resolved there, and the resolution reaches
+/// every device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_resolved_on_a_follower_reaches_every_device() {
+    let Some(t) = three(Backend::Sqlite, "offline::conflict_resolved_on_a_follower").await else {
+        return;
+    };
+    let leader = &t.leader.library;
+    let location = put(leader, "location", json!({"name": "Photos", "path": "/p"})).await;
+    sync(&t.a, leader).await;
+    sync(&t.b, leader).await;
+    put(
+        &t.a,
+        "location",
+        json!({"id": id_of(&location), "path": "/a"}),
+    )
+    .await;
+    put(
+        &t.b,
+        "location",
+        json!({"id": id_of(&location), "path": "/b"}),
+    )
+    .await;
+    sync(&t.a, leader).await;
+    sync(&t.b, leader).await;
+    let conflicts = t.b.conflicts().await.expect("conflicts");
+    assert_eq!(conflicts.len(), 1);
+    assert_eq!(conflicts[0].remote, json!({"path": "/b"}));
+    t.b.resolve(&conflicts[0].id, Resolution::TakeRemote)
+        .await
+        .expect("resolve");
+    assert_eq!(
+        t.b.outbox_len().await.expect("outbox"),
+        2,
+        "record and conflict"
+    );
+    sync(&t.b, leader).await;
+    sync(&t.a, leader).await;
+    assert_converged(&[leader, &t.a, &t.b]).await;
+    for device in [leader, &t.a, &t.b] {
+        assert!(device.conflicts().await.expect("conflicts").is_empty());
+        let record = get(device, "location", &id_of(&location))
+            .await
+            .expect("location");
+        assert_eq!(record["path"], "/b");
+    }
+    // A resolution with a value of one's own; a stale id is a clear error.
+    put(
+        &t.a,
+        "location",
+        json!({"id": id_of(&location), "name": "A"}),
+    )
+    .await;
+    put(
+        &t.b,
+        "location",
+        json!({"id": id_of(&location), "name": "B"}),
+    )
+    .await;
+    sync(&t.a, leader).await;
+    sync(&t.b, leader).await;
+    let id = t.b.conflicts().await.expect("conflicts")[0].id.clone();
+    let mut value = serde_json::Map::new();
+    value.insert("name".into(), json!("Both"));
+    t.b.resolve(&id, Resolution::Value(value))
+        .await
+        .expect("resolve");
+    let again = t.b.resolve(&id, Resolution::TakeLocal).await;
+    assert!(
+        matches!(again, Err(sync_core::ResolveError::NotFound(_))),
+        "{again:?}"
+    );
+    sync(&t.b, leader).await;
+    sync(&t.a, leader).await;
+    assert_converged(&[leader, &t.a, &t.b]).await;
+    let record = get(&t.a, "location", &id_of(&location))
+        .await
+        .expect("location");
+    assert_eq!(record["name"], "Both");
+    t.leader.finish().await;
+}
+
+/// Each combination of concurrent operations on one record, with its documented outcome
+/// (ARCHITECTURE.md, "Offline writes and conflicts").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_combination_has_its_documented_outcome() {
+    let Some(t) = three(Backend::Sqlite, "offline::combinations").await else {
+        return;
+    };
+    let leader = &t.leader.library;
+    let all = [leader, &t.a, &t.b];
+
+    // create/create of one id: last writer (b) wins everywhere.
+    let id = uuid::Uuid::now_v7().to_string();
+    put(&t.a, "tag", json!({"id": id, "name": "a's"})).await;
+    tick().await;
+    put(&t.b, "tag", json!({"id": id, "name": "b's"})).await;
+    sync(&t.a, leader).await;
+    sync(&t.b, leader).await;
+    sync(&t.a, leader).await;
+    assert_converged(&all).await;
+    assert_eq!(get(leader, "tag", &id).await.expect("tag")["name"], "b's");
+
+    // update (earlier) / delete (later): the delete wins.
+    put(&t.a, "tag", json!({"id": id, "name": "a's update"})).await;
+    tick().await;
+    ops::delete(&t.b, "tag", &id).await.expect("delete");
+    sync(&t.a, leader).await;
+    sync(&t.b, leader).await;
+    sync(&t.a, leader).await;
+    assert_converged(&all).await;
+    assert!(get(leader, "tag", &id).await.is_none());
+
+    // create after delete: a device that saw the delete creates the id again.
+    put(&t.a, "tag", json!({"id": id, "name": "again"})).await;
+    sync(&t.a, leader).await;
+    sync(&t.b, leader).await;
+    assert_converged(&all).await;
+    assert_eq!(get(&t.b, "tag", &id).await.expect("tag")["name"], "again");
+
+    // delete (earlier) / update (later): the update wins and brings the record back.
+    ops::delete(&t.a, "tag", &id).await.expect("delete");
+    tick().await;
+    put(&t.b, "tag", json!({"id": id, "name": "b's later update"})).await;
+    sync(&t.a, leader).await;
+    sync(&t.b, leader).await;
+    sync(&t.a, leader).await;
+    assert_converged(&all).await;
+    assert_eq!(
+        get(&t.a, "tag", &id).await.expect("tag")["name"],
+        "b's later update"
+    );
+
+    // delete/delete: one delete in the log, not two.
+    let before = entries_of(leader, &id).await.len();
+    ops::delete(&t.a, "tag", &id).await.expect("delete");
+    ops::delete(&t.b, "tag", &id).await.expect("delete");
+    sync(&t.a, leader).await;
+    sync(&t.b, leader).await;
+    sync(&t.a, leader).await;
+    assert_converged(&all).await;
+    let after = entries_of(leader, &id).await;
+    assert_eq!(after.len(), before + 1);
+    assert_eq!(after[before].op, sync_core::ChangeOp::Delete);
+
+    // update/update, last-write-wins: the later HLC wins even when it arrives first.
+    let tag = put(leader, "tag", json!({"name": "base"})).await;
+    sync(&t.a, leader).await;
+    sync(&t.b, leader).await;
+    put(&t.a, "tag", json!({"id": id_of(&tag), "name": "earlier"})).await;
+    tick().await;
+    put(&t.b, "tag", json!({"id": id_of(&tag), "name": "later"})).await;
+    sync(&t.b, leader).await;
+    sync(&t.a, leader).await;
+    sync(&t.b, leader).await;
+    assert_converged(&all).await;
+    assert_eq!(
+        get(leader, "tag", &id_of(&tag)).await.expect("tag")["name"],
+        "later"
+    );
+
+    // Field level, different fields: both edits survive.
+    let meta = put(
+        leader,
+        "user_metadata",
+        json!({"tags": [], "favorite": false}),
+    )
+    .await;
+    sync(&t.a, leader).await;
+    sync(&t.b, leader).await;
+    put(
+        &t.a,
+        "user_metadata",
+        json!({"id": id_of(&meta), "notes": "from a"}),
+    )
+    .await;
+    put(
+        &t.b,
+        "user_metadata",
+        json!({"id": id_of(&meta), "favorite": true}),
+    )
+    .await;
+    sync(&t.a, leader).await;
+    sync(&t.b, leader).await;
+    sync(&t.a, leader).await;
+    assert_converged(&all).await;
+    let meta = get(leader, "user_metadata", &id_of(&meta))
+        .await
+        .expect("meta");
+    assert_eq!(
+        (meta["notes"].clone(), meta["favorite"].clone()),
+        (json!("from a"), json!(true))
+    );
+    t.leader.finish().await;
+}
+
+/// Loses the acknowledgement of the first push: the leader took it, the follower does not
+/// know (a dropped connection, or the follower killed before it noted the answer).
+struct LosesFirstAck {
+    inner: InProcess,
+    lost: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Transport for LosesFirstAck {
+    async fn pull(&self, request: PullRequest) -> Result<PullResponse, PullError> {
+        self.inner.pull(request).await
+    }
+
+    async fn push(&self, request: PushRequest) -> Result<PushResponse, PushError> {
+        let response = self.inner.push(request).await?;
+        if !self.lost.swap(true, Ordering::SeqCst) {
+            return Err(PushError::Transport("connection lost".into()));
+        }
+        Ok(response)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_repeated_after_a_lost_acknowledgement_is_logged_once() {
+    let Some(t) = three(Backend::Sqlite, "offline::lost_ack").await else {
+        return;
+    };
+    let leader = &t.leader.library;
+    let tag = put(&t.a, "tag", json!({"name": "once"})).await;
+    put(&t.a, "tag", json!({"id": id_of(&tag), "name": "twice"})).await;
+    let transport = LosesFirstAck {
+        inner: InProcess::new(leader.clone()),
+        lost: AtomicBool::new(false),
+    };
+    let first = t.a.push_outbox(&transport).await;
+    assert!(first.is_err(), "the acknowledgement was lost");
+    assert_eq!(
+        t.a.outbox_len().await.expect("outbox"),
+        2,
+        "kept until acknowledged"
+    );
+    let second = t.a.push_outbox(&transport).await.expect("push again");
+    assert_eq!(second.acknowledged, 2);
+    assert_eq!(t.a.outbox_len().await.expect("outbox"), 0);
+    assert_eq!(
+        entries_of(leader, &id_of(&tag)).await.len(),
+        2,
+        "nothing logged twice"
+    );
+    t.a.catch_up(&transport, 100).await.expect("pull");
+    assert_converged(&[leader, &t.a]).await;
+    t.leader.finish().await;
+}
+
+/// A read-role follower cannot change synced models, and the leader refuses its pushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_role_follower_cannot_write() {
+    let Some(leader) = fixture(Backend::Sqlite, "offline::read_role").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let reader = member(&leader.library, dir.path(), "reader", Access::Read).await;
+    let refused = ops::put(&reader, "tag", r#"{"name":"nope"}"#).await;
+    let message = format!("{:#}", refused.expect_err("refused"));
+    assert!(message.contains("read access"), "{message}");
+    assert_eq!(reader.outbox_len().await.expect("outbox"), 0);
+    assert_eq!(reader.dump().await.expect("dump")["tag"], json!([]));
+    // Nor can it push by going around its own library (a crafted request).
+    let push = PushRequest {
+        protocol_version: sync_core::PROTOCOL_VERSION,
+        library_id: leader.library.id(),
+        device_id: reader.device_id(),
+        changes: Vec::new(),
+    };
+    let refused = leader.library.serve_push(&push).await;
+    assert!(
+        matches!(refused, Err(PushError::NotWriter { .. })),
+        "{refused:?}"
+    );
+    leader.finish().await;
+}
