@@ -608,12 +608,13 @@ async fn demo() -> Result<()> {
     )
     .await?;
     let disk_id = disk["id"].as_str().unwrap_or_default().to_owned();
-    ops::put(
+    let meta = ops::put(
         &leader,
         "user_metadata",
         r#"{"tags":["holiday","2026"],"favorite":true}"#,
     )
     .await?;
+    let meta_id = meta["id"].as_str().unwrap_or_default().to_owned();
     ops::put(&leader, "temp_file", r#"{"path":"/tmp/thumb.jpg"}"#).await?;
     println!("leader   put a volume, user_metadata and a temp_file (temp files never sync)");
     let latest = leader.latest_seq().await?;
@@ -650,6 +651,57 @@ async fn demo() -> Result<()> {
         "leader   renamed the volume; the follower had it {:.1} ms later (live notice over QUIC)",
         started.elapsed().as_secs_f64() * 1e3
     );
+
+    // The leader goes away; the follower keeps working, and so does the leader.
+    let address = server.local_addr();
+    server.shutdown().await;
+    println!("leader   goes offline");
+    ops::put(&follower, "tag", r#"{"name":"written offline"}"#).await?;
+    ops::put(
+        &follower,
+        "user_metadata",
+        &format!(r#"{{"id":"{meta_id}","tags":["holiday","2026","beach"]}}"#),
+    )
+    .await?;
+    ops::put(
+        &leader,
+        "user_metadata",
+        &format!(r#"{{"id":"{meta_id}","tags":["holiday","2026","family"]}}"#),
+    )
+    .await?;
+    println!(
+        "follower keeps writing: a new tag and the tag \"beach\" ({} changes wait in its outbox); \
+         the leader meanwhile tags \"family\"",
+        follower.outbox_len().await?
+    );
+    let server = net::serve(&leader, address).await?;
+    follow.sync_now();
+    let started = std::time::Instant::now();
+    let met = follow
+        .wait_for(std::time::Duration::from_secs(60), |s| {
+            s.outbox == 0
+                && s.last_error.is_none()
+                && s.position >= s.latest_seq
+                && s.position > latest
+        })
+        .await;
+    let Some(status) = met else {
+        bail!(
+            "the follower did not push and catch up after the leader came back: {:?}",
+            follow.status().last_error
+        );
+    };
+    let tags = ops::get(&leader, "user_metadata", &meta_id)
+        .await?
+        .and_then(|m| m.get("tags").cloned())
+        .unwrap_or_default();
+    println!(
+        "leader   back on {address}: the follower pushed its outbox and pulled, {:.0} ms later at \
+         seq {}; tags merged as a set: {tags}",
+        started.elapsed().as_secs_f64() * 1e3,
+        status.position
+    );
+    let latest = leader.latest_seq().await?;
     follow.stop().await;
     server.shutdown().await;
     let (leader_data, follower_data) = (leader.dump().await?, follower.dump().await?);

@@ -197,6 +197,12 @@ fn the_demo_runs_and_its_follower_matches_the_leader() {
         stdout.contains("both hold identical synced data"),
         "{stdout}"
     );
+    // The leader went away, the follower kept writing, both converged.
+    assert!(stdout.contains("follower keeps writing"), "{stdout}");
+    assert!(
+        stdout.contains(r#"tags merged as a set: ["holiday","2026","family","beach"]"#),
+        "{stdout}"
+    );
 }
 
 /// A `serve` process, stopped with SIGTERM when dropped.
@@ -402,5 +408,130 @@ fn a_follower_killed_during_initial_sync_resumes_and_converges() {
         "{resumed}"
     );
     assert_eq!(leader.ok(&["dump"]), follower.ok(&["dump"]));
+    drop(serving);
+}
+
+#[test]
+fn a_follower_killed_during_a_push_converges_without_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let leader = sqlite_cli(dir.path(), "leader.db");
+    let follower = sqlite_cli(dir.path(), "follower.db");
+    leader.ok(&["init"]);
+    let serving = Serving::start(&leader);
+    let token = leader.ok(&["invite", "--role", "write"]);
+    follower.ok(&["join", token.trim()]);
+    // Offline work on the follower: it all waits in the outbox.
+    follower.ok(&["load", "--count", "6000", "--batch", "50", "--seed", "7"]);
+    let status = json(&follower.ok(&["status", "--json"]));
+    let queued = status["outbox"].as_u64().expect("outbox");
+    let device = status["device_id"].as_str().expect("device").to_owned();
+    assert!(queued > 1_000, "{status}");
+
+    let mut following = Command::new(env!("CARGO_BIN_EXE_example-app"))
+        .args(["--db", &follower.db, "follow"])
+        .env_remove("EXAMPLE_APP_DB")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn follow");
+    // Kill it once the leader has acknowledged part of the outbox.
+    let start = std::time::Instant::now();
+    let left = loop {
+        let left = json(&follower.ok(&["status", "--json"]))["outbox"]
+            .as_u64()
+            .unwrap_or(queued);
+        if left < queued {
+            signal(&following, "KILL");
+            break left;
+        }
+        assert!(start.elapsed() < DEADLINE, "the follower pushed nothing");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let _ = wait_with_deadline(&mut following);
+    assert!(
+        left > 0,
+        "killed in the middle of the push: {left} of {queued} left"
+    );
+
+    let synced = follower.ok(&["follow", "--once"]);
+    assert!(synced.contains("in sync at seq"), "{synced}");
+    assert_eq!(json(&follower.ok(&["status", "--json"]))["outbox"], 0);
+    assert_eq!(leader.ok(&["dump"]), follower.ok(&["dump"]));
+    // Each queued change became at most one entry: none was sequenced twice.
+    let authored = leader
+        .ok(&["log", "--from", "1", "--limit", "1000000"])
+        .lines()
+        .filter(|line| json(line)["device_id"] == device.as_str())
+        .count() as u64;
+    assert!(
+        authored > 0 && authored <= queued,
+        "{authored} entries for {queued} changes"
+    );
+    drop(serving);
+}
+
+#[test]
+fn a_manual_conflict_is_listed_and_resolved_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let leader = sqlite_cli(dir.path(), "leader.db");
+    let a = sqlite_cli(dir.path(), "a.db");
+    let b = sqlite_cli(dir.path(), "b.db");
+    leader.ok(&["init"]);
+    let serving = Serving::start(&leader);
+    for follower in [&a, &b] {
+        let token = leader.ok(&["invite", "--role", "write"]);
+        follower.ok(&["join", token.trim()]);
+    }
+    let location = json(&leader.ok(&["put", "location", r#"{"name":"Photos","path":"/p"}"#]));
+    let id = location["id"].as_str().expect("id").to_owned();
+    a.ok(&["follow", "--once"]);
+    b.ok(&["follow", "--once"]);
+    a.ok(&[
+        "put",
+        "location",
+        &format!(r#"{{"id":"{id}","name":"Pictures"}}"#),
+    ]);
+    b.ok(&[
+        "put",
+        "location",
+        &format!(r#"{{"id":"{id}","name":"Images"}}"#),
+    ]);
+    assert_eq!(json(&b.ok(&["status", "--json"]))["outbox"], 1);
+    a.ok(&["follow", "--once"]);
+    b.ok(&["follow", "--once"]);
+    a.ok(&["follow", "--once"]);
+
+    let listed = json(&a.ok(&["conflicts", "--json"]));
+    let conflicts = listed.as_array().expect("a list");
+    assert_eq!(conflicts.len(), 1, "{listed}");
+    assert_eq!(conflicts[0]["model"], "location");
+    assert_eq!(conflicts[0]["record_id"], id.as_str());
+    assert_eq!(
+        conflicts[0]["local"],
+        serde_json::json!({"name": "Pictures"})
+    );
+    assert_eq!(
+        conflicts[0]["remote"],
+        serde_json::json!({"name": "Images"})
+    );
+    assert_eq!(json(&leader.ok(&["status", "--json"]))["conflicts"], 1);
+    let conflict = conflicts[0]["id"].as_str().expect("id").to_owned();
+    a.fails(&["resolve", &conflict, "--value", "[1]"], "JSON object");
+    a.ok(&["resolve", &conflict, "--take", "remote"]);
+    a.fails(
+        &["resolve", &conflict, "--take", "local"],
+        "no open conflict",
+    );
+    a.ok(&["follow", "--once"]);
+    b.ok(&["follow", "--once"]);
+    for device in [&leader, &a, &b] {
+        assert_eq!(
+            json(&device.ok(&["conflicts", "--json"])),
+            serde_json::json!([])
+        );
+        assert_eq!(device.ok(&["dump"]), leader.ok(&["dump"]));
+    }
+    let record = json(&b.ok(&["get", "location", &id]));
+    assert_eq!(record["name"], "Images");
     drop(serving);
 }
