@@ -548,3 +548,139 @@ async fn a_read_role_follower_cannot_write() {
     );
     leader.finish().await;
 }
+
+/// A model with a custom merge function: the larger count wins, whoever wrote later.
+pub mod counter {
+    use sea_orm::entity::prelude::*;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(
+        Clone,
+        Debug,
+        Default,
+        PartialEq,
+        Eq,
+        DeriveEntityModel,
+        Serialize,
+        Deserialize,
+        sync_core::Syncable,
+    )]
+    #[sea_orm(table_name = "merge_counter")]
+    #[serde(default)]
+    #[sync(merge_with = "keep_larger")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub count: i64,
+        pub label: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    pub fn keep_larger(local: &Model, remote: &Model) -> Model {
+        if remote.count > local.count {
+            remote.clone()
+        } else {
+            local.clone()
+        }
+    }
+}
+
+async fn counter_library(dir: &std::path::Path, name: &str, leader: Option<&Library>) -> Library {
+    use sea_orm::{ConnectionTrait, Schema};
+    let url = format!("sqlite://{}?mode=rwc", dir.join(name).display());
+    let db = example_app::connect(&url).await.expect("connect");
+    <sync_migrations::Migrator as MigratorTrait>::up(&db, None)
+        .await
+        .expect("migrate");
+    let schema = Schema::new(db.get_database_backend());
+    db.execute(&schema.create_table_from_entity(counter::Entity))
+        .await
+        .expect("counter table");
+    let registry = sync_core::Registry::new()
+        .register::<counter::Entity>()
+        .expect("registry");
+    match leader {
+        None => Library::create(db, "counters", registry)
+            .await
+            .expect("create"),
+        Some(leader) => {
+            let key = Library::device_key_of(&db).await.expect("key");
+            let invite = leader
+                .invite(Access::Write, Duration::from_secs(60))
+                .await
+                .expect("invite");
+            leader
+                .redeem_invite(&invite.secret, Access::Write, key.device_id(), None)
+                .await
+                .expect("redeem");
+            Library::join(
+                db,
+                leader.id(),
+                leader.device_id(),
+                "counters",
+                Access::Write,
+                registry,
+            )
+            .await
+            .expect("join")
+        }
+    }
+}
+
+async fn set_counter(library: &Library, id: uuid::Uuid, count: i64, label: &str, insert: bool) {
+    use sea_orm::ActiveModelTrait;
+    use sea_orm::ActiveValue::{Set, Unchanged};
+    let label = label.to_owned();
+    library
+        .transaction(move |txn| {
+            Box::pin(async move {
+                let row = counter::ActiveModel {
+                    id: if insert { Set(id) } else { Unchanged(id) },
+                    count: Set(count),
+                    label: Set(label),
+                };
+                if insert {
+                    row.insert(txn).await?;
+                } else {
+                    row.update(txn).await?;
+                }
+                Ok::<_, sea_orm::DbErr>(())
+            })
+        })
+        .await
+        .expect("write counter");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_merge_function_decides_concurrent_edits() {
+    let dir = tempfile::tempdir().expect("dir");
+    let leader = counter_library(dir.path(), "leader.db", None).await;
+    let a = counter_library(dir.path(), "a.db", Some(&leader)).await;
+    let b = counter_library(dir.path(), "b.db", Some(&leader)).await;
+    let id = uuid::Uuid::now_v7();
+    set_counter(&leader, id, 1, "start", true).await;
+    sync(&a, &leader).await;
+    sync(&b, &leader).await;
+    set_counter(&a, id, 5, "a", false).await;
+    tick().await;
+    // Later, but smaller: last-write-wins would take it, keep_larger does not.
+    set_counter(&b, id, 3, "b", false).await;
+    sync(&a, &leader).await;
+    sync(&b, &leader).await;
+    sync(&a, &leader).await;
+    assert_converged(&[&leader, &a, &b]).await;
+    let rows = leader.dump().await.expect("dump");
+    assert_eq!(rows["merge_counter"][0]["count"], 5);
+    assert_eq!(rows["merge_counter"][0]["label"], "a");
+    // And a larger later value does win.
+    set_counter(&b, id, 8, "b again", false).await;
+    sync(&b, &leader).await;
+    sync(&a, &leader).await;
+    assert_converged(&[&leader, &a, &b]).await;
+    assert_eq!(
+        a.dump().await.expect("dump")["merge_counter"][0]["count"],
+        8
+    );
+}
