@@ -137,6 +137,10 @@ pub enum PullError {
 /// Changes per push request: bounds the leader's transaction and the frame.
 pub const PUSH_CHANGES_MAX: usize = 500;
 
+/// Bytes of change payload per push request (a request holds at least one change, however
+/// large): keeps frames well under the transport's frame limit.
+pub const PUSH_BYTES_MAX: usize = 4 * 1024 * 1024;
+
 /// A follower's own change, from its outbox, as it asks the leader to sequence it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PushedChange {

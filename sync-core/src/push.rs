@@ -21,8 +21,8 @@ use crate::capture::{self, CapturedChange};
 use crate::follower::SyncError;
 use crate::merge::{self, Concurrent, Fields, ModelRules, Pushed};
 use crate::protocol::{
-    PROTOCOL_VERSION, PUSH_CHANGES_MAX, PushError, PushRequest, PushResponse, PushedChange,
-    Transport,
+    PROTOCOL_VERSION, PUSH_BYTES_MAX, PUSH_CHANGES_MAX, PushError, PushRequest, PushResponse,
+    PushedChange, Transport,
 };
 use crate::tables::{conflict, log, outbox, pending, pushed};
 use crate::{Access, Admission, ChangeOp, DeviceId, Hlc, Library, LogEntry, Role, Seq};
@@ -139,7 +139,8 @@ impl Library {
     /// leader recognises.
     pub async fn push_outbox(&self, transport: &dyn Transport) -> Result<PushOutcome, SyncError> {
         if self.role() != Role::Follower {
-            return Err(PushError::NotLeader(self.id()).into());
+            // The leader's writes are in its log already: it has no outbox.
+            return Ok(PushOutcome::default());
         }
         let last = outbox::Entity::find()
             .filter(outbox::Column::LibraryId.eq(self.id().to_string()))
@@ -163,8 +164,14 @@ impl Library {
             if rows.is_empty() {
                 return Ok(outcome);
             }
+            let mut bytes = 0;
             let changes = rows
                 .into_iter()
+                .take_while(|row| {
+                    let first = bytes == 0;
+                    bytes += row.data.as_ref().map_or(0, String::len) + row.record_id.len() + 64;
+                    first || bytes <= PUSH_BYTES_MAX
+                })
                 .map(pushed_change)
                 .collect::<Result<Vec<_>, _>>()?;
             let sent_through = changes.last().map_or(0, |c| c.id);

@@ -684,3 +684,141 @@ async fn a_custom_merge_function_decides_concurrent_edits() {
         8
     );
 }
+
+/// One step of the random offline-editing proptest.
+#[derive(Clone, Debug)]
+enum Step {
+    /// Device `.0` creates or renames tag `.1` (of three shared ids).
+    PutTag(usize, usize, u8),
+    /// Device `.0` deletes tag `.1` if it has it.
+    DeleteTag(usize, usize),
+    /// Device `.0` adds a tag word to the shared user_metadata.
+    AddWord(usize, u8),
+    /// Device `.0` renames the shared location (a manual field).
+    Rename(usize, u8),
+    /// Follower `.0` syncs (push, then pull).
+    Sync(usize),
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (0usize..3, 0usize..3, 0u8..4).prop_map(|(d, t, n)| Step::PutTag(d, t, n)),
+        (0usize..3, 0usize..3).prop_map(|(d, t)| Step::DeleteTag(d, t)),
+        (0usize..3, 0u8..6).prop_map(|(d, w)| Step::AddWord(d, w)),
+        (0usize..3, 0u8..3).prop_map(|(d, n)| Step::Rename(d, n)),
+        (1usize..3).prop_map(Step::Sync),
+    ]
+}
+
+async fn random_offline_edits_converge(steps: Vec<Step>) {
+    let Some(t) = three(Backend::Sqlite, "offline::proptest").await else {
+        return;
+    };
+    let leader = &t.leader.library;
+    let devices = [leader, &t.a, &t.b];
+    let tags: Vec<String> = (0..3).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let meta = id_of(
+        &put(
+            leader,
+            "user_metadata",
+            json!({"tags": [], "favorite": false}),
+        )
+        .await,
+    );
+    let location = id_of(&put(leader, "location", json!({"name": "L", "path": "/l"})).await);
+    sync(&t.a, leader).await;
+    sync(&t.b, leader).await;
+    let mut acknowledged = [0u64; 3];
+    let transport = InProcess::new(leader.clone());
+    let round = |device: usize| {
+        let library = devices[device].clone();
+        let transport = transport.clone();
+        async move {
+            let pushed = library.push_outbox(&transport).await.expect("push");
+            library.catch_up(&transport, 7).await.expect("pull");
+            pushed.acknowledged
+        }
+    };
+    for step in steps {
+        match step {
+            Step::PutTag(d, tag, n) => {
+                put(
+                    devices[d],
+                    "tag",
+                    json!({"id": tags[tag], "name": format!("name {n}")}),
+                )
+                .await;
+            }
+            Step::DeleteTag(d, tag) => {
+                if get(devices[d], "tag", &tags[tag]).await.is_some() {
+                    ops::delete(devices[d], "tag", &tags[tag])
+                        .await
+                        .expect("delete");
+                }
+            }
+            Step::AddWord(d, word) => {
+                let current = get(devices[d], "user_metadata", &meta).await.expect("meta");
+                let mut words: Vec<Value> =
+                    serde_json::from_value(current["tags"].clone()).expect("tags");
+                words.push(json!(format!("w{word}")));
+                put(
+                    devices[d],
+                    "user_metadata",
+                    json!({"id": meta, "tags": words}),
+                )
+                .await;
+            }
+            Step::Rename(d, n) => {
+                put(
+                    devices[d],
+                    "location",
+                    json!({"id": location, "name": format!("L{n}")}),
+                )
+                .await;
+            }
+            Step::Sync(d) => acknowledged[d] += round(d).await,
+        }
+    }
+    for d in [1, 2, 1, 2] {
+        acknowledged[d] += round(d).await;
+    }
+    assert_converged(&devices).await;
+    // Nothing sequenced twice: each device's entries are at most its acknowledged changes.
+    let log = leader
+        .read_log(sync_core::Seq::ZERO, 1_000_000)
+        .await
+        .expect("log");
+    for d in [1, 2] {
+        let authored = log
+            .iter()
+            .filter(|e| e.device_id == devices[d].device_id())
+            .count() as u64;
+        assert!(
+            authored <= acknowledged[d],
+            "{authored} > {}",
+            acknowledged[d]
+        );
+    }
+    // Tag words only ever grow on each device, and the union keeps every one that reached
+    // the leader: no device's word was dropped by a concurrent edit.
+    let merged = get(leader, "user_metadata", &meta).await.expect("meta");
+    let merged: Vec<Value> = serde_json::from_value(merged["tags"].clone()).expect("tags");
+    for device in devices {
+        let words = get(device, "user_metadata", &meta).await.expect("meta");
+        let words: Vec<Value> = serde_json::from_value(words["tags"].clone()).expect("tags");
+        assert!(words.iter().all(|w| merged.contains(w)));
+    }
+    t.leader.finish().await;
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 16, .. proptest::prelude::ProptestConfig::default() })]
+    /// Random offline edits on a leader and two write-role followers, synced in random
+    /// order: every device ends with the same data, and nothing is sequenced twice.
+    #[test]
+    fn random_offline_edits_in_any_sync_order_converge(steps in proptest::collection::vec(step(), 1..40)) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        runtime.block_on(random_offline_edits_converge(steps));
+    }
+}
