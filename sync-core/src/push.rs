@@ -24,7 +24,7 @@ use crate::protocol::{
     PROTOCOL_VERSION, PUSH_BYTES_MAX, PUSH_CHANGES_MAX, PushError, PushRequest, PushResponse,
     PushedChange, Transport,
 };
-use crate::tables::{conflict, log, outbox, pending, pushed};
+use crate::tables::{conflict, library, log, outbox, pending, pushed};
 use crate::{Access, Admission, ChangeOp, DeviceId, Hlc, Library, LogEntry, Role, Seq};
 
 /// What one `push_outbox` did.
@@ -100,6 +100,16 @@ impl Library {
         txn: &DatabaseTransaction,
         changes: Vec<CapturedChange>,
     ) -> Result<(), DbErr> {
+        if txn.get_database_backend() != DbBackend::Sqlite {
+            // Outbox ids must ascend in commit order: the leader acknowledges "everything up
+            // to id N", so an id taken before N that commits after N would be skipped. With
+            // concurrent writers (PostgreSQL, MySQL), appends take turns on the library's
+            // row until commit; SQLite has one writer anyway.
+            library::Entity::find_by_id(self.id().to_string())
+                .lock_exclusive()
+                .one(txn)
+                .await?;
+        }
         let base = self.position_in(txn).await?.seq;
         let rows: Vec<outbox::ActiveModel> = changes
             .into_iter()

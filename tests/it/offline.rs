@@ -822,3 +822,102 @@ proptest::proptest! {
         runtime.block_on(random_offline_edits_converge(steps));
     }
 }
+
+/// Writers on a server-backed follower commit in another order than they took outbox ids;
+/// pushes run meanwhile. Every write must reach the leader: an id acknowledged past one
+/// still uncommitted would be skipped when it commits.
+async fn concurrent_follower_writers_lose_nothing(backend: Backend, test: &str) {
+    let Some(server) = crate::support::server_url(backend, test) else {
+        return;
+    };
+    let Some(leader) = fixture(Backend::Sqlite, test).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let url = example_app::fresh_database(&server, dir.path())
+        .await
+        .expect("fresh database");
+    let db = example_app::connect(&url).await.expect("connect");
+    Migrator::up(&db, None).await.expect("migrate");
+    let key = Library::device_key_of(&db).await.expect("key");
+    let invite = leader
+        .library
+        .invite(Access::Write, Duration::from_secs(60))
+        .await
+        .expect("invite");
+    leader
+        .library
+        .redeem_invite(&invite.secret, Access::Write, key.device_id(), None)
+        .await
+        .expect("redeem");
+    let follower = Library::join(
+        db,
+        leader.library.id(),
+        leader.library.device_id(),
+        "test",
+        Access::Write,
+        registry(),
+    )
+    .await
+    .expect("join");
+
+    const WRITERS: usize = 4;
+    const EACH: usize = 40;
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let pusher = {
+        let follower = follower.clone();
+        let transport = InProcess::new(leader.library.clone());
+        let done = std::sync::Arc::clone(&done);
+        tokio::spawn(async move {
+            while !done.load(Ordering::SeqCst) {
+                follower.push_outbox(&transport).await.expect("push");
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let follower = follower.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                put(&follower, "tag", json!({"name": format!("w{w} t{i}")})).await;
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    done.store(true, Ordering::SeqCst);
+    pusher.await.expect("pusher");
+    sync(&follower, &leader.library).await;
+    let tags = leader.library.dump().await.expect("dump")["tag"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert_eq!(
+        tags,
+        WRITERS * EACH,
+        "every follower write reached the leader"
+    );
+    assert_converged(&[&leader.library, &follower]).await;
+    let _ = follower.db().clone().close().await;
+    let _ = example_app::drop_database(&url).await;
+    leader.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_on_a_postgres_follower_lose_nothing() {
+    concurrent_follower_writers_lose_nothing(
+        Backend::Postgres,
+        "offline::concurrent_writers_on_a_postgres_follower",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_on_a_mysql_follower_lose_nothing() {
+    concurrent_follower_writers_lose_nothing(
+        Backend::Mysql,
+        "offline::concurrent_writers_on_a_mysql_follower",
+    )
+    .await;
+}
