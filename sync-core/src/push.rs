@@ -284,6 +284,14 @@ impl Library {
         txn: &DatabaseTransaction,
         request: &PushRequest,
     ) -> Result<u64, PushError> {
+        if txn.get_database_backend() != DbBackend::Sqlite {
+            // Pushes take turns (PostgreSQL, MySQL): two devices creating one id must see
+            // each other's entry, and a record that does not exist yet has no row to lock.
+            library::Entity::find_by_id(self.id().to_string())
+                .lock_exclusive()
+                .one(txn)
+                .await?;
+        }
         let key = (self.id().to_string(), request.device_id.to_string());
         let mark = pushed::Entity::find_by_id(key.clone())
             .lock_exclusive()
