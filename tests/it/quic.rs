@@ -492,3 +492,73 @@ async fn a_postgres_leader_announces_other_processes_commits() {
     let _ = other.db().clone().close().await;
     fixture.finish().await;
 }
+
+/// A write-role follower's offline writes reach the leader over QUIC as soon as its live
+/// loop runs; a read-role follower's push is refused with the reason, and a device cannot
+/// push for another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_follower_pushes_live_and_others_are_refused() {
+    use sync_core::{PushError, PushRequest, Transport};
+    let dir = tempfile::tempdir().expect("dir");
+    let leader = leader(dir.path(), ServerConfig::default()).await;
+    let writer = joined_follower(&leader, dir.path(), "writer.db").await;
+    // Offline first: the write waits in the outbox.
+    put_tag(&writer, "written offline").await;
+    assert_eq!(writer.outbox_len().await.expect("outbox"), 1);
+    let transport = net::transport(&writer, None).await.expect("transport");
+    let follow = writer.start_following(transport.clone(), live_config());
+    let mut latest = leader.library.watch_latest_seq();
+    tokio::time::timeout(DEADLINE, async {
+        while latest.get() < Seq(1) {
+            latest.changed().await;
+        }
+    })
+    .await
+    .expect("the offline write reaches the leader");
+    // A write while following is pushed at once (the loop wakes on the outbox).
+    put_tag(&writer, "written live").await;
+    tokio::time::timeout(DEADLINE, async {
+        while latest.get() < Seq(2) {
+            latest.changed().await;
+        }
+    })
+    .await
+    .expect("the live write reaches the leader");
+    follow
+        .wait_for(DEADLINE, |s| s.position >= Seq(2) && s.outbox == 0)
+        .await
+        .expect("the writer catches up with its own writes");
+    follow.stop().await;
+    assert_eq!(
+        leader.library.dump().await.expect("dump"),
+        writer.dump().await.expect("dump")
+    );
+
+    // A read-role member may pull but not push.
+    let token = token(&leader, Access::Read).await;
+    let reader = net::join(&sqlite_url(dir.path(), "reader.db"), &token, Some("reader"))
+        .await
+        .expect("join");
+    let reader_transport = net::transport(&reader, None).await.expect("transport");
+    let push = |device| PushRequest {
+        protocol_version: PROTOCOL_VERSION,
+        library_id: leader.library.id(),
+        device_id: device,
+        changes: Vec::new(),
+    };
+    let refused = reader_transport.push(push(reader.device_id())).await;
+    match refused {
+        Err(PushError::Transport(message)) => {
+            assert!(message.contains("read access only"), "{message}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Nor can it push in the writer's name: the session is bound to its own key.
+    let refused = reader_transport.push(push(writer.device_id())).await;
+    match refused {
+        Err(PushError::Transport(message)) => {
+            assert!(message.contains("cannot push for"), "{message}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
