@@ -677,19 +677,25 @@ async fn demo() -> Result<()> {
     let server = net::serve(&leader, address).await?;
     follow.sync_now();
     let started = std::time::Instant::now();
-    let met = follow
-        .wait_for(std::time::Duration::from_secs(60), |s| {
-            s.outbox == 0
-                && s.last_error.is_none()
-                && s.position >= s.latest_seq
-                && s.position > latest
-        })
-        .await;
-    let Some(status) = met else {
-        bail!(
-            "the follower did not push and catch up after the leader came back: {:?}",
-            follow.status().last_error
-        );
+    // Done when the outbox is empty and the follower has everything the leader has; the
+    // loop's status says when to look again.
+    let deadline = started + std::time::Duration::from_secs(60);
+    let status = loop {
+        let status = follow.status();
+        let outbox = follower.outbox_len().await?;
+        let leader_latest = leader.latest_seq().await?;
+        if outbox == 0 && leader_latest > latest && status.position >= leader_latest {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "the follower did not push and catch up after the leader came back: {:?}",
+                status.last_error
+            );
+        }
+        follow
+            .wait_for(std::time::Duration::from_millis(50), |now| now != &status)
+            .await;
     };
     let tags = ops::get(&leader, "user_metadata", &meta_id)
         .await?

@@ -162,9 +162,12 @@ pub async fn sync_once(
 ) -> Result<Position> {
     let outcome = async {
         // This device's own writes first, so the pull brings back how the leader took them.
-        if !library.is_read_only() {
-            library.push_outbox(transport).await?;
-        }
+        // A failed push still lets the pull run; it is reported after.
+        let pushed = if library.is_read_only() {
+            Ok(())
+        } else {
+            library.push_outbox(transport).await.map(|_| ())
+        };
         let position = library
             .catch_up_with(transport, 1_000, |applied, target| {
                 progress(applied.position.seq.0, target.0);
@@ -173,6 +176,7 @@ pub async fn sync_once(
         library
             .set_local_setting(LEADER_LATEST, &transport.leader_latest_seq().0.to_string())
             .await?;
+        pushed.context("pushing this device's changes failed; they stay in its outbox")?;
         Ok::<_, anyhow::Error>(position)
     }
     .await;

@@ -211,16 +211,23 @@ impl LoopState {
     /// One round: push this follower's own changes first (so that the pull brings back
     /// how the leader sequenced them), then pull until caught up.
     async fn round(&self) -> Result<(), String> {
-        if !self.library.is_read_only() {
-            self.library
-                .push_outbox(self.transport.as_ref())
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        let result = self.pull_until_caught_up().await;
+        // A push that fails (the leader away, or a change it refuses) must not stop the
+        // pulls: the follower keeps receiving the library while its own changes wait.
+        let pushed = if self.library.is_read_only() {
+            Ok(())
+        } else {
+            match self.library.push_outbox(self.transport.as_ref()).await {
+                Ok(pushed) => {
+                    tracing::debug!(library = %self.library.id(), ?pushed, "pushed");
+                    Ok(())
+                }
+                Err(e) => Err(format!("push: {e}")),
+            }
+        };
+        let pulled = self.pull_until_caught_up().await;
         let outbox = self.library.outbox_len().await.unwrap_or(0);
         self.status.send_modify(|s| s.outbox = outbox);
-        result
+        pulled.and(pushed)
     }
 
     async fn pull_until_caught_up(&self) -> Result<(), String> {
@@ -232,6 +239,7 @@ impl LoopState {
                 .await
                 .map_err(|e| e.to_string())?;
             let position = applied.position.seq;
+            tracing::debug!(library = %self.library.id(), %position, %latest, "pulled");
             self.status.send_modify(|s| {
                 s.position = position;
                 s.latest_seq = latest;

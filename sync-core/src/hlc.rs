@@ -107,6 +107,15 @@ impl HlcClock {
     }
 }
 
+/// How far ahead of the leader's wall clock a pushed timestamp may be (clocks of devices
+/// drift; beyond this a device's clock is wrong, not early).
+pub(crate) const DRIFT_MAX_MS: u64 = 5 * 60 * 1_000;
+
+/// The latest timestamp the leader accepts from a pushed change now.
+pub(crate) fn drift_limit() -> Hlc {
+    Hlc::new(wall_clock_ms().saturating_add(DRIFT_MAX_MS), 0)
+}
+
 fn wall_clock_ms() -> u64 {
     u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0)
 }

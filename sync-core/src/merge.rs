@@ -225,7 +225,9 @@ fn merge_concurrent(
                     }
                 }
             }
-            let mut decision = changed_write(current, next, merged_hlc)?;
+            // Stamped with the pushed change's time: the fields it writes carry its values
+            // (a union holds both sides; its elements are never lost to a later stamp).
+            let mut decision = changed_write(current, next, pushed.hlc)?;
             if !remote.is_empty() {
                 decision.conflict = Some(Conflict { local, remote });
             }

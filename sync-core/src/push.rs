@@ -110,10 +110,22 @@ impl Library {
                 .one(txn)
                 .await?;
         }
-        let base = self.position_in(txn).await?.seq;
-        let rows: Vec<outbox::ActiveModel> = changes
-            .into_iter()
-            .map(|c| outbox::ActiveModel {
+        let position = self.position_in(txn).await?.seq;
+        let mut rows = Vec::with_capacity(changes.len());
+        for c in changes {
+            // A record with unpushed changes keeps their base: a pull since then may have
+            // overwritten this device's earlier edit locally, and this write was made on top
+            // of that; the leader must still see the earlier edit's concurrent entries as
+            // concurrent with this one.
+            let pending = outbox::Entity::find()
+                .filter(outbox::Column::LibraryId.eq(self.id().to_string()))
+                .filter(outbox::Column::Model.eq(c.model))
+                .filter(outbox::Column::RecordId.eq(c.record_id.as_str()))
+                .order_by_asc(outbox::Column::BaseSeq)
+                .one(txn)
+                .await?;
+            let base = pending.map_or(position, |p| Seq(p.base_seq as u64).min(position));
+            rows.push(outbox::ActiveModel {
                 library_id: Set(self.id().to_string()),
                 model: Set(c.model.to_owned()),
                 record_id: Set(c.record_id),
@@ -124,8 +136,8 @@ impl Library {
                 schema_version: Set(c.schema_version as i32),
                 base_seq: Set(base.0 as i64),
                 ..Default::default()
-            })
-            .collect();
+            });
+        }
         // One row per statement: the ids must follow write order on every backend.
         for row in rows {
             outbox::Entity::insert(row)
@@ -284,9 +296,12 @@ impl Library {
         txn: &DatabaseTransaction,
         request: &PushRequest,
     ) -> Result<u64, PushError> {
-        if txn.get_database_backend() != DbBackend::Sqlite {
-            // Pushes take turns (PostgreSQL, MySQL): two devices creating one id must see
-            // each other's entry, and a record that does not exist yet has no row to lock.
+        if txn.get_database_backend() == DbBackend::Postgres {
+            // Pushes take turns on PostgreSQL: two devices creating one id must see each
+            // other's entry, and a record that does not exist yet has no row to lock. (MySQL
+            // appends lock the library's row after the records, as local writes do, so it is
+            // not taken first there: that order could deadlock; InnoDB's gap locks keep two
+            // creates of one id apart.)
             library::Entity::find_by_id(self.id().to_string())
                 .lock_exclusive()
                 .one(txn)
@@ -348,7 +363,16 @@ impl Library {
             (ChangeOp::Upsert, None) => return Err(bad("an upsert without data".into())),
             (ChangeOp::Delete, _) => None,
         };
-        self.context.clock.observe(change.hlc);
+        // A device whose clock runs far ahead must not win every later merge, nor drag
+        // every clock forward: its timestamp is capped at the leader's clock plus a drift.
+        let limit = crate::hlc::drift_limit();
+        let hlc = if change.hlc > limit {
+            tracing::warn!(%device, pushed = %change.hlc, %limit, "a pushed change's clock is far ahead; capped");
+            limit
+        } else {
+            change.hlc
+        };
+        self.context.clock.observe(hlc);
         let current = ops.current(txn, &change.record_id).await?;
         let concurrent = concurrent_entries(
             txn,
@@ -371,7 +395,7 @@ impl Library {
             op: change.op,
             data: data.as_ref(),
             changed: &change.changed,
-            hlc: change.hlc,
+            hlc,
             device,
         };
         let decision =

@@ -921,3 +921,112 @@ async fn concurrent_writers_on_a_mysql_follower_lose_nothing() {
     )
     .await;
 }
+
+/// A follower edits a record, pulls another device's edit of it (which overwrites its
+/// unpushed edit locally), and edits it again on top: the second edit inherits the first
+/// one's base, so the leader still merges both against the other device's edit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_made_after_pulling_over_an_unpushed_one_keeps_both() {
+    let Some(t) = three(Backend::Sqlite, "offline::edit_after_pull").await else {
+        return;
+    };
+    let leader = &t.leader.library;
+    let meta = id_of(
+        &put(
+            leader,
+            "user_metadata",
+            json!({"tags": ["x"], "favorite": false}),
+        )
+        .await,
+    );
+    sync(&t.a, leader).await;
+    sync(&t.b, leader).await;
+    put(
+        &t.a,
+        "user_metadata",
+        json!({"id": meta, "tags": ["x", "f"]}),
+    )
+    .await;
+    put(
+        &t.b,
+        "user_metadata",
+        json!({"id": meta, "tags": ["x", "g"]}),
+    )
+    .await;
+    sync(&t.b, leader).await;
+    // a pulls without pushing: its "f" is overwritten locally by b's tags.
+    t.a.catch_up(&InProcess::new(leader.clone()), 100)
+        .await
+        .expect("pull");
+    put(
+        &t.a,
+        "user_metadata",
+        json!({"id": meta, "tags": ["x", "g", "f2"]}),
+    )
+    .await;
+    sync(&t.a, leader).await;
+    sync(&t.b, leader).await;
+    assert_converged(&[leader, &t.a, &t.b]).await;
+    let record = get(leader, "user_metadata", &meta).await.expect("meta");
+    let mut tags: Vec<String> = serde_json::from_value(record["tags"].clone()).expect("tags");
+    tags.sort();
+    assert_eq!(tags, ["f", "f2", "g", "x"], "a's first edit survives");
+    t.leader.finish().await;
+}
+
+/// A change the leader refuses for good (here: of a model the leader does not know) stays
+/// in the outbox with the reason shown, and the follower keeps pulling meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_push_does_not_stop_the_pulls() {
+    use sea_orm::ConnectionTrait;
+    let Some(t) = three(Backend::Sqlite, "offline::refused_push").await else {
+        return;
+    };
+    let leader = &t.leader.library;
+    t.a.db()
+        .execute_unprepared(&format!(
+            "INSERT INTO sync_outbox (library_id, model, record_id, op, data, changed, hlc, \
+             schema_version, base_seq) VALUES ('{}', 'from_a_newer_app', 'r1', 'upsert', \
+             '{{}}', '[]', 1, 1, 0)",
+            leader.id()
+        ))
+        .await
+        .expect("outbox row");
+    let follow = t.a.start_following(
+        std::sync::Arc::new(InProcess::new(leader.clone())),
+        sync_core::FollowConfig {
+            poll_interval: Duration::from_millis(50),
+            retry_delay_min: Duration::from_millis(10),
+            retry_delay_max: Duration::from_millis(50),
+            ..sync_core::FollowConfig::default()
+        },
+    );
+    let latest = {
+        put(leader, "tag", json!({"name": "still arrives"})).await;
+        leader.latest_seq().await.expect("latest")
+    };
+    let status = follow
+        .wait_for(Duration::from_secs(30), |s| {
+            s.position >= latest
+                && s.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("from_a_newer_app"))
+        })
+        .await
+        .expect("pulls go on, and the refusal is reported");
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("update the leader's app"),
+        "{status:?}"
+    );
+    follow.stop().await;
+    assert_eq!(
+        t.a.outbox_len().await.expect("outbox"),
+        1,
+        "kept, not dropped"
+    );
+    t.leader.finish().await;
+}
