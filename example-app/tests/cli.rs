@@ -30,6 +30,17 @@ impl Cli {
         String::from_utf8(out.stdout).expect("utf-8")
     }
 
+    /// A live `follow` process (stopped by the caller).
+    fn spawn_follow(&self, stdout: std::process::Stdio) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_example-app"))
+            .args(["--db", &self.db, "follow"])
+            .env_remove("EXAMPLE_APP_DB")
+            .stdout(stdout)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn follow")
+    }
+
     /// A command that must fail with a one-line error and no panic.
     fn fails(&self, args: &[&str], expect: &str) {
         let out = self.run(args);
@@ -312,13 +323,7 @@ fn two_processes_sync_over_quic_and_a_revoked_follower_is_told_why() {
     assert_eq!(leader.ok(&["dump"]), follower.ok(&["dump"]));
 
     // Live: a `follow` process applies a write made by a `put` process at once.
-    let mut following = Command::new(env!("CARGO_BIN_EXE_example-app"))
-        .args(["--db", &follower.db, "follow"])
-        .env_remove("EXAMPLE_APP_DB")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn follow");
+    let mut following = follower.spawn_follow(std::process::Stdio::piped());
     let lines = lines_of(following.stdout.take().expect("stdout"));
     leader.ok(&["put", "tag", r#"{"name":"live"}"#]);
     let deadline = std::time::Instant::now() + DEADLINE;
@@ -377,13 +382,7 @@ fn a_follower_killed_during_initial_sync_resumes_and_converges() {
     let token = leader.ok(&["invite"]);
     follower.ok(&["join", token.trim()]);
 
-    let mut following = Command::new(env!("CARGO_BIN_EXE_example-app"))
-        .args(["--db", &follower.db, "follow"])
-        .env_remove("EXAMPLE_APP_DB")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn follow");
+    let mut following = follower.spawn_follow(std::process::Stdio::null());
     // Kill it as soon as it has applied something.
     let start = std::time::Instant::now();
     let killed_at = loop {
@@ -427,13 +426,7 @@ fn a_follower_killed_during_a_push_converges_without_duplicates() {
     let device = status["device_id"].as_str().expect("device").to_owned();
     assert!(queued > 1_000, "{status}");
 
-    let mut following = Command::new(env!("CARGO_BIN_EXE_example-app"))
-        .args(["--db", &follower.db, "follow"])
-        .env_remove("EXAMPLE_APP_DB")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn follow");
+    let mut following = follower.spawn_follow(std::process::Stdio::null());
     // Kill it once the leader has acknowledged part of the outbox.
     let start = std::time::Instant::now();
     let left = loop {

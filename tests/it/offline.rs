@@ -107,6 +107,29 @@ struct Three {
     _dir: tempfile::TempDir,
 }
 
+impl Three {
+    /// `first` syncs, then the other follower, then `first` again (to pull what the other
+    /// pushed); then all three must hold the same data.
+    async fn settle(&self, first: &Library) {
+        let leader = &self.leader.library;
+        let other = if first.device_id() == self.a.device_id() {
+            &self.b
+        } else {
+            &self.a
+        };
+        sync(first, leader).await;
+        sync(other, leader).await;
+        sync(first, leader).await;
+        assert_converged(&[leader, &self.a, &self.b]).await;
+    }
+
+    /// Both followers pull what the leader has.
+    async fn pull_both(&self) {
+        sync(&self.a, &self.leader.library).await;
+        sync(&self.b, &self.leader.library).await;
+    }
+}
+
 async fn three(backend: Backend, test: &str) -> Option<Three> {
     let leader = fixture(backend, test).await?;
     let dir = tempfile::tempdir().expect("dir");
@@ -140,8 +163,7 @@ async fn offline_edits_converge(backend: Backend, test: &str, a_first: bool) {
         json!({"tags": ["a"], "notes": null, "favorite": false}),
     )
     .await;
-    sync(&t.a, leader).await;
-    sync(&t.b, leader).await;
+    t.pull_both().await;
 
     // Offline: each device writes without seeing the others.
     let a_only = put(&t.a, "tag", json!({"name": "from a"})).await;
@@ -280,8 +302,7 @@ async fn a_conflict_resolved_on_a_follower_reaches_every_device() {
     };
     let leader = &t.leader.library;
     let location = put(leader, "location", json!({"name": "Photos", "path": "/p"})).await;
-    sync(&t.a, leader).await;
-    sync(&t.b, leader).await;
+    t.pull_both().await;
     put(
         &t.a,
         "location",
@@ -294,8 +315,7 @@ async fn a_conflict_resolved_on_a_follower_reaches_every_device() {
         json!({"id": id_of(&location), "path": "/b"}),
     )
     .await;
-    sync(&t.a, leader).await;
-    sync(&t.b, leader).await;
+    t.pull_both().await;
     let conflicts = t.b.conflicts().await.expect("conflicts");
     assert_eq!(conflicts.len(), 1);
     assert_eq!(conflicts[0].remote, json!({"path": "/b"}));
@@ -330,8 +350,7 @@ async fn a_conflict_resolved_on_a_follower_reaches_every_device() {
         json!({"id": id_of(&location), "name": "B"}),
     )
     .await;
-    sync(&t.a, leader).await;
-    sync(&t.b, leader).await;
+    t.pull_both().await;
     let id = t.b.conflicts().await.expect("conflicts")[0].id.clone();
     let mut value = serde_json::Map::new();
     value.insert("name".into(), json!("Both"));
@@ -361,44 +380,32 @@ async fn each_combination_has_its_documented_outcome() {
         return;
     };
     let leader = &t.leader.library;
-    let all = [leader, &t.a, &t.b];
 
     // create/create of one id: last writer (b) wins everywhere.
     let id = uuid::Uuid::now_v7().to_string();
     put(&t.a, "tag", json!({"id": id, "name": "a's"})).await;
     tick().await;
     put(&t.b, "tag", json!({"id": id, "name": "b's"})).await;
-    sync(&t.a, leader).await;
-    sync(&t.b, leader).await;
-    sync(&t.a, leader).await;
-    assert_converged(&all).await;
+    t.settle(&t.a).await;
     assert_eq!(get(leader, "tag", &id).await.expect("tag")["name"], "b's");
 
     // update (earlier) / delete (later): the delete wins.
     put(&t.a, "tag", json!({"id": id, "name": "a's update"})).await;
     tick().await;
     ops::delete(&t.b, "tag", &id).await.expect("delete");
-    sync(&t.a, leader).await;
-    sync(&t.b, leader).await;
-    sync(&t.a, leader).await;
-    assert_converged(&all).await;
+    t.settle(&t.a).await;
     assert!(get(leader, "tag", &id).await.is_none());
 
     // create after delete: a device that saw the delete creates the id again.
     put(&t.a, "tag", json!({"id": id, "name": "again"})).await;
-    sync(&t.a, leader).await;
-    sync(&t.b, leader).await;
-    assert_converged(&all).await;
+    t.settle(&t.a).await;
     assert_eq!(get(&t.b, "tag", &id).await.expect("tag")["name"], "again");
 
     // delete (earlier) / update (later): the update wins and brings the record back.
     ops::delete(&t.a, "tag", &id).await.expect("delete");
     tick().await;
     put(&t.b, "tag", json!({"id": id, "name": "b's later update"})).await;
-    sync(&t.a, leader).await;
-    sync(&t.b, leader).await;
-    sync(&t.a, leader).await;
-    assert_converged(&all).await;
+    t.settle(&t.a).await;
     assert_eq!(
         get(&t.a, "tag", &id).await.expect("tag")["name"],
         "b's later update"
@@ -408,25 +415,18 @@ async fn each_combination_has_its_documented_outcome() {
     let before = entries_of(leader, &id).await.len();
     ops::delete(&t.a, "tag", &id).await.expect("delete");
     ops::delete(&t.b, "tag", &id).await.expect("delete");
-    sync(&t.a, leader).await;
-    sync(&t.b, leader).await;
-    sync(&t.a, leader).await;
-    assert_converged(&all).await;
+    t.settle(&t.a).await;
     let after = entries_of(leader, &id).await;
     assert_eq!(after.len(), before + 1);
     assert_eq!(after[before].op, sync_core::ChangeOp::Delete);
 
     // update/update, last-write-wins: the later HLC wins even when it arrives first.
     let tag = put(leader, "tag", json!({"name": "base"})).await;
-    sync(&t.a, leader).await;
-    sync(&t.b, leader).await;
+    t.pull_both().await;
     put(&t.a, "tag", json!({"id": id_of(&tag), "name": "earlier"})).await;
     tick().await;
     put(&t.b, "tag", json!({"id": id_of(&tag), "name": "later"})).await;
-    sync(&t.b, leader).await;
-    sync(&t.a, leader).await;
-    sync(&t.b, leader).await;
-    assert_converged(&all).await;
+    t.settle(&t.b).await;
     assert_eq!(
         get(leader, "tag", &id_of(&tag)).await.expect("tag")["name"],
         "later"
@@ -439,8 +439,7 @@ async fn each_combination_has_its_documented_outcome() {
         json!({"tags": [], "favorite": false}),
     )
     .await;
-    sync(&t.a, leader).await;
-    sync(&t.b, leader).await;
+    t.pull_both().await;
     put(
         &t.a,
         "user_metadata",
@@ -453,10 +452,7 @@ async fn each_combination_has_its_documented_outcome() {
         json!({"id": id_of(&meta), "favorite": true}),
     )
     .await;
-    sync(&t.a, leader).await;
-    sync(&t.b, leader).await;
-    sync(&t.a, leader).await;
-    assert_converged(&all).await;
+    t.settle(&t.a).await;
     let meta = get(leader, "user_metadata", &id_of(&meta))
         .await
         .expect("meta");
@@ -727,8 +723,7 @@ async fn random_offline_edits_converge(steps: Vec<Step>) {
         .await,
     );
     let location = id_of(&put(leader, "location", json!({"name": "L", "path": "/l"})).await);
-    sync(&t.a, leader).await;
-    sync(&t.b, leader).await;
+    t.pull_both().await;
     let mut acknowledged = [0u64; 3];
     let transport = InProcess::new(leader.clone());
     let round = |device: usize| {
@@ -939,8 +934,7 @@ async fn an_edit_made_after_pulling_over_an_unpushed_one_keeps_both() {
         )
         .await,
     );
-    sync(&t.a, leader).await;
-    sync(&t.b, leader).await;
+    t.pull_both().await;
     put(
         &t.a,
         "user_metadata",
@@ -964,8 +958,7 @@ async fn an_edit_made_after_pulling_over_an_unpushed_one_keeps_both() {
         json!({"id": meta, "tags": ["x", "g", "f2"]}),
     )
     .await;
-    sync(&t.a, leader).await;
-    sync(&t.b, leader).await;
+    t.pull_both().await;
     assert_converged(&[leader, &t.a, &t.b]).await;
     let record = get(leader, "user_metadata", &meta).await.expect("meta");
     let mut tags: Vec<String> = serde_json::from_value(record["tags"].clone()).expect("tags");
