@@ -785,6 +785,36 @@ async fn bench_apply(count: u64, batch: u32) -> Result<()> {
     let apply_seconds = started.elapsed().as_secs_f64();
     let rss_after_sync = peak_rss_kib();
 
+    // The same sync on another fresh follower, one batch at a time, timing the leader's
+    // serving and the follower's apply apart: what the follower's side alone costs.
+    let second_db = connect(&fresh_database("sqlite", dir.path()).await?).await?;
+    Migrator::up(&second_db, None).await?;
+    let second = Library::join(
+        second_db,
+        leader.id(),
+        leader.device_id(),
+        "bench",
+        Access::Read,
+        registry(),
+    )
+    .await?;
+    let (mut serve_seconds, mut apply_only_seconds) = (0.0, 0.0);
+    let mut after = Seq::ZERO;
+    while after.0 < count {
+        let mut request = sync_core::PullRequest::after(leader.id(), after);
+        request.limit = batch;
+        let started = std::time::Instant::now();
+        let response = leader.serve_pull(&request).await?;
+        serve_seconds += started.elapsed().as_secs_f64();
+        let started = std::time::Instant::now();
+        let applied = second.apply(after, &response).await?;
+        apply_only_seconds += started.elapsed().as_secs_f64();
+        if applied.position.seq == after {
+            bail!("the leader served nothing after seq {after}");
+        }
+        after = applied.position.seq;
+    }
+
     // The practical limit: the same rows, insert_many in one transaction (chunks of 1,000
     // rows keep each statement under SQLite's bound-parameter limit).
     let rows = tag::Entity::find().all(leader.db()).await?;
@@ -816,6 +846,10 @@ async fn bench_apply(count: u64, batch: u32) -> Result<()> {
         "insert_many_seconds": insert_many_seconds,
         "insert_many_rows_per_second": count as f64 / insert_many_seconds,
         "apply_over_insert_many_throughput": insert_many_seconds / apply_seconds,
+        "serve_seconds": serve_seconds,
+        "apply_only_seconds": apply_only_seconds,
+        "apply_only_changes_per_second": count as f64 / apply_only_seconds,
+        "apply_only_over_insert_many_throughput": insert_many_seconds / apply_only_seconds,
         "peak_rss_kib_before_sync": rss_before_sync,
         "peak_rss_kib_after_sync": rss_after_sync,
     }))?;
