@@ -454,4 +454,96 @@ mod tests {
         let gone = decide(&lww, None, &delete(9), &[]).expect("decide");
         assert_eq!(gone, Decision::default());
     }
+
+    #[test]
+    fn a_manual_model_keeps_the_local_record_and_records_both() {
+        let current = fields(serde_json::json!({"id": "r", "name": "A", "tags": [], "notes": "n"}));
+        let data = fields(serde_json::json!({"id": "r", "name": "B", "tags": [], "notes": "n"}));
+        let changed = ["name".to_owned()];
+        let pushed = Pushed {
+            op: ChangeOp::Upsert,
+            data: Some(&data),
+            changed: &changed,
+            hlc: Hlc::new(9, 0),
+            device: device(2),
+        };
+        let decision = decide(
+            &rules(MergeRule::Manual),
+            Some(&current),
+            &pushed,
+            &[theirs(&["name"], 4)],
+        )
+        .expect("decide");
+        assert_eq!(
+            decision.write, None,
+            "the local record stays, although the push is later"
+        );
+        let conflict = decision.conflict.expect("a conflict");
+        assert_eq!(conflict.local.get("name"), Some(&serde_json::json!("A")));
+        assert_eq!(conflict.remote.get("name"), Some(&serde_json::json!("B")));
+        assert!(conflict.local.get("id").is_none(), "the key is not a side");
+        // The same value on both sides is no conflict.
+        let same = decide(
+            &rules(MergeRule::Manual),
+            Some(&current),
+            &Pushed {
+                data: Some(&current),
+                ..pushed
+            },
+            &[theirs(&["name"], 4)],
+        )
+        .expect("decide");
+        assert_eq!(same, Decision::default());
+    }
+
+    #[test]
+    fn a_custom_rule_asks_the_function_and_falls_back_to_hlc() {
+        fn longer_name(local: &Fields, remote: &Fields) -> Result<Option<Fields>, String> {
+            let len = |f: &Fields| f.get("name").and_then(Value::as_str).map_or(0, str::len);
+            Ok(Some(if len(remote) > len(local) {
+                remote.clone()
+            } else {
+                local.clone()
+            }))
+        }
+        let current =
+            fields(serde_json::json!({"id": "r", "name": "Longer", "tags": [], "notes": null}));
+        let data = fields(serde_json::json!({"id": "r", "name": "B", "tags": [], "notes": null}));
+        let changed = ["name".to_owned()];
+        let pushed = Pushed {
+            op: ChangeOp::Upsert,
+            data: Some(&data),
+            changed: &changed,
+            hlc: Hlc::new(9, 0),
+            device: device(2),
+        };
+        let custom = ModelRules {
+            custom: &longer_name,
+            ..rules(MergeRule::Custom)
+        };
+        let kept =
+            decide(&custom, Some(&current), &pushed, &[theirs(&["name"], 4)]).expect("decide");
+        assert_eq!(
+            kept,
+            Decision::default(),
+            "the function kept the longer local name"
+        );
+        // A function that declines (None) leaves it to the later HLC: the push.
+        let declined = decide(
+            &rules(MergeRule::Custom),
+            Some(&current),
+            &pushed,
+            &[theirs(&["name"], 4)],
+        )
+        .expect("decide");
+        assert_eq!(
+            declined
+                .write
+                .expect("write")
+                .data
+                .expect("data")
+                .get("name"),
+            Some(&serde_json::json!("B"))
+        );
+    }
 }
