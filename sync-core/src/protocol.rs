@@ -47,9 +47,10 @@ impl PullRequest {
     }
 }
 
-/// One item of a pull response, in seq order.
+/// One item of a pull response, in seq order. Externally tagged (`{"entry": {…}}`): an
+/// internally tagged item would be buffered and parsed twice.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum PulledItem {
     /// An entry to apply.
     Entry(LogEntry),

@@ -66,8 +66,12 @@ pub enum Request {
 }
 
 /// What the leader answers.
+///
+/// Externally tagged (`{"pulled": {…}}`), unlike `Request`: an internally tagged enum is
+/// parsed twice (serde buffers the whole message to find the tag first), and a pull's answer
+/// is the bulk of the traffic.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Response {
     /// The session is open.
     Welcome {
