@@ -242,6 +242,7 @@ impl Library {
                     checksum,
                 };
                 write_position(txn, this.id(), position).await?;
+                crate::library::save_clock_floor(txn, this.id(), &this.context.clock).await?;
                 applied.position = position;
                 Ok(applied)
             })

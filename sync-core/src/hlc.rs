@@ -92,6 +92,15 @@ impl HlcClock {
         }
     }
 
+    /// The latest timestamp handed out or observed: persisted as the floor of the clock's
+    /// next start.
+    pub(crate) fn last(&self) -> Hlc {
+        *self
+            .last
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn advance(&self, candidate: Hlc) -> Hlc {
         let mut last = self
             .last

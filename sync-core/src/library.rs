@@ -339,6 +339,15 @@ impl Library {
             Some(row) => floor.max(Hlc::from_u64(row.hlc as u64)),
             None => floor,
         };
+        // Timestamps observed from other devices (pulled, or taken from pushes) may be above
+        // anything this database logged or queued: their maximum is kept as a floor.
+        let floor = match get_local_value(&db, &clock_floor_key(library_id))
+            .await?
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            Some(raw) => floor.max(Hlc::from_u64(raw)),
+            None => floor,
+        };
         let own = device::Entity::find_by_id((library_id.to_string(), device_id.to_string()))
             .one(&db)
             .await?;
@@ -938,6 +947,25 @@ pub(crate) async fn get_local_value<C: ConnectionTrait>(
         .one(db)
         .await?
         .map(|r| r.value))
+}
+
+/// The `sync_local` key of a library's clock floor.
+pub(crate) fn clock_floor_key(library_id: LibraryId) -> String {
+    format!("clock_floor.{library_id}")
+}
+
+/// Persists the clock's latest timestamp as its floor after a restart, inside `txn`.
+pub(crate) async fn save_clock_floor<C: ConnectionTrait>(
+    db: &C,
+    library_id: LibraryId,
+    clock: &HlcClock,
+) -> Result<(), DbErr> {
+    set_local(
+        db,
+        &clock_floor_key(library_id),
+        &clock.last().as_u64().to_string(),
+    )
+    .await
 }
 
 /// Sets a `sync_local` value.

@@ -331,6 +331,7 @@ impl Library {
         } else {
             row.insert(txn).await?;
         }
+        crate::library::save_clock_floor(txn, self.id(), &self.context.clock).await?;
         Ok(through)
     }
 

@@ -1023,3 +1023,52 @@ async fn a_refused_push_does_not_stop_the_pulls() {
     );
     t.leader.finish().await;
 }
+
+/// A device's clock never runs back across a restart: timestamps it observed by pulling
+/// (here from a device whose clock runs two minutes ahead) stay below its next writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_follower_writes_after_what_it_pulled() {
+    let Some(t) = three(Backend::Sqlite, "offline::clock_floor").await else {
+        return;
+    };
+    let leader = &t.leader.library;
+    let ahead = sync_core::Hlc::new(chrono::Utc::now().timestamp_millis() as u64 + 120_000, 0);
+    let id = uuid::Uuid::now_v7().to_string();
+    let pushed = leader
+        .serve_push(&PushRequest {
+            protocol_version: sync_core::PROTOCOL_VERSION,
+            library_id: leader.id(),
+            device_id: t.b.device_id(),
+            changes: vec![sync_core::PushedChange {
+                id: 1,
+                model: "tag".into(),
+                record_id: id.clone(),
+                op: sync_core::ChangeOp::Upsert,
+                data: Some(json!({"id": id, "name": "from the future", "color": null}).to_string()),
+                changed: vec!["name".into(), "color".into()],
+                hlc: ahead,
+                schema_version: 1,
+                base: sync_core::Seq::ZERO,
+            }],
+        })
+        .await
+        .expect("push");
+    assert_eq!(pushed.acked, 1);
+    sync(&t.a, leader).await;
+    // Restart a: a new handle on the same database.
+    let a = Library::open(t.a.db().clone(), leader.id(), registry())
+        .await
+        .expect("reopen");
+    put(&a, "tag", json!({"id": id, "name": "after"})).await;
+    sync(&a, leader).await;
+    let last = leader
+        .read_log(sync_core::Seq::ZERO, 1_000)
+        .await
+        .expect("log")
+        .pop()
+        .expect("an entry");
+    assert_eq!(last.device_id, a.device_id());
+    assert!(last.hlc > ahead, "{} <= {ahead}", last.hlc);
+    assert_eq!(get(leader, "tag", &id).await.expect("tag")["name"], "after");
+    t.leader.finish().await;
+}
