@@ -100,6 +100,19 @@ impl MigrationTrait for Migration {
                     .to_owned(),
             )
             .await?;
+        // A write looks up its record's unpushed changes (to inherit their base).
+        manager
+            .create_index(
+                Index::create()
+                    .if_not_exists()
+                    .name("sync_outbox_record")
+                    .table(SyncOutbox::Table)
+                    .col(SyncOutbox::LibraryId)
+                    .col(SyncOutbox::Model)
+                    .col(SyncOutbox::RecordId)
+                    .to_owned(),
+            )
+            .await?;
         // On the leader: the last outbox id of each device it has sequenced. A push repeated
         // after a lost acknowledgement finds its entries at or below it and logs nothing.
         manager
@@ -181,6 +194,14 @@ impl MigrationTrait for Migration {
                 Index::drop()
                     .name("sync_log_record")
                     .table(SyncLog::Table)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .drop_index(
+                Index::drop()
+                    .name("sync_outbox_record")
+                    .table(SyncOutbox::Table)
                     .to_owned(),
             )
             .await?;

@@ -880,7 +880,7 @@ fn pending_row(draft: &LogEntry) -> pending::ActiveModel {
 
 /// A pending entry as a log entry without its seq and checksum: the same columns, read by
 /// the same parser.
-fn draft_from_pending(row: pending::Model) -> Result<LogEntry, DbErr> {
+pub(crate) fn draft_from_pending(row: pending::Model) -> Result<LogEntry, DbErr> {
     let id = row.id;
     let as_log = log::Model {
         library_id: row.library_id,
@@ -899,12 +899,12 @@ fn draft_from_pending(row: pending::Model) -> Result<LogEntry, DbErr> {
 }
 
 /// A list of field names, as the log stores it.
-fn changed_text(changed: &[String]) -> String {
+pub(crate) fn changed_text(changed: &[impl serde::Serialize]) -> String {
     // Serialising a list of strings cannot fail.
     serde_json::to_string(changed).unwrap_or_else(|_| "[]".to_owned())
 }
 
-fn entry_from_row(row: log::Model) -> Result<LogEntry, LogError> {
+pub(crate) fn entry_from_row(row: log::Model) -> Result<LogEntry, LogError> {
     let seq = Seq(row.seq as u64);
     let corrupt = |reason: String| LogError::Corrupt { seq, reason };
     Ok(LogEntry {

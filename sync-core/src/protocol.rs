@@ -237,6 +237,9 @@ pub enum PushError {
     /// The leader's database failed.
     #[error("database error on the leader: {0}")]
     Db(#[from] sea_orm::DbErr),
+    /// The leader's log could not be read.
+    #[error(transparent)]
+    Log(#[from] crate::LogError),
     /// The transport failed or cannot push.
     #[error("transport: {0}")]
     Transport(String),

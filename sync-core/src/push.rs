@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use crate::capture::{self, CapturedChange};
 use crate::follower::SyncError;
+use crate::library::{changed_text, draft_from_pending, entry_from_row};
 use crate::merge::{self, Concurrent, Fields, ModelRules, Pushed};
 use crate::protocol::{
     PROTOCOL_VERSION, PUSH_BYTES_MAX, PUSH_CHANGES_MAX, PushError, PushRequest, PushResponse,
@@ -124,14 +125,14 @@ impl Library {
                 .order_by_asc(outbox::Column::BaseSeq)
                 .one(txn)
                 .await?;
-            let base = pending.map_or(position, |p| Seq(p.base_seq as u64).min(position));
+            let base = pending.map_or(position, |p| Seq(p.base_seq as u64));
             rows.push(outbox::ActiveModel {
                 library_id: Set(self.id().to_string()),
                 model: Set(c.model.to_owned()),
                 record_id: Set(c.record_id),
                 op: Set(c.op.as_str().to_owned()),
                 data: Set(c.data),
-                changed: Set(changed_list(&c.changed)),
+                changed: Set(changed_text(&c.changed)),
                 hlc: Set(c.hlc.as_u64() as i64),
                 schema_version: Set(c.schema_version as i32),
                 base_seq: Set(base.0 as i64),
@@ -284,10 +285,7 @@ impl Library {
             protocol_version: PROTOCOL_VERSION,
             library_id: self.id(),
             acked,
-            latest_seq: self.latest_seq().await.map_err(|e| match e {
-                crate::LogError::Db(e) => PushError::Db(e),
-                other => PushError::Transport(other.to_string()),
-            })?,
+            latest_seq: self.latest_seq().await?,
         })
     }
 
@@ -580,10 +578,10 @@ async fn concurrent_entries(
         .filter(log::Column::DeviceId.ne(device_text.clone()))
         .all(txn)
         .await?;
-    let mut out = Vec::with_capacity(logged.len());
-    for row in logged {
-        out.push(concurrent(&row.op, &row.changed, row.hlc, &row.device_id)?);
-    }
+    let mut out = logged
+        .into_iter()
+        .map(|row| entry_from_row(row).map(|e| concurrent(&e)))
+        .collect::<Result<Vec<_>, _>>()?;
     if txn.get_database_backend() == DbBackend::Postgres {
         let waiting = pending::Entity::find()
             .filter(pending::Column::LibraryId.eq(library_id))
@@ -593,25 +591,19 @@ async fn concurrent_entries(
             .all(txn)
             .await?;
         for row in waiting {
-            out.push(concurrent(&row.op, &row.changed, row.hlc, &row.device_id)?);
+            out.push(concurrent(&draft_from_pending(row)?));
         }
     }
     Ok(out)
 }
 
-fn concurrent(op: &str, changed: &str, hlc: i64, device: &str) -> Result<Concurrent, PushError> {
-    let corrupt = |what: &str| DbErr::Custom(format!("a log row holds a bad {what}"));
-    Ok(Concurrent {
-        op: ChangeOp::parse(op).ok_or_else(|| corrupt("op"))?,
-        changed: serde_json::from_str(changed).map_err(|_| corrupt("changed list"))?,
-        hlc: Hlc::from_u64(hlc as u64),
-        device: device.parse().map_err(|_| corrupt("device id"))?,
-    })
-}
-
-fn changed_list(fields: &[&str]) -> String {
-    // A list of plain strings always serialises.
-    serde_json::to_string(fields).unwrap_or_else(|_| "[]".into())
+fn concurrent(entry: &LogEntry) -> Concurrent {
+    Concurrent {
+        op: entry.op,
+        changed: entry.changed.clone(),
+        hlc: entry.hlc,
+        device: entry.device_id,
+    }
 }
 
 fn pushed_change(row: outbox::Model) -> Result<PushedChange, PushError> {
