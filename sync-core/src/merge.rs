@@ -24,8 +24,12 @@
 //! - `Custom`: the model's `merge_custom(local, remote)`; `None` falls back to HLC.
 //! - `Manual`: the local record stays and a conflict records both sides.
 //!
-//! A delete that loses leaves the record as it is; an upsert that loses is dropped. Either
-//! way the pushing device converges when it pulls the entries it had not seen.
+//! A delete that loses leaves the record as it is; an upsert that loses is not taken. In
+//! either case, and wherever the merged outcome differs from what the pushing device holds
+//! (a field kept by a manual conflict, a union, a lost last-write-wins field), the leader
+//! still logs the record's outcome for the fields the change touched: the pushing device
+//! may already have pulled the entries that beat it (and edited on top of them), so
+//! waiting for it to pull those again would leave it diverged.
 
 use serde_json::{Map, Value};
 
@@ -106,6 +110,88 @@ pub(crate) fn decide(
     pushed: &Pushed<'_>,
     concurrent: &[Concurrent],
 ) -> Result<Decision, String> {
+    let decision = merge(model, current, pushed, concurrent)?;
+    let merged_hlc = concurrent.iter().map(|c| c.hlc).fold(pushed.hlc, Hlc::max);
+    Ok(restate(model, current, pushed, decision, merged_hlc))
+}
+
+/// Makes the decision's entry carry the outcome of every field the pushed change touched
+/// where the outcome differs from the pushed value, so that the pushing device converges.
+fn restate(
+    model: &ModelRules<'_>,
+    current: Option<&Fields>,
+    pushed: &Pushed<'_>,
+    mut decision: Decision,
+    hlc: Hlc,
+) -> Decision {
+    let after = match &decision.write {
+        Some(write) if write.op == ChangeOp::Delete => None,
+        Some(write) => write.data.as_ref(),
+        None => current,
+    };
+    let touched: Vec<String> = if model.rule == MergeRule::FieldLevel {
+        pushed
+            .changed
+            .iter()
+            .filter(|f| f.as_str() != model.key_field)
+            .cloned()
+            .collect()
+    } else {
+        model.synced().map(|f| f.name.to_owned()).collect()
+    };
+    match (pushed.op, after) {
+        // Gone on the leader, kept by the pushing device: say it is gone.
+        (ChangeOp::Upsert, None) if decision.write.is_none() => {
+            decision.write = Some(Write {
+                op: ChangeOp::Delete,
+                data: None,
+                changed: Vec::new(),
+                hlc,
+            });
+        }
+        (ChangeOp::Upsert, Some(after)) => {
+            let data = pushed.data.cloned().unwrap_or_default();
+            let differ: Vec<String> = touched
+                .into_iter()
+                .filter(|f| after.get(f) != data.get(f))
+                .collect();
+            if differ.is_empty() {
+                return decision;
+            }
+            let after = after.clone();
+            let write = decision.write.get_or_insert_with(|| Write {
+                op: ChangeOp::Upsert,
+                data: Some(after),
+                changed: Vec::new(),
+                hlc,
+            });
+            for field in differ {
+                if !write.changed.contains(&field) {
+                    write.changed.push(field);
+                }
+            }
+        }
+        // Deleted by the pushing device, kept on the leader: restate the whole record.
+        (ChangeOp::Delete, Some(after)) if decision.write.is_none() => {
+            decision.write = Some(Write {
+                op: ChangeOp::Upsert,
+                data: Some(after.clone()),
+                changed: model.synced().map(|f| f.name.to_owned()).collect(),
+                hlc,
+            });
+        }
+        _ => {}
+    }
+    decision
+}
+
+/// The merge proper: what the rules say, before restating.
+fn merge(
+    model: &ModelRules<'_>,
+    current: Option<&Fields>,
+    pushed: &Pushed<'_>,
+    concurrent: &[Concurrent],
+) -> Result<Decision, String> {
     let newest = concurrent.iter().map(|c| (c.hlc, c.device)).max();
     let pushed_wins = newest.is_none_or(|n| (pushed.hlc, pushed.device) > n);
     let merged_hlc = newest.map_or(pushed.hlc, |(h, _)| h.max(pushed.hlc));
@@ -163,9 +249,15 @@ pub(crate) fn decide(
                         )
                     }
                 }
-                Some(current) => {
-                    merge_concurrent(model, current, data, pushed, concurrent, pushed_wins)
-                }
+                Some(current) => merge_concurrent(
+                    model,
+                    current,
+                    data,
+                    pushed,
+                    concurrent,
+                    pushed_wins,
+                    merged_hlc,
+                ),
             }
         }
     }
@@ -179,12 +271,8 @@ fn merge_concurrent(
     pushed: &Pushed<'_>,
     concurrent: &[Concurrent],
     pushed_wins: bool,
+    merged_hlc: Hlc,
 ) -> Result<Decision, String> {
-    let merged_hlc = concurrent
-        .iter()
-        .map(|c| c.hlc)
-        .max()
-        .map_or(pushed.hlc, |h| h.max(pushed.hlc));
     match model.rule {
         MergeRule::FieldLevel => {
             let mut next = current.clone();
@@ -301,7 +389,6 @@ fn union(ours: &Value, theirs: &Value) -> Value {
             }
             Value::Array(out)
         }
-        (Value::Null, theirs) => theirs.clone(),
         (_, theirs) => theirs.clone(),
     }
 }
@@ -361,6 +448,25 @@ mod tests {
         DeviceId(uuid::Uuid::from_bytes([n; 16]))
     }
 
+    /// The leader's record stays as it was, and the decision restates it to the pushing
+    /// device: every field the losing change touched is in the entry.
+    fn keeps(decision: &Decision, current: &Fields) -> bool {
+        decision.write.as_ref().is_some_and(|w| {
+            w.op == ChangeOp::Upsert && w.data.as_ref() == Some(current) && !w.changed.is_empty()
+        })
+    }
+
+    /// An upsert pushed by device 2 at wall time `hlc`.
+    fn upsert<'a>(data: &'a Fields, changed: &'a [String], hlc: u64) -> Pushed<'a> {
+        Pushed {
+            op: ChangeOp::Upsert,
+            data: Some(data),
+            changed,
+            hlc: Hlc::new(hlc, 0),
+            device: device(2),
+        }
+    }
+
     fn theirs(changed: &[&str], hlc: u64) -> Concurrent {
         Concurrent {
             op: ChangeOp::Upsert,
@@ -377,13 +483,7 @@ mod tests {
         let data =
             fields(serde_json::json!({"id": "r", "name": "B", "tags": ["y"], "notes": "new"}));
         let changed = ["name".to_owned(), "tags".to_owned(), "notes".to_owned()];
-        let pushed = Pushed {
-            op: ChangeOp::Upsert,
-            data: Some(&data),
-            changed: &changed,
-            hlc: Hlc::new(5, 0),
-            device: device(2),
-        };
+        let pushed = upsert(&data, &changed, 5);
         // Another device renamed and retagged later; nobody else touched the notes.
         let decision = decide(
             &rules(MergeRule::FieldLevel),
@@ -414,17 +514,11 @@ mod tests {
             fields(serde_json::json!({"id": "r", "name": "A", "tags": [], "notes": null}));
         let data = fields(serde_json::json!({"id": "r", "name": "B", "tags": [], "notes": null}));
         let changed = ["name".to_owned()];
-        let at = |hlc| Pushed {
-            op: ChangeOp::Upsert,
-            data: Some(&data),
-            changed: &changed,
-            hlc: Hlc::new(hlc, 0),
-            device: device(2),
-        };
+        let at = |hlc| upsert(&data, &changed, hlc);
         let lww = rules(MergeRule::LastWriteWins);
         let earlier =
             decide(&lww, Some(&current), &at(3), &[theirs(&["name"], 4)]).expect("decide");
-        assert_eq!(earlier, Decision::default());
+        assert!(keeps(&earlier, &current), "{earlier:?}");
         let later = decide(&lww, Some(&current), &at(5), &[theirs(&["name"], 4)]).expect("decide");
         assert_eq!(later.write.expect("write").changed, vec!["name".to_owned()]);
         // Equal HLCs: the greater device id (2 > 1) wins, the same on every device.
@@ -446,7 +540,7 @@ mod tests {
         let lww = rules(MergeRule::LastWriteWins);
         let lost =
             decide(&lww, Some(&current), &delete(1), &[theirs(&["name"], 4)]).expect("decide");
-        assert_eq!(lost, Decision::default());
+        assert!(keeps(&lost, &current), "{lost:?}");
         let won =
             decide(&lww, Some(&current), &delete(9), &[theirs(&["name"], 4)]).expect("decide");
         assert_eq!(won.write.expect("write").op, ChangeOp::Delete);
@@ -460,13 +554,7 @@ mod tests {
         let current = fields(serde_json::json!({"id": "r", "name": "A", "tags": [], "notes": "n"}));
         let data = fields(serde_json::json!({"id": "r", "name": "B", "tags": [], "notes": "n"}));
         let changed = ["name".to_owned()];
-        let pushed = Pushed {
-            op: ChangeOp::Upsert,
-            data: Some(&data),
-            changed: &changed,
-            hlc: Hlc::new(9, 0),
-            device: device(2),
-        };
+        let pushed = upsert(&data, &changed, 9);
         let decision = decide(
             &rules(MergeRule::Manual),
             Some(&current),
@@ -474,8 +562,8 @@ mod tests {
             &[theirs(&["name"], 4)],
         )
         .expect("decide");
-        assert_eq!(
-            decision.write, None,
+        assert!(
+            keeps(&decision, &current),
             "the local record stays, although the push is later"
         );
         let conflict = decision.conflict.expect("a conflict");
@@ -510,22 +598,15 @@ mod tests {
             fields(serde_json::json!({"id": "r", "name": "Longer", "tags": [], "notes": null}));
         let data = fields(serde_json::json!({"id": "r", "name": "B", "tags": [], "notes": null}));
         let changed = ["name".to_owned()];
-        let pushed = Pushed {
-            op: ChangeOp::Upsert,
-            data: Some(&data),
-            changed: &changed,
-            hlc: Hlc::new(9, 0),
-            device: device(2),
-        };
+        let pushed = upsert(&data, &changed, 9);
         let custom = ModelRules {
             custom: &longer_name,
             ..rules(MergeRule::Custom)
         };
         let kept =
             decide(&custom, Some(&current), &pushed, &[theirs(&["name"], 4)]).expect("decide");
-        assert_eq!(
-            kept,
-            Decision::default(),
+        assert!(
+            keeps(&kept, &current),
             "the function kept the longer local name"
         );
         // A function that declines (None) leaves it to the later HLC: the push.
