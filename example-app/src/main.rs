@@ -206,8 +206,8 @@ enum Bench {
     Apply {
         #[arg(long, default_value_t = 100_000)]
         count: u64,
-        /// Entries per pull.
-        #[arg(long, default_value_t = 1_000)]
+        /// Entries per pull (the protocol's largest pull, as catch-up asks for, by default).
+        #[arg(long, default_value_t = sync_core::PULL_ENTRIES_MAX)]
         batch: u32,
     },
     /// Capture's cost: synced against unsynced writes of the same load, each in a fresh
@@ -807,7 +807,7 @@ async fn bench_apply(count: u64, batch: u32) -> Result<()> {
         let response = leader.serve_pull(&request).await?;
         serve_seconds += started.elapsed().as_secs_f64();
         let started = std::time::Instant::now();
-        let applied = second.apply(after, &response).await?;
+        let applied = second.apply(after, response).await?;
         apply_only_seconds += started.elapsed().as_secs_f64();
         if applied.position.seq == after {
             bail!("the leader served nothing after seq {after}");

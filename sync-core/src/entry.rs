@@ -66,39 +66,44 @@ impl LogEntry {
     /// Every field but `checksum` goes in, each length-prefixed so that no two different
     /// entries hash the same bytes.
     pub fn chained_checksum(&self, prev: u64) -> u64 {
-        let mut hasher = blake3::Hasher::new();
-        hasher.update(&prev.to_le_bytes());
-        hasher.update(self.library_id.0.as_bytes());
-        hasher.update(&self.seq.0.to_le_bytes());
-        put_str(&mut hasher, &self.model);
-        put_str(&mut hasher, &self.record_id);
-        put_str(&mut hasher, self.op.as_str());
+        // One contiguous buffer hashed at once: BLAKE3 over many tiny `update`s costs
+        // several times more per entry than over the same bytes in one piece.
+        let mut bytes = Vec::with_capacity(
+            128 + self.model.len()
+                + self.record_id.len()
+                + self.data.as_ref().map_or(0, String::len)
+                + self.changed.iter().map(|f| f.len() + 8).sum::<usize>(),
+        );
+        bytes.extend_from_slice(&prev.to_le_bytes());
+        bytes.extend_from_slice(self.library_id.0.as_bytes());
+        bytes.extend_from_slice(&self.seq.0.to_le_bytes());
+        put_str(&mut bytes, &self.model);
+        put_str(&mut bytes, &self.record_id);
+        put_str(&mut bytes, self.op.as_str());
         match &self.data {
             Some(data) => {
-                hasher.update(&[1]);
-                put_str(&mut hasher, data);
+                bytes.push(1);
+                put_str(&mut bytes, data);
             }
-            None => {
-                hasher.update(&[0]);
-            }
+            None => bytes.push(0),
         }
-        hasher.update(&(self.changed.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&(self.changed.len() as u64).to_le_bytes());
         for field in &self.changed {
-            put_str(&mut hasher, field);
+            put_str(&mut bytes, field);
         }
-        hasher.update(self.device_id.0.as_bytes());
-        hasher.update(&self.hlc.as_u64().to_le_bytes());
-        hasher.update(&self.schema_version.to_le_bytes());
-        let digest = hasher.finalize();
+        bytes.extend_from_slice(self.device_id.0.as_bytes());
+        bytes.extend_from_slice(&self.hlc.as_u64().to_le_bytes());
+        bytes.extend_from_slice(&self.schema_version.to_le_bytes());
+        let digest = blake3::hash(&bytes);
         let mut first = [0u8; 8];
         first.copy_from_slice(&digest.as_bytes()[..8]);
         u64::from_le_bytes(first)
     }
 }
 
-fn put_str(hasher: &mut blake3::Hasher, s: &str) {
-    hasher.update(&(s.len() as u64).to_le_bytes());
-    hasher.update(s.as_bytes());
+fn put_str(bytes: &mut Vec<u8>, s: &str) {
+    bytes.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(s.as_bytes());
 }
 
 /// Checks that `entries` continue a log whose last entry was `after` with checksum `prev`:
@@ -153,4 +158,68 @@ pub enum ChainError {
         /// What the entry carries.
         found: u64,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The checksum as the first log format computed it: BLAKE3 fed field by field. Logs
+    /// written then must still verify.
+    fn incremental(entry: &LogEntry, prev: u64) -> u64 {
+        let mut hasher = blake3::Hasher::new();
+        let put = |hasher: &mut blake3::Hasher, s: &str| {
+            hasher.update(&(s.len() as u64).to_le_bytes());
+            hasher.update(s.as_bytes());
+        };
+        hasher.update(&prev.to_le_bytes());
+        hasher.update(entry.library_id.0.as_bytes());
+        hasher.update(&entry.seq.0.to_le_bytes());
+        put(&mut hasher, &entry.model);
+        put(&mut hasher, &entry.record_id);
+        put(&mut hasher, entry.op.as_str());
+        match &entry.data {
+            Some(data) => {
+                hasher.update(&[1]);
+                put(&mut hasher, data);
+            }
+            None => {
+                hasher.update(&[0]);
+            }
+        }
+        hasher.update(&(entry.changed.len() as u64).to_le_bytes());
+        for field in &entry.changed {
+            put(&mut hasher, field);
+        }
+        hasher.update(entry.device_id.0.as_bytes());
+        hasher.update(&entry.hlc.as_u64().to_le_bytes());
+        hasher.update(&entry.schema_version.to_le_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
+        u64::from_le_bytes(first)
+    }
+
+    #[test]
+    fn checksum_is_unchanged_from_the_first_log_format() {
+        let mut entry = LogEntry {
+            library_id: LibraryId(uuid::Uuid::from_u128(7)),
+            seq: Seq(42),
+            model: "tag".into(),
+            record_id: "0190a1b2-0000-7000-8000-000000000001".into(),
+            op: ChangeOp::Upsert,
+            data: Some(r#"{"color":null,"id":"x","name":"été"}"#.into()),
+            changed: vec!["color".into(), "name".into()],
+            device_id: DeviceId(uuid::Uuid::from_u128(9)),
+            hlc: Hlc::from_u64(123_456_789),
+            schema_version: 3,
+            checksum: 0,
+        };
+        for prev in [0, 1, u64::MAX] {
+            assert_eq!(entry.chained_checksum(prev), incremental(&entry, prev));
+        }
+        entry.op = ChangeOp::Delete;
+        entry.data = None;
+        entry.changed.clear();
+        assert_eq!(entry.chained_checksum(5), incremental(&entry, 5));
+    }
 }

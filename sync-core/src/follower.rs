@@ -2,12 +2,12 @@
 //! transaction.
 
 use sea_orm::ActiveValue::Set;
-use sea_orm::{DatabaseConnection, DbErr, EntityTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, EntityTrait};
 use serde::Serialize;
 
 use crate::entry::ChainError;
 use crate::error::OpenError;
-use crate::library::{InsertInto, add_library, ensure_device_id};
+use crate::library::{add_library, ensure_device_id};
 use crate::protocol::{
     PROTOCOL_VERSION, PullError, PullRequest, PullResponse, PulledItem, Transport,
 };
@@ -106,10 +106,18 @@ pub enum ApplyError {
         /// Where the position is.
         found: Seq,
     },
+    /// The runtime shut down while the batch was being applied; nothing of it was.
+    #[error(
+        "applying was interrupted (the runtime is shutting down); nothing of the batch was applied"
+    )]
+    Interrupted,
     /// The database failed.
     #[error("database error: {0}")]
     Db(#[from] DbErr),
 }
+
+/// Statements built ahead of the one executing: bounds what a batch holds twice.
+const STATEMENTS_AHEAD: usize = 4;
 
 /// Why a sync round failed.
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +170,11 @@ impl Library {
     /// and an unbroken checksum chain. An entry of an unknown model, of another schema
     /// version, or that does not fit the local model stops the batch with an error.
     /// Applied entries are not recorded again by this device's hooks.
-    pub async fn apply(&self, after: Seq, response: &PullResponse) -> Result<Applied, ApplyError> {
+    ///
+    /// Checking the entries and building their statements runs on a blocking thread beside
+    /// the transaction, which executes each statement as it arrives; whatever fails rolls
+    /// the whole transaction back.
+    pub async fn apply(&self, after: Seq, response: PullResponse) -> Result<Applied, ApplyError> {
         if response.protocol_version != PROTOCOL_VERSION {
             return Err(ApplyError::VersionMismatch {
                 ours: PROTOCOL_VERSION,
@@ -182,7 +194,7 @@ impl Library {
             });
         }
         let this = self.clone();
-        let items = response.items.clone();
+        let items = response.items;
         self.unrecorded(move |txn| {
             Box::pin(async move {
                 let start = read_position(txn, this.id()).await?;
@@ -192,62 +204,98 @@ impl Library {
                         found: start.seq,
                     });
                 }
-                // Check the whole batch first, then write it model run by model run.
-                let mut expected = after.next();
-                let mut checksum = start.checksum;
-                let mut applied = Applied::default();
-                let mut runs: Vec<Vec<&crate::LogEntry>> = Vec::new();
-                for item in &items {
-                    match item {
-                        PulledItem::Skipped {
-                            through,
-                            checksum: at,
-                        } => {
-                            if *through < expected {
-                                return Err(ChainError::Gap {
-                                    expected,
-                                    found: *through,
-                                }
-                                .into());
-                            }
-                            checksum = *at;
-                            expected = through.next();
-                        }
-                        PulledItem::Entry(entry) => {
-                            crate::verify_chain(
-                                Seq(expected.0 - 1),
-                                checksum,
-                                std::slice::from_ref(entry),
-                            )?;
-                            this.check_entry(entry)?;
-                            this.context.clock.observe(entry.hlc);
-                            checksum = entry.checksum;
-                            expected = expected.next();
-                            applied.entries += 1;
-                            applied
-                                .records
-                                .push((entry.model.clone(), entry.record_id.clone()));
-                            match runs.last_mut() {
-                                Some(run) if run[0].model == entry.model => run.push(entry),
-                                _ => runs.push(vec![entry]),
-                            }
-                        }
+                let backend = txn.get_database_backend();
+                let (statements, mut ready) = tokio::sync::mpsc::channel(STATEMENTS_AHEAD);
+                let preparing = tokio::task::spawn_blocking({
+                    let this = this.clone();
+                    move || this.prepare_batch(start, &items, backend, statements)
+                });
+                let mut written = Ok(());
+                while let Some(statement) = ready.recv().await {
+                    if let Err(e) = txn.execute_raw(statement).await {
+                        written = Err(e);
+                        break;
                     }
                 }
-                for run in &runs {
-                    this.apply_run(txn, run).await?;
-                }
-                let position = Position {
-                    seq: Seq(expected.0 - 1),
-                    checksum,
+                // A preparer still running stops at its next statement.
+                drop(ready);
+                let prepared = match preparing.await {
+                    Ok(prepared) => prepared,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(_) => return Err(ApplyError::Interrupted),
                 };
-                write_position(txn, this.id(), position).await?;
+                // Statements run in entry order: a failed one comes before any entry the
+                // preparer could refuse after it.
+                written?;
+                let applied = prepared?;
+                write_position(txn, this.id(), applied.position).await?;
                 crate::library::save_clock_floor(txn, this.id(), &this.context.clock).await?;
-                applied.position = position;
                 Ok(applied)
             })
         })
         .await
+    }
+
+    /// Checks a batch against the position it must continue and turns it into statements,
+    /// sent to the writer as they are built. Returns what the batch applies once written.
+    fn prepare_batch(
+        &self,
+        start: Position,
+        items: &[PulledItem],
+        backend: sea_orm::DbBackend,
+        statements: tokio::sync::mpsc::Sender<sea_orm::Statement>,
+    ) -> Result<Applied, ApplyError> {
+        let mut emit = |statement| statements.blocking_send(statement).is_ok();
+        let mut expected = start.seq.next();
+        let mut checksum = start.checksum;
+        let mut applied = Applied::default();
+        let mut run: Vec<&crate::LogEntry> = Vec::new();
+        for item in items {
+            match item {
+                PulledItem::Skipped {
+                    through,
+                    checksum: at,
+                } => {
+                    if *through < expected {
+                        return Err(ChainError::Gap {
+                            expected,
+                            found: *through,
+                        }
+                        .into());
+                    }
+                    checksum = *at;
+                    expected = through.next();
+                }
+                PulledItem::Entry(entry) => {
+                    crate::verify_chain(
+                        Seq(expected.0 - 1),
+                        checksum,
+                        std::slice::from_ref(entry),
+                    )?;
+                    self.check_entry(entry)?;
+                    self.context.clock.observe(entry.hlc);
+                    checksum = entry.checksum;
+                    expected = expected.next();
+                    applied.entries += 1;
+                    applied
+                        .records
+                        .push((entry.model.clone(), entry.record_id.clone()));
+                    if run.first().is_some_and(|first| first.model != entry.model) {
+                        self.prepare_run(backend, &run, &mut emit)?;
+                        run.clear();
+                    }
+                    run.push(entry);
+                }
+            }
+        }
+        if !run.is_empty() {
+            self.prepare_run(backend, &run, &mut emit)?;
+        }
+        applied.position = Position {
+            seq: Seq(expected.0 - 1),
+            checksum,
+        };
+        Ok(applied)
     }
 
     /// Refuses an entry this build cannot apply: an unknown model or another schema version.
@@ -269,11 +317,12 @@ impl Library {
         Ok(())
     }
 
-    /// Writes a run of checked entries of one model.
-    async fn apply_run(
+    /// Builds the statements of a run of checked entries of one model.
+    fn prepare_run(
         &self,
-        txn: &sea_orm::DatabaseTransaction,
+        backend: sea_orm::DbBackend,
         run: &[&crate::LogEntry],
+        emit: &mut dyn FnMut(sea_orm::Statement) -> bool,
     ) -> Result<(), ApplyError> {
         let model = &run[0].model;
         let Some(ops) = self.registry.get(model) else {
@@ -282,8 +331,7 @@ impl Library {
                 model: model.clone(),
             });
         };
-        ops.apply(txn, run)
-            .await
+        ops.prepare(backend, run, emit)
             .map_err(|(seq, failure)| match failure {
                 ApplyFailure::BadPayload(reason) => ApplyError::BadPayload {
                     seq,
@@ -309,7 +357,7 @@ impl Library {
         request.limit = limit;
         let response = transport.pull(request).await?;
         let latest = response.latest_seq;
-        let applied = self.apply(after, &response).await?;
+        let applied = self.apply(after, response).await?;
         Ok((applied, latest))
     }
 
@@ -351,12 +399,12 @@ impl Library {
             let through = response.through(after);
             let (applied, next) = if through < target && through > after {
                 let (applied, next) = tokio::join!(
-                    self.apply(after, &response),
+                    self.apply(after, response),
                     transport.pull(request(through))
                 );
                 (applied?, Some(next))
             } else {
-                (self.apply(after, &response).await?, None)
+                (self.apply(after, response).await?, None)
             };
             progress(&applied, target);
             let position = applied.position;
@@ -407,15 +455,24 @@ async fn write_position(
     library_id: LibraryId,
     at: Position,
 ) -> Result<(), DbErr> {
-    position::Entity::delete_by_id(library_id.to_string())
-        .exec(txn)
-        .await?;
-    position::ActiveModel {
+    use sea_orm::sea_query::OnConflict;
+    let row = position::ActiveModel {
         library_id: Set(library_id.to_string()),
         seq: Set(at.seq.0 as i64),
         checksum: Set(at.checksum as i64),
         updated_at_ms: Set(chrono::Utc::now().timestamp_millis()),
-    }
-    .insert_into(txn)
-    .await
+    };
+    position::Entity::insert(row)
+        .on_conflict(
+            OnConflict::column(position::Column::LibraryId)
+                .update_columns([
+                    position::Column::Seq,
+                    position::Column::Checksum,
+                    position::Column::UpdatedAtMs,
+                ])
+                .to_owned(),
+        )
+        .exec_without_returning(txn)
+        .await
+        .map(|_| ())
 }

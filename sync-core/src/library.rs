@@ -978,13 +978,19 @@ pub(crate) async fn set_local_value<C: ConnectionTrait>(
 }
 
 async fn set_local<C: ConnectionTrait>(db: &C, key: &str, value: &str) -> Result<(), DbErr> {
-    local::Entity::delete_by_id(key.to_owned()).exec(db).await?;
-    local::ActiveModel {
+    let row = local::ActiveModel {
         key: Set(key.to_owned()),
         value: Set(value.to_owned()),
-    }
-    .insert_into(db)
-    .await
+    };
+    local::Entity::insert(row)
+        .on_conflict(
+            sea_orm::sea_query::OnConflict::column(local::Column::Key)
+                .update_column(local::Column::Value)
+                .to_owned(),
+        )
+        .exec_without_returning(db)
+        .await
+        .map(|_| ())
 }
 
 /// Records a library on this device (led by `leader`, with this device in `role`) and

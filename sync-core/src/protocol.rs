@@ -285,7 +285,16 @@ impl InProcess {
 #[async_trait::async_trait]
 impl Transport for InProcess {
     async fn pull(&self, request: PullRequest) -> Result<PullResponse, PullError> {
-        self.leader.serve_pull(&request).await
+        // On a task of its own, as a leader elsewhere would serve: the leader's reading then
+        // runs beside the follower's applying (catch-up fetches ahead) on another thread.
+        let leader = self.leader.clone();
+        match tokio::spawn(async move { leader.serve_pull(&request).await }).await {
+            Ok(served) => served,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(PullError::Transport(
+                "the in-process leader stopped (the runtime is shutting down)".into(),
+            )),
+        }
     }
 
     async fn push(&self, request: PushRequest) -> Result<PushResponse, PushError> {

@@ -419,7 +419,7 @@ impl Library {
                 schema_version: change.schema_version,
                 checksum: 0,
             };
-            ops.apply(txn, &[&entry])
+            crate::registry::apply_entries(ops.as_ref(), txn, &[&entry])
                 .await
                 .map_err(|(_, failure)| match failure {
                     crate::registry::ApplyFailure::Db(e) => PushError::Db(e),

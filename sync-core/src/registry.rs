@@ -5,7 +5,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, QueryTrait,
+    Statement,
+};
 
 use std::collections::HashSet;
 
@@ -32,11 +35,15 @@ pub(crate) trait ModelOps: Send + Sync {
         txn: &'a DatabaseTransaction,
         key: &'a str,
     ) -> BoxFuture<'a, Result<bool, DbErr>>;
-    fn apply<'a>(
-        &'a self,
-        txn: &'a DatabaseTransaction,
-        entries: &'a [&'a LogEntry],
-    ) -> BoxFuture<'a, Result<(), (Seq, ApplyFailure)>>;
+    /// Turns a run of checked leader entries of this model into the statements that write
+    /// them, handing each to `emit` as soon as it is built. Stops early (with `Ok`) when
+    /// `emit` returns false: the writer has stopped.
+    fn prepare(
+        &self,
+        backend: DbBackend,
+        entries: &[&LogEntry],
+        emit: &mut dyn FnMut(Statement) -> bool,
+    ) -> Result<(), (Seq, ApplyFailure)>;
     fn key_field(&self) -> &'static str;
     /// The record's synced fields, read with a row lock; `None` if it does not exist (or
     /// the model's filter excludes it).
@@ -112,12 +119,13 @@ where
     ) -> BoxFuture<'a, Result<bool, DbErr>> {
         Box::pin(crate::capture::record_again::<E>(txn, key))
     }
-    fn apply<'a>(
-        &'a self,
-        txn: &'a DatabaseTransaction,
-        entries: &'a [&'a LogEntry],
-    ) -> BoxFuture<'a, Result<(), (Seq, ApplyFailure)>> {
-        Box::pin(apply_entries::<E>(txn, entries))
+    fn prepare(
+        &self,
+        backend: DbBackend,
+        entries: &[&LogEntry],
+        emit: &mut dyn FnMut(Statement) -> bool,
+    ) -> Result<(), (Seq, ApplyFailure)> {
+        prepare_entries::<E>(backend, entries, emit)
     }
     fn key_field(&self) -> &'static str {
         E::KEY_FIELD
@@ -178,21 +186,30 @@ where
     }
 }
 
-/// Rows of one apply statement: about this many bound values, inside the range that
-/// measured fast on PostgreSQL (see `LOG_INSERT_ROWS_MAX`).
-const APPLY_VALUES_MAX: usize = 400;
+/// Bound values per apply statement. SQLite handles long statements well (and its
+/// per-statement cost is a round trip to its connection's worker thread); PostgreSQL and
+/// MySQL measured fastest around 400 (see `LOG_INSERT_ROWS_MAX`).
+fn apply_values_max(backend: DbBackend) -> usize {
+    match backend {
+        DbBackend::Sqlite => 1_000,
+        _ => 400,
+    }
+}
 
-/// Applies a run of leader entries of one model, in order. The leader's log is the order of
-/// truth: an upsert writes the synced fields it carries (under `FieldLevel`, on an existing
-/// record only those it changed), local fields keep this device's values (and start at
-/// their `Default` on a new record), and a delete of a missing record is a no-op.
+/// Builds the statements that apply a run of leader entries of one model, in order. The
+/// leader's log is the order of truth: an upsert writes the synced fields it carries
+/// (under `FieldLevel`, on an existing record only those it changed), local fields keep
+/// this device's values (and start at their `Default` on a new record), and a delete of a
+/// missing record is a no-op.
 ///
 /// Consecutive upserts become one `INSERT … ON CONFLICT (key) DO UPDATE` of the synced
 /// columns, split where a key repeats (a statement may touch a row once) or where the
-/// columns to update differ.
-async fn apply_entries<E>(
-    txn: &DatabaseTransaction,
+/// columns to update differ. Building needs no database: the caller runs it beside the
+/// writer, which executes each statement as it arrives.
+fn prepare_entries<E>(
+    backend: DbBackend,
     entries: &[&LogEntry],
+    emit: &mut dyn FnMut(Statement) -> bool,
 ) -> Result<(), (Seq, ApplyFailure)>
 where
     E: Syncable,
@@ -214,15 +231,74 @@ where
             ApplyFailure::BadPayload(format!("`{}` has no key column", E::SYNC_ID)),
         ));
     };
-    let whole_record: Vec<&'static str> = E::synced_fields()
-        .into_iter()
+    let synced = E::synced_fields();
+    let whole_record: Vec<&'static str> = synced
+        .iter()
+        .copied()
         .filter(|f| *f != E::KEY_FIELD)
         .collect();
-    let rows_max = (APPLY_VALUES_MAX / E::FIELDS.len().max(1)).max(1);
+    let rows_max = (apply_values_max(backend) / E::FIELDS.len().max(1)).max(1);
+    let build = |rows: Vec<E::ActiveModel>, updates: &[&str]| {
+        let mut on_conflict = OnConflict::column(key_column);
+        let update_columns: Vec<E::Column> = updates.iter().filter_map(|f| column_of(f)).collect();
+        if update_columns.is_empty() {
+            on_conflict.do_nothing_on([key_column]);
+        } else {
+            on_conflict.update_columns(update_columns);
+        }
+        E::insert_many(rows).on_conflict(on_conflict).build(backend)
+    };
+    // Statements of one shape (row count, columns to update) share their SQL text: SeaORM
+    // builds the first, later ones only collect their rows' values, in the order SeaORM
+    // binds them (row by row, each row's columns in `Column::iter()` order).
+    let mut shapes: Vec<(usize, Vec<String>, String)> = Vec::new();
+    let mut upsert = |rows: Vec<E::ActiveModel>, updates: &[&str]| {
+        let every_column_set = |row: &E::ActiveModel| E::Column::iter().all(|c| !row.is_not_set(c));
+        let shape = shapes.iter().find(|(n, u, _)| {
+            *n == rows.len() && u.iter().map(String::as_str).eq(updates.iter().copied())
+        });
+        match shape {
+            Some((_, _, sql)) if rows.iter().all(every_column_set) => {
+                let values = rows
+                    .into_iter()
+                    .flat_map(row_values::<E>)
+                    .collect::<Vec<_>>();
+                Statement::from_sql_and_values(backend, sql.clone(), values)
+            }
+            _ => {
+                let reusable = rows.iter().all(every_column_set);
+                #[cfg(debug_assertions)]
+                let expected: Vec<sea_orm::Value> =
+                    rows.iter().cloned().flat_map(row_values::<E>).collect();
+                let rows_len = rows.len();
+                let statement = build(rows, updates);
+                #[cfg(debug_assertions)]
+                if reusable {
+                    let built = statement.values.as_ref().map(|v| v.0.as_slice());
+                    debug_assert_eq!(
+                        built,
+                        Some(expected.as_slice()),
+                        "apply binds values as SeaORM does"
+                    );
+                }
+                if reusable {
+                    shapes.push((
+                        rows_len,
+                        updates.iter().map(|u| (*u).to_owned()).collect(),
+                        statement.sql.clone(),
+                    ));
+                }
+                statement
+            }
+        }
+    };
 
     let mut run: Vec<E::ActiveModel> = Vec::new();
     let mut run_keys: HashSet<&str> = HashSet::new();
     let mut run_updates: Vec<&str> = Vec::new();
+    // The first statement of a batch is kept short: the writer waits for it, while the
+    // later ones are built as the earlier ones execute.
+    let mut statement_rows = (rows_max / 8).max(1);
     for entry in entries {
         let fail = |failure: ApplyFailure| (entry.seq, failure);
         let key = E::parse_key(&entry.record_id).ok_or_else(|| {
@@ -232,89 +308,101 @@ where
                 E::SYNC_ID
             )))
         })?;
-        let (row, updates) = match entry.op {
+        let row = match entry.op {
             ChangeOp::Delete => {
-                flush::<E>(txn, &mut run, &run_updates, key_column, &column_of)
-                    .await
-                    .map_err(fail)?;
+                if !run.is_empty() && !emit(upsert(std::mem::take(&mut run), &run_updates)) {
+                    return Ok(());
+                }
                 run_keys.clear();
-                E::delete_by_id(key)
-                    .exec(txn)
-                    .await
-                    .map_err(|e| fail(e.into()))?;
+                if !emit(E::delete_by_id(key).build(backend)) {
+                    return Ok(());
+                }
                 continue;
             }
             ChangeOp::Upsert => {
-                let fields = upsert_fields::<E>(entry).map_err(fail)?;
+                let fields = upsert_fields::<E>(entry, &synced).map_err(fail)?;
                 let mut row = E::new_active(key);
                 E::apply_json(&mut row, &fields, None).map_err(|e| {
                     fail(ApplyFailure::BadPayload(format!(
                         "a field does not fit: {e}"
                     )))
                 })?;
-                let updates: Vec<&str> = if E::MERGE == MergeRule::FieldLevel {
-                    entry
-                        .changed
-                        .iter()
-                        .map(String::as_str)
-                        .filter(|f| *f != E::KEY_FIELD)
-                        .collect()
-                } else {
-                    whole_record.clone()
-                };
-                (row, updates)
+                row
             }
         };
-        if run_keys.contains(entry.record_id.as_str())
-            || updates != run_updates
-            || run.len() >= rows_max
+        // The columns this upsert writes over an existing row.
+        let same_updates = if E::MERGE == MergeRule::FieldLevel {
+            let updates = entry
+                .changed
+                .iter()
+                .map(String::as_str)
+                .filter(|f| *f != E::KEY_FIELD);
+            run_updates.iter().copied().eq(updates)
+        } else {
+            run_updates == whole_record
+        };
+        if !run.is_empty()
+            && (!same_updates
+                || run.len() >= statement_rows
+                || run_keys.contains(entry.record_id.as_str()))
         {
-            flush::<E>(txn, &mut run, &run_updates, key_column, &column_of)
-                .await
-                .map_err(fail)?;
+            if !emit(upsert(std::mem::take(&mut run), &run_updates)) {
+                return Ok(());
+            }
             run_keys.clear();
+            statement_rows = rows_max;
+        }
+        if run.is_empty() && !same_updates {
+            run_updates = if E::MERGE == MergeRule::FieldLevel {
+                entry
+                    .changed
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|f| *f != E::KEY_FIELD)
+                    .collect()
+            } else {
+                whole_record.clone()
+            };
         }
         run_keys.insert(entry.record_id.as_str());
-        run_updates = updates;
         run.push(row);
     }
-    let last = entries.last().map_or(Seq::ZERO, |e| e.seq);
-    flush::<E>(txn, &mut run, &run_updates, key_column, &column_of)
-        .await
-        .map_err(|f| (last, f))
+    if !run.is_empty() {
+        emit(upsert(run, &run_updates));
+    }
+    Ok(())
 }
 
-/// Writes a run of upserts (and empties it).
-async fn flush<E: Syncable>(
+/// A row's values, one per column in `Column::iter()` order (every column is set).
+fn row_values<E: Syncable>(mut row: E::ActiveModel) -> impl Iterator<Item = sea_orm::Value> {
+    E::Column::iter().filter_map(move |column| row.take(column).into_value())
+}
+
+/// Applies a run of entries of one model in `txn` at once (the leader writing the outcome
+/// of a pushed change).
+pub(crate) async fn apply_entries(
+    ops: &dyn ModelOps,
     txn: &DatabaseTransaction,
-    run: &mut Vec<E::ActiveModel>,
-    updates: &[&str],
-    key_column: E::Column,
-    column_of: &impl Fn(&str) -> Option<E::Column>,
-) -> Result<(), ApplyFailure> {
-    if run.is_empty() {
-        return Ok(());
+    entries: &[&LogEntry],
+) -> Result<(), (Seq, ApplyFailure)> {
+    let mut statements = Vec::new();
+    ops.prepare(txn.get_database_backend(), entries, &mut |statement| {
+        statements.push(statement);
+        true
+    })?;
+    let last = entries.last().map_or(Seq::ZERO, |e| e.seq);
+    for statement in statements {
+        txn.execute_raw(statement)
+            .await
+            .map_err(|e| (last, e.into()))?;
     }
-    let mut on_conflict = OnConflict::column(key_column);
-    let update_columns: Vec<E::Column> = updates.iter().filter_map(|f| column_of(f)).collect();
-    if update_columns.is_empty() {
-        on_conflict.do_nothing_on([key_column]);
-    } else {
-        on_conflict.update_columns(update_columns);
-    }
-    let insert = E::insert_many(std::mem::take(run))
-        .on_conflict(on_conflict)
-        .exec_without_returning(txn)
-        .await;
-    match insert {
-        Ok(_) | Err(DbErr::RecordNotInserted) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    Ok(())
 }
 
 /// The synced fields of an upsert, checked against this build's model.
 fn upsert_fields<E: Syncable>(
     entry: &LogEntry,
+    synced: &[&'static str],
 ) -> Result<serde_json::Map<String, serde_json::Value>, ApplyFailure> {
     let text = entry
         .data
@@ -322,7 +410,6 @@ fn upsert_fields<E: Syncable>(
         .ok_or_else(|| ApplyFailure::BadPayload("an upsert without data".into()))?;
     let fields: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
         .map_err(|e| ApplyFailure::BadPayload(format!("data is not a JSON object: {e}")))?;
-    let synced = E::synced_fields();
     if let Some(unknown) = fields.keys().find(|k| !synced.contains(&k.as_str())) {
         return Err(ApplyFailure::BadPayload(format!(
             "`{unknown}` is not a synced field of `{}` in this build",

@@ -246,7 +246,7 @@ async fn assert_refused_and_unmoved(
     check: impl Fn(&ApplyError) -> bool,
 ) {
     let err = follower
-        .apply(Seq::ZERO, response)
+        .apply(Seq::ZERO, response.clone())
         .await
         .expect_err("must be refused");
     assert!(check(&err), "unexpected error: {err}");
@@ -296,6 +296,68 @@ async fn bad_payload_is_refused() {
         matches!(e, ApplyError::BadPayload { .. })
     })
     .await;
+    f.finish().await;
+}
+
+/// A refusal deep in a batch, after the writer has executed the statements of the entries
+/// before it: the whole batch is rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusal_late_in_a_large_batch_applies_nothing() {
+    let Some(f) = fixture(
+        Backend::Sqlite,
+        "follower::refusal_late_in_a_large_batch_applies_nothing",
+    )
+    .await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let Some(follower) = follower_of(&f.library, Backend::Sqlite, dir.path()).await else {
+        return;
+    };
+    f.library
+        .transaction(|txn| {
+            Box::pin(async move {
+                for i in 0..600 {
+                    example_app::models::tag::ActiveModel {
+                        id: Set(Uuid::now_v7()),
+                        name: Set(format!("tag {i}")),
+                        color: Set(None),
+                    }
+                    .insert(txn)
+                    .await?;
+                }
+                Ok::<_, sea_orm::DbErr>(())
+            })
+        })
+        .await
+        .expect("write");
+    let mut response = f
+        .library
+        .serve_pull(&PullRequest::after(f.library.id(), Seq::ZERO))
+        .await
+        .expect("pull");
+    assert_eq!(response.items.len(), 600);
+    last_entry(&mut response).data = Some(r#"{"id":"x","name":"a"}"#.into());
+    rechain(&mut response);
+    assert_refused_and_unmoved(
+        &follower,
+        &response,
+        |e| matches!(e, ApplyError::BadPayload { seq, .. } if *seq == Seq(600)),
+    )
+    .await;
+    // The same batch intact applies whole.
+    let response = f
+        .library
+        .serve_pull(&PullRequest::after(f.library.id(), Seq::ZERO))
+        .await
+        .expect("pull");
+    let applied = follower.apply(Seq::ZERO, response).await.expect("apply");
+    assert_eq!(applied.position.seq, Seq(600));
+    assert_eq!(
+        follower.dump().await.expect("dump"),
+        f.library.dump().await.expect("dump")
+    );
     f.finish().await;
 }
 
@@ -355,7 +417,7 @@ async fn selective_sync_pulls_only_the_models_asked_for() {
     let mut request = PullRequest::after(f.library.id(), Seq::ZERO);
     request.models = Some(vec!["tag".into()]);
     let response = f.library.serve_pull(&request).await.expect("pull");
-    let applied = follower.apply(Seq::ZERO, &response).await.expect("apply");
+    let applied = follower.apply(Seq::ZERO, response).await.expect("apply");
     assert_eq!(
         applied.position.seq, latest,
         "skipped entries still move the position"
@@ -406,7 +468,7 @@ async fn superseded_changes_are_collapsed_without_changing_the_outcome() {
         entries, 1,
         "twenty whole-record upserts of one record collapse into the last"
     );
-    follower.apply(Seq::ZERO, &response).await.expect("apply");
+    follower.apply(Seq::ZERO, response).await.expect("apply");
     assert_eq!(
         follower.dump().await.expect("dump"),
         f.library.dump().await.expect("dump")
@@ -560,10 +622,7 @@ async fn a_multi_model_backfill_interrupted_midway_resumes_without_losing_a_mode
     let mut request = PullRequest::after(f.library.id(), Seq::ZERO);
     request.limit = position.seq.0 as u32;
     let prefix = f.library.serve_pull(&request).await.expect("prefix");
-    replay
-        .apply(Seq::ZERO, &prefix)
-        .await
-        .expect("apply prefix");
+    replay.apply(Seq::ZERO, prefix).await.expect("apply prefix");
     assert_eq!(
         follower.dump().await.expect("dump"),
         replay.dump().await.expect("dump")
