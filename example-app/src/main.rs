@@ -206,8 +206,8 @@ enum Bench {
     Apply {
         #[arg(long, default_value_t = 100_000)]
         count: u64,
-        /// Entries per pull (the protocol's largest pull, as catch-up asks for, by default).
-        #[arg(long, default_value_t = sync_core::PULL_ENTRIES_MAX)]
+        /// Entries per pull.
+        #[arg(long, default_value_t = 1_000)]
         batch: u32,
     },
     /// Capture's cost: synced against unsynced writes of the same load, each in a fresh

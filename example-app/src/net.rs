@@ -169,7 +169,7 @@ pub async fn sync_once(
             library.push_outbox(transport).await.map(|_| ())
         };
         let position = library
-            .catch_up_with(transport, sync_core::PULL_ENTRIES_MAX, |applied, target| {
+            .catch_up_with(transport, 1_000, |applied, target| {
                 progress(applied.position.seq.0, target.0);
             })
             .await?;

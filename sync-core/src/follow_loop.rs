@@ -33,7 +33,7 @@ pub struct FollowConfig {
 impl Default for FollowConfig {
     fn default() -> Self {
         FollowConfig {
-            batch_len_max: crate::PULL_ENTRIES_MAX,
+            batch_len_max: 1_000,
             poll_interval: Duration::from_secs(5),
             retry_delay_min: Duration::from_millis(100),
             retry_delay_max: Duration::from_secs(30),
