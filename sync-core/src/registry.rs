@@ -254,11 +254,12 @@ where
     let mut shapes: Vec<(usize, Vec<String>, String)> = Vec::new();
     let mut upsert = |rows: Vec<E::ActiveModel>, updates: &[&str]| {
         let every_column_set = |row: &E::ActiveModel| E::Column::iter().all(|c| !row.is_not_set(c));
+        let reusable = rows.iter().all(every_column_set);
         let shape = shapes.iter().find(|(n, u, _)| {
             *n == rows.len() && u.iter().map(String::as_str).eq(updates.iter().copied())
         });
         match shape {
-            Some((_, _, sql)) if rows.iter().all(every_column_set) => {
+            Some((_, _, sql)) if reusable => {
                 let values = rows
                     .into_iter()
                     .flat_map(row_values::<E>)
@@ -266,7 +267,6 @@ where
                 Statement::from_sql_and_values(backend, sql.clone(), values)
             }
             _ => {
-                let reusable = rows.iter().all(every_column_set);
                 #[cfg(debug_assertions)]
                 let expected: Vec<sea_orm::Value> =
                     rows.iter().cloned().flat_map(row_values::<E>).collect();
@@ -332,12 +332,7 @@ where
         };
         // The columns this upsert writes over an existing row.
         let same_updates = if E::MERGE == MergeRule::FieldLevel {
-            let updates = entry
-                .changed
-                .iter()
-                .map(String::as_str)
-                .filter(|f| *f != E::KEY_FIELD);
-            run_updates.iter().copied().eq(updates)
+            run_updates.iter().copied().eq(changed_columns::<E>(entry))
         } else {
             run_updates == whole_record
         };
@@ -354,12 +349,7 @@ where
         }
         if run.is_empty() && !same_updates {
             run_updates = if E::MERGE == MergeRule::FieldLevel {
-                entry
-                    .changed
-                    .iter()
-                    .map(String::as_str)
-                    .filter(|f| *f != E::KEY_FIELD)
-                    .collect()
+                changed_columns::<E>(entry).collect()
             } else {
                 whole_record.clone()
             };
@@ -371,6 +361,15 @@ where
         emit(upsert(run, &run_updates));
     }
     Ok(())
+}
+
+/// The fields a field-level upsert writes over an existing row: those it changed, but the key.
+fn changed_columns<E: Syncable>(entry: &LogEntry) -> impl Iterator<Item = &str> {
+    entry
+        .changed
+        .iter()
+        .map(String::as_str)
+        .filter(|f| *f != E::KEY_FIELD)
 }
 
 /// A row's values, one per column in `Column::iter()` order (every column is set).
