@@ -209,6 +209,10 @@ enum Bench {
         /// Entries per pull.
         #[arg(long, default_value_t = 1_000)]
         batch: u32,
+        /// Rounds of the follower-only apply and of `insert_many`, each on a fresh
+        /// database (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
     },
     /// Capture's cost: synced against unsynced writes of the same load, each in a fresh
     /// database on the server of `--db` (or a temp SQLite file when `--db` is SQLite).
@@ -489,8 +493,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Demo => demo().await?,
         Command::Bench {
-            which: Bench::Apply { count, batch },
-        } => bench_apply(count, batch).await?,
+            which:
+                Bench::Apply {
+                    count,
+                    batch,
+                    rounds,
+                },
+        } => bench_apply(count, batch, rounds).await?,
         Command::Bench {
             which: Bench::Live { writes },
         } => print_json(&example_app::bench::live(writes).await?)?,
@@ -737,7 +746,7 @@ fn peak_rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-async fn bench_apply(count: u64, batch: u32) -> Result<()> {
+async fn bench_apply(count: u64, batch: u32, rounds: u32) -> Result<()> {
     use example_app::models::tag;
     use sea_orm::{ActiveModelTrait, EntityTrait, Set, TransactionTrait};
     let dir = tempfile_dir()?;
@@ -785,62 +794,87 @@ async fn bench_apply(count: u64, batch: u32) -> Result<()> {
     let apply_seconds = started.elapsed().as_secs_f64();
     let rss_after_sync = peak_rss_kib();
 
-    // The same sync on another fresh follower, one batch at a time, timing the leader's
-    // serving and the follower's apply apart: what the follower's side alone costs.
-    let second_db = connect(&fresh_database("sqlite", dir.path()).await?).await?;
-    Migrator::up(&second_db, None).await?;
-    let second = Library::join(
-        second_db,
-        leader.id(),
-        leader.device_id(),
-        "bench",
-        Access::Read,
-        registry(),
-    )
-    .await?;
-    let (mut serve_seconds, mut apply_only_seconds) = (0.0, 0.0);
-    let mut after = Seq::ZERO;
-    while after.0 < count {
-        let mut request = sync_core::PullRequest::after(leader.id(), after);
-        request.limit = batch;
+    // The same sync on fresh followers, one batch at a time, timing the leader's serving
+    // and the follower's apply apart: what the follower's side alone costs.
+    let (mut serve_seconds, mut apply_only_seconds) = (Vec::new(), Vec::new());
+    for _ in 0..rounds.max(1) {
+        let db = connect(&fresh_database("sqlite", dir.path()).await?).await?;
+        Migrator::up(&db, None).await?;
+        let follower = Library::join(
+            db,
+            leader.id(),
+            leader.device_id(),
+            "bench",
+            Access::Read,
+            registry(),
+        )
+        .await?;
+        // The leader serves every batch first; the follower then applies them as they
+        // would arrive from a leader faster than it (`apply_all`, as `catch_up` does).
         let started = std::time::Instant::now();
-        let response = leader.serve_pull(&request).await?;
-        serve_seconds += started.elapsed().as_secs_f64();
-        let started = std::time::Instant::now();
-        let applied = second.apply(after, response).await?;
-        apply_only_seconds += started.elapsed().as_secs_f64();
-        if applied.position.seq == after {
-            bail!("the leader served nothing after seq {after}");
+        let mut responses = Vec::new();
+        let mut after = Seq::ZERO;
+        while after.0 < count {
+            let mut request = sync_core::PullRequest::after(leader.id(), after);
+            request.limit = batch;
+            let response = leader.serve_pull(&request).await?;
+            let through = response.through(after);
+            if through == after {
+                bail!("the leader served nothing after seq {after}");
+            }
+            responses.push(response);
+            after = through;
         }
-        after = applied.position.seq;
+        let serving = started.elapsed().as_secs_f64();
+        let started = std::time::Instant::now();
+        let applied = follower.apply_all(Seq::ZERO, responses).await?;
+        let applying = started.elapsed().as_secs_f64();
+        if applied.position.seq != after {
+            bail!("applied up to {} of {after}", applied.position.seq);
+        }
+        serve_seconds.push(serving);
+        apply_only_seconds.push(applying);
     }
 
     // The practical limit: the same rows, insert_many in one transaction (chunks of 1,000
     // rows keep each statement under SQLite's bound-parameter limit).
     let rows = tag::Entity::find().all(leader.db()).await?;
-    let baseline_db = connect(&fresh_database("sqlite", dir.path()).await?).await?;
-    Migrator::up(&baseline_db, None).await?;
-    let started = std::time::Instant::now();
-    let txn = baseline_db.begin().await?;
-    for chunk in rows.chunks(1_000) {
-        let models: Vec<tag::ActiveModel> = chunk
-            .iter()
-            .map(|m| tag::ActiveModel {
-                id: Set(m.id),
-                name: Set(m.name.clone()),
-                color: Set(m.color.clone()),
-            })
-            .collect();
-        tag::Entity::insert_many(models)
-            .exec_without_returning(&txn)
-            .await?;
+    let mut insert_many_seconds = Vec::new();
+    for _ in 0..rounds.max(1) {
+        let db = connect(&fresh_database("sqlite", dir.path()).await?).await?;
+        Migrator::up(&db, None).await?;
+        let started = std::time::Instant::now();
+        let txn = db.begin().await?;
+        for chunk in rows.chunks(1_000) {
+            let models: Vec<tag::ActiveModel> = chunk
+                .iter()
+                .map(|m| tag::ActiveModel {
+                    id: Set(m.id),
+                    name: Set(m.name.clone()),
+                    color: Set(m.color.clone()),
+                })
+                .collect();
+            tag::Entity::insert_many(models)
+                .exec_without_returning(&txn)
+                .await?;
+        }
+        txn.commit().await?;
+        insert_many_seconds.push(started.elapsed().as_secs_f64());
     }
-    txn.commit().await?;
-    let insert_many_seconds = started.elapsed().as_secs_f64();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (serve_seconds, apply_only_seconds, insert_many_seconds) = (
+        median(serve_seconds),
+        median(apply_only_seconds),
+        median(insert_many_seconds),
+    );
     print_json(&serde_json::json!({
         "bench": "apply",
         "changes": count,
         "batch": batch,
+        "rounds": rounds,
         "apply_seconds": apply_seconds,
         "apply_changes_per_second": count as f64 / apply_seconds,
         "insert_many_seconds": insert_many_seconds,

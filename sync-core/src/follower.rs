@@ -119,6 +119,14 @@ pub enum ApplyError {
 /// Statements built ahead of the one executing: bounds what a batch holds twice.
 const STATEMENTS_AHEAD: usize = 4;
 
+/// Entries after which [`Library::apply_all`] commits before taking another response: a
+/// few tens of milliseconds of SQLite's write lock, amortising each transaction's begin,
+/// position and commit over many responses.
+pub const APPLY_GROUP_ENTRIES: usize = 10_000;
+
+/// Responses `catch_up` pulls ahead of the one being applied.
+pub const PULLS_AHEAD: usize = 2;
+
 /// Why a sync round failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -175,6 +183,53 @@ impl Library {
     /// the transaction, which executes each statement as it arrives; whatever fails rolls
     /// the whole transaction back.
     pub async fn apply(&self, after: Seq, response: PullResponse) -> Result<Applied, ApplyError> {
+        self.apply_all(after, std::iter::once(response)).await
+    }
+
+    /// Applies consecutive pull responses: the first answers a request from `after`, each
+    /// later one a request from where the one before it ends. Returns everything applied.
+    ///
+    /// Responses share a transaction (and its commit) until it holds
+    /// [`APPLY_GROUP_ENTRIES`] entries; a response is never split. Each transaction moves
+    /// the position with its data, so a failure keeps every transaction committed before
+    /// it and nothing of its own, and the error says which entry stopped it.
+    ///
+    /// `responses` is advanced only for a response that will be applied, and the call ends
+    /// at its first `None`: a source that answers `None` while nothing has arrived (a
+    /// channel's `try_recv`) never makes this wait, nor hold the database's write lock,
+    /// for the network.
+    pub async fn apply_all<I>(&self, after: Seq, responses: I) -> Result<Applied, ApplyError>
+    where
+        I: IntoIterator<Item = PullResponse>,
+        I::IntoIter: Send,
+    {
+        let mut responses = responses.into_iter();
+        let mut total = Applied::default();
+        let mut position = None;
+        while let Some(response) = responses.next() {
+            self.check_response(&response)?;
+            if response.items.is_empty() {
+                continue;
+            }
+            let applied = self
+                .apply_group(
+                    position.map_or(after, |p: Position| p.seq),
+                    response,
+                    &mut responses,
+                )
+                .await?;
+            total.entries += applied.entries;
+            total.records.extend(applied.records);
+            position = Some(applied.position);
+        }
+        total.position = match position {
+            Some(position) => position,
+            None => self.position().await?,
+        };
+        Ok(total)
+    }
+
+    fn check_response(&self, response: &PullResponse) -> Result<(), ApplyError> {
         if response.protocol_version != PROTOCOL_VERSION {
             return Err(ApplyError::VersionMismatch {
                 ours: PROTOCOL_VERSION,
@@ -187,70 +242,178 @@ impl Library {
                 found: response.library_id,
             });
         }
-        if response.items.is_empty() {
-            return Ok(Applied {
-                position: self.position().await?,
-                ..Applied::default()
-            });
-        }
-        let this = self.clone();
-        let items = response.items;
-        self.unrecorded(move |txn| {
-            Box::pin(async move {
-                let start = read_position(txn, this.id()).await?;
-                if start.seq != after {
-                    return Err(ApplyError::PositionMoved {
-                        expected: after,
-                        found: start.seq,
-                    });
-                }
-                let backend = txn.get_database_backend();
-                let (statements, mut ready) = tokio::sync::mpsc::channel(STATEMENTS_AHEAD);
-                let preparing = tokio::task::spawn_blocking({
-                    let this = this.clone();
-                    move || this.prepare_batch(start, &items, backend, statements)
-                });
-                let mut written = Ok(());
-                while let Some(statement) = ready.recv().await {
-                    if let Err(e) = txn.execute_raw(statement).await {
-                        written = Err(e);
-                        break;
-                    }
-                }
-                // A preparer still running stops at its next statement.
-                drop(ready);
-                let prepared = match preparing.await {
-                    Ok(prepared) => prepared,
-                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                    Err(_) => return Err(ApplyError::Interrupted),
-                };
-                // Statements run in entry order: a failed one comes before any entry the
-                // preparer could refuse after it.
-                written?;
-                let applied = prepared?;
-                write_position(txn, this.id(), applied.position).await?;
-                crate::library::save_clock_floor(txn, this.id(), &this.context.clock).await?;
-                Ok(applied)
-            })
-        })
-        .await
+        Ok(())
     }
 
-    /// Checks a batch against the position it must continue and turns it into statements,
-    /// sent to the writer as they are built. Returns what the batch applies once written.
-    fn prepare_batch(
+    /// One transaction of `apply_all`: `first`, then responses taken from `more` while the
+    /// transaction is under [`APPLY_GROUP_ENTRIES`], and the position they reach.
+    ///
+    /// A builder thread checks each response and turns it into statements; the writer here
+    /// executes them as they arrive and hands the builder the next response as soon as it
+    /// has finished the one before, so that neither waits on the other's tail.
+    async fn apply_group(
+        &self,
+        after: Seq,
+        first: PullResponse,
+        more: &mut (dyn Iterator<Item = PullResponse> + Send),
+    ) -> Result<Applied, ApplyError> {
+        let txn = self.begin_write().await?;
+        match self.apply_group_in(&txn, after, first, more).await {
+            Ok(applied) => {
+                txn.commit().await?;
+                Ok(applied)
+            }
+            Err(e) => {
+                // Dropping the transaction would roll it back too; this returns the
+                // connection sooner. Its own failure adds nothing to `e`.
+                if let Err(rollback) = txn.rollback().await {
+                    tracing::warn!(%rollback, "rollback after a failed apply failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn apply_group_in(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+        after: Seq,
+        first: PullResponse,
+        more: &mut (dyn Iterator<Item = PullResponse> + Send),
+    ) -> Result<Applied, ApplyError> {
+        let start = read_position(txn, self.id()).await?;
+        if start.seq != after {
+            return Err(ApplyError::PositionMoved {
+                expected: after,
+                found: start.seq,
+            });
+        }
+        let backend = txn.get_database_backend();
+        let (to_build, building) = std::sync::mpsc::channel::<Vec<PulledItem>>();
+        let (statements, mut ready) = tokio::sync::mpsc::channel(STATEMENTS_AHEAD);
+        let (built_one, mut built) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let mut taken = first.items.len();
+        // The builder stops when this sender is gone and it has built what it was given.
+        let mut to_build = Some(to_build);
+        if let Some(sender) = &to_build {
+            // Nothing can have failed yet: the builder is spawned below.
+            let _ = sender.send(first.items);
+        }
+        let preparing = tokio::task::spawn_blocking({
+            let this = self.clone();
+            move || this.build_responses(start, building, backend, statements, built_one)
+        });
+        let mut written: Result<(), ApplyError> = Ok(());
+        loop {
+            tokio::select! {
+                // The builder has finished the response it was given: hand it the next one
+                // first, so that it builds while the writer works through what is queued.
+                biased;
+                Some(()) = built.recv(), if to_build.is_some() => {
+                    match self.next_to_build(&mut taken, more) {
+                        Ok(Some(items)) => {
+                            if let Some(sender) = &to_build {
+                                // A builder that has gone has failed: its error comes below.
+                                let _ = sender.send(items);
+                            }
+                        }
+                        Ok(None) => to_build = None,
+                        Err(e) => {
+                            written = Err(e);
+                            break;
+                        }
+                    }
+                }
+                statement = ready.recv() => match statement {
+                    Some(statement) => {
+                        if let Err(e) = txn.execute_raw(statement).await {
+                            written = Err(e.into());
+                            break;
+                        }
+                    }
+                    // The builder has finished (or failed): everything it built ran.
+                    None => break,
+                },
+            }
+        }
+        // A builder still running stops at its next statement or response.
+        drop(ready);
+        drop(to_build);
+        let prepared = match preparing.await {
+            Ok(prepared) => prepared,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => return Err(ApplyError::Interrupted),
+        };
+        // Statements run in entry order: a failed one comes before any entry the builder
+        // could refuse after it.
+        written?;
+        let applied = prepared?;
+        write_position(txn, self.id(), applied.position).await?;
+        crate::library::save_clock_floor(txn, self.id(), &self.context.clock).await?;
+        Ok(applied)
+    }
+
+    /// The items of the next response a group takes from `more`, or `None` when the group
+    /// is full or `more` has nothing. Empty responses are passed over: the next one starts
+    /// where they do.
+    fn next_to_build(
+        &self,
+        taken: &mut usize,
+        more: &mut (dyn Iterator<Item = PullResponse> + Send),
+    ) -> Result<Option<Vec<PulledItem>>, ApplyError> {
+        while *taken < APPLY_GROUP_ENTRIES {
+            let Some(response) = more.next() else {
+                return Ok(None);
+            };
+            self.check_response(&response)?;
+            if !response.items.is_empty() {
+                *taken += response.items.len();
+                return Ok(Some(response.items));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The builder thread of `apply_group_in`: checks each response it is handed against
+    /// the position it must continue and turns it into statements, sent to the writer as
+    /// they are built, then reports the response built. Returns what the responses apply
+    /// once written.
+    fn build_responses(
         &self,
         start: Position,
-        items: &[PulledItem],
+        responses: std::sync::mpsc::Receiver<Vec<PulledItem>>,
         backend: sea_orm::DbBackend,
         statements: tokio::sync::mpsc::Sender<sea_orm::Statement>,
+        built: tokio::sync::mpsc::UnboundedSender<()>,
     ) -> Result<Applied, ApplyError> {
         let mut emit = |statement| statements.blocking_send(statement).is_ok();
-        let mut expected = start.seq.next();
-        let mut checksum = start.checksum;
-        let mut applied = Applied::default();
+        let mut applied = Applied {
+            position: start,
+            ..Applied::default()
+        };
+        while let Ok(items) = responses.recv() {
+            self.prepare_batch(&mut applied, items, backend, &mut emit)?;
+            if statements.is_closed() || built.send(()).is_err() {
+                // The writer has stopped: what is built no longer matters.
+                break;
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Checks one response's items against `applied.position` and turns them into
+    /// statements; `applied` then holds the position the response reaches.
+    fn prepare_batch(
+        &self,
+        applied: &mut Applied,
+        items: Vec<PulledItem>,
+        backend: sea_orm::DbBackend,
+        emit: &mut dyn FnMut(sea_orm::Statement) -> bool,
+    ) -> Result<(), ApplyError> {
+        let mut expected = applied.position.seq.next();
+        let mut checksum = applied.position.checksum;
         let mut run: Vec<&crate::LogEntry> = Vec::new();
-        for item in items {
+        for item in &items {
             match item {
                 PulledItem::Skipped {
                     through,
@@ -277,11 +440,8 @@ impl Library {
                     checksum = entry.checksum;
                     expected = expected.next();
                     applied.entries += 1;
-                    applied
-                        .records
-                        .push((entry.model.clone(), entry.record_id.clone()));
                     if run.first().is_some_and(|first| first.model != entry.model) {
-                        self.prepare_run(backend, &run, &mut emit)?;
+                        self.prepare_run(backend, &run, emit)?;
                         run.clear();
                     }
                     run.push(entry);
@@ -289,13 +449,21 @@ impl Library {
             }
         }
         if !run.is_empty() {
-            self.prepare_run(backend, &run, &mut emit)?;
+            self.prepare_run(backend, &run, emit)?;
         }
+        drop(run);
+        // The entries are done with: their names move into the listeners' list.
+        applied
+            .records
+            .extend(items.into_iter().filter_map(|item| match item {
+                PulledItem::Entry(entry) => Some((entry.model, entry.record_id)),
+                PulledItem::Skipped { .. } => None,
+            }));
         applied.position = Position {
             seq: Seq(expected.0 - 1),
             checksum,
         };
-        Ok(applied)
+        Ok(())
     }
 
     /// Refuses an entry this build cannot apply: an unknown model or another schema version.
@@ -372,11 +540,13 @@ impl Library {
         self.catch_up_with(transport, limit, |_, _| {}).await
     }
 
-    /// `catch_up`, calling `progress(applied, target)` after each batch.
+    /// `catch_up`, calling `progress(applied, target)` after each transaction.
     ///
-    /// The next batch is requested while the current one is applied (its start is known:
-    /// where the current one ends), so the leader's reading and the network overlap the
-    /// follower's writing. A batch that fails to apply discards the prefetched one.
+    /// Pulling runs ahead of applying (up to [`PULLS_AHEAD`] responses wait), so the
+    /// leader's reading and the network overlap the follower's writing; responses that
+    /// have arrived when a transaction starts share it (`apply_all`). A failed pull stops
+    /// the catch-up once what arrived before it is applied; a failed apply discards what
+    /// was pulled after it.
     pub async fn catch_up_with(
         &self,
         transport: &dyn Transport,
@@ -391,48 +561,67 @@ impl Library {
             request.limit = limit;
             request
         };
-        let mut after = self.position().await.map_err(ApplyError::from)?.seq;
-        let mut response = transport.pull(request(after)).await?;
-        let target = response.latest_seq;
-        let mut stalled = false;
-        loop {
-            let through = response.through(after);
-            let (applied, next) = if through < target && through > after {
-                let (applied, next) = tokio::join!(
-                    self.apply(after, response),
-                    transport.pull(request(through))
-                );
-                (applied?, Some(next))
-            } else {
-                (self.apply(after, response).await?, None)
-            };
-            progress(&applied, target);
-            let position = applied.position;
-            if position.seq >= target {
-                return Ok(position);
-            }
-            after = position.seq;
-            response = match next {
-                Some(next) => next?,
-                // Nothing new although the leader claims more: an entry may not be
-                // visible to its reader yet (MySQL), so ask once more. A leader that
-                // answers twice with nothing would otherwise keep this loop spinning.
-                None if !stalled => {
-                    stalled = true;
-                    transport.pull(request(after)).await?
-                }
-                None => {
-                    return Err(PullError::Stalled {
-                        position: position.seq,
-                        latest: target,
-                    }
-                    .into());
-                }
-            };
-            if response.through(after) > after {
-                stalled = false;
-            }
+        let start = self.position().await.map_err(ApplyError::from)?;
+        let first = transport.pull(request(start.seq)).await?;
+        let target = first.latest_seq;
+        if first.through(start.seq) == start.seq && target <= start.seq {
+            return Ok(start);
         }
+        let (arrived, mut to_apply) = tokio::sync::mpsc::channel::<PullResponse>(PULLS_AHEAD);
+        let pulling = async move {
+            let (mut from, mut response, mut stalled) = (start.seq, first, false);
+            loop {
+                let through = response.through(from);
+                if through > from {
+                    stalled = false;
+                    if arrived.send(response).await.is_err() || through >= target {
+                        // Done, or the applying side has stopped (its error decides).
+                        return Ok(());
+                    }
+                    from = through;
+                } else if stalled {
+                    // Nothing new twice although the leader claims more: an entry may not
+                    // be visible to its reader yet (MySQL) the first time, but a leader
+                    // answering nothing again would keep this loop spinning.
+                    return Err(PullError::Stalled {
+                        position: from,
+                        latest: target,
+                    });
+                } else {
+                    stalled = true;
+                }
+                response = transport.pull(request(from)).await?;
+            }
+        };
+        let applying = async move {
+            let mut position = start;
+            while let Some(response) = to_apply.recv().await {
+                let arrived_meanwhile = std::iter::from_fn(|| to_apply.try_recv().ok());
+                let applied = self
+                    .apply_all(
+                        position.seq,
+                        std::iter::once(response).chain(arrived_meanwhile),
+                    )
+                    .await?;
+                progress(&applied, target);
+                position = applied.position;
+                if position.seq >= target {
+                    break;
+                }
+            }
+            Ok::<_, ApplyError>(position)
+        };
+        let (pulled, applied) = tokio::join!(pulling, applying);
+        let position = applied?;
+        pulled?;
+        if position.seq < target {
+            return Err(PullError::Stalled {
+                position: position.seq,
+                latest: target,
+            }
+            .into());
+        }
+        Ok(position)
     }
 }
 

@@ -53,7 +53,7 @@ pub use commits::CommitWatcher;
 pub use entry::{ChainError, ChangeOp, LogEntry, verify_chain};
 pub use error::{LogError, OpenError};
 pub use follow_loop::{ChangesApplied, Follow, FollowConfig, FollowStatus};
-pub use follower::{Applied, ApplyError, Position, SyncError};
+pub use follower::{APPLY_GROUP_ENTRIES, Applied, ApplyError, PULLS_AHEAD, Position, SyncError};
 pub use hlc::{Hlc, HlcClock};
 pub use identity::{BadFingerprint, DeviceKey, KeyError, KeyFingerprint};
 pub use ids::{DeviceId, LibraryId, Seq};
@@ -74,6 +74,19 @@ pub use syncable::{FieldMerge, FieldSpec, MergeRule, Syncable};
 pub mod __private {
     pub use async_trait;
     pub use sea_orm;
+    pub use serde;
     pub use serde_json;
     pub use uuid;
+
+    pub use crate::syncable::decode_upsert_via_map;
+
+    /// `deserialize_with` for the derive's decoder: a field that must be present, also
+    /// when its type is an `Option` (which serde would otherwise fill with `None`).
+    pub fn required<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+    where
+        D: serde::Deserializer<'de>,
+        T: serde::Deserialize<'de>,
+    {
+        T::deserialize(deserializer)
+    }
 }

@@ -450,14 +450,7 @@ impl Library {
         F: for<'c> FnOnce(&'c DatabaseTransaction) -> TxnFuture<'c, T, E>,
         E: From<DbErr>,
     {
-        // SQLite: take the write lock at BEGIN. A deferred transaction that reads first and
-        // writes later fails with SQLITE_BUSY when another connection wrote in between;
-        // an immediate one waits its turn (busy_timeout) instead.
-        let options = TransactionOptions {
-            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-            ..TransactionOptions::default()
-        };
-        let txn = self.db.begin_with_options(options).await?;
+        let txn = self.begin_write().await?;
         let scope = CaptureScope::new(Arc::clone(&self.context), &txn, recording);
         let outcome = scope.run(work(&txn)).await;
         match outcome {
@@ -490,6 +483,20 @@ impl Library {
                 Err(e)
             }
         }
+    }
+
+    /// A transaction that will write. SQLite: it takes the write lock at BEGIN. A deferred
+    /// transaction that reads first and writes later fails with SQLITE_BUSY when another
+    /// connection wrote in between; an immediate one waits its turn (busy_timeout) instead.
+    ///
+    /// Writes through the hooks in it are refused (it has no capture scope): it is for
+    /// statements that bypass them, such as the follower's apply.
+    pub(crate) async fn begin_write(&self) -> Result<DatabaseTransaction, DbErr> {
+        let options = TransactionOptions {
+            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+            ..TransactionOptions::default()
+        };
+        self.db.begin_with_options(options).await
     }
 
     /// Records the current state of a record again, on purpose: an upsert of its synced

@@ -86,7 +86,73 @@ impl From<DbErr> for ApplyFailure {
     }
 }
 
-struct Typed<E>(std::marker::PhantomData<fn() -> E>);
+struct Typed<E> {
+    /// SQL texts of the apply statements built so far, by shape: built once by SeaORM,
+    /// reused with new values by every later statement of that shape.
+    shapes: Shapes,
+    model: std::marker::PhantomData<fn() -> E>,
+}
+
+impl<E> Typed<E> {
+    fn new() -> Typed<E> {
+        Typed {
+            shapes: Shapes::default(),
+            model: std::marker::PhantomData,
+        }
+    }
+}
+
+/// Shapes kept at most per model.
+const SHAPES_MAX: usize = 64;
+
+/// The SQL text of an apply statement by its shape: the backend, the row count and the
+/// columns its conflict clause updates.
+#[derive(Default)]
+struct Shapes(std::sync::Mutex<Vec<Shape>>);
+
+struct Shape {
+    backend: DbBackend,
+    rows: usize,
+    updates: Vec<String>,
+    sql: Arc<str>,
+}
+
+impl Shapes {
+    fn get(&self, backend: DbBackend, rows: usize, updates: &[&str]) -> Option<Arc<str>> {
+        let shapes = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        shapes
+            .iter()
+            .find(|s| {
+                s.backend == backend
+                    && s.rows == rows
+                    && s.updates
+                        .iter()
+                        .map(String::as_str)
+                        .eq(updates.iter().copied())
+            })
+            .map(|s| Arc::clone(&s.sql))
+    }
+
+    fn insert(&self, backend: DbBackend, rows: usize, updates: &[&str], sql: &str) {
+        let mut shapes = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if shapes.len() >= SHAPES_MAX {
+            // Field-level models can have many column sets; keep the cache bounded.
+            shapes.clear();
+        }
+        shapes.push(Shape {
+            backend,
+            rows,
+            updates: updates.iter().map(|u| (*u).to_owned()).collect(),
+            sql: Arc::from(sql),
+        });
+    }
+}
 
 impl<E> ModelOps for Typed<E>
 where
@@ -125,7 +191,7 @@ where
         entries: &[&LogEntry],
         emit: &mut dyn FnMut(Statement) -> bool,
     ) -> Result<(), (Seq, ApplyFailure)> {
-        prepare_entries::<E>(backend, entries, emit)
+        prepare_entries::<E>(backend, &self.shapes, entries, emit)
     }
     fn key_field(&self) -> &'static str {
         E::KEY_FIELD
@@ -208,6 +274,7 @@ fn apply_values_max(backend: DbBackend) -> usize {
 /// writer, which executes each statement as it arrives.
 fn prepare_entries<E>(
     backend: DbBackend,
+    shapes: &Shapes,
     entries: &[&LogEntry],
     emit: &mut dyn FnMut(Statement) -> bool,
 ) -> Result<(), (Seq, ApplyFailure)>
@@ -251,20 +318,16 @@ where
     // Statements of one shape (row count, columns to update) share their SQL text: SeaORM
     // builds the first, later ones only collect their rows' values, in the order SeaORM
     // binds them (row by row, each row's columns in `Column::iter()` order).
-    let mut shapes: Vec<(usize, Vec<String>, String)> = Vec::new();
-    let mut upsert = |rows: Vec<E::ActiveModel>, updates: &[&str]| {
+    let upsert = |rows: Vec<E::ActiveModel>, updates: &[&str]| {
         let every_column_set = |row: &E::ActiveModel| E::Column::iter().all(|c| !row.is_not_set(c));
         let reusable = rows.iter().all(every_column_set);
-        let shape = shapes.iter().find(|(n, u, _)| {
-            *n == rows.len() && u.iter().map(String::as_str).eq(updates.iter().copied())
-        });
-        match shape {
-            Some((_, _, sql)) if reusable => {
+        match shapes.get(backend, rows.len(), updates) {
+            Some(sql) if reusable => {
                 let values = rows
                     .into_iter()
                     .flat_map(row_values::<E>)
                     .collect::<Vec<_>>();
-                Statement::from_sql_and_values(backend, sql.clone(), values)
+                Statement::from_sql_and_values(backend, &*sql, values)
             }
             _ => {
                 #[cfg(debug_assertions)]
@@ -282,11 +345,7 @@ where
                     );
                 }
                 if reusable {
-                    shapes.push((
-                        rows_len,
-                        updates.iter().map(|u| (*u).to_owned()).collect(),
-                        statement.sql.clone(),
-                    ));
+                    shapes.insert(backend, rows_len, updates, &statement.sql);
                 }
                 statement
             }
@@ -320,14 +379,15 @@ where
                 continue;
             }
             ChangeOp::Upsert => {
-                let fields = upsert_fields::<E>(entry, &synced).map_err(fail)?;
-                let mut row = E::new_active(key);
-                E::apply_json(&mut row, &fields, None).map_err(|e| {
-                    fail(ApplyFailure::BadPayload(format!(
-                        "a field does not fit: {e}"
-                    )))
+                let data = entry.data.as_deref().ok_or_else(|| {
+                    fail(ApplyFailure::BadPayload("an upsert without data".into()))
                 })?;
-                row
+                E::decode_upsert(key, data).map_err(|e| {
+                    fail(ApplyFailure::BadPayload(format!(
+                        "its data does not fit this build's `{}`: {e}",
+                        E::SYNC_ID
+                    )))
+                })?
             }
         };
         // The columns this upsert writes over an existing row.
@@ -398,31 +458,6 @@ pub(crate) async fn apply_entries(
     Ok(())
 }
 
-/// The synced fields of an upsert, checked against this build's model.
-fn upsert_fields<E: Syncable>(
-    entry: &LogEntry,
-    synced: &[&'static str],
-) -> Result<serde_json::Map<String, serde_json::Value>, ApplyFailure> {
-    let text = entry
-        .data
-        .as_deref()
-        .ok_or_else(|| ApplyFailure::BadPayload("an upsert without data".into()))?;
-    let fields: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
-        .map_err(|e| ApplyFailure::BadPayload(format!("data is not a JSON object: {e}")))?;
-    if let Some(unknown) = fields.keys().find(|k| !synced.contains(&k.as_str())) {
-        return Err(ApplyFailure::BadPayload(format!(
-            "`{unknown}` is not a synced field of `{}` in this build",
-            E::SYNC_ID
-        )));
-    }
-    if let Some(missing) = synced.iter().find(|f| !fields.contains_key(**f)) {
-        return Err(ApplyFailure::BadPayload(format!(
-            "the entry lacks the synced field `{missing}`"
-        )));
-    }
-    Ok(fields)
-}
-
 async fn rows_of<E: Syncable, C: ConnectionTrait>(db: &C) -> Result<ModelRows, DbErr> {
     let mut rows = Vec::new();
     for model in E::find().all(db).await? {
@@ -476,8 +511,7 @@ impl Registry {
         if self.models.contains_key(E::SYNC_ID) {
             return Err(DuplicateSyncId(E::SYNC_ID));
         }
-        self.models
-            .insert(E::SYNC_ID, Arc::new(Typed::<E>(std::marker::PhantomData)));
+        self.models.insert(E::SYNC_ID, Arc::new(Typed::<E>::new()));
         Ok(self)
     }
 
@@ -509,11 +543,9 @@ impl Registry {
     /// With sync-core's own synced models (conflicts) added.
     pub(crate) fn with_internal_models(mut self) -> Registry {
         let conflict = <crate::tables::conflict::Entity as Syncable>::SYNC_ID;
-        self.models.entry(conflict).or_insert_with(|| {
-            Arc::new(Typed::<crate::tables::conflict::Entity>(
-                std::marker::PhantomData,
-            ))
-        });
+        self.models
+            .entry(conflict)
+            .or_insert_with(|| Arc::new(Typed::<crate::tables::conflict::Entity>::new()));
         self
     }
 

@@ -90,6 +90,19 @@ pub trait Syncable: EntityTrait {
         only: Option<&[String]>,
     ) -> Result<(), serde_json::Error>;
 
+    /// A new record with this key and the synced fields of an upsert's `data`: the JSON text
+    /// of an object that holds exactly the synced fields (a missing or an unknown field is
+    /// an error). Local fields start at their `Default`. The key in `data` is not read.
+    ///
+    /// The derive generates a decoder that reads `data` straight into the fields; this
+    /// default goes through a `serde_json::Map` and `apply_json`, to the same effect.
+    fn decode_upsert(
+        key: <Self::PrimaryKey as PrimaryKeyTrait>::ValueType,
+        data: &str,
+    ) -> Result<Self::ActiveModel, serde_json::Error> {
+        decode_upsert_via_map::<Self>(key, data)
+    }
+
     /// A new record with this key: every local field at its type's `Default`, every synced
     /// field unset (the caller applies them).
     fn new_active(key: <Self::PrimaryKey as PrimaryKeyTrait>::ValueType) -> Self::ActiveModel;
@@ -112,4 +125,29 @@ pub trait Syncable: EntityTrait {
             .map(|f| f.name)
             .collect()
     }
+}
+
+/// `Syncable::decode_upsert` by way of a `serde_json::Map`: the reference the derive's
+/// direct decoder is tested against.
+pub fn decode_upsert_via_map<E: Syncable>(
+    key: <E::PrimaryKey as PrimaryKeyTrait>::ValueType,
+    data: &str,
+) -> Result<E::ActiveModel, serde_json::Error> {
+    use serde::de::Error as _;
+    let fields: serde_json::Map<String, serde_json::Value> = serde_json::from_str(data)?;
+    let synced = E::synced_fields();
+    if let Some(unknown) = fields.keys().find(|k| !synced.contains(&k.as_str())) {
+        return Err(serde_json::Error::custom(format_args!(
+            "unknown field `{unknown}`: not a synced field of `{}` in this build",
+            E::SYNC_ID
+        )));
+    }
+    if let Some(missing) = synced.iter().find(|f| !fields.contains_key(**f)) {
+        return Err(serde_json::Error::custom(format_args!(
+            "missing field `{missing}`"
+        )));
+    }
+    let mut active = E::new_active(key);
+    E::apply_json(&mut active, &fields, None)?;
+    Ok(active)
 }

@@ -57,6 +57,29 @@ pub(crate) fn expand(model: &SyncModel) -> TokenStream {
             }
         }
     });
+    // The upsert decoder: a struct of the synced fields that serde fills straight from the
+    // entry's JSON text. `required` makes a missing field an error even for `Option`s, and
+    // unknown fields are refused, as the payload must hold exactly the synced fields.
+    let serde_path = quote!(#krate::__private::serde).to_string();
+    let required_path = quote!(#krate::__private::required).to_string();
+    let row_fields = synced.iter().map(|f| {
+        let ident = &f.ident;
+        let name = ident.to_string();
+        let ty = if f.primary_key {
+            quote!(#krate::__private::serde::de::IgnoredAny)
+        } else {
+            let ty = &f.ty;
+            quote!(#ty)
+        };
+        quote! {
+            #[serde(rename = #name, deserialize_with = #required_path)]
+            #ident: #ty,
+        }
+    });
+    let row_sets = synced.iter().filter(|f| !f.primary_key).map(|f| {
+        let ident = &f.ident;
+        quote!(active.#ident = #sea_orm::ActiveValue::Set(row.#ident);)
+    });
     let local_defaults = model.fields.iter().filter(|f| !f.synced).map(|f| {
         let ident = &f.ident;
         quote!(active.#ident = #sea_orm::ActiveValue::Set(::std::default::Default::default());)
@@ -161,6 +184,22 @@ pub(crate) fn expand(model: &SyncModel) -> TokenStream {
                 let _ = (&active, fields, only);
                 #(#apply_fields)*
                 ::std::result::Result::Ok(())
+            }
+
+            fn decode_upsert(
+                key: #key_ty,
+                data: &str,
+            ) -> ::std::result::Result<ActiveModel, #serde_json::Error> {
+                #[derive(#krate::__private::serde::Deserialize)]
+                #[serde(crate = #serde_path, deny_unknown_fields)]
+                #[allow(non_snake_case, dead_code)]
+                struct __SyncedFields {
+                    #(#row_fields)*
+                }
+                let row: __SyncedFields = #serde_json::from_str(data)?;
+                let mut active = <Self as #krate::Syncable>::new_active(key);
+                #(#row_sets)*
+                ::std::result::Result::Ok(active)
             }
 
             fn new_active(key: #key_ty) -> ActiveModel {

@@ -76,3 +76,101 @@ fn declarations_follow_the_attributes() {
         ["location", "tag", "user_metadata", "volume"]
     );
 }
+
+/// The derive's decoder reads an upsert's JSON text straight into the ActiveModel; the
+/// reference goes through a `serde_json::Map` and `apply_json`. For any object over the
+/// model's field names (and a stranger), with values of every JSON kind, both refuse it or
+/// both build the same record.
+mod decoder_agrees_with_the_map_path {
+    use super::*;
+    use proptest::prelude::*;
+    use sync_core::__private::decode_upsert_via_map;
+
+    fn value() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            (-1e6f64..1e6).prop_map(serde_json::Value::from),
+            "[a-z ]{0,6}".prop_map(serde_json::Value::from),
+            Just(serde_json::Value::from(uuid::Uuid::now_v7().to_string())),
+            proptest::collection::vec("[a-z]{1,3}", 0..3).prop_map(serde_json::Value::from),
+        ]
+    }
+
+    /// JSON objects over `E`'s field names plus `stranger`, each present or not; most cases
+    /// hold every synced field (so that decoding gets past the presence checks).
+    fn object<E: Syncable>() -> impl Strategy<Value = String> {
+        let names: Vec<&'static str> = E::FIELDS
+            .iter()
+            .map(|f| f.name)
+            .chain(["stranger"])
+            .collect();
+        let synced = E::synced_fields();
+        proptest::collection::vec((any::<u8>(), value()), names.len()).prop_map(move |picks| {
+            let mut map = serde_json::Map::new();
+            for (name, (pick, value)) in names.iter().zip(picks) {
+                let wanted = if synced.contains(name) {
+                    pick % 16 != 0
+                } else {
+                    pick % 16 == 0
+                };
+                if wanted {
+                    map.insert((*name).to_owned(), value);
+                }
+            }
+            serde_json::Value::Object(map).to_string()
+        })
+    }
+
+    fn agree<E: Syncable>(data: &str) -> Result<(), TestCaseError>
+    where
+        E::ActiveModel: PartialEq + std::fmt::Debug,
+        <E::PrimaryKey as sea_orm::PrimaryKeyTrait>::ValueType: From<uuid::Uuid>,
+    {
+        let key = uuid::Uuid::now_v7();
+        let direct = E::decode_upsert(key.into(), data);
+        let reference = decode_upsert_via_map::<E>(key.into(), data);
+        match (direct, reference) {
+            (Ok(direct), Ok(reference)) => prop_assert_eq!(direct, reference),
+            (Err(_), Err(_)) => {}
+            (direct, reference) => prop_assert!(
+                false,
+                "{data}: the decoder says {:?}, the reference {:?}",
+                direct.map(|_| "ok").map_err(|e| e.to_string()),
+                reference.map(|_| "ok").map_err(|e| e.to_string())
+            ),
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn tag(data in object::<tag::Entity>()) { agree::<tag::Entity>(&data)?; }
+
+        #[test]
+        fn volume(data in object::<volume::Entity>()) { agree::<volume::Entity>(&data)?; }
+
+        #[test]
+        fn user_metadata(data in object::<user_metadata::Entity>()) {
+            agree::<user_metadata::Entity>(&data)?;
+        }
+
+        #[test]
+        fn location(data in object::<location::Entity>()) { agree::<location::Entity>(&data)?; }
+    }
+
+    #[test]
+    fn a_missing_optional_field_is_refused() {
+        let data = r#"{"id":"x","name":"a"}"#;
+        let err =
+            tag::Entity::decode_upsert(uuid::Uuid::now_v7(), data).expect_err("color is missing");
+        assert!(err.to_string().contains("color"), "{err}");
+        let data = r#"{"id":"x","name":"a","color":null,"shade":1}"#;
+        let err =
+            tag::Entity::decode_upsert(uuid::Uuid::now_v7(), data).expect_err("shade is unknown");
+        assert!(err.to_string().contains("shade"), "{err}");
+        let data = r#"{"id":"x","name":"a","color":null}"#;
+        tag::Entity::decode_upsert(uuid::Uuid::now_v7(), data).expect("every synced field");
+    }
+}
