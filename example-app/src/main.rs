@@ -209,9 +209,9 @@ enum Bench {
         /// Entries per pull.
         #[arg(long, default_value_t = 1_000)]
         batch: u32,
-        /// Rounds of the follower-only apply and of `insert_many`, each on a fresh
-        /// database (medians are reported).
-        #[arg(long, default_value_t = 3)]
+        /// Rounds of the follower-only apply and of `insert_many`, alternating, each on a
+        /// fresh database (medians are reported).
+        #[arg(long, default_value_t = 5)]
         rounds: u32,
     },
     /// Capture's cost: synced against unsynced writes of the same load, each in a fresh
@@ -794,9 +794,35 @@ async fn bench_apply(count: u64, batch: u32, rounds: u32) -> Result<()> {
     let apply_seconds = started.elapsed().as_secs_f64();
     let rss_after_sync = peak_rss_kib();
 
-    // The same sync on fresh followers, one batch at a time, timing the leader's serving
-    // and the follower's apply apart: what the follower's side alone costs.
-    let (mut serve_seconds, mut apply_only_seconds) = (Vec::new(), Vec::new());
+    // The follower's side alone: the leader serves every batch first, then fresh
+    // followers apply them as they would arrive from a leader faster than they are
+    // (`apply_all`, as `catch_up` does with what has arrived).
+    let started = std::time::Instant::now();
+    let mut responses = Vec::new();
+    let mut after = Seq::ZERO;
+    while after.0 < count {
+        let mut request = sync_core::PullRequest::after(leader.id(), after);
+        request.limit = batch;
+        let response = leader.serve_pull(&request).await?;
+        let through = response.through(after);
+        if through == after {
+            bail!("the leader served nothing after seq {after}");
+        }
+        responses.push(response);
+        after = through;
+    }
+    let serve_seconds = started.elapsed().as_secs_f64();
+
+    // Against the practical limit: the same rows, insert_many in one transaction (chunks
+    // of 1,000 rows keep each statement under SQLite's bound-parameter limit). The two
+    // alternate, round by round, so that both see the machine in the same state; the
+    // ratio is the median of the rounds' ratios.
+    let rows = tag::Entity::find().all(leader.db()).await?;
+    let (mut apply_only_seconds, mut insert_many_seconds, mut ratios) =
+        (Vec::new(), Vec::new(), Vec::new());
+    // Every round's databases stay open until the end: closing one checkpoints its WAL,
+    // work that would land in the next round's timing.
+    let (mut followers, mut baselines) = (Vec::new(), Vec::new());
     for _ in 0..rounds.max(1) {
         let db = connect(&fresh_database("sqlite", dir.path()).await?).await?;
         Migrator::up(&db, None).await?;
@@ -809,38 +835,14 @@ async fn bench_apply(count: u64, batch: u32, rounds: u32) -> Result<()> {
             registry(),
         )
         .await?;
-        // The leader serves every batch first; the follower then applies them as they
-        // would arrive from a leader faster than it (`apply_all`, as `catch_up` does).
+        let batches = responses.clone();
         let started = std::time::Instant::now();
-        let mut responses = Vec::new();
-        let mut after = Seq::ZERO;
-        while after.0 < count {
-            let mut request = sync_core::PullRequest::after(leader.id(), after);
-            request.limit = batch;
-            let response = leader.serve_pull(&request).await?;
-            let through = response.through(after);
-            if through == after {
-                bail!("the leader served nothing after seq {after}");
-            }
-            responses.push(response);
-            after = through;
-        }
-        let serving = started.elapsed().as_secs_f64();
-        let started = std::time::Instant::now();
-        let applied = follower.apply_all(Seq::ZERO, responses).await?;
+        let applied = follower.apply_all(Seq::ZERO, batches).await?;
         let applying = started.elapsed().as_secs_f64();
         if applied.position.seq != after {
             bail!("applied up to {} of {after}", applied.position.seq);
         }
-        serve_seconds.push(serving);
-        apply_only_seconds.push(applying);
-    }
 
-    // The practical limit: the same rows, insert_many in one transaction (chunks of 1,000
-    // rows keep each statement under SQLite's bound-parameter limit).
-    let rows = tag::Entity::find().all(leader.db()).await?;
-    let mut insert_many_seconds = Vec::new();
-    for _ in 0..rounds.max(1) {
         let db = connect(&fresh_database("sqlite", dir.path()).await?).await?;
         Migrator::up(&db, None).await?;
         let started = std::time::Instant::now();
@@ -859,17 +861,20 @@ async fn bench_apply(count: u64, batch: u32, rounds: u32) -> Result<()> {
                 .await?;
         }
         txn.commit().await?;
-        insert_many_seconds.push(started.elapsed().as_secs_f64());
+        let inserting = started.elapsed().as_secs_f64();
+        followers.push(follower);
+        baselines.push(db);
+        apply_only_seconds.push(applying);
+        insert_many_seconds.push(inserting);
+        ratios.push(inserting / applying);
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (serve_seconds, apply_only_seconds, insert_many_seconds) = (
-        median(serve_seconds),
-        median(apply_only_seconds),
-        median(insert_many_seconds),
-    );
+    let apply_only_ratio = median(ratios);
+    let (apply_only_seconds, insert_many_seconds) =
+        (median(apply_only_seconds), median(insert_many_seconds));
     print_json(&serde_json::json!({
         "bench": "apply",
         "changes": count,
@@ -883,7 +888,7 @@ async fn bench_apply(count: u64, batch: u32, rounds: u32) -> Result<()> {
         "serve_seconds": serve_seconds,
         "apply_only_seconds": apply_only_seconds,
         "apply_only_changes_per_second": count as f64 / apply_only_seconds,
-        "apply_only_over_insert_many_throughput": insert_many_seconds / apply_only_seconds,
+        "apply_only_over_insert_many_throughput": apply_only_ratio,
         "peak_rss_kib_before_sync": rss_before_sync,
         "peak_rss_kib_after_sync": rss_after_sync,
     }))?;

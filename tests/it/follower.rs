@@ -361,6 +361,144 @@ async fn refusal_late_in_a_large_batch_applies_nothing() {
     f.finish().await;
 }
 
+/// `count` responses continuing one another from seq 1, of `sizes[i]` new tags each: clones
+/// of `template` (an upsert of a tag) with their own ids, chained.
+fn fabricated(template: &sync_core::LogEntry, sizes: &[usize]) -> Vec<PullResponse> {
+    let latest = Seq(sizes.iter().sum::<usize>() as u64);
+    let (mut seq, mut prev) = (0, 0);
+    sizes
+        .iter()
+        .map(|size| PullResponse {
+            protocol_version: PROTOCOL_VERSION,
+            library_id: template.library_id,
+            items: (0..*size)
+                .map(|_| {
+                    seq += 1;
+                    let id = Uuid::now_v7();
+                    let mut entry = template.clone();
+                    entry.seq = Seq(seq);
+                    entry.record_id = id.to_string();
+                    entry.data = Some(
+                        serde_json::json!({"id": id, "name": format!("tag {seq}"), "color": null})
+                            .to_string(),
+                    );
+                    entry.checksum = entry.chained_checksum(prev);
+                    prev = entry.checksum;
+                    PulledItem::Entry(entry)
+                })
+                .collect(),
+            latest_seq: latest,
+        })
+        .collect()
+}
+
+/// Gives the last entry of `response` a payload that does not fit, keeping the chain intact.
+fn spoil_last(response: &mut PullResponse) {
+    let prev = match response.items.iter().rev().nth(1) {
+        Some(PulledItem::Entry(entry)) => entry.checksum,
+        other => panic!("expected an entry, got {other:?}"),
+    };
+    let entry = last_entry(response);
+    entry.data = Some(r#"{"id":"x","name":"a"}"#.into());
+    entry.checksum = entry.chained_checksum(prev);
+}
+
+async fn tags_on(library: &Library) -> u64 {
+    use sea_orm::PaginatorTrait;
+    example_app::models::tag::Entity::find()
+        .count(library.db())
+        .await
+        .expect("count")
+}
+
+/// `apply_all`: consecutive responses share one transaction. An entry refused in the third
+/// takes the first two with it; a response that does not continue the one before is
+/// refused; intact, the three apply in one call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_applied_together_commit_together() {
+    let Some((f, follower, _dir, template)) =
+        refusal_setup("follower::responses_applied_together_commit_together").await
+    else {
+        return;
+    };
+    let template = match &template.items[0] {
+        PulledItem::Entry(entry) => entry.clone(),
+        other => panic!("expected an entry, got {other:?}"),
+    };
+    let intact = fabricated(&template, &[10, 10, 10]);
+
+    let mut spoilt = intact.clone();
+    spoil_last(&mut spoilt[2]);
+    let err = follower
+        .apply_all(Seq::ZERO, spoilt)
+        .await
+        .expect_err("entry 30 does not fit");
+    assert!(
+        matches!(err, ApplyError::BadPayload { seq, .. } if seq == Seq(30)),
+        "unexpected error: {err}"
+    );
+    assert_eq!(follower.position().await.expect("position").seq, Seq::ZERO);
+    assert_eq!(
+        tags_on(&follower).await,
+        0,
+        "the first two went with the third"
+    );
+
+    let err = follower
+        .apply_all(Seq::ZERO, [intact[0].clone(), intact[2].clone()])
+        .await
+        .expect_err("a gap");
+    assert!(
+        matches!(err, ApplyError::Chain(_)),
+        "unexpected error: {err}"
+    );
+    assert_eq!(tags_on(&follower).await, 0);
+
+    let applied = follower.apply_all(Seq::ZERO, intact).await.expect("apply");
+    assert_eq!(applied.position.seq, Seq(30));
+    assert_eq!(applied.entries, 30);
+    assert_eq!(applied.records.len(), 30);
+    assert_eq!(
+        follower.position().await.expect("position"),
+        applied.position
+    );
+    assert_eq!(tags_on(&follower).await, 30);
+    f.finish().await;
+}
+
+/// A transaction takes responses until it holds `APPLY_GROUP_ENTRIES`; a refusal in a later
+/// transaction keeps the earlier ones, and the position says how far they got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_keeps_the_transactions_before_it() {
+    let Some((f, follower, _dir, template)) =
+        refusal_setup("follower::a_refusal_keeps_the_transactions_before_it").await
+    else {
+        return;
+    };
+    let template = match &template.items[0] {
+        PulledItem::Entry(entry) => entry.clone(),
+        other => panic!("expected an entry, got {other:?}"),
+    };
+    let half = sync_core::APPLY_GROUP_ENTRIES / 2 + 1;
+    let mut responses = fabricated(&template, &[half, half, 10]);
+    spoil_last(&mut responses[2]);
+    let err = follower
+        .apply_all(Seq::ZERO, responses)
+        .await
+        .expect_err("the last entry does not fit");
+    assert!(
+        matches!(err, ApplyError::BadPayload { seq, .. } if seq.0 == 2 * half as u64 + 10),
+        "unexpected error: {err}"
+    );
+    let first_group = 2 * half as u64;
+    assert_eq!(
+        follower.position().await.expect("position").seq,
+        Seq(first_group)
+    );
+    assert_eq!(tags_on(&follower).await, first_group);
+    f.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_checksum_is_refused() {
     let Some((f, follower, _dir, mut response)) =
