@@ -563,6 +563,7 @@ impl Library {
         };
         let start = self.position().await.map_err(ApplyError::from)?;
         let first = transport.pull(request(start.seq)).await?;
+        self.check_response(&first)?;
         let target = first.latest_seq;
         if first.through(start.seq) == start.seq && target <= start.seq {
             return Ok(start);
@@ -583,14 +584,15 @@ impl Library {
                     // Nothing new twice although the leader claims more: an entry may not
                     // be visible to its reader yet (MySQL) the first time, but a leader
                     // answering nothing again would keep this loop spinning.
-                    return Err(PullError::Stalled {
+                    return Err(SyncError::from(PullError::Stalled {
                         position: from,
                         latest: target,
-                    });
+                    }));
                 } else {
                     stalled = true;
                 }
                 response = transport.pull(request(from)).await?;
+                self.check_response(&response)?;
             }
         };
         let applying = async move {
