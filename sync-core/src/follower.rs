@@ -203,7 +203,8 @@ impl Library {
         I: IntoIterator<Item = PullResponse>,
         I::IntoIter: Send,
     {
-        let mut responses = responses.into_iter();
+        // Fused: a source that said `None` once is not asked again.
+        let mut responses = responses.into_iter().fuse();
         let mut total = Applied::default();
         let mut position = None;
         while let Some(response) = responses.next() {
@@ -391,8 +392,9 @@ impl Library {
             position: start,
             ..Applied::default()
         };
+        let writer_gone = || statements.is_closed();
         while let Ok(items) = responses.recv() {
-            self.prepare_batch(&mut applied, items, backend, &mut emit)?;
+            self.prepare_batch(&mut applied, items, backend, &mut emit, &writer_gone)?;
             if statements.is_closed() || built.send(()).is_err() {
                 // The writer has stopped: what is built no longer matters.
                 break;
@@ -409,6 +411,7 @@ impl Library {
         items: Vec<PulledItem>,
         backend: sea_orm::DbBackend,
         emit: &mut dyn FnMut(sea_orm::Statement) -> bool,
+        writer_gone: &dyn Fn() -> bool,
     ) -> Result<(), ApplyError> {
         let mut expected = applied.position.seq.next();
         let mut checksum = applied.position.checksum;
@@ -419,7 +422,8 @@ impl Library {
                     through,
                     checksum: at,
                 } => {
-                    if *through < expected {
+                    // Seqs are stored as i64: a run past that is no continuation either.
+                    if *through < expected || through.0 > i64::MAX as u64 {
                         return Err(ChainError::Gap {
                             expected,
                             found: *through,
@@ -430,6 +434,11 @@ impl Library {
                     expected = through.next();
                 }
                 PulledItem::Entry(entry) => {
+                    if writer_gone() {
+                        // The writer has failed (its error is the one reported) or the
+                        // runtime is shutting down: nothing built now would run.
+                        return Err(ApplyError::Interrupted);
+                    }
                     crate::verify_chain(
                         Seq(expected.0 - 1),
                         checksum,
@@ -598,12 +607,10 @@ impl Library {
         let applying = async move {
             let mut position = start;
             while let Some(response) = to_apply.recv().await {
-                let arrived_meanwhile = std::iter::from_fn(|| to_apply.try_recv().ok());
+                // One transaction: this response and whatever has arrived meanwhile.
+                let mut arrived_meanwhile = std::iter::from_fn(|| to_apply.try_recv().ok());
                 let applied = self
-                    .apply_all(
-                        position.seq,
-                        std::iter::once(response).chain(arrived_meanwhile),
-                    )
+                    .apply_group(position.seq, response, &mut arrived_meanwhile)
                     .await?;
                 progress(&applied, target);
                 position = applied.position;
@@ -613,9 +620,25 @@ impl Library {
             }
             Ok::<_, ApplyError>(position)
         };
-        let (pulled, applied) = tokio::join!(pulling, applying);
-        let position = applied?;
-        pulled?;
+        let mut pulling = std::pin::pin!(pulling);
+        let mut applying = std::pin::pin!(applying);
+        let position = tokio::select! {
+            // A failed apply ends the catch-up at once, dropping a pull in flight.
+            applied = &mut applying => {
+                let position = applied?;
+                if position.seq < target {
+                    // The puller has stopped early: its error says why.
+                    pulling.await?;
+                }
+                position
+            }
+            pulled = &mut pulling => {
+                // What arrived before the puller stopped is applied first.
+                let position = applying.await?;
+                pulled?;
+                position
+            }
+        };
         if position.seq < target {
             return Err(PullError::Stalled {
                 position: position.seq,

@@ -95,7 +95,9 @@ pub trait Syncable: EntityTrait {
     /// an error). Local fields start at their `Default`. The key in `data` is not read.
     ///
     /// The derive generates a decoder that reads `data` straight into the fields; this
-    /// default goes through a `serde_json::Map` and `apply_json`, to the same effect.
+    /// default goes through a `serde_json::Map` and `apply_json`, to the same effect but
+    /// for one case: a field given twice, which the derive's decoder refuses and the `Map`
+    /// takes the last of (logs written by this library never hold one).
     fn decode_upsert(
         key: <Self::PrimaryKey as PrimaryKeyTrait>::ValueType,
         data: &str,

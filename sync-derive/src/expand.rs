@@ -196,6 +196,14 @@ pub(crate) fn expand(model: &SyncModel) -> TokenStream {
                 struct __SyncedFields {
                     #(#row_fields)*
                 }
+                // A struct would also take a JSON array, field by field: refuse it first.
+                if !data.trim_start_matches([' ', '\t', '\n', '\r']).starts_with('{') {
+                    return ::std::result::Result::Err(
+                        <#serde_json::Error as #krate::__private::serde::de::Error>::custom(
+                            "the data is not a JSON object",
+                        ),
+                    );
+                }
                 let row: __SyncedFields = #serde_json::from_str(data)?;
                 let mut active = <Self as #krate::Syncable>::new_active(key);
                 #(#row_sets)*

@@ -161,7 +161,7 @@ mod decoder_agrees_with_the_map_path {
     }
 
     #[test]
-    fn a_missing_optional_field_is_refused() {
+    fn what_the_decoder_refuses() {
         let data = r#"{"id":"x","name":"a"}"#;
         let err =
             tag::Entity::decode_upsert(uuid::Uuid::now_v7(), data).expect_err("color is missing");
@@ -170,7 +170,16 @@ mod decoder_agrees_with_the_map_path {
         let err =
             tag::Entity::decode_upsert(uuid::Uuid::now_v7(), data).expect_err("shade is unknown");
         assert!(err.to_string().contains("shade"), "{err}");
-        let data = r#"{"id":"x","name":"a","color":null}"#;
+        // A struct could be filled from an array, field by field: not from an entry.
+        let data = r#" ["x","a",null]"#;
+        tag::Entity::decode_upsert(uuid::Uuid::now_v7(), data).expect_err("not an object");
+        decode_upsert_via_map::<tag::Entity>(uuid::Uuid::now_v7(), data)
+            .expect_err("not an object either way");
+        // A field given twice: refused (the Map path would keep the last).
+        let data = r#"{"id":"x","name":"a","name":"b","color":null}"#;
+        let err = tag::Entity::decode_upsert(uuid::Uuid::now_v7(), data).expect_err("name twice");
+        assert!(err.to_string().contains("name"), "{err}");
+        let data = "\n {\"id\":\"x\",\"name\":\"a\",\"color\":null}";
         tag::Entity::decode_upsert(uuid::Uuid::now_v7(), data).expect("every synced field");
     }
 }
