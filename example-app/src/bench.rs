@@ -30,6 +30,22 @@ async fn follower_in(dir: &std::path::Path, leader: &Library, name: &str) -> Res
     net::join(&url, &token, Some(name)).await
 }
 
+/// A read-only follower of `leader` on the SQLite database at `url`, joined in process
+/// (no invitation): for benchmarks over the in-process transport.
+pub async fn in_process_follower(url: &str, leader: &Library) -> Result<Library> {
+    let db = connect(url).await?;
+    Migrator::up(&db, None).await?;
+    Ok(Library::join(
+        db,
+        leader.id(),
+        leader.device_id(),
+        "bench",
+        Access::Read,
+        registry(),
+    )
+    .await?)
+}
+
 /// Writes `count` tags, `per_txn` per transaction.
 pub async fn write_tags(library: &Library, count: u64, per_txn: u64) -> Result<()> {
     let mut written = 0;
@@ -122,17 +138,7 @@ pub async fn catchup(count: u64, batch: u32) -> Result<serde_json::Value> {
         "sqlite://{}?mode=rwc",
         dir.path().join("local.db").display()
     );
-    let local_db = connect(&local_url).await?;
-    Migrator::up(&local_db, None).await?;
-    let local_follower = Library::join(
-        local_db,
-        leader.id(),
-        leader.device_id(),
-        "bench",
-        Access::Read,
-        registry(),
-    )
-    .await?;
+    let local_follower = in_process_follower(&local_url, &leader).await?;
     let started = Instant::now();
     local_follower
         .catch_up(&InProcess::new(leader.clone()), batch)

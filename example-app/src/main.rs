@@ -747,6 +747,7 @@ fn peak_rss_kib() -> Option<u64> {
 }
 
 async fn bench_apply(count: u64, batch: u32, rounds: u32) -> Result<()> {
+    use example_app::bench::in_process_follower;
     use example_app::models::tag;
     use sea_orm::{ActiveModelTrait, EntityTrait, Set, TransactionTrait};
     let dir = tempfile_dir()?;
@@ -775,18 +776,8 @@ async fn bench_apply(count: u64, batch: u32, rounds: u32) -> Result<()> {
     }
     let rss_before_sync = peak_rss_kib();
 
-    let follower_url = fresh_database("sqlite", dir.path()).await?;
-    let follower_db = connect(&follower_url).await?;
-    Migrator::up(&follower_db, None).await?;
-    let follower = Library::join(
-        follower_db,
-        leader.id(),
-        leader.device_id(),
-        "bench",
-        Access::Read,
-        registry(),
-    )
-    .await?;
+    let follower =
+        in_process_follower(&fresh_database("sqlite", dir.path()).await?, &leader).await?;
     let started = std::time::Instant::now();
     follower
         .catch_up(&sync_core::InProcess::new(leader.clone()), batch)
@@ -824,17 +815,8 @@ async fn bench_apply(count: u64, batch: u32, rounds: u32) -> Result<()> {
     // work that would land in the next round's timing.
     let (mut followers, mut baselines) = (Vec::new(), Vec::new());
     for _ in 0..rounds.max(1) {
-        let db = connect(&fresh_database("sqlite", dir.path()).await?).await?;
-        Migrator::up(&db, None).await?;
-        let follower = Library::join(
-            db,
-            leader.id(),
-            leader.device_id(),
-            "bench",
-            Access::Read,
-            registry(),
-        )
-        .await?;
+        let follower =
+            in_process_follower(&fresh_database("sqlite", dir.path()).await?, &leader).await?;
         let batches = responses.clone();
         let started = std::time::Instant::now();
         let applied = follower.apply_all(Seq::ZERO, batches).await?;

@@ -361,7 +361,7 @@ async fn refusal_late_in_a_large_batch_applies_nothing() {
     f.finish().await;
 }
 
-/// `count` responses continuing one another from seq 1, of `sizes[i]` new tags each: clones
+/// Responses continuing one another from seq 1, of `sizes[i]` new tags each: clones
 /// of `template` (an upsert of a tag) with their own ids, chained.
 fn fabricated(template: &sync_core::LogEntry, sizes: &[usize]) -> Vec<PullResponse> {
     let latest = Seq(sizes.iter().sum::<usize>() as u64);
@@ -390,6 +390,13 @@ fn fabricated(template: &sync_core::LogEntry, sizes: &[usize]) -> Vec<PullRespon
             latest_seq: latest,
         })
         .collect()
+}
+
+fn first_entry(response: &PullResponse) -> sync_core::LogEntry {
+    match response.items.first() {
+        Some(PulledItem::Entry(entry)) => entry.clone(),
+        other => panic!("expected an entry, got {other:?}"),
+    }
 }
 
 /// Gives the last entry of `response` a payload that does not fit, keeping the chain intact.
@@ -421,10 +428,7 @@ async fn responses_applied_together_commit_together() {
     else {
         return;
     };
-    let template = match &template.items[0] {
-        PulledItem::Entry(entry) => entry.clone(),
-        other => panic!("expected an entry, got {other:?}"),
-    };
+    let template = first_entry(&template);
     let intact = fabricated(&template, &[10, 10, 10]);
 
     let mut spoilt = intact.clone();
@@ -475,10 +479,7 @@ async fn a_refusal_keeps_the_transactions_before_it() {
     else {
         return;
     };
-    let template = match &template.items[0] {
-        PulledItem::Entry(entry) => entry.clone(),
-        other => panic!("expected an entry, got {other:?}"),
-    };
+    let template = first_entry(&template);
     let half = sync_core::APPLY_GROUP_ENTRIES / 2 + 1;
     let mut responses = fabricated(&template, &[half, half, 10]);
     spoil_last(&mut responses[2]);
