@@ -19,6 +19,7 @@ use sea_orm_migration::prelude::*;
 mod m0001_sync_tables;
 mod m0002_invites_and_peers;
 mod m0003_outbox_and_conflicts;
+mod m0004_change_ids_rejected_parked;
 
 /// Every sync migration, oldest first.
 pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
@@ -26,6 +27,7 @@ pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(m0001_sync_tables::Migration),
         Box::new(m0002_invites_and_peers::Migration),
         Box::new(m0003_outbox_and_conflicts::Migration),
+        Box::new(m0004_change_ids_rejected_parked::Migration),
     ]
 }
 

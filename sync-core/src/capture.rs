@@ -192,6 +192,30 @@ pub(crate) fn record(change: CapturedChange) -> Result<(), DbErr> {
     Ok(())
 }
 
+/// Marks the current recorded scope's buffer, for `rollback_to` after a savepoint of the
+/// transaction is rolled back.
+pub(crate) fn savepoint() -> Result<usize, DbErr> {
+    let scope = SCOPE.try_with(Arc::clone).map_err(|_| {
+        DbErr::Custom("internal: a savepoint was taken outside a sync transaction".into())
+    })?;
+    let len = scope.buffer().changes.len();
+    Ok(len)
+}
+
+/// Forgets what the current scope recorded after `mark` (the writes were rolled back to a
+/// savepoint): a rolled-back write leaves no entry.
+pub(crate) fn rollback_to(mark: usize) -> Result<(), DbErr> {
+    let scope = SCOPE.try_with(Arc::clone).map_err(|_| {
+        DbErr::Custom("internal: a savepoint was rolled back outside a sync transaction".into())
+    })?;
+    let mut buffer = scope.buffer();
+    buffer.changes.truncate(mark);
+    // Saves and deletes under way at the savepoint's rollback never finished.
+    buffer.pending_saves.clear();
+    buffer.pending_deletes.clear();
+    Ok(())
+}
+
 fn synced_json<E: Syncable>(model: &E::Model) -> Result<String, DbErr> {
     let map = E::sync_json(model).map_err(|e| {
         DbErr::Json(format!(

@@ -43,3 +43,41 @@ pub enum LogError {
         reason: String,
     },
 }
+
+/// Whether a database error may pass on a retry of the same work: a lost or unavailable
+/// connection, a deadlock or serialization failure, a lock wait that timed out, a busy
+/// database. Anything else (a value the database refuses, a failed constraint) is about
+/// the data and fails again.
+pub(crate) fn is_transient(e: &DbErr) -> bool {
+    use sea_orm::RuntimeErr;
+    match e {
+        DbErr::Conn(_) | DbErr::ConnectionAcquire(_) => true,
+        DbErr::Exec(RuntimeErr::SqlxError(err)) | DbErr::Query(RuntimeErr::SqlxError(err)) => {
+            match err.as_ref() {
+                sea_orm::sqlx::Error::Database(db) => {
+                    let code = db.code();
+                    matches!(
+                        code.as_deref(),
+                        // PostgreSQL: serialization failure, deadlock, lock not available,
+                        // connection exceptions, admin shutdown.
+                        Some("40001" | "40P01" | "55P03" | "57P01" | "08000" | "08003" | "08006")
+                        // MySQL/MariaDB: deadlock, lock wait timeout (SQLSTATE of 1213
+                        // is 40001; 1205 is HY000, so the number is matched below).
+                        // SQLite: BUSY, LOCKED, BUSY_SNAPSHOT, BUSY_RECOVERY.
+                        | Some("5" | "6" | "261" | "517" | "262")
+                    ) || db
+                        .try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>()
+                        .is_some_and(|m| matches!(m.number(), 1205 | 1213))
+                }
+                sea_orm::sqlx::Error::Io(_)
+                | sea_orm::sqlx::Error::PoolTimedOut
+                | sea_orm::sqlx::Error::PoolClosed
+                | sea_orm::sqlx::Error::WorkerCrashed
+                | sea_orm::sqlx::Error::Protocol(_)
+                | sea_orm::sqlx::Error::Tls(_) => true,
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}

@@ -62,9 +62,9 @@ pub use members::{Access, Admission, Invite, InviteError, Member, MemberError};
 pub use protocol::{
     InProcess, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PUSH_BYTES_MAX,
     PUSH_CHANGES_MAX, PullError, PullRequest, PullResponse, PulledItem, PushError, PushRequest,
-    PushResponse, PushedChange, Transport,
+    PushResponse, PushedChange, RejectedChange, Transport,
 };
-pub use push::{Conflict, PushOutcome, Resolution, ResolveError};
+pub use push::{Conflict, PushOutcome, Rejected, Resolution, ResolveError};
 pub use registry::{DuplicateSyncId, ModelRows, Registry};
 pub use sync_derive::Syncable;
 pub use syncable::{FieldMerge, FieldSpec, MergeRule, Syncable};

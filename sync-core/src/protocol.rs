@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::{ChangeOp, DeviceId, Hlc, LibraryId, LogEntry, Seq};
 
 /// The protocol this build speaks. A peer speaking another version is refused, not misread.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Entries per pull response, whatever the follower asks for: bounds the leader's memory
 /// per request and the follower's per batch.
@@ -145,8 +145,12 @@ pub const PUSH_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// A follower's own change, from its outbox, as it asks the leader to sequence it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PushedChange {
-    /// The outbox id: grows with every write on the follower, never reused.
+    /// The outbox id: orders the device's changes within a push (ascending). A database
+    /// restored from a backup may use an id again, so it never identifies a change.
     pub id: u64,
+    /// The change's identity (UUID v7), made when it was written and kept through
+    /// restores and copies of the database: the leader takes each identity once.
+    pub change_id: uuid::Uuid,
     /// The model's sync id.
     pub model: String,
     /// The record's key, as text.
@@ -179,18 +183,38 @@ pub struct PushRequest {
     pub changes: Vec<PushedChange>,
 }
 
-/// The leader's acknowledgement: every change of this device up to `acked` is sequenced
-/// (or merged away) and may leave the outbox.
+/// The leader's acknowledgement: every change of the request is taken — sequenced, merged
+/// away, recognised as taken before, or rejected and set aside (listed in `rejected`) —
+/// and may leave the outbox.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PushResponse {
     /// The leader's `PROTOCOL_VERSION`.
     pub protocol_version: u32,
     /// The library.
     pub library_id: LibraryId,
-    /// The highest outbox id of this device the leader has taken, ever.
-    pub acked: u64,
+    /// Changes of the request taken now (not taken by an earlier push).
+    pub taken: u64,
+    /// Changes of the request the leader had taken before (a repeated push).
+    pub already_taken: u64,
+    /// Changes of the request the leader could not store: set aside, with the reason.
+    pub rejected: Vec<RejectedChange>,
     /// The leader's latest seq after taking them.
     pub latest_seq: Seq,
+}
+
+/// A pushed change the leader could not store (its database refused the value, a
+/// constraint failed, the payload does not fit its model). It is recorded on the leader and
+/// on its author; the record itself converges to the leader's state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedChange {
+    /// The change's identity.
+    pub change_id: uuid::Uuid,
+    /// Its model.
+    pub model: String,
+    /// Its record.
+    pub record_id: String,
+    /// Why the leader could not store it.
+    pub reason: String,
 }
 
 /// Why a push was refused or failed. Nothing of a refused push is sequenced.

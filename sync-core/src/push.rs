@@ -6,14 +6,22 @@
 //! as its base. `push_outbox` sends the oldest changes to the leader; the leader takes them
 //! in one transaction — merging each against what the follower had not seen (see
 //! `merge.rs`), writing the result to its own tables and appending it to the log, and
-//! recording the last outbox id it took — and acknowledges that id. Only then does the
-//! follower delete those outbox rows. A push repeated after a lost acknowledgement finds
-//! its ids at or below the recorded one, and the leader logs nothing twice.
+//! recording the identity of every change it took — and acknowledges the request. Only
+//! then does the follower delete those outbox rows. Each change carries an identity (UUID
+//! v7) made when it was written: a push repeated after a lost acknowledgement, or by a
+//! database restored from a backup or copied to another machine, is recognised change by
+//! change, and nothing is logged twice or mistaken for another change.
+//!
+//! A change the leader's database cannot store (a value its backend refuses, a
+//! constraint) is *rejected*: set aside with its reason on the leader and on its author,
+//! while the rest of the push goes on; the leader logs its current state of the record, so
+//! the author's copy converges to it.
 
 use sea_orm::ActiveValue::Set;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, DbErr,
     EntityTrait, IntoActiveModel, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    TransactionTrait,
 };
 use serde::Serialize;
 
@@ -23,9 +31,9 @@ use crate::library::{changed_text, draft_from_pending, entry_from_row};
 use crate::merge::{self, Concurrent, Fields, ModelRules, Pushed};
 use crate::protocol::{
     PROTOCOL_VERSION, PUSH_BYTES_MAX, PUSH_CHANGES_MAX, PushError, PushRequest, PushResponse,
-    PushedChange, Transport,
+    PushedChange, RejectedChange, Transport,
 };
-use crate::tables::{conflict, library, log, outbox, pending, pushed};
+use crate::tables::{conflict, library, log, outbox, pending, rejected, taken};
 use crate::{Access, Admission, ChangeOp, DeviceId, Hlc, Library, LogEntry, Role, Seq};
 
 /// What one `push_outbox` did.
@@ -33,6 +41,9 @@ use crate::{Access, Admission, ChangeOp, DeviceId, Hlc, Library, LogEntry, Role,
 pub struct PushOutcome {
     /// Outbox changes the leader acknowledged (and that left the outbox).
     pub acknowledged: u64,
+    /// Of those, changes the leader could not store: set aside, listed by
+    /// `Library::rejected`.
+    pub rejected: u64,
     /// The leader's latest seq after the last push.
     pub latest_seq: Seq,
 }
@@ -52,6 +63,27 @@ pub struct Conflict {
     pub remote: serde_json::Value,
     /// The device that wrote the value set aside.
     pub remote_device: String,
+}
+
+/// A change the leader could not store, as `Library::rejected` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Rejected {
+    /// The change's identity.
+    pub change_id: String,
+    /// The device that wrote it.
+    pub device_id: String,
+    /// Its model.
+    pub model: String,
+    /// Its record.
+    pub record_id: String,
+    /// `upsert` or `delete`.
+    pub op: String,
+    /// The synced fields it carried (JSON object text), for upserts.
+    pub data: Option<String>,
+    /// Why the leader could not store it.
+    pub reason: String,
+    /// When it was rejected (milliseconds since the Unix epoch, by this device's clock).
+    pub rejected_at_ms: i64,
 }
 
 /// How to settle a conflict.
@@ -136,6 +168,7 @@ impl Library {
                 hlc: Set(c.hlc.as_u64() as i64),
                 schema_version: Set(c.schema_version as i32),
                 base_seq: Set(base.0 as i64),
+                change_id: Set(Some(uuid::Uuid::now_v7().to_string())),
                 ..Default::default()
             });
         }
@@ -195,15 +228,17 @@ impl Library {
                     bytes += row.data.as_ref().map_or(0, String::len) + row.record_id.len() + 64;
                     first || bytes <= PUSH_BYTES_MAX
                 })
-                .map(pushed_change)
+                .map(|row| pushed_change(row, self.device_id()))
                 .collect::<Result<Vec<_>, _>>()?;
-            let sent_through = changes.last().map_or(0, |c| c.id);
+            let sent: Vec<i64> = changes.iter().map(|c| c.id as i64).collect();
+            let by_change: std::collections::HashMap<uuid::Uuid, &PushedChange> =
+                changes.iter().map(|c| (c.change_id, c)).collect();
             let response = transport
                 .push(PushRequest {
                     protocol_version: PROTOCOL_VERSION,
                     library_id: self.id(),
                     device_id: self.device_id(),
-                    changes,
+                    changes: changes.clone(),
                 })
                 .await?;
             if response.protocol_version != PROTOCOL_VERSION {
@@ -221,21 +256,70 @@ impl Library {
                 ))
                 .into());
             }
-            let removed = outbox::Entity::delete_many()
-                .filter(outbox::Column::LibraryId.eq(self.id().to_string()))
-                .filter(outbox::Column::Id.lte(response.acked.min(sent_through) as i64))
-                .exec(&self.db)
-                .await
-                .map_err(PushError::from)?;
-            outcome.acknowledged += removed.rows_affected;
-            outcome.latest_seq = response.latest_seq;
-            if response.acked < sent_through {
-                return Err(PushError::Transport(format!(
-                    "the leader acknowledged outbox id {} of {sent_through} sent; retrying later",
-                    response.acked
-                ))
-                .into());
+            // The whole request is taken: its rows leave the outbox, and the rejected ones
+            // are kept where the app can list them, in one transaction.
+            let mut rejected_rows = Vec::with_capacity(response.rejected.len());
+            for r in &response.rejected {
+                let Some(change) = by_change.get(&r.change_id) else {
+                    return Err(PushError::Transport(format!(
+                        "the leader rejected change {}, which this push did not carry",
+                        r.change_id
+                    ))
+                    .into());
+                };
+                tracing::warn!(
+                    library = %self.id(),
+                    change = %r.change_id,
+                    model = %r.model,
+                    record = %r.record_id,
+                    reason = %r.reason,
+                    "the leader rejected a change of this device; set aside (`Library::rejected`)"
+                );
+                rejected_rows.push(rejected::ActiveModel {
+                    change_id: Set(r.change_id.to_string()),
+                    library_id: Set(self.id().to_string()),
+                    device_id: Set(self.device_id().to_string()),
+                    model: Set(change.model.clone()),
+                    record_id: Set(change.record_id.clone()),
+                    op: Set(change.op.as_str().to_owned()),
+                    data: Set(change.data.clone()),
+                    reason: Set(r.reason.clone()),
+                    rejected_at_ms: Set(chrono::Utc::now().timestamp_millis()),
+                });
             }
+            let library_id = self.id().to_string();
+            let removed = self
+                .db
+                .transaction::<_, u64, DbErr>(move |txn| {
+                    Box::pin(async move {
+                        for row in rejected_rows {
+                            rejected::Entity::insert(row)
+                                .on_conflict(
+                                    sea_orm::sea_query::OnConflict::column(
+                                        rejected::Column::ChangeId,
+                                    )
+                                    .do_nothing()
+                                    .to_owned(),
+                                )
+                                .exec_without_returning(txn)
+                                .await?;
+                        }
+                        let removed = outbox::Entity::delete_many()
+                            .filter(outbox::Column::LibraryId.eq(library_id))
+                            .filter(outbox::Column::Id.is_in(sent))
+                            .exec(txn)
+                            .await?;
+                        Ok(removed.rows_affected)
+                    })
+                })
+                .await
+                .map_err(|e| match e {
+                    sea_orm::TransactionError::Connection(e)
+                    | sea_orm::TransactionError::Transaction(e) => PushError::from(e),
+                })?;
+            outcome.acknowledged += removed;
+            outcome.rejected += response.rejected.len() as u64;
+            outcome.latest_seq = response.latest_seq;
         }
     }
 
@@ -276,24 +360,51 @@ impl Library {
                 reason: "outbox ids must ascend within a push".into(),
             });
         }
+        for change in &request.changes {
+            // A change this leader's app cannot read is not rejected (nothing is wrong with
+            // it): the push waits until the older app is updated.
+            self.check_pushed_model(change)?;
+        }
         let this = self.clone();
         let request = request.clone();
-        let acked = self
+        let taken = self
             .transaction(move |txn| Box::pin(async move { this.take_push(txn, &request).await }))
             .await?;
         Ok(PushResponse {
             protocol_version: PROTOCOL_VERSION,
             library_id: self.id(),
-            acked,
+            taken: taken.taken,
+            already_taken: taken.already_taken,
+            rejected: taken.rejected,
             latest_seq: self.latest_seq().await?,
         })
+    }
+
+    /// Refuses a change of a model this build does not know or of another schema version.
+    fn check_pushed_model(&self, change: &PushedChange) -> Result<(), PushError> {
+        let bad = |reason: String| PushError::BadChange {
+            id: change.id,
+            model: change.model.clone(),
+            reason,
+        };
+        let ops = self.registry.get(&change.model).ok_or_else(|| {
+            bad("the leader's app does not know this model: update the leader's app".into())
+        })?;
+        if change.schema_version != ops.schema_version() {
+            return Err(bad(format!(
+                "schema version {} on the follower, {} on the leader: update the older app",
+                change.schema_version,
+                ops.schema_version()
+            )));
+        }
+        Ok(())
     }
 
     async fn take_push(
         &self,
         txn: &DatabaseTransaction,
         request: &PushRequest,
-    ) -> Result<u64, PushError> {
+    ) -> Result<Taken, PushError> {
         if txn.get_database_backend() == DbBackend::Postgres {
             // Pushes take turns on PostgreSQL: two devices creating one id must see each
             // other's entry, and a record that does not exist yet has no row to lock. (MySQL
@@ -305,32 +416,168 @@ impl Library {
                 .one(txn)
                 .await?;
         }
-        let key = (self.id().to_string(), request.device_id.to_string());
-        let mark = pushed::Entity::find_by_id(key.clone())
-            .lock_exclusive()
-            .one(txn)
-            .await?;
-        let mut through = mark.as_ref().map_or(0, |m| m.through as u64);
+        let mut outcome = Taken::default();
         for change in &request.changes {
-            if change.id <= through {
-                // Taken by an earlier push whose acknowledgement was lost.
+            let key = change.change_id.to_string();
+            if taken::Entity::find_by_id(key.clone())
+                .lock_exclusive()
+                .one(txn)
+                .await?
+                .is_some()
+            {
+                // Taken by an earlier push: its acknowledgement was lost, or this
+                // device's database was restored from a backup or copied.
+                outcome.already_taken += 1;
                 continue;
             }
-            self.take_change(txn, request.device_id, change).await?;
-            through = change.id;
-        }
-        let row = pushed::ActiveModel {
-            library_id: Set(key.0),
-            device_id: Set(key.1),
-            through: Set(through as i64),
-        };
-        if mark.is_some() {
-            row.update(txn).await?;
-        } else {
-            row.insert(txn).await?;
+            // Each change in a savepoint of its own: one the database refuses is undone
+            // alone, and the rest of the push goes on.
+            txn.execute_unprepared("SAVEPOINT sync_take_change").await?;
+            let mark = capture::savepoint()?;
+            match self.take_change(txn, request.device_id, change).await {
+                Ok(()) => {
+                    txn.execute_unprepared("RELEASE SAVEPOINT sync_take_change")
+                        .await?;
+                    outcome.taken += 1;
+                }
+                Err(e) => {
+                    let Some(reason) = rejection_reason(&e) else {
+                        // Not the change's fault (a lost connection, a deadlock): the
+                        // whole push fails and is retried.
+                        return Err(e);
+                    };
+                    txn.execute_unprepared("ROLLBACK TO SAVEPOINT sync_take_change")
+                        .await?;
+                    capture::rollback_to(mark)?;
+                    self.reject(txn, request.device_id, change, &reason).await?;
+                    outcome.rejected.push(RejectedChange {
+                        change_id: change.change_id,
+                        model: change.model.clone(),
+                        record_id: change.record_id.clone(),
+                        reason,
+                    });
+                }
+            }
+            taken::Entity::insert(taken::ActiveModel {
+                change_id: Set(key),
+                library_id: Set(self.id().to_string()),
+                device_id: Set(request.device_id.to_string()),
+                taken_at_ms: Set(chrono::Utc::now().timestamp_millis()),
+            })
+            .exec_without_returning(txn)
+            .await?;
         }
         crate::library::save_clock_floor(txn, self.id(), &self.context.clock).await?;
-        Ok(through)
+        Ok(outcome)
+    }
+
+    /// Sets a change aside: records it with its reason, and logs the leader's current
+    /// state of its record in the author's name, so that the author's copy (which holds the
+    /// rejected value) converges to it.
+    async fn reject(
+        &self,
+        txn: &DatabaseTransaction,
+        device: DeviceId,
+        change: &PushedChange,
+        reason: &str,
+    ) -> Result<(), PushError> {
+        tracing::warn!(
+            library = %self.id(),
+            %device,
+            change = %change.change_id,
+            model = %change.model,
+            record = %change.record_id,
+            %reason,
+            "a pushed change was rejected and set aside"
+        );
+        rejected::Entity::insert(rejected::ActiveModel {
+            change_id: Set(change.change_id.to_string()),
+            library_id: Set(self.id().to_string()),
+            device_id: Set(device.to_string()),
+            model: Set(change.model.clone()),
+            record_id: Set(change.record_id.clone()),
+            op: Set(change.op.as_str().to_owned()),
+            data: Set(change.data.clone()),
+            reason: Set(reason.to_owned()),
+            rejected_at_ms: Set(chrono::Utc::now().timestamp_millis()),
+        })
+        .exec_without_returning(txn)
+        .await?;
+        let Some(ops) = self.registry.get(&change.model).cloned() else {
+            return Ok(());
+        };
+        let current = ops.current(txn, &change.record_id).await?;
+        let (op, data, changed) = match current {
+            Some(fields) => (
+                ChangeOp::Upsert,
+                Some(serde_json::to_string(&fields).map_err(|e| {
+                    PushError::Db(DbErr::Json(format!(
+                        "cannot serialise `{}` {}: {e}",
+                        change.model, change.record_id
+                    )))
+                })?),
+                ops.fields()
+                    .iter()
+                    .filter(|f| f.synced)
+                    .map(|f| f.name)
+                    .collect(),
+            ),
+            None => (ChangeOp::Delete, None, Vec::new()),
+        };
+        capture::record(CapturedChange {
+            model: ops.sync_id(),
+            record_id: change.record_id.clone(),
+            op,
+            data,
+            changed,
+            hlc: change.hlc.min(crate::hlc::drift_limit()),
+            schema_version: ops.schema_version(),
+            author: Some(device),
+        })?;
+        Ok(())
+    }
+
+    /// The changes set aside because the leader could not store them: on the leader every
+    /// device's, on a follower its own. Oldest first.
+    pub async fn rejected(&self) -> Result<Vec<Rejected>, DbErr> {
+        let rows = rejected::Entity::find()
+            .filter(rejected::Column::LibraryId.eq(self.id().to_string()))
+            .order_by_asc(rejected::Column::RejectedAtMs)
+            .order_by_asc(rejected::Column::ChangeId)
+            .all(&self.db)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Rejected {
+                change_id: r.change_id,
+                device_id: r.device_id,
+                model: r.model,
+                record_id: r.record_id,
+                op: r.op,
+                data: r.data,
+                reason: r.reason,
+                rejected_at_ms: r.rejected_at_ms,
+            })
+            .collect())
+    }
+
+    /// Rejected changes, counted.
+    pub async fn rejected_count(&self) -> Result<u64, DbErr> {
+        rejected::Entity::find()
+            .filter(rejected::Column::LibraryId.eq(self.id().to_string()))
+            .count(&self.db)
+            .await
+    }
+
+    /// Forgets a rejected change once a person has dealt with it (re-entered the value in
+    /// a form the leader accepts, say). Returns whether it was listed.
+    pub async fn dismiss_rejected(&self, change_id: &str) -> Result<bool, DbErr> {
+        let result = rejected::Entity::delete_many()
+            .filter(rejected::Column::LibraryId.eq(self.id().to_string()))
+            .filter(rejected::Column::ChangeId.eq(change_id))
+            .exec(&self.db)
+            .await?;
+        Ok(result.rows_affected > 0)
     }
 
     async fn take_change(
@@ -347,13 +594,6 @@ impl Library {
         let ops = self.registry.get(&change.model).cloned().ok_or_else(|| {
             bad("the leader's app does not know this model: update the leader's app".into())
         })?;
-        if change.schema_version != ops.schema_version() {
-            return Err(bad(format!(
-                "schema version {} on the follower, {} on the leader: update the older app",
-                change.schema_version,
-                ops.schema_version()
-            )));
-        }
         let data: Option<Fields> = match (&change.op, &change.data) {
             (ChangeOp::Upsert, Some(text)) => Some(
                 serde_json::from_str(text)
@@ -606,15 +846,48 @@ fn concurrent(entry: &LogEntry) -> Concurrent {
     }
 }
 
-fn pushed_change(row: outbox::Model) -> Result<PushedChange, PushError> {
+/// What `take_push` did with a request's changes.
+#[derive(Default)]
+struct Taken {
+    taken: u64,
+    already_taken: u64,
+    rejected: Vec<RejectedChange>,
+}
+
+/// The reason to set a change aside, for an error that is the change's own fault: its
+/// payload, or a database refusing its values or constraints. `None` for what may pass on
+/// a retry (a lost connection, a deadlock, a lock timeout, a busy database).
+fn rejection_reason(e: &PushError) -> Option<String> {
+    match e {
+        PushError::BadChange { reason, .. } => Some(reason.clone()),
+        PushError::Db(db) if !crate::error::is_transient(db) => Some(db.to_string()),
+        _ => None,
+    }
+}
+
+/// The identity of an outbox row written by a build that made none: derived from the
+/// device and the outbox id, so that every push of that row carries the same one.
+fn legacy_change_id(device: DeviceId, outbox_id: i64) -> uuid::Uuid {
+    let digest = blake3::hash(format!("{device}/{outbox_id}").as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest.as_bytes()[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+fn pushed_change(row: outbox::Model, device: DeviceId) -> Result<PushedChange, PushError> {
     let corrupt = |what: &str| {
         PushError::Db(DbErr::Custom(format!(
             "outbox row {} holds a bad {what}",
             row.id
         )))
     };
+    let change_id = match &row.change_id {
+        Some(text) => text.parse().map_err(|_| corrupt("change id"))?,
+        None => legacy_change_id(device, row.id),
+    };
     Ok(PushedChange {
         id: row.id as u64,
+        change_id,
         op: ChangeOp::parse(&row.op).ok_or_else(|| corrupt("op"))?,
         changed: serde_json::from_str(&row.changed).map_err(|_| corrupt("changed list"))?,
         hlc: Hlc::from_u64(row.hlc as u64),

@@ -203,26 +203,8 @@ pub mod outbox {
         pub hlc: i64,
         pub schema_version: i32,
         pub base_seq: i64,
-    }
-
-    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
-    pub enum Relation {}
-
-    impl ActiveModelBehavior for ActiveModel {}
-}
-
-pub mod pushed {
-    use sea_orm::entity::prelude::*;
-
-    /// On the leader: the last outbox id of a device that it has taken.
-    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
-    #[sea_orm(table_name = "sync_pushed")]
-    pub struct Model {
-        #[sea_orm(primary_key, auto_increment = false)]
-        pub library_id: String,
-        #[sea_orm(primary_key, auto_increment = false)]
-        pub device_id: String,
-        pub through: i64,
+        /// The change's identity (UUID v7); `None` in rows written by an earlier build.
+        pub change_id: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -268,4 +250,78 @@ pub mod conflict {
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
     pub enum Relation {}
+}
+
+pub mod taken {
+    use sea_orm::entity::prelude::*;
+
+    /// On the leader: a pushed change it has taken, by identity.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_taken")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub change_id: String,
+        pub library_id: String,
+        pub device_id: String,
+        pub taken_at_ms: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod rejected {
+    use sea_orm::entity::prelude::*;
+
+    /// A pushed change the leader could not store, set aside with its reason.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_rejected")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub change_id: String,
+        pub library_id: String,
+        pub device_id: String,
+        pub model: String,
+        pub record_id: String,
+        pub op: String,
+        #[sea_orm(column_type = "Text", nullable)]
+        pub data: Option<String>,
+        #[sea_orm(column_type = "Text")]
+        pub reason: String,
+        pub rejected_at_ms: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod parked {
+    use sea_orm::entity::prelude::*;
+
+    /// On a follower: a pulled entry set aside by an operator, or waiting behind one of the
+    /// same record. `entry` (the `LogEntry` as JSON) is `None` until the seq arrives.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_parked")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub library_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub seq: i64,
+        pub model: Option<String>,
+        pub record_id: Option<String>,
+        #[sea_orm(column_type = "Text", nullable)]
+        pub entry: Option<String>,
+        #[sea_orm(column_type = "Text")]
+        pub reason: String,
+        pub parked_at_ms: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
 }

@@ -15,7 +15,12 @@ use sync_core::{
 use crate::support::{Backend, fixture};
 
 /// A follower on its own SQLite file, admitted by `leader` with `access`.
-async fn member(leader: &Library, dir: &std::path::Path, name: &str, access: Access) -> Library {
+pub(crate) async fn member(
+    leader: &Library,
+    dir: &std::path::Path,
+    name: &str,
+    access: Access,
+) -> Library {
     let url = format!(
         "sqlite://{}?mode=rwc",
         dir.join(format!("{name}.db")).display()
@@ -44,26 +49,26 @@ async fn member(leader: &Library, dir: &std::path::Path, name: &str, access: Acc
 }
 
 /// One sync round of `device`: push its outbox, then pull until caught up.
-async fn sync(device: &Library, leader: &Library) {
+pub(crate) async fn sync(device: &Library, leader: &Library) {
     let transport = InProcess::new(leader.clone());
     device.push_outbox(&transport).await.expect("push");
     device.catch_up(&transport, 1_000).await.expect("pull");
 }
 
-async fn put(library: &Library, model: &str, value: Value) -> Value {
+pub(crate) async fn put(library: &Library, model: &str, value: Value) -> Value {
     ops::put(library, model, &value.to_string())
         .await
         .expect("put")
 }
 
-async fn get(library: &Library, model: &str, id: &str) -> Option<Value> {
+pub(crate) async fn get(library: &Library, model: &str, id: &str) -> Option<Value> {
     ops::get(library, model, id).await.expect("get")
 }
 
 /// Waits until the wall clock has moved to the next millisecond, so that the next write's
 /// HLC is greater than every earlier write's on any device (HLCs order by milliseconds,
 /// then by a per-device counter: two devices' writes in one millisecond tie).
-async fn tick() {
+pub(crate) async fn tick() {
     let start = chrono::Utc::now().timestamp_millis();
     let deadline = std::time::Instant::now() + Duration::from_secs(1);
     while chrono::Utc::now().timestamp_millis() <= start {
@@ -75,12 +80,12 @@ async fn tick() {
     }
 }
 
-fn id_of(record: &Value) -> String {
+pub(crate) fn id_of(record: &Value) -> String {
     record["id"].as_str().expect("an id").to_owned()
 }
 
 /// Every device holds the same synced data, and nothing waits in an outbox.
-async fn assert_converged(devices: &[&Library]) {
+pub(crate) async fn assert_converged(devices: &[&Library]) {
     let first = devices[0].dump().await.expect("dump");
     for device in &devices[1..] {
         assert_eq!(device.dump().await.expect("dump"), first, "devices differ");
@@ -89,7 +94,7 @@ async fn assert_converged(devices: &[&Library]) {
 }
 
 /// Entries of one record in the leader's log.
-async fn entries_of(leader: &Library, record_id: &str) -> Vec<sync_core::LogEntry> {
+pub(crate) async fn entries_of(leader: &Library, record_id: &str) -> Vec<sync_core::LogEntry> {
     leader
         .read_log(sync_core::Seq::ZERO, 100_000)
         .await
@@ -100,11 +105,11 @@ async fn entries_of(leader: &Library, record_id: &str) -> Vec<sync_core::LogEntr
 }
 
 /// A leader and two write-role followers, synced with a few shared records.
-struct Three {
-    leader: crate::support::Fixture,
-    a: Library,
-    b: Library,
-    _dir: tempfile::TempDir,
+pub(crate) struct Three {
+    pub(crate) leader: crate::support::Fixture,
+    pub(crate) a: Library,
+    pub(crate) b: Library,
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Three {
@@ -130,17 +135,12 @@ impl Three {
     }
 }
 
-async fn three(backend: Backend, test: &str) -> Option<Three> {
+pub(crate) async fn three(backend: Backend, test: &str) -> Option<Three> {
     let leader = fixture(backend, test).await?;
     let dir = tempfile::tempdir().expect("dir");
     let a = member(&leader.library, dir.path(), "a", Access::Write).await;
     let b = member(&leader.library, dir.path(), "b", Access::Write).await;
-    Some(Three {
-        leader,
-        a,
-        b,
-        _dir: dir,
-    })
+    Some(Three { leader, a, b, dir })
 }
 
 /// Offline edits on both followers and the leader — to the same records and to different
@@ -1047,6 +1047,7 @@ async fn a_restarted_follower_writes_after_what_it_pulled() {
             device_id: t.b.device_id(),
             changes: vec![sync_core::PushedChange {
                 id: 1,
+                change_id: uuid::Uuid::now_v7(),
                 model: "tag".into(),
                 record_id: id.clone(),
                 op: sync_core::ChangeOp::Upsert,
@@ -1059,7 +1060,7 @@ async fn a_restarted_follower_writes_after_what_it_pulled() {
         })
         .await
         .expect("push");
-    assert_eq!(pushed.acked, 1);
+    assert_eq!((pushed.taken, pushed.rejected.len()), (1, 0));
     sync(&t.a, leader).await;
     // Restart a: a new handle on the same database.
     let a = Library::open(t.a.db().clone(), leader.id(), registry())
