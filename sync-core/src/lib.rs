@@ -62,7 +62,7 @@ pub use members::{Access, Admission, Invite, InviteError, Member, MemberError};
 pub use protocol::{
     InProcess, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PUSH_BYTES_MAX,
     PUSH_CHANGES_MAX, PullError, PullRequest, PullResponse, PulledItem, PushError, PushRequest,
-    PushResponse, PushedChange, RejectedChange, Transport,
+    PushResponse, PushedChange, RECORD_BYTES_MAX, RejectedChange, Transport,
 };
 pub use push::{Conflict, PushOutcome, Rejected, Resolution, ResolveError};
 pub use registry::{DuplicateSyncId, ModelRows, Registry};

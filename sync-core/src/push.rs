@@ -594,6 +594,16 @@ impl Library {
         let ops = self.registry.get(&change.model).cloned().ok_or_else(|| {
             bad("the leader's app does not know this model: update the leader's app".into())
         })?;
+        if let Some(text) = &change.data
+            && text.len() > crate::RECORD_BYTES_MAX
+        {
+            return Err(bad(format!(
+                "{} bytes of synced data; a record may hold at most {} \
+                 (`sync_core::RECORD_BYTES_MAX`)",
+                text.len(),
+                crate::RECORD_BYTES_MAX
+            )));
+        }
         let data: Option<Fields> = match (&change.op, &change.data) {
             (ChangeOp::Upsert, Some(text)) => Some(
                 serde_json::from_str(text)

@@ -586,7 +586,59 @@ async fn two_handles_on_one_database_interleave(f: Fixture) -> Fixture {
     f
 }
 
+/// Values some backend cannot store, and records too large to serve, are refused when
+/// they are written: nothing of the transaction commits, and the error says what to do.
+async fn values_other_backends_refuse_are_refused_when_written(f: Fixture) -> Fixture {
+    let attempt = |volume: volume::ActiveModel| {
+        let library = f.library.clone();
+        async move {
+            library
+                .transaction(|txn| Box::pin(async move { volume.insert(txn).await }))
+                .await
+                .expect_err("refused")
+                .to_string()
+        }
+    };
+    let mut nul = new_volume(Uuid::now_v7());
+    nul.name = Set("Disk\0one".into());
+    let error = attempt(nul).await;
+    assert!(error.contains("NUL") && error.contains("`name`"), "{error}");
+
+    let mut long = new_volume(Uuid::now_v7());
+    long.color = Set(Some("c".repeat(33)));
+    let error = attempt(long).await;
+    assert!(
+        error.contains("33 characters") && error.contains("at most 32"),
+        "{error}"
+    );
+
+    let mut huge = new_volume(Uuid::now_v7());
+    huge.display_name = Set(Some("x".repeat(sync_core::RECORD_BYTES_MAX)));
+    let error = attempt(huge).await;
+    assert!(error.contains("RECORD_BYTES_MAX"), "{error}");
+
+    // Local fields stay on the device: no other backend sees them.
+    let mut local = new_volume(Uuid::now_v7());
+    local.mount_point = Set("/mnt/\0odd".into());
+    if f.url.starts_with("sqlite") {
+        f.library
+            .transaction(|txn| Box::pin(async move { local.insert(txn).await }))
+            .await
+            .expect("a local field is not checked");
+    }
+    let rows = volume::Entity::find()
+        .filter(volume::Column::Name.ne("Disk"))
+        .all(f.library.db())
+        .await
+        .expect("rows");
+    assert!(rows.is_empty(), "nothing refused was written: {rows:?}");
+    let logged = whole_log(&f).await.len();
+    assert_eq!(logged, usize::from(f.url.starts_with("sqlite")));
+    f
+}
+
 crate::on_every_backend!(
+    values_other_backends_refuse_are_refused_when_written,
     two_handles_on_one_database_interleave,
     insert_update_delete_each_leave_one_entry,
     local_fields_never_reach_the_log,

@@ -23,6 +23,8 @@ pub struct Model {
     pub total_capacity: i64,
     pub is_tracked: bool,
     pub display_name: Option<String>,
+    /// Declared with its length: the library refuses a longer value when it is written.
+    #[sea_orm(column_type = "String(StringLen::N(32))", nullable)]
     pub color: Option<String>,
     pub icon: Option<String>,
     #[sync(local)]
