@@ -130,6 +130,26 @@ enum Command {
         #[arg(long)]
         value: Option<String>,
     },
+    /// Changes the leader could not store, set aside with the reason (leader: every
+    /// device's; follower: its own). `--dismiss CHANGE_ID` forgets one once dealt with.
+    Rejected {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        dismiss: Option<String>,
+    },
+    /// Sets a pulled entry this follower cannot store aside (the error names its seq):
+    /// the entries after it go on; later entries of the same record wait behind it.
+    Skip { seq: u64 },
+    /// Parked entries: seq, model, record, why.
+    Parked {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Applies the parked entries again (after fixing what refused them).
+    RetryParked,
+    /// Forgets a parked entry for good: this device keeps its own version of the record.
+    DropParked { seq: u64 },
     /// The one-command showcase: a leader and a follower in a temp dir, syncing over QUIC.
     Demo,
     /// Benchmarks; prints figures as JSON lines.
@@ -394,6 +414,70 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             library.resolve(&id, resolution).await?;
             println!("resolved {id}");
+        }
+        Command::Rejected { json, dismiss } => {
+            let library = open(&cli.db).await?;
+            let rejected = library.rejected().await?;
+            if let Some(change_id) = dismiss {
+                if !library.dismiss_rejected(&change_id).await? {
+                    anyhow::bail!("no rejected change has id `{change_id}`");
+                }
+                println!("dismissed {change_id}");
+            } else if json {
+                print_json(&rejected)?;
+            } else if rejected.is_empty() {
+                println!("no rejected changes");
+            } else {
+                for r in &rejected {
+                    println!(
+                        "{}  {} {} {} by {}: {}",
+                        r.change_id, r.op, r.model, r.record_id, r.device_id, r.reason
+                    );
+                }
+            }
+        }
+        Command::Skip { seq } => {
+            let library = open(&cli.db).await?;
+            library.park(sync_core::Seq(seq)).await?;
+            println!("entry {seq} will be parked when it is pulled next");
+        }
+        Command::Parked { json } => {
+            let library = open(&cli.db).await?;
+            let parked = library.parked().await?;
+            if json {
+                print_json(&parked)?;
+            } else if parked.is_empty() {
+                println!("no parked entries");
+            } else {
+                for p in &parked {
+                    println!(
+                        "{}  {} {}  {}",
+                        p.seq,
+                        p.model.as_deref().unwrap_or("(not pulled yet)"),
+                        p.record_id.as_deref().unwrap_or(""),
+                        p.reason
+                    );
+                }
+            }
+        }
+        Command::RetryParked => {
+            let library = open(&cli.db).await?;
+            let retried = library.retry_parked().await?;
+            println!(
+                "{} applied, {} still parked{}",
+                retried.applied,
+                retried.still_parked,
+                retried
+                    .first_failure
+                    .map_or_else(String::new, |f| format!("; {f}"))
+            );
+        }
+        Command::DropParked { seq } => {
+            let library = open(&cli.db).await?;
+            if !library.drop_parked(sync_core::Seq(seq)).await? {
+                anyhow::bail!("no entry {seq} is parked");
+            }
+            println!("dropped parked entry {seq}");
         }
         Command::Serve { listen } => {
             let library = open(&cli.db).await?;

@@ -212,6 +212,11 @@ pub struct AppStatus {
     pub outbox: u64,
     /// Open conflicts (they replicate: every device shows the same count once in sync).
     pub conflicts: u64,
+    /// Changes the leader could not store, set aside (leader: every device's; follower:
+    /// its own). `rejected` lists them.
+    pub rejected: u64,
+    /// Follower: pulled entries set aside by `skip` (and later entries of their records).
+    pub parked: u64,
 }
 
 /// This device's status in its library.
@@ -237,6 +242,8 @@ pub async fn status(library: &Library) -> Result<AppStatus> {
             last_error: None,
             outbox: 0,
             conflicts: library.conflict_count().await?,
+            rejected: library.rejected_count().await?,
+            parked: 0,
         },
         Role::Follower => {
             let position = library.position().await?.seq.0;
@@ -261,6 +268,8 @@ pub async fn status(library: &Library) -> Result<AppStatus> {
                 last_error,
                 outbox: library.outbox_len().await?,
                 conflicts: library.conflict_count().await?,
+                rejected: library.rejected_count().await?,
+                parked: library.parked_count().await?,
             }
         }
     })
@@ -270,15 +279,16 @@ pub async fn status(library: &Library) -> Result<AppStatus> {
 pub fn describe(status: &AppStatus) -> String {
     match status.role {
         Role::Leader => format!(
-            "leader of library {} (device {}), latest seq {}, {} follower(s), {} open conflict(s)",
+            "leader of library {} (device {}), latest seq {}, {} follower(s), {} open conflict(s), {} rejected change(s)",
             status.library_id,
             status.device_id,
             status.latest_seq,
             status.followers.as_ref().map_or(0, Vec::len),
-            status.conflicts
+            status.conflicts,
+            status.rejected
         ),
         Role::Follower => format!(
-            "follower ({} access) of library {} (device {}), at seq {} of {}, {} change(s) to push, {} open conflict(s){}",
+            "follower ({} access) of library {} (device {}), at seq {} of {}, {} change(s) to push, {} open conflict(s), {} rejected change(s), {} parked entr(ies){}",
             status.access,
             status.library_id,
             status.device_id,
@@ -286,6 +296,8 @@ pub fn describe(status: &AppStatus) -> String {
             status.latest_seq,
             status.outbox,
             status.conflicts,
+            status.rejected,
+            status.parked,
             status
                 .last_error
                 .as_ref()

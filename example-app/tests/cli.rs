@@ -528,3 +528,55 @@ fn a_manual_conflict_is_listed_and_resolved_from_the_cli() {
     assert_eq!(record["name"], "Images");
     drop(serving);
 }
+
+/// Issue 14, finding 2, from the CLI: a MariaDB follower of a SQLite leader cannot store a
+/// 300-character name (`varchar(255)`). `follow --once` stops at that entry and names it;
+/// `skip SEQ` parks it; the next `follow --once` goes on past it, and `status` says an entry
+/// is parked. (Before: the follower stopped at that seq for good, naming nothing.)
+#[test]
+fn a_follower_stuck_on_an_entry_goes_on_once_it_is_skipped() {
+    let Some(server) = std::env::var("SYNC_TEST_MYSQL_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED a_follower_stuck_on_an_entry_goes_on_once_it_is_skipped: SYNC_TEST_MYSQL_URL is not set"
+        );
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let follower = Cli {
+        db: runtime
+            .block_on(example_app::fresh_database(&server, dir.path()))
+            .unwrap(),
+    };
+    let leader = sqlite_cli(dir.path(), "leader.db");
+    leader.ok(&["init"]);
+    let serving = Serving::start(&leader);
+    let token = leader.ok(&["invite", "--role", "read", "--ttl", "10m"]);
+    follower.ok(&["join", token.trim()]);
+    let long = "x".repeat(300);
+    leader.ok(&["put", "tag", &format!(r#"{{"name":"{long}"}}"#)]);
+    leader.ok(&["put", "tag", r#"{"name":"after"}"#]);
+
+    let out = follower.run(&["follow", "--once", "--leader", &serving.address]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "stuck: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("entry 1 (`tag` record") && stderr.contains("Data too long"),
+        "names the entry and the reason: {stderr}"
+    );
+    follower.ok(&["skip", "1"]);
+    let synced = follower.ok(&["follow", "--once", "--leader", &serving.address]);
+    assert!(synced.contains("in sync at seq 2"), "{synced}");
+    let status = json(&follower.ok(&["status", "--json"]));
+    assert_eq!(status["parked"], 1, "{status}");
+    let parked = json(&follower.ok(&["parked", "--json"]));
+    assert_eq!(parked[0]["seq"], 1, "{parked}");
+    assert!(follower.ok(&["dump"]).contains("after"));
+    drop(serving);
+    let _ = runtime.block_on(example_app::drop_database(&follower.db));
+}

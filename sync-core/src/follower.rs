@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::entry::ChainError;
 use crate::error::OpenError;
 use crate::library::{add_library, ensure_device_id};
+use crate::parked::{Parking, park_statement};
 use crate::protocol::{
     PROTOCOL_VERSION, PullError, PullRequest, PullResponse, PulledItem, Transport,
 };
@@ -96,6 +97,24 @@ pub enum ApplyError {
         /// Its model.
         model: String,
         /// What does not fit.
+        reason: String,
+    },
+    /// This device's database refuses an entry (a value it cannot store, a constraint): the
+    /// follower cannot get past it until the cause is fixed or a person parks it.
+    #[error(
+        "entry {seq} (`{model}` record {record_id}) cannot be stored on this device: {reason}; \
+         fix the cause (a schema change, say) and sync again, or set the entry aside with \
+         `Library::park({seq})`: the entries after it then go on, later entries of the same \
+         record wait behind it, and `Library::retry_parked` applies them once the cause is fixed"
+    )]
+    Stuck {
+        /// The entry.
+        seq: Seq,
+        /// Its model.
+        model: String,
+        /// Its record.
+        record_id: String,
+        /// What the database said.
         reason: String,
     },
     /// Another apply moved the position meanwhile.
@@ -290,6 +309,7 @@ impl Library {
             });
         }
         let backend = txn.get_database_backend();
+        let parking = Parking::load(txn, self.id()).await?;
         let (to_build, building) = std::sync::mpsc::channel::<Vec<PulledItem>>();
         let (statements, mut ready) = tokio::sync::mpsc::channel(STATEMENTS_AHEAD);
         let (built_one, mut built) = tokio::sync::mpsc::unbounded_channel::<()>();
@@ -302,7 +322,7 @@ impl Library {
         }
         let preparing = tokio::task::spawn_blocking({
             let this = self.clone();
-            move || this.build_responses(start, building, backend, statements, built_one)
+            move || this.build_responses(start, parking, building, backend, statements, built_one)
         });
         let mut written: Result<(), ApplyError> = Ok(());
         loop {
@@ -382,6 +402,7 @@ impl Library {
     fn build_responses(
         &self,
         start: Position,
+        mut parking: Parking,
         responses: std::sync::mpsc::Receiver<Vec<PulledItem>>,
         backend: sea_orm::DbBackend,
         statements: tokio::sync::mpsc::Sender<sea_orm::Statement>,
@@ -394,7 +415,14 @@ impl Library {
         };
         let writer_gone = || statements.is_closed();
         while let Ok(items) = responses.recv() {
-            self.prepare_batch(&mut applied, items, backend, &mut emit, &writer_gone)?;
+            self.prepare_batch(
+                &mut applied,
+                items,
+                &mut parking,
+                backend,
+                &mut emit,
+                &writer_gone,
+            )?;
             if statements.is_closed() || built.send(()).is_err() {
                 // The writer has stopped: what is built no longer matters.
                 break;
@@ -409,6 +437,7 @@ impl Library {
         &self,
         applied: &mut Applied,
         items: Vec<PulledItem>,
+        parking: &mut Parking,
         backend: sea_orm::DbBackend,
         emit: &mut dyn FnMut(sea_orm::Statement) -> bool,
         writer_gone: &dyn Fn() -> bool,
@@ -444,10 +473,17 @@ impl Library {
                         checksum,
                         std::slice::from_ref(entry),
                     )?;
-                    self.check_entry(entry)?;
-                    self.context.clock.observe(entry.hlc);
                     checksum = entry.checksum;
                     expected = expected.next();
+                    if let Some(reason) = parking.parks(entry) {
+                        // Set aside, not applied: the position still moves past it.
+                        if !emit(park_statement(backend, self.id(), entry, &reason)?) {
+                            return Err(ApplyError::Interrupted);
+                        }
+                        continue;
+                    }
+                    self.check_entry(entry)?;
+                    self.context.clock.observe(entry.hlc);
                     applied.entries += 1;
                     if run.first().is_some_and(|first| first.model != entry.model) {
                         self.prepare_run(backend, &run, emit)?;
@@ -534,8 +570,10 @@ impl Library {
         request.limit = limit;
         let response = transport.pull(request).await?;
         let latest = response.latest_seq;
-        let applied = self.apply(after, response).await?;
-        Ok((applied, latest))
+        match self.apply(after, response).await {
+            Ok(applied) => Ok((applied, latest)),
+            Err(e) => Err(self.pinpoint(transport, after, limit, e).await.into()),
+        }
     }
 
     /// Pulls and applies until the position reaches the leader's latest seq as of the
@@ -556,7 +594,25 @@ impl Library {
     /// have arrived when a transaction starts share it (`apply_all`). A failed pull stops
     /// the catch-up once what arrived before it is applied; a failed apply discards what
     /// was pulled after it.
+    ///
+    /// When this device's database refuses an entry, the error is `ApplyError::Stuck`,
+    /// naming it (what applies before it is kept).
     pub async fn catch_up_with(
+        &self,
+        transport: &dyn Transport,
+        limit: u32,
+        progress: impl FnMut(&Applied, Seq),
+    ) -> Result<Position, SyncError> {
+        match self.catch_up_inner(transport, limit, progress).await {
+            Err(SyncError::Apply(e @ ApplyError::Db(_))) => {
+                let after = self.position().await.map_err(ApplyError::from)?.seq;
+                Err(self.pinpoint(transport, after, limit, e).await.into())
+            }
+            other => other,
+        }
+    }
+
+    async fn catch_up_inner(
         &self,
         transport: &dyn Transport,
         limit: u32,

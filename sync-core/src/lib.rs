@@ -36,6 +36,7 @@ mod ids;
 mod library;
 mod members;
 mod merge;
+mod parked;
 mod protocol;
 mod push;
 mod registry;
@@ -59,6 +60,7 @@ pub use identity::{BadFingerprint, DeviceKey, KeyError, KeyFingerprint};
 pub use ids::{DeviceId, LibraryId, Seq};
 pub use library::{Drift, DriftKind, LatestSeq, Library, Role, Status, TxnFuture};
 pub use members::{Access, Admission, Invite, InviteError, Member, MemberError};
+pub use parked::{ParkError, Parked, Retried};
 pub use protocol::{
     InProcess, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PUSH_BYTES_MAX,
     PUSH_CHANGES_MAX, PullError, PullRequest, PullResponse, PulledItem, PushError, PushRequest,

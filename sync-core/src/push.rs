@@ -275,34 +275,34 @@ impl Library {
                     reason = %r.reason,
                     "the leader rejected a change of this device; set aside (`Library::rejected`)"
                 );
-                rejected_rows.push(rejected::ActiveModel {
-                    change_id: Set(r.change_id.to_string()),
-                    library_id: Set(self.id().to_string()),
-                    device_id: Set(self.device_id().to_string()),
-                    model: Set(change.model.clone()),
-                    record_id: Set(change.record_id.clone()),
-                    op: Set(change.op.as_str().to_owned()),
-                    data: Set(change.data.clone()),
-                    reason: Set(r.reason.clone()),
-                    rejected_at_ms: Set(chrono::Utc::now().timestamp_millis()),
-                });
+                rejected_rows.push((
+                    r.change_id.to_string(),
+                    rejected::ActiveModel {
+                        change_id: Set(r.change_id.to_string()),
+                        library_id: Set(self.id().to_string()),
+                        device_id: Set(self.device_id().to_string()),
+                        model: Set(change.model.clone()),
+                        record_id: Set(change.record_id.clone()),
+                        op: Set(change.op.as_str().to_owned()),
+                        data: Set(change.data.clone()),
+                        reason: Set(r.reason.clone()),
+                        rejected_at_ms: Set(chrono::Utc::now().timestamp_millis()),
+                    },
+                ));
             }
             let library_id = self.id().to_string();
             let removed = self
                 .db
                 .transaction::<_, u64, DbErr>(move |txn| {
                     Box::pin(async move {
-                        for row in rejected_rows {
-                            rejected::Entity::insert(row)
-                                .on_conflict(
-                                    sea_orm::sea_query::OnConflict::column(
-                                        rejected::Column::ChangeId,
-                                    )
-                                    .do_nothing()
-                                    .to_owned(),
-                                )
-                                .exec_without_returning(txn)
-                                .await?;
+                        for (change_id, row) in rejected_rows {
+                            // Listed once, also when an acknowledgement was lost before.
+                            let known = rejected::Entity::find_by_id(change_id).one(txn).await?;
+                            if known.is_none() {
+                                rejected::Entity::insert(row)
+                                    .exec_without_returning(txn)
+                                    .await?;
+                            }
                         }
                         let removed = outbox::Entity::delete_many()
                             .filter(outbox::Column::LibraryId.eq(library_id))

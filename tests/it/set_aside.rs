@@ -201,3 +201,162 @@ async fn a_value_too_long_for_a_mysql_leader_is_rejected_not_wedging() {
     assert_converged(&[l, &a]).await;
     leader.finish().await;
 }
+
+/// A follower's database refuses a pulled entry (here a unique index only the follower
+/// has): the follower stops at it with an error naming seq, model and record, keeping what
+/// applies before it; parked by a person, the entries after it go on, a later entry of
+/// the same record waits behind it, and once the cause is fixed `retry_parked` applies
+/// both and the follower matches the leader again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_a_follower_cannot_store_stops_it_until_parked() {
+    let Some(Three {
+        leader,
+        a,
+        b: _b,
+        dir: _dir,
+    }) = three(Backend::Sqlite, "set_aside::stuck").await
+    else {
+        return;
+    };
+    let l = &leader.library;
+    a.db()
+        .execute_unprepared("CREATE UNIQUE INDEX tag_name_unique ON tag (name)")
+        .await
+        .expect("index");
+    let first = put(l, "tag", json!({"name": "same"})).await;
+    let second = put(l, "tag", json!({"name": "same"})).await;
+    let after = put(l, "tag", json!({"name": "after"})).await;
+    let transport = InProcess::new(l.clone());
+    let stuck_seq = entries_of(l, &id_of(&second)).await[0].seq;
+
+    for _ in 0..2 {
+        // It stays stuck at the same entry, however often it tries.
+        let error = a.catch_up(&transport, 1_000).await.expect_err("stuck");
+        let text = error.to_string();
+        assert!(
+            matches!(
+                &error,
+                sync_core::SyncError::Apply(sync_core::ApplyError::Stuck { seq, model, record_id, .. })
+                    if *seq == stuck_seq && model == "tag" && *record_id == id_of(&second)
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("UNIQUE") && text.contains("Library::park"),
+            "{text}"
+        );
+        assert!(
+            get(&a, "tag", &id_of(&first)).await.is_some(),
+            "the entry before it applied"
+        );
+        assert!(get(&a, "tag", &id_of(&after)).await.is_none());
+    }
+
+    a.park(stuck_seq).await.expect("park");
+    assert!(
+        a.park(sync_core::Seq(1)).await.is_err(),
+        "applied entries cannot be parked"
+    );
+    put(
+        l,
+        "tag",
+        json!({"id": id_of(&second), "name": "same", "color": "red"}),
+    )
+    .await;
+    a.catch_up(&transport, 1_000).await.expect("goes on");
+    assert!(get(&a, "tag", &id_of(&after)).await.is_some());
+    assert!(get(&a, "tag", &id_of(&second)).await.is_none());
+    let parked = a.parked().await.expect("parked");
+    assert_eq!(
+        parked.len(),
+        2,
+        "the stuck entry and the one behind it: {parked:?}"
+    );
+    assert!(
+        parked
+            .iter()
+            .all(|p| p.arrived && p.record_id.as_deref() == Some(id_of(&second).as_str()))
+    );
+
+    // Still refused: nothing leaves the parking.
+    let retried = a.retry_parked().await.expect("retry");
+    assert_eq!((retried.applied, retried.still_parked), (0, 2));
+    assert!(retried.first_failure.unwrap_or_default().contains("UNIQUE"));
+
+    // The cause fixed (the first tag renamed on the leader), both apply in order.
+    put(l, "tag", json!({"id": id_of(&first), "name": "renamed"})).await;
+    a.catch_up(&transport, 1_000).await.expect("pull");
+    let retried = a.retry_parked().await.expect("retry");
+    assert_eq!((retried.applied, retried.still_parked), (2, 0));
+    assert_eq!(a.parked_count().await.expect("count"), 0);
+    assert_eq!(
+        get(&a, "tag", &id_of(&second)).await.expect("applied")["color"],
+        "red"
+    );
+    assert_converged(&[l, &a]).await;
+    leader.finish().await;
+}
+
+/// A MariaDB follower of a SQLite leader cannot store a 300-character name in its
+/// `varchar(255)`: it stops at that entry naming it; parked, the rest goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mysql_follower_stops_at_a_value_too_long_and_goes_on_once_parked() {
+    let Some(server) = crate::support::server_url(Backend::Mysql, "set_aside::mysql_follower")
+    else {
+        return;
+    };
+    let Some(leader) = crate::support::fixture(Backend::Sqlite, "set_aside::mysql_follower").await
+    else {
+        return;
+    };
+    let l = &leader.library;
+    let dir = tempfile::tempdir().expect("dir");
+    let url = example_app::fresh_database(&server, dir.path())
+        .await
+        .expect("database");
+    let db = example_app::connect(&url).await.expect("connect");
+    <example_app::Migrator as sea_orm_migration::MigratorTrait>::up(&db, None)
+        .await
+        .expect("migrate");
+    let key = Library::device_key_of(&db).await.expect("key");
+    let invite = l
+        .invite(sync_core::Access::Read, std::time::Duration::from_secs(60))
+        .await
+        .expect("invite");
+    l.redeem_invite(
+        &invite.secret,
+        sync_core::Access::Read,
+        key.device_id(),
+        Some("m"),
+    )
+    .await
+    .expect("redeem");
+    let m = Library::join(
+        db,
+        l.id(),
+        l.device_id(),
+        "test",
+        sync_core::Access::Read,
+        example_app::registry(),
+    )
+    .await
+    .expect("join");
+    let long = put(l, "tag", json!({"name": "x".repeat(300)})).await;
+    let next = put(l, "tag", json!({"name": "short"})).await;
+    let transport = InProcess::new(l.clone());
+    let error = m.catch_up(&transport, 1_000).await.expect_err("stuck");
+    let seq = match &error {
+        sync_core::SyncError::Apply(sync_core::ApplyError::Stuck { seq, record_id, .. }) => {
+            assert_eq!(*record_id, id_of(&long));
+            *seq
+        }
+        other => panic!("{other}"),
+    };
+    m.park(seq).await.expect("park");
+    m.catch_up(&transport, 1_000).await.expect("goes on");
+    assert!(get(&m, "tag", &id_of(&next)).await.is_some());
+    assert_eq!(m.parked_count().await.expect("parked"), 1);
+    let _ = m.db().clone().close().await;
+    let _ = example_app::drop_database(&url).await;
+    leader.finish().await;
+}
