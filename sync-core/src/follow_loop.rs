@@ -226,6 +226,7 @@ impl LoopState {
         };
         let pulled = self.pull_until_caught_up().await;
         let outbox = self.library.outbox_len().await.unwrap_or(0);
+        crate::metrics::record_outbox(self.library.id(), outbox);
         self.status.send_modify(|s| s.outbox = outbox);
         pulled.and(pushed)
     }

@@ -36,6 +36,7 @@ mod ids;
 mod library;
 mod members;
 mod merge;
+pub mod metrics;
 mod protocol;
 mod push;
 mod registry;

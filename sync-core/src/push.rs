@@ -160,6 +160,11 @@ impl Library {
     /// meanwhile go with the next call). Each acknowledged batch leaves the outbox in its
     /// own transaction; an interruption resends at most the unacknowledged batch, which the
     /// leader recognises.
+    #[tracing::instrument(
+        name = "push",
+        skip_all,
+        fields(library = %self.id(), device = %self.device_id(), through, latest)
+    )]
     pub async fn push_outbox(&self, transport: &dyn Transport) -> Result<PushOutcome, SyncError> {
         if self.role() != Role::Follower {
             // The leader's writes are in its log already: it has no outbox.
@@ -198,6 +203,8 @@ impl Library {
                 .map(pushed_change)
                 .collect::<Result<Vec<_>, _>>()?;
             let sent_through = changes.last().map_or(0, |c| c.id);
+            tracing::Span::current().record("through", sent_through);
+            let started = std::time::Instant::now();
             let response = transport
                 .push(PushRequest {
                     protocol_version: PROTOCOL_VERSION,
@@ -206,6 +213,8 @@ impl Library {
                     changes,
                 })
                 .await?;
+            crate::metrics::record_push(self.id(), started);
+            tracing::Span::current().record("latest", response.latest_seq.0);
             if response.protocol_version != PROTOCOL_VERSION {
                 return Err(PushError::VersionMismatch {
                     ours: PROTOCOL_VERSION,
@@ -228,6 +237,7 @@ impl Library {
                 .await
                 .map_err(PushError::from)?;
             outcome.acknowledged += removed.rows_affected;
+            crate::metrics::record_acknowledged(self.id(), removed.rows_affected);
             outcome.latest_seq = response.latest_seq;
             if response.acked < sent_through {
                 return Err(PushError::Transport(format!(
@@ -241,7 +251,27 @@ impl Library {
 
     /// The leader's side of a push: takes the changes it has not taken yet, in one
     /// transaction, and acknowledges the last outbox id taken.
+    #[tracing::instrument(
+        name = "take",
+        skip_all,
+        fields(
+            library = %self.id(),
+            device = %request.device_id,
+            changes = request.changes.len(),
+            latest
+        )
+    )]
     pub async fn serve_push(&self, request: &PushRequest) -> Result<PushResponse, PushError> {
+        let started = std::time::Instant::now();
+        let outcome = self.serve_push_checked(request).await;
+        if let Ok(response) = &outcome {
+            tracing::Span::current().record("latest", response.latest_seq.0);
+        }
+        crate::metrics::record_take(self.id(), request, &outcome, started);
+        outcome
+    }
+
+    async fn serve_push_checked(&self, request: &PushRequest) -> Result<PushResponse, PushError> {
         if request.protocol_version != PROTOCOL_VERSION {
             return Err(PushError::VersionMismatch {
                 ours: PROTOCOL_VERSION,
@@ -311,6 +341,7 @@ impl Library {
             .one(txn)
             .await?;
         let mut through = mark.as_ref().map_or(0, |m| m.through as u64);
+        let mut taken = 0;
         for change in &request.changes {
             if change.id <= through {
                 // Taken by an earlier push whose acknowledgement was lost.
@@ -318,6 +349,7 @@ impl Library {
             }
             self.take_change(txn, request.device_id, change).await?;
             through = change.id;
+            taken += 1;
         }
         let row = pushed::ActiveModel {
             library_id: Set(key.0),
@@ -330,6 +362,7 @@ impl Library {
             row.insert(txn).await?;
         }
         crate::library::save_clock_floor(txn, self.id(), &self.context.clock).await?;
+        crate::metrics::record_taken(self.id(), request.device_id, taken);
         Ok(through)
     }
 
