@@ -13,3 +13,4 @@ mod offline;
 mod ordering;
 mod quic;
 mod support;
+mod telemetry;
