@@ -163,7 +163,7 @@ impl Library {
     #[tracing::instrument(
         name = "push",
         skip_all,
-        fields(library = %self.id(), device = %self.device_id(), through, latest)
+        fields(library = %self.id(), device = %self.device_id(), outbox_through, latest)
     )]
     pub async fn push_outbox(&self, transport: &dyn Transport) -> Result<PushOutcome, SyncError> {
         if self.role() != Role::Follower {
@@ -203,7 +203,7 @@ impl Library {
                 .map(pushed_change)
                 .collect::<Result<Vec<_>, _>>()?;
             let sent_through = changes.last().map_or(0, |c| c.id);
-            tracing::Span::current().record("through", sent_through);
+            tracing::Span::current().record("outbox_through", sent_through);
             let started = std::time::Instant::now();
             let response = transport
                 .push(PushRequest {
