@@ -51,6 +51,10 @@ pub const PUSH_DURATION: &str = "sync_push_duration_seconds";
 /// Counter, follower, `library`: outbox changes the leader acknowledged (and that left the
 /// outbox).
 pub const PUSH_CHANGES_ACKNOWLEDGED: &str = "sync_push_changes_acknowledged_total";
+/// Counter, follower, `library`: rounds of the follow loop that failed (a push or a pull;
+/// the loop retries with backoff). While the leader cannot be reached the lag gauges keep
+/// their last values, so this is the one that moves.
+pub const FOLLOW_ERRORS: &str = "sync_follow_errors_total";
 
 // Leader.
 
@@ -118,6 +122,11 @@ pub fn describe() {
         PUSH_CHANGES_ACKNOWLEDGED,
         Unit::Count,
         "Follower: outbox changes the leader acknowledged"
+    );
+    describe_counter!(
+        FOLLOW_ERRORS,
+        Unit::Count,
+        "Follower: follow-loop rounds that failed (push or pull) and will be retried"
     );
     describe_counter!(
         PULL_ENTRIES_SERVED,
@@ -207,6 +216,11 @@ pub(crate) fn record_applied(library: LibraryId, entries: usize, started: Instan
 /// Records a follower's outbox length.
 pub(crate) fn record_outbox(library: LibraryId, changes: u64) {
     gauge!(OUTBOX_CHANGES, "library" => library.to_string()).set(changes as f64);
+}
+
+/// Records a failed round of the follow loop.
+pub(crate) fn record_follow_error(library: LibraryId) {
+    counter!(FOLLOW_ERRORS, "library" => library.to_string()).increment(1);
 }
 
 /// Records one push request's round trip, begun at `started`.

@@ -195,9 +195,35 @@ fn pulls_applies_pushes_and_refusals_record_the_named_metrics() {
                 ),
                 2
             );
+
+            // A leader that cannot be reached: the follow loop's failed rounds count.
+            let follow = follower.start_following(
+                std::sync::Arc::new(Unreachable),
+                sync_core::FollowConfig::default(),
+            );
+            let failed = follow
+                .wait_for(Duration::from_secs(60), |s| s.last_error.is_some())
+                .await;
+            assert!(failed.is_some(), "the loop reports its failure");
+            follow.stop().await;
+            let shown = Shown::take(&snapshotter);
+            assert!(shown.counter(names::FOLLOW_ERRORS, &by_library) >= 1);
             leader.finish().await;
         });
     });
+}
+
+/// A transport to a leader that is never there.
+struct Unreachable;
+
+#[async_trait::async_trait]
+impl sync_core::Transport for Unreachable {
+    async fn pull(
+        &self,
+        _: sync_core::PullRequest,
+    ) -> Result<sync_core::PullResponse, sync_core::PullError> {
+        Err(sync_core::PullError::Transport("no leader here".into()))
+    }
 }
 
 /// A well-formed pushed change (the refusal comes before its content matters).
