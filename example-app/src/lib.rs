@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod database;
+pub mod exporter;
 pub mod load;
 pub mod migrator;
 pub mod models;

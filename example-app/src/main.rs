@@ -74,6 +74,10 @@ enum Command {
         /// Where to listen, `HOST:PORT` (port 0 picks a free one).
         #[arg(long, default_value = "0.0.0.0:7447")]
         listen: std::net::SocketAddr,
+        /// Serve Prometheus metrics over HTTP on `HOST:PORT` (port 0 picks a free one);
+        /// prints `metrics on ADDR`.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Prints a one-time join token for a new device (leader only).
     Invite {
@@ -101,6 +105,10 @@ enum Command {
         /// Pull until this device has the leader's latest seq as of now, then exit.
         #[arg(long)]
         once: bool,
+        /// Serve Prometheus metrics over HTTP on `HOST:PORT` (port 0 picks a free one);
+        /// prints `metrics on ADDR` first.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// The library's devices (leader).
     Devices {
@@ -252,8 +260,16 @@ enum Bench {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // `EXAMPLE_APP_LOG_SPANS=1` also logs each span (pull, apply, push, take, …) as it
+    // closes, with its fields and timing, at the level `RUST_LOG` lets through.
+    let spans = if std::env::var_os("EXAMPLE_APP_LOG_SPANS").is_some() {
+        tracing_subscriber::fmt::format::FmtSpan::CLOSE
+    } else {
+        tracing_subscriber::fmt::format::FmtSpan::NONE
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_span_events(spans)
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()).await {
@@ -479,10 +495,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             println!("dropped parked entry {seq}");
         }
-        Command::Serve { listen } => {
+        Command::Serve { listen, metrics } => {
             let library = open(&cli.db).await?;
+            // Installed first: the server records from the moment it binds.
+            let metrics = metrics.map(example_app::exporter::install).transpose()?;
             let server = net::serve(&library, listen).await?;
             println!("listening on {}", server.local_addr());
+            if let Some(addr) = metrics {
+                println!("metrics on {addr}");
+            }
             shutdown_signal().await?;
             server.shutdown().await;
             eprintln!("stopped serving");
@@ -504,7 +525,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 library.access().await?
             );
         }
-        Command::Follow { leader, once } => {
+        Command::Follow {
+            leader,
+            once,
+            metrics,
+        } => {
+            if let Some(addr) = metrics {
+                println!("metrics on {}", example_app::exporter::install(addr)?);
+            }
             let library = open(&cli.db).await?;
             let transport = net::transport(&library, leader.as_deref()).await?;
             if once {

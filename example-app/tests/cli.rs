@@ -580,3 +580,174 @@ fn a_follower_stuck_on_an_entry_goes_on_once_it_is_skipped() {
     drop(serving);
     let _ = runtime.block_on(example_app::drop_database(&follower.db));
 }
+
+impl Serving {
+    /// `serve --metrics 127.0.0.1:0`: the server and where its metrics are.
+    fn start_with_metrics(cli: &Cli) -> (Serving, String) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_example-app"))
+            .args(["--db", &cli.db, "serve", "--listen", "127.0.0.1:0"])
+            .args(["--metrics", "127.0.0.1:0"])
+            .env_remove("EXAMPLE_APP_DB")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn serve");
+        let rx = lines_of(child.stdout.take().expect("stdout"));
+        let next = |prefix: &str| {
+            let line = rx
+                .recv_timeout(DEADLINE)
+                .expect("serve prints its addresses");
+            line.strip_prefix(prefix)
+                .unwrap_or_else(|| panic!("expected `{prefix}ADDR`, got: {line}"))
+                .to_owned()
+        };
+        let address = next("listening on ");
+        let metrics = next("metrics on ");
+        (Serving { child, address }, metrics)
+    }
+}
+
+/// `GET /metrics` over plain HTTP/1.1; the body.
+fn scrape(address: &str) -> String {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to the metrics");
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the metrics");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+/// The sum of a metric's samples over its label sets, or `None` when it has none.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.strip_prefix(name))
+        .filter(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        .map(|rest| {
+            let value = rest.rsplit(' ').next().unwrap_or_default();
+            value
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("{name}: not a number in {rest}"))
+        })
+        .reduce(|a, b| a + b)
+}
+
+/// Scrapes `address` until `done` holds for what it shows (the processes record as they
+/// work), or fails at the deadline with the last scrape.
+fn scrape_until(address: &str, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let text = scrape(address);
+        if done(&text) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} not shown in time:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn serve_and_follow_show_their_metrics_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let leader = sqlite_cli(dir.path(), "leader.db");
+    let follower = sqlite_cli(dir.path(), "follower.db");
+    leader.ok(&["init"]);
+    leader.ok(&["put", "tag", r#"{"name":"before"}"#]);
+    let (serving, leader_metrics) = Serving::start_with_metrics(&leader);
+    let token = leader.ok(&["invite", "--role", "write"]);
+    follower.ok(&["join", token.trim()]);
+    // Written offline: the live follower pushes it first.
+    follower.ok(&["put", "tag", r#"{"name":"offline"}"#]);
+
+    let mut following = Command::new(env!("CARGO_BIN_EXE_example-app"))
+        .args(["--db", &follower.db, "follow", "--metrics", "127.0.0.1:0"])
+        .env_remove("EXAMPLE_APP_DB")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn follow");
+    let lines = lines_of(following.stdout.take().expect("stdout"));
+    let line = lines
+        .recv_timeout(DEADLINE)
+        .expect("follow prints `metrics on ADDR`");
+    let follower_metrics = line
+        .strip_prefix("metrics on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+        .to_owned();
+    leader.ok(&["put", "tag", r#"{"name":"live"}"#]);
+
+    // Three entries: the leader's two and the follower's own, back from the leader.
+    let shown = scrape_until(&follower_metrics, "the follower in sync", |text| {
+        sample(text, "sync_apply_entries_total") == Some(3.0)
+            && sample(text, "sync_pull_lag_seq") == Some(0.0)
+            && sample(text, "sync_outbox_changes") == Some(0.0)
+    });
+    assert_eq!(
+        sample(&shown, "sync_pull_lag_seconds"),
+        Some(0.0),
+        "{shown}"
+    );
+    assert_eq!(
+        sample(&shown, "sync_push_changes_acknowledged_total"),
+        Some(1.0)
+    );
+    assert!(sample(&shown, "sync_apply_duration_seconds_count") >= Some(1.0));
+    assert!(sample(&shown, "sync_apply_duration_seconds_sum") > Some(0.0));
+    assert_eq!(
+        sample(&shown, "sync_push_duration_seconds_count"),
+        Some(1.0)
+    );
+    assert!(sample(&shown, "sync_transport_bytes_sent_total") > Some(0.0));
+    assert!(sample(&shown, "sync_transport_bytes_received_total") > Some(0.0));
+    assert!(
+        shown.contains("# HELP sync_apply_entries_total "),
+        "described: {shown}"
+    );
+
+    let shown = scrape_until(&leader_metrics, "the leader's side", |text| {
+        sample(text, "sync_pull_entries_served_total") >= Some(3.0)
+    });
+    assert_eq!(
+        sample(&shown, "sync_connected_followers"),
+        Some(1.0),
+        "{shown}"
+    );
+    assert_eq!(sample(&shown, "sync_push_changes_taken_total"), Some(1.0));
+    assert_eq!(sample(&shown, "sync_push_changes_rejected_total"), None);
+    assert_eq!(
+        sample(&shown, "sync_take_duration_seconds_count"),
+        Some(1.0)
+    );
+    assert!(sample(&shown, "sync_transport_bytes_sent_total") > Some(0.0));
+    assert!(sample(&shown, "sync_transport_bytes_received_total") > Some(0.0));
+    let library = json(&leader.ok(&["status", "--json"]))["library_id"]
+        .as_str()
+        .expect("library id")
+        .to_owned();
+    assert!(
+        shown.contains(&format!(
+            "sync_connected_followers{{library=\"{library}\"}} 1"
+        )),
+        "labelled by library: {shown}"
+    );
+
+    // The session ends with the follower: the gauge comes back down.
+    signal(&following, "TERM");
+    assert!(wait_with_deadline(&mut following).success());
+    scrape_until(&leader_metrics, "the session's end", |text| {
+        sample(text, "sync_connected_followers") == Some(0.0)
+    });
+    drop(serving);
+}

@@ -170,6 +170,7 @@ impl LoopState {
                 Ok(()) => failures = 0,
                 Err(message) => {
                     failures = failures.saturating_add(1);
+                    crate::metrics::record_follow_error(self.library.id());
                     tracing::warn!(library = %self.library.id(), %message, "pull failed; retrying");
                     self.status.send_modify(|s| s.last_error = Some(message));
                 }
@@ -225,7 +226,12 @@ impl LoopState {
             }
         };
         let pulled = self.pull_until_caught_up().await;
-        let outbox = self.library.outbox_len().await.unwrap_or(0);
+        let counted = self.library.outbox_len().await;
+        if let Ok(outbox) = counted {
+            // Not on a failed count: the gauge keeps its last true value.
+            crate::metrics::record_outbox(self.library.id(), outbox);
+        }
+        let outbox = counted.unwrap_or(0);
         self.status.send_modify(|s| s.outbox = outbox);
         pulled.and(pushed)
     }

@@ -271,16 +271,24 @@ impl Library {
     /// A builder thread checks each response and turns it into statements; the writer here
     /// executes them as they arrive and hands the builder the next response as soon as it
     /// has finished the one before, so that neither waits on the other's tail.
+    #[tracing::instrument(
+        name = "apply",
+        skip_all,
+        fields(library = %self.id(), device = %self.device_id(), after = after.0, through)
+    )]
     async fn apply_group(
         &self,
         after: Seq,
         first: PullResponse,
         more: &mut (dyn Iterator<Item = PullResponse> + Send),
     ) -> Result<Applied, ApplyError> {
+        let started = std::time::Instant::now();
         let txn = self.begin_write().await?;
         match self.apply_group_in(&txn, after, first, more).await {
             Ok(applied) => {
                 txn.commit().await?;
+                tracing::Span::current().record("through", applied.position.seq.0);
+                crate::metrics::record_applied(self.id(), applied.entries, started);
                 Ok(applied)
             }
             Err(e) => {
@@ -557,6 +565,11 @@ impl Library {
 
     /// Pulls one batch of at most `limit` entries from the leader and applies it. Returns
     /// what was applied and the leader's latest seq.
+    #[tracing::instrument(
+        name = "pull",
+        skip_all,
+        fields(library = %self.id(), device = %self.device_id(), after, latest)
+    )]
     pub async fn pull_once(
         &self,
         transport: &dyn Transport,
@@ -570,8 +583,15 @@ impl Library {
         request.limit = limit;
         let response = transport.pull(request).await?;
         let latest = response.latest_seq;
+        tracing::Span::current()
+            .record("after", after.0)
+            .record("latest", latest.0);
+        crate::metrics::record_lag(self.id(), after, latest);
         match self.apply(after, response).await {
-            Ok(applied) => Ok((applied, latest)),
+            Ok(applied) => {
+                crate::metrics::record_lag(self.id(), applied.position.seq, latest);
+                Ok((applied, latest))
+            }
             Err(e) => Err(self.pinpoint(transport, after, limit, e).await.into()),
         }
     }
@@ -597,6 +617,11 @@ impl Library {
     ///
     /// When this device's database refuses an entry, the error is `ApplyError::Stuck`,
     /// naming it (what applies before it is kept).
+    #[tracing::instrument(
+        name = "catch_up",
+        skip_all,
+        fields(library = %self.id(), device = %self.device_id(), after, latest)
+    )]
     pub async fn catch_up_with(
         &self,
         transport: &dyn Transport,
@@ -630,6 +655,10 @@ impl Library {
         let first = transport.pull(request(start.seq)).await?;
         self.check_response(&first)?;
         let target = first.latest_seq;
+        tracing::Span::current()
+            .record("after", start.seq.0)
+            .record("latest", target.0);
+        crate::metrics::record_lag(self.id(), start.seq, target);
         if first.through(start.seq) == start.seq && target <= start.seq {
             return Ok(start);
         }
@@ -670,6 +699,7 @@ impl Library {
                     .await?;
                 progress(&applied, target);
                 position = applied.position;
+                crate::metrics::record_lag(self.id(), position.seq, target);
                 if position.seq >= target {
                     break;
                 }

@@ -36,6 +36,7 @@ mod ids;
 mod library;
 mod members;
 mod merge;
+pub mod metrics;
 mod parked;
 mod protocol;
 mod push;

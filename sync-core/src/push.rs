@@ -193,6 +193,11 @@ impl Library {
     /// meanwhile go with the next call). Each acknowledged batch leaves the outbox in its
     /// own transaction; an interruption resends at most the unacknowledged batch, which the
     /// leader recognises.
+    #[tracing::instrument(
+        name = "push",
+        skip_all,
+        fields(library = %self.id(), device = %self.device_id(), outbox_through, latest)
+    )]
     pub async fn push_outbox(&self, transport: &dyn Transport) -> Result<PushOutcome, SyncError> {
         if self.role() != Role::Follower {
             // The leader's writes are in its log already: it has no outbox.
@@ -233,6 +238,8 @@ impl Library {
             let sent: Vec<i64> = changes.iter().map(|c| c.id as i64).collect();
             let by_change: std::collections::HashMap<uuid::Uuid, &PushedChange> =
                 changes.iter().map(|c| (c.change_id, c)).collect();
+            tracing::Span::current().record("outbox_through", changes.last().map_or(0, |c| c.id));
+            let started = std::time::Instant::now();
             let response = transport
                 .push(PushRequest {
                     protocol_version: PROTOCOL_VERSION,
@@ -241,6 +248,8 @@ impl Library {
                     changes: changes.clone(),
                 })
                 .await?;
+            crate::metrics::record_push(self.id(), started);
+            tracing::Span::current().record("latest", response.latest_seq.0);
             if response.protocol_version != PROTOCOL_VERSION {
                 return Err(PushError::VersionMismatch {
                     ours: PROTOCOL_VERSION,
@@ -318,6 +327,7 @@ impl Library {
                     | sea_orm::TransactionError::Transaction(e) => PushError::from(e),
                 })?;
             outcome.acknowledged += removed;
+            crate::metrics::record_acknowledged(self.id(), removed);
             outcome.rejected += response.rejected.len() as u64;
             outcome.latest_seq = response.latest_seq;
         }
@@ -325,7 +335,27 @@ impl Library {
 
     /// The leader's side of a push: takes the changes it has not taken yet, in one
     /// transaction, and acknowledges the last outbox id taken.
+    #[tracing::instrument(
+        name = "take",
+        skip_all,
+        fields(
+            library = %self.id(),
+            device = %request.device_id,
+            changes = request.changes.len(),
+            latest
+        )
+    )]
     pub async fn serve_push(&self, request: &PushRequest) -> Result<PushResponse, PushError> {
+        let started = std::time::Instant::now();
+        let outcome = self.serve_push_checked(request).await;
+        if let Ok(response) = &outcome {
+            tracing::Span::current().record("latest", response.latest_seq.0);
+        }
+        crate::metrics::record_take(self.id(), request, &outcome, started);
+        outcome
+    }
+
+    async fn serve_push_checked(&self, request: &PushRequest) -> Result<PushResponse, PushError> {
         if request.protocol_version != PROTOCOL_VERSION {
             return Err(PushError::VersionMismatch {
                 ours: PROTOCOL_VERSION,
@@ -468,6 +498,15 @@ impl Library {
             .await?;
         }
         crate::library::save_clock_floor(txn, self.id(), &self.context.clock).await?;
+        crate::metrics::record_taken(self.id(), request.device_id, outcome.taken);
+        if !outcome.rejected.is_empty() {
+            crate::metrics::record_rejected(
+                self.id(),
+                request.device_id,
+                "set_aside",
+                outcome.rejected.len() as u64,
+            );
+        }
         Ok(outcome)
     }
 

@@ -16,6 +16,11 @@ impl Library {
     /// `request.limit` of them and about `request.max_bytes` of payload (both clamped to
     /// the protocol's bounds, at least one entry), with entries of unrequested models and
     /// superseded entries replaced by `Skipped` runs.
+    #[tracing::instrument(
+        name = "serve_pull",
+        skip_all,
+        fields(library = %self.id(), after = request.after.0, through)
+    )]
     pub async fn serve_pull(&self, request: &PullRequest) -> Result<PullResponse, PullError> {
         if request.protocol_version != PROTOCOL_VERSION {
             return Err(PullError::VersionMismatch {
@@ -42,10 +47,18 @@ impl Library {
             taken.push(entry);
         }
         let latest_seq = self.latest_seq().await?;
+        let through = taken.last().map_or(request.after, |e| e.seq);
+        tracing::Span::current().record("through", through.0);
+        let items = select(taken, request.models.as_deref(), &self.registry);
+        let served = items
+            .iter()
+            .filter(|i| matches!(i, PulledItem::Entry(_)))
+            .count();
+        crate::metrics::record_served(self.id(), served);
         Ok(PullResponse {
             protocol_version: PROTOCOL_VERSION,
             library_id: self.id(),
-            items: select(taken, request.models.as_deref(), &self.registry),
+            items,
             latest_seq,
         })
     }

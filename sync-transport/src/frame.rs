@@ -277,7 +277,11 @@ pub(crate) async fn read_bytes(stream: &mut quinn::RecvStream) -> Result<Vec<u8>
     let mut frame = vec![0u8; HEADER_LEN + len];
     frame[..HEADER_LEN].copy_from_slice(&header);
     match stream.read_exact(&mut frame[HEADER_LEN..]).await {
-        Ok(()) => Ok(frame),
+        Ok(()) => {
+            metrics::counter!(sync_core::metrics::TRANSPORT_BYTES_RECEIVED)
+                .increment(frame.len() as u64);
+            Ok(frame)
+        }
         Err(quinn::ReadExactError::FinishedEarly(_)) => Err(FrameError::Truncated("body").into()),
         Err(quinn::ReadExactError::ReadError(e)) => Err(e.into()),
     }
@@ -299,7 +303,9 @@ pub(crate) async fn write<T: Serialize>(
     stream
         .write_all(&frame)
         .await
-        .map_err(|e| crate::TransportError::Lost(e.to_string()))
+        .map_err(|e| crate::TransportError::Lost(e.to_string()))?;
+    metrics::counter!(sync_core::metrics::TRANSPORT_BYTES_SENT).increment(frame.len() as u64);
+    Ok(())
 }
 
 /// The protocol version a peer's first frame states, if it states one: lets a leader

@@ -100,6 +100,11 @@ impl Server {
             .map_err(|e| TransportError::Config(format!("cannot listen on {addr}: {e}")))?;
         let local_addr = endpoint.local_addr().map_err(TransportError::Io)?;
         let watchers = served.values().map(Library::watch_commits).collect();
+        for id in served.keys() {
+            // Shown as 0 from the start rather than absent until the first session.
+            metrics::gauge!(sync_core::metrics::CONNECTED_FOLLOWERS, "library" => id.to_string())
+                .increment(0.0);
+        }
         let shared = Arc::new(Shared {
             libraries: served,
             config,
@@ -388,6 +393,7 @@ async fn session(
     fingerprint: KeyFingerprint,
     shared: Arc<Shared>,
 ) {
+    let _connected = Connected::open(&library);
     let mut latest = library.watch_latest_seq();
     let mut membership = library.watch_membership();
     let mut recheck = tokio::time::interval(shared.config.membership_recheck);
@@ -450,6 +456,11 @@ async fn still_member(
 }
 
 /// Answers one request stream.
+#[tracing::instrument(
+    name = "request",
+    skip_all,
+    fields(library = %library.id(), %device)
+)]
 async fn answer(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -510,6 +521,13 @@ async fn answer(
         Request::Push(push) => {
             // A device pushes only its own changes: the TLS handshake proved which it is.
             let reply = if push.device_id != device {
+                metrics::counter!(
+                    sync_core::metrics::PUSH_CHANGES_REJECTED,
+                    "library" => library.id().to_string(),
+                    "device" => device.to_string(),
+                    "reason" => "other_device",
+                )
+                .increment(push.changes.len() as u64);
                 Response::Refused {
                     code: Refusal::BadRequest,
                     message: format!(
@@ -559,6 +577,26 @@ async fn record_position(
     }
     if let Err(e) = library.record_peer_position(device, after).await {
         tracing::debug!(%device, %e, "recording a follower's position failed");
+    }
+}
+
+/// Counts a session in `sync_connected_followers` for as long as it lives (also when its
+/// task is aborted).
+struct Connected(String);
+
+impl Connected {
+    fn open(library: &Library) -> Connected {
+        let library = library.id().to_string();
+        metrics::gauge!(sync_core::metrics::CONNECTED_FOLLOWERS, "library" => library.clone())
+            .increment(1.0);
+        Connected(library)
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        metrics::gauge!(sync_core::metrics::CONNECTED_FOLLOWERS, "library" => self.0.clone())
+            .decrement(1.0);
     }
 }
 

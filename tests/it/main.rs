@@ -14,3 +14,4 @@ mod ordering;
 mod quic;
 mod set_aside;
 mod support;
+mod telemetry;
