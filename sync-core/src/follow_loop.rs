@@ -54,6 +54,9 @@ pub struct FollowStatus {
     pub last_error: Option<String>,
     /// This follower's own changes waiting to be pushed, as of the last round.
     pub outbox: u64,
+    /// Pulled entries parked on this device (`Library::parked`), as of the last round:
+    /// until they are retried or dropped, this device's copy of their records differs.
+    pub parked: u64,
 }
 
 /// Records a pull applied, for UIs that refresh what they show.
@@ -232,7 +235,15 @@ impl LoopState {
             crate::metrics::record_outbox(self.library.id(), outbox);
         }
         let outbox = counted.unwrap_or(0);
-        self.status.send_modify(|s| s.outbox = outbox);
+        let parked = self.library.parked_count().await;
+        if let Ok(parked) = parked {
+            crate::metrics::record_parked(self.library.id(), parked);
+        }
+        let parked = parked.unwrap_or(0);
+        self.status.send_modify(|s| {
+            s.outbox = outbox;
+            s.parked = parked;
+        });
         pulled.and(pushed)
     }
 

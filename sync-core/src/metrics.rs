@@ -70,10 +70,12 @@ pub const PUSH_CHANGES_TAKEN: &str = "sync_push_changes_taken_total";
 /// refused push counts each change it carried; a change that is sent again and refused
 /// again counts again. `reason` is [`push_refusal_reason`] of the refusal
 /// (`version_mismatch`, `not_leader`, `not_writer`, `bad_change`, `database`, `log`,
-/// `bad_request`), or `other_device` when a QUIC session pushed for another device.
+/// `bad_request`), `other_device` when a QUIC session pushed for another device, or
+/// `set_aside` for a change of an accepted push that the leader could not store (recorded
+/// in `Library::rejected`; counted once, when first taken).
 pub const PUSH_CHANGES_REJECTED: &str = "sync_push_changes_rejected_total";
-/// Gauge, leader, `library`: pushed changes the leader has parked instead of taking,
-/// waiting for an operator or a newer app.
+/// Gauge, follower, `library`: pulled entries parked (`Library::park`) instead of applied,
+/// and parking requests not reached yet, as of the follow loop's last round.
 pub const PARKED_ENTRIES: &str = "sync_parked_entries";
 /// Histogram, leader, `library`: the leader's side of one push (checks, merging and
 /// logging its changes, commit), in seconds. Refused pushes are observed too.
@@ -211,6 +213,11 @@ pub(crate) fn record_applied(library: LibraryId, entries: usize, started: Instan
     let library = library.to_string();
     counter!(APPLY_ENTRIES, "library" => library.clone()).increment(entries as u64);
     histogram_seconds(APPLY_DURATION, library, started);
+}
+
+/// Records a follower's parked entries.
+pub(crate) fn record_parked(library: LibraryId, entries: u64) {
+    gauge!(PARKED_ENTRIES, "library" => library.to_string()).set(entries as f64);
 }
 
 /// Records a follower's outbox length.
