@@ -417,6 +417,22 @@ where
         .pending_saves
         .remove(&(E::SYNC_ID, key.clone()));
     if !E::should_sync(&model) {
+        if !insert {
+            // The filter turned false (or was false already): to the other devices the
+            // record is gone, here it stays, local. (A record filtered all along is
+            // "deleted" again: the leader logs nothing for a pushed delete of a record it
+            // does not have, and followers delete nothing.)
+            scope.buffer().changes.push(CapturedChange {
+                model: E::SYNC_ID,
+                record_id: key,
+                op: ChangeOp::Delete,
+                data: None,
+                changed: Vec::new(),
+                hlc: scope.context.clock.now(),
+                schema_version: E::SCHEMA_VERSION,
+                author: None,
+            });
+        }
         return Ok(model);
     }
     // Without a pending entry (a hook called by hand, out of order) claim every synced

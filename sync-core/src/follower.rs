@@ -135,6 +135,9 @@ pub enum ApplyError {
     Db(#[from] DbErr),
 }
 
+/// `(model, record_id)` of rows local to this device, among a response's entries.
+type LocalRows = std::collections::HashSet<(String, String)>;
+
 /// Statements built ahead of the one executing: bounds what a batch holds twice.
 const STATEMENTS_AHEAD: usize = 4;
 
@@ -265,6 +268,66 @@ impl Library {
         Ok(())
     }
 
+    /// The records among `items` whose rows here are local to this device (their model's
+    /// filter excludes them), which apply passes over. On a write-role follower an upsert
+    /// that would have re-created such a record elsewhere is answered with a delete in the
+    /// outbox: the record stays gone on the other devices and local here.
+    async fn local_rows(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+        items: &[PulledItem],
+    ) -> Result<LocalRows, DbErr> {
+        let mut keys: std::collections::HashMap<&str, Vec<String>> = Default::default();
+        for item in items {
+            if let PulledItem::Entry(entry) = item
+                && self
+                    .registry
+                    .get(&entry.model)
+                    .is_some_and(|ops| ops.filtered())
+            {
+                keys.entry(entry.model.as_str())
+                    .or_default()
+                    .push(entry.record_id.clone());
+            }
+        }
+        let mut local = LocalRows::new();
+        for (model, keys) in keys {
+            let Some(ops) = self.registry.get(model) else {
+                continue;
+            };
+            for key in ops.local_only(txn, keys).await? {
+                local.insert((model.to_owned(), key));
+            }
+        }
+        if local.is_empty() || self.is_read_only() || self.role() != Role::Follower {
+            return Ok(local);
+        }
+        let mut deletes = Vec::new();
+        for item in items {
+            if let PulledItem::Entry(entry) = item
+                && entry.op == crate::ChangeOp::Upsert
+                && local.contains(&(entry.model.clone(), entry.record_id.clone()))
+                && let Some(ops) = self.registry.get(&entry.model)
+            {
+                deletes.push(crate::capture::CapturedChange {
+                    model: ops.sync_id(),
+                    record_id: entry.record_id.clone(),
+                    op: crate::ChangeOp::Delete,
+                    data: None,
+                    changed: Vec::new(),
+                    hlc: self.context.clock.now(),
+                    schema_version: ops.schema_version(),
+                    author: None,
+                });
+            }
+        }
+        if !deletes.is_empty() {
+            self.append_outbox(txn, deletes).await?;
+            self.outbox_changed();
+        }
+        Ok(local)
+    }
+
     /// One transaction of `apply_all`: `first`, then responses taken from `more` while the
     /// transaction is under [`APPLY_GROUP_ENTRIES`], and the position they reach.
     ///
@@ -318,15 +381,16 @@ impl Library {
         }
         let backend = txn.get_database_backend();
         let parking = Parking::load(txn, self.id()).await?;
-        let (to_build, building) = std::sync::mpsc::channel::<Vec<PulledItem>>();
+        let (to_build, building) = std::sync::mpsc::channel::<(Vec<PulledItem>, LocalRows)>();
         let (statements, mut ready) = tokio::sync::mpsc::channel(STATEMENTS_AHEAD);
         let (built_one, mut built) = tokio::sync::mpsc::unbounded_channel::<()>();
         let mut taken = first.items.len();
         // The builder stops when this sender is gone and it has built what it was given.
         let mut to_build = Some(to_build);
+        let local = self.local_rows(txn, &first.items).await?;
         if let Some(sender) = &to_build {
             // Nothing can have failed yet: the builder is spawned below.
-            let _ = sender.send(first.items);
+            let _ = sender.send((first.items, local));
         }
         let preparing = tokio::task::spawn_blocking({
             let this = self.clone();
@@ -341,9 +405,16 @@ impl Library {
                 Some(()) = built.recv(), if to_build.is_some() => {
                     match self.next_to_build(&mut taken, more) {
                         Ok(Some(items)) => {
+                            let local = match self.local_rows(txn, &items).await {
+                                Ok(local) => local,
+                                Err(e) => {
+                                    written = Err(e.into());
+                                    break;
+                                }
+                            };
                             if let Some(sender) = &to_build {
                                 // A builder that has gone has failed: its error comes below.
-                                let _ = sender.send(items);
+                                let _ = sender.send((items, local));
                             }
                         }
                         Ok(None) => to_build = None,
@@ -411,7 +482,7 @@ impl Library {
         &self,
         start: Position,
         mut parking: Parking,
-        responses: std::sync::mpsc::Receiver<Vec<PulledItem>>,
+        responses: std::sync::mpsc::Receiver<(Vec<PulledItem>, LocalRows)>,
         backend: sea_orm::DbBackend,
         statements: tokio::sync::mpsc::Sender<sea_orm::Statement>,
         built: tokio::sync::mpsc::UnboundedSender<()>,
@@ -422,10 +493,11 @@ impl Library {
             ..Applied::default()
         };
         let writer_gone = || statements.is_closed();
-        while let Ok(items) = responses.recv() {
+        while let Ok((items, local)) = responses.recv() {
             self.prepare_batch(
                 &mut applied,
                 items,
+                &local,
                 &mut parking,
                 backend,
                 &mut emit,
@@ -445,6 +517,7 @@ impl Library {
         &self,
         applied: &mut Applied,
         items: Vec<PulledItem>,
+        local: &LocalRows,
         parking: &mut Parking,
         backend: sea_orm::DbBackend,
         emit: &mut dyn FnMut(sea_orm::Statement) -> bool,
@@ -488,6 +561,13 @@ impl Library {
                         if !emit(park_statement(backend, self.id(), entry, &reason)?) {
                             return Err(ApplyError::Interrupted);
                         }
+                        continue;
+                    }
+                    if !local.is_empty()
+                        && local.contains(&(entry.model.clone(), entry.record_id.clone()))
+                    {
+                        // This device's row is local (its filter excludes it): entries
+                        // from elsewhere never touch it.
                         continue;
                     }
                     self.check_entry(entry)?;

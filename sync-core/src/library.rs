@@ -656,6 +656,13 @@ impl Library {
         self.context.read_only
     }
 
+    /// Wakes the follow loop to push (a write entered the outbox). Said before the write
+    /// commits, it makes the loop push at most once too early; the next wake-up or poll
+    /// pushes the change.
+    pub(crate) fn outbox_changed(&self) {
+        self.outbox_news.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     pub(crate) fn membership_changed(&self) {
         self.membership.send_modify(|n| *n = n.wrapping_add(1));
     }

@@ -661,6 +661,29 @@ impl Library {
             change.hlc
         };
         self.context.clock.observe(hlc);
+        if ops.filtered()
+            && !ops
+                .local_only(txn, vec![change.record_id.clone()])
+                .await?
+                .is_empty()
+        {
+            // The leader's row is local (its filter excludes it): to every other device
+            // the record is gone, and a pushed change never overwrites it. A pushed upsert
+            // is answered with that delete, so that its author converges.
+            if change.op == ChangeOp::Upsert {
+                capture::record(CapturedChange {
+                    model: ops.sync_id(),
+                    record_id: change.record_id.clone(),
+                    op: ChangeOp::Delete,
+                    data: None,
+                    changed: Vec::new(),
+                    hlc: self.context.clock.now(),
+                    schema_version: change.schema_version,
+                    author: Some(device),
+                })?;
+            }
+            return Ok(());
+        }
         let current = ops.current(txn, &change.record_id).await?;
         let concurrent = concurrent_entries(
             txn,

@@ -59,6 +59,15 @@ pub(crate) trait ModelOps: Send + Sync {
         local: &Fields,
         remote: &Fields,
     ) -> Result<Option<Fields>, String>;
+    /// `Syncable::FILTERED`.
+    fn filtered(&self) -> bool;
+    /// Those of `keys` whose row exists here and is local to this device (the model's
+    /// filter excludes it). Empty at once for a model without a filter.
+    fn local_only<'a>(
+        &'a self,
+        txn: &'a DatabaseTransaction,
+        keys: Vec<String>,
+    ) -> BoxFuture<'a, Result<std::collections::HashSet<String>, DbErr>>;
     /// Sets synced fields of an existing record through the model's hooks (so the write is
     /// recorded). A missing record is left missing.
     fn set_fields<'a>(
@@ -211,6 +220,34 @@ where
                     .map_err(|e| DbErr::Json(format!("`{}`: {e}", E::SYNC_ID))),
                 _ => Ok(None),
             }
+        })
+    }
+    fn filtered(&self) -> bool {
+        E::FILTERED
+    }
+    fn local_only<'a>(
+        &'a self,
+        txn: &'a DatabaseTransaction,
+        keys: Vec<String>,
+    ) -> BoxFuture<'a, Result<std::collections::HashSet<String>, DbErr>> {
+        Box::pin(async move {
+            let mut local = std::collections::HashSet::new();
+            if !E::FILTERED {
+                return Ok(local);
+            }
+            for key in keys {
+                let Some(pk) = E::parse_key(&key) else {
+                    continue;
+                };
+                if E::find_by_id(pk)
+                    .one(txn)
+                    .await?
+                    .is_some_and(|model| !E::should_sync(&model))
+                {
+                    local.insert(key);
+                }
+            }
+            Ok(local)
         })
     }
     fn merge_custom(

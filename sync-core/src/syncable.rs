@@ -109,7 +109,13 @@ pub trait Syncable: EntityTrait {
     /// field unset (the caller applies them).
     fn new_active(key: <Self::PrimaryKey as PrimaryKeyTrait>::ValueType) -> Self::ActiveModel;
 
-    /// The per-record filter: a record for which this is false is not recorded.
+    /// True when the model has a per-record filter (`#[sync(filter = "…")]`): apply then
+    /// looks for rows that are local to this device before it writes.
+    const FILTERED: bool = false;
+
+    /// The per-record filter: a record for which this is false is local to this device.
+    /// When an update makes it false, the record leaves the other devices (a delete is
+    /// recorded) and stays here; entries pulled or pushed for it never touch this row.
     fn should_sync(_model: &Self::Model) -> bool {
         true
     }

@@ -95,6 +95,8 @@ pub(crate) fn expand(model: &SyncModel) -> TokenStream {
     };
     let should_sync = model.filter.as_ref().map(|path| {
         quote! {
+            const FILTERED: bool = true;
+
             fn should_sync(model: &Model) -> bool {
                 #path(model)
             }

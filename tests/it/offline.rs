@@ -115,7 +115,7 @@ pub(crate) struct Three {
 impl Three {
     /// `first` syncs, then the other follower, then `first` again (to pull what the other
     /// pushed); then all three must hold the same data.
-    async fn settle(&self, first: &Library) {
+    pub(crate) async fn settle(&self, first: &Library) {
         let leader = &self.leader.library;
         let other = if first.device_id() == self.a.device_id() {
             &self.b
@@ -129,7 +129,7 @@ impl Three {
     }
 
     /// Both followers pull what the leader has.
-    async fn pull_both(&self) {
+    pub(crate) async fn pull_both(&self) {
         sync(&self.a, &self.leader.library).await;
         sync(&self.b, &self.leader.library).await;
     }

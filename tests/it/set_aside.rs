@@ -360,3 +360,73 @@ async fn a_mysql_follower_stops_at_a_value_too_long_and_goes_on_once_parked() {
     let _ = example_app::drop_database(&url).await;
     leader.finish().await;
 }
+
+/// The leader renames a shared tag into its private form (`.name`: the filter keeps it on
+/// this device): the followers see it deleted, and a follower's later edit of it does not
+/// overwrite the leader's private row; every dump is the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_leader_makes_local_leaves_the_others_and_stays_private() {
+    let Some(t) = three(Backend::Sqlite, "set_aside::leader_filter").await else {
+        return;
+    };
+    let l = &t.leader.library;
+    let tag = put(l, "tag", json!({"name": "shared"})).await;
+    let id = id_of(&tag);
+    t.pull_both().await;
+    put(l, "tag", json!({"id": id, "name": ".private"})).await;
+    crate::offline::tick().await;
+    // a edits it before it has heard of the rename.
+    put(&t.a, "tag", json!({"id": id, "color": "red"})).await;
+    t.settle(&t.a).await;
+    let kept = get(l, "tag", &id).await.expect("the leader keeps its row");
+    assert_eq!(kept["name"], ".private");
+    assert!(
+        kept["color"].is_null(),
+        "not overwritten by the push: {kept}"
+    );
+    assert!(get(&t.a, "tag", &id).await.is_none());
+    assert!(get(&t.b, "tag", &id).await.is_none());
+    t.leader.finish().await;
+}
+
+/// A follower renames a shared tag into its private form: the leader and the other
+/// follower see it deleted, and it stays on that follower, also when its own delete comes
+/// back and when another device's later edit re-creates the record elsewhere (the
+/// follower answers with a delete again). Renamed back, it is shared again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_a_follower_makes_local_leaves_the_others_and_stays_private() {
+    let Some(t) = three(Backend::Sqlite, "set_aside::follower_filter").await else {
+        return;
+    };
+    let l = &t.leader.library;
+    let tag = put(l, "tag", json!({"name": "shared"})).await;
+    let id = id_of(&tag);
+    t.pull_both().await;
+    put(&t.a, "tag", json!({"id": id, "name": ".mine"})).await;
+    sync(&t.a, l).await;
+    assert!(get(l, "tag", &id).await.is_none(), "gone from the leader");
+    assert_eq!(get(&t.a, "tag", &id).await.expect("kept")["name"], ".mine");
+    crate::offline::tick().await;
+    // b edits it later, without having heard of the rename: it re-creates it on the leader.
+    put(&t.b, "tag", json!({"id": id, "color": "blue"})).await;
+    sync(&t.b, l).await;
+    // a passes over the re-creation and answers with a delete, pushed on its next round.
+    sync(&t.a, l).await;
+    sync(&t.a, l).await;
+    t.pull_both().await;
+    assert_converged(&[l, &t.a, &t.b]).await;
+    assert!(get(l, "tag", &id).await.is_none());
+    assert_eq!(
+        get(&t.a, "tag", &id).await.expect("still private")["name"],
+        ".mine"
+    );
+
+    // Back to a shared name: it reaches every device again.
+    put(&t.a, "tag", json!({"id": id, "name": "back"})).await;
+    t.settle(&t.a).await;
+    assert_eq!(
+        get(&t.b, "tag", &id).await.expect("shared again")["name"],
+        "back"
+    );
+    t.leader.finish().await;
+}
