@@ -138,6 +138,13 @@ pub enum ApplyError {
 /// `(model, record_id)` of rows local to this device, among a response's entries.
 type LocalRows = std::collections::HashSet<(String, String)>;
 
+/// One response's items as the builder takes them, with the rows among them that are
+/// local to this device.
+struct Batch {
+    items: Vec<PulledItem>,
+    local: LocalRows,
+}
+
 /// Statements built ahead of the one executing: bounds what a batch holds twice.
 const STATEMENTS_AHEAD: usize = 4;
 
@@ -381,7 +388,7 @@ impl Library {
         }
         let backend = txn.get_database_backend();
         let parking = Parking::load(txn, self.id()).await?;
-        let (to_build, building) = std::sync::mpsc::channel::<(Vec<PulledItem>, LocalRows)>();
+        let (to_build, building) = std::sync::mpsc::channel::<Batch>();
         let (statements, mut ready) = tokio::sync::mpsc::channel(STATEMENTS_AHEAD);
         let (built_one, mut built) = tokio::sync::mpsc::unbounded_channel::<()>();
         let mut taken = first.items.len();
@@ -390,7 +397,10 @@ impl Library {
         let local = self.local_rows(txn, &first.items).await?;
         if let Some(sender) = &to_build {
             // Nothing can have failed yet: the builder is spawned below.
-            let _ = sender.send((first.items, local));
+            let _ = sender.send(Batch {
+                items: first.items,
+                local,
+            });
         }
         let preparing = tokio::task::spawn_blocking({
             let this = self.clone();
@@ -414,7 +424,7 @@ impl Library {
                             };
                             if let Some(sender) = &to_build {
                                 // A builder that has gone has failed: its error comes below.
-                                let _ = sender.send((items, local));
+                                let _ = sender.send(Batch { items, local });
                             }
                         }
                         Ok(None) => to_build = None,
@@ -482,7 +492,7 @@ impl Library {
         &self,
         start: Position,
         mut parking: Parking,
-        responses: std::sync::mpsc::Receiver<(Vec<PulledItem>, LocalRows)>,
+        responses: std::sync::mpsc::Receiver<Batch>,
         backend: sea_orm::DbBackend,
         statements: tokio::sync::mpsc::Sender<sea_orm::Statement>,
         built: tokio::sync::mpsc::UnboundedSender<()>,
@@ -493,11 +503,10 @@ impl Library {
             ..Applied::default()
         };
         let writer_gone = || statements.is_closed();
-        while let Ok((items, local)) = responses.recv() {
+        while let Ok(batch) = responses.recv() {
             self.prepare_batch(
                 &mut applied,
-                items,
-                &local,
+                batch,
                 &mut parking,
                 backend,
                 &mut emit,
@@ -516,8 +525,7 @@ impl Library {
     fn prepare_batch(
         &self,
         applied: &mut Applied,
-        items: Vec<PulledItem>,
-        local: &LocalRows,
+        Batch { items, local }: Batch,
         parking: &mut Parking,
         backend: sea_orm::DbBackend,
         emit: &mut dyn FnMut(sea_orm::Statement) -> bool,
