@@ -34,6 +34,7 @@ enum Command {
         library_name: String,
     },
     /// Inserts a record, or updates it when the JSON carries an existing `id`; prints it.
+    /// `@FILE` reads the JSON from a file.
     Put { model: String, json: String },
     /// Deletes a record.
     Delete { model: String, id: String },
@@ -343,6 +344,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Put { model, json } => {
             let library = open(&cli.db).await?;
+            // `@FILE` reads the JSON from a file (values larger than an argument may be).
+            let json = match json.strip_prefix('@') {
+                Some(path) => std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read {path}: {e}"))?,
+                None => json,
+            };
             print_json(&ops::put(&library, &model, &json).await?)?;
         }
         Command::Delete { model, id } => {
