@@ -57,6 +57,9 @@ pub struct FollowStatus {
     /// Pulled entries parked on this device (`Library::parked`), as of the last round:
     /// until they are retried or dropped, this device's copy of their records differs.
     pub parked: u64,
+    /// This device's changes the leader could not store, set aside
+    /// (`Library::rejected`), as of the last round.
+    pub rejected: u64,
 }
 
 /// Records a pull applied, for UIs that refresh what they show.
@@ -240,9 +243,11 @@ impl LoopState {
             crate::metrics::record_parked(self.library.id(), parked);
         }
         let parked = parked.unwrap_or(0);
+        let rejected = self.library.rejected_count().await.unwrap_or(0);
         self.status.send_modify(|s| {
             s.outbox = outbox;
             s.parked = parked;
+            s.rejected = rejected;
         });
         pulled.and(pushed)
     }
