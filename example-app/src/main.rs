@@ -10,7 +10,60 @@ use example_app::{Migrator, connect, drop_database, fresh_database, ops, registr
 use sea_orm_migration::MigratorTrait;
 use sync_core::{Access, FollowConfig, Library, OpenError, Resolution, Seq};
 
+/// Stdout was closed by its reader: the command stops quietly, with success, like the
+/// standard tools behind a pipe into `head`.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Writes one line to stdout. Unlike `println!`, a closed stdout is an error the command
+/// ends with (quietly, see `StdoutClosed`), not a panic.
+fn say_line(line: std::fmt::Arguments<'_>) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot write to stdout")),
+    }
+}
+
+/// `println!` for the commands' output: `?`s the caller out when stdout is closed.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        say_line(format_args!($($arg)*))?
+    };
+}
+
+/// `eprintln!` that never panics: a closed stderr loses the message, nothing more.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 const DEFAULT_DB: &str = "sqlite://media-library.db?mode=rwc";
+
+/// The largest seq (and count of entries) a database can hold: seqs are stored as
+/// signed 64-bit integers.
+const SEQ_MAX: u64 = i64::MAX as u64;
+
+/// Concurrent writers of `load` and `bench capture`: each is a task with a connection.
+const WRITERS_MAX: u64 = 1_024;
+
+/// Writes per transaction of `load` and `bench capture`.
+const BATCH_MAX: u64 = 100_000;
+
+/// Followers of `bench fanout`: each is a connection and a database file.
+const FANOUT_FOLLOWERS_MAX: u64 = 1_000;
 
 #[derive(Parser)]
 #[command(
@@ -44,21 +97,23 @@ enum Command {
     /// Log entries as JSON lines.
     Log {
         /// The first seq to print.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=SEQ_MAX))]
         from: u64,
-        #[arg(long, default_value_t = 100)]
+        /// How many entries at most.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=SEQ_MAX))]
         limit: u64,
     },
     /// A seeded random mix of writes over all models.
     Load {
         #[arg(long)]
         count: u64,
-        #[arg(long, default_value_t = 1)]
+        /// Concurrent writers.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=WRITERS_MAX))]
         concurrency: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Writes per transaction.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=BATCH_MAX))]
         batch: u64,
         /// The same writes with capture switched off.
         #[arg(long)]
@@ -189,7 +244,7 @@ enum Bench {
     /// One leader, many live followers (in a child process): the leader's memory and CPU
     /// per follower.
     Fanout {
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=FANOUT_FOLLOWERS_MAX))]
         followers: usize,
         #[arg(long, default_value_t = 200)]
         writes: u64,
@@ -219,10 +274,10 @@ enum Bench {
     Capture {
         #[arg(long, default_value_t = 4000)]
         count: u64,
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=WRITERS_MAX))]
         concurrency: u64,
         /// Writes per transaction; give it more than once for several runs.
-        #[arg(long, default_values_t = [1, 100])]
+        #[arg(long, default_values_t = [1, 100], value_parser = clap::value_parser!(u64).range(1..=BATCH_MAX))]
         batch: Vec<u64>,
         /// Measured rounds per case (the best is reported).
         #[arg(long, default_value_t = 3)]
@@ -238,8 +293,10 @@ async fn main() -> ExitCode {
         .init();
     match run(Cli::parse()).await {
         Ok(code) => code,
+        // The reader of stdout has gone (`… | head`): it has seen all it wanted.
+        Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            note!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -291,7 +348,7 @@ fn progress_bar() -> Option<indicatif::ProgressBar> {
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string(value)?);
+    say!("{}", serde_json::to_string(value)?);
     Ok(())
 }
 
@@ -299,7 +356,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Init { library_name } => {
             let library = init(&cli.db, &library_name).await?;
-            println!(
+            say!(
                 "created library {} led by this device {}",
                 library.id(),
                 library.device_id()
@@ -318,7 +375,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             match ops::get(&library, &model, &id).await? {
                 Some(record) => print_json(&record)?,
                 None => {
-                    eprintln!("error: no {model} with id {id}");
+                    note!("error: no {model} with id {id}");
                     return Ok(ExitCode::FAILURE);
                 }
             }
@@ -360,7 +417,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 print_json(&status)?;
             } else {
-                println!("{}", net::describe(&status));
+                say!("{}", net::describe(&status));
             }
         }
         Command::Conflicts { json } => {
@@ -369,12 +426,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 print_json(&conflicts)?;
             } else if conflicts.is_empty() {
-                println!("no open conflicts");
+                say!("no open conflicts");
             } else {
                 for c in &conflicts {
-                    println!(
+                    say!(
                         "{}  {} {}  local {}  remote {}",
-                        c.id, c.model, c.record_id, c.local, c.remote
+                        c.id,
+                        c.model,
+                        c.record_id,
+                        c.local,
+                        c.remote
                     );
                 }
             }
@@ -393,15 +454,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 (None, None) => anyhow::bail!("say --take local|remote or --value JSON"),
             };
             library.resolve(&id, resolution).await?;
-            println!("resolved {id}");
+            say!("resolved {id}");
         }
         Command::Serve { listen } => {
             let library = open(&cli.db).await?;
             let server = net::serve(&library, listen).await?;
-            println!("listening on {}", server.local_addr());
+            say!("listening on {}", server.local_addr());
             shutdown_signal().await?;
             server.shutdown().await;
-            eprintln!("stopped serving");
+            note!("stopped serving");
         }
         Command::Invite { role, ttl, address } => {
             let library = open(&cli.db).await?;
@@ -409,11 +470,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 InviteRole::Read => Access::Read,
                 InviteRole::Write => Access::Write,
             };
-            println!("{}", net::invite(&library, access, ttl, address).await?);
+            say!("{}", net::invite(&library, access, ttl, address).await?);
         }
         Command::Join { token, name } => {
             let library = net::join(&cli.db, &token, name.as_deref()).await?;
-            println!(
+            say!(
                 "joined library {} ({}) as a follower with {} access",
                 library.id(),
                 library.name().await?,
@@ -435,22 +496,30 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 if let Some(bar) = bar {
                     bar.finish_and_clear();
                 }
-                println!("in sync at seq {}", position?.seq);
+                say!("in sync at seq {}", position?.seq);
             } else {
                 let follow = library.start_following(transport, FollowConfig::default());
-                eprintln!("following; Ctrl-C stops");
+                note!("following; Ctrl-C stops");
                 let mut events = follow.subscribe();
                 let signal = shutdown_signal();
                 tokio::pin!(signal);
+                let mut printed = Ok(());
                 loop {
                     tokio::select! {
                         result = &mut signal => { result?; break; }
                         event = events.recv() => match event {
-                            Ok(applied) => println!(
-                                "applied {} changes, now at seq {}",
-                                applied.records.len(),
-                                applied.position
-                            ),
+                            Ok(applied) => {
+                                let line = say_line(format_args!(
+                                    "applied {} changes, now at seq {}",
+                                    applied.records.len(),
+                                    applied.position
+                                ));
+                                // A closed stdout ends following, cleanly.
+                                if let Err(e) = line {
+                                    printed = Err(e);
+                                    break;
+                                }
+                            }
                             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                         },
@@ -459,6 +528,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 let status = follow.status();
                 follow.stop().await;
                 net::record_follow_status(&library, &status).await?;
+                printed?;
             }
         }
         Command::Devices { json } => {
@@ -468,7 +538,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 print_json(&members)?;
             } else {
                 for m in members {
-                    println!(
+                    say!(
                         "{}  {:<6} {:<8} position {}  {}",
                         m.device_id,
                         m.access,
@@ -489,7 +559,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .parse()
                 .with_context(|| format!("`{device_id}` is not a device id (see `devices`)"))?;
             library.revoke(device).await?;
-            println!("revoked {device_id}");
+            say!("revoked {device_id}");
         }
         Command::Demo => demo().await?,
         Command::Bench {
@@ -582,7 +652,7 @@ async fn demo() -> Result<()> {
     )
     .await?;
     let server = net::serve(&leader, "127.0.0.1:0".parse()?).await?;
-    println!(
+    say!(
         "leader   {} serves library {} over QUIC on {}",
         leader.device_id(),
         leader.id(),
@@ -602,7 +672,7 @@ async fn demo() -> Result<()> {
         Some("demo follower"),
     )
     .await?;
-    println!(
+    say!(
         "follower {} joined with a one-time invite (leader key pinned)",
         follower.device_id()
     );
@@ -625,7 +695,7 @@ async fn demo() -> Result<()> {
     .await?;
     let meta_id = meta["id"].as_str().unwrap_or_default().to_owned();
     ops::put(&leader, "temp_file", r#"{"path":"/tmp/thumb.jpg"}"#).await?;
-    println!("leader   put a volume, user_metadata and a temp_file (temp files never sync)");
+    say!("leader   put a volume, user_metadata and a temp_file (temp files never sync)");
     let latest = leader.latest_seq().await?;
     let caught_up = follow
         .wait_for(std::time::Duration::from_secs(30), |s| s.position >= latest)
@@ -638,7 +708,7 @@ async fn demo() -> Result<()> {
     }
     while let Ok(applied) = events.try_recv() {
         let models: Vec<&str> = applied.records.iter().map(|(m, _)| m.as_str()).collect();
-        println!(
+        say!(
             "follower applied {} at once, now at seq {}",
             models.join(", "),
             applied.position
@@ -656,7 +726,7 @@ async fn demo() -> Result<()> {
         .wait_for(std::time::Duration::from_secs(30), |s| s.position >= latest)
         .await
         .ok_or_else(|| anyhow::anyhow!("the follower did not apply the rename"))?;
-    println!(
+    say!(
         "leader   renamed the volume; the follower had it {:.1} ms later (live notice over QUIC)",
         started.elapsed().as_secs_f64() * 1e3
     );
@@ -664,7 +734,7 @@ async fn demo() -> Result<()> {
     // The leader goes away; the follower keeps working, and so does the leader.
     let address = server.local_addr();
     server.shutdown().await;
-    println!("leader   goes offline");
+    say!("leader   goes offline");
     ops::put(&follower, "tag", r#"{"name":"written offline"}"#).await?;
     ops::put(
         &follower,
@@ -678,7 +748,7 @@ async fn demo() -> Result<()> {
         &format!(r#"{{"id":"{meta_id}","tags":["holiday","2026","family"]}}"#),
     )
     .await?;
-    println!(
+    say!(
         "follower keeps writing: a new tag and the tag \"beach\" ({} changes wait in its outbox); \
          the leader meanwhile tags \"family\"",
         follower.outbox_len().await?
@@ -710,7 +780,7 @@ async fn demo() -> Result<()> {
         .await?
         .and_then(|m| m.get("tags").cloned())
         .unwrap_or_default();
-    println!(
+    say!(
         "leader   back on {address}: the follower pushed its outbox and pulled, {:.0} ms later at \
          seq {}; tags merged as a set: {tags}",
         started.elapsed().as_secs_f64() * 1e3,
@@ -731,7 +801,7 @@ async fn demo() -> Result<()> {
                 .map(str::to_owned)
         })
         .unwrap_or_default();
-    println!(
+    say!(
         "both hold identical synced data (seq {latest}); the volume's mount_point is {:?} on \
          the follower, /mnt/backup on the leader: local fields stay on their device",
         mount

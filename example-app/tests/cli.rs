@@ -528,3 +528,68 @@ fn a_manual_conflict_is_listed_and_resolved_from_the_cli() {
     assert_eq!(record["name"], "Images");
     drop(serving);
 }
+
+#[test]
+fn numeric_arguments_out_of_range_are_clear_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = sqlite_cli(dir.path(), "cli.db");
+    cli.ok(&["init"]);
+    cli.ok(&["put", "tag", r#"{"name":"one"}"#]);
+    let refused: &[&[&str]] = &[
+        &["log", "--limit", "99999999999999999999"],
+        // Fits in u64, not in the database's i64: reached the driver and panicked.
+        &["log", "--limit", "10000000000000000000"],
+        &["log", "--from", "10000000000000000000"],
+        &["log", "--limit", "0"],
+        &["load", "--count", "1", "--concurrency", "0"],
+        &["load", "--count", "1", "--batch", "18446744073709551615"],
+    ];
+    for args in refused {
+        let out = cli.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+        assert!(
+            stderr.contains("invalid value"),
+            "{args:?}: a clear error expected, got {stderr}"
+        );
+    }
+    // The bounds themselves are fine: nothing lies that far.
+    let max = i64::MAX.to_string();
+    assert_eq!(cli.ok(&["log", "--from", &max, "--limit", &max]), "");
+    assert_eq!(cli.ok(&["log", "--limit", &max]).lines().count(), 1);
+}
+
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cli = sqlite_cli(dir.path(), "cli.db");
+    cli.ok(&["init"]);
+    cli.ok(&["load", "--count", "300", "--batch", "100"]);
+    let commands: &[&[&str]] = &[
+        &["log", "--limit", "1000"],
+        &["dump"],
+        &["status", "--json"],
+        &["status"],
+    ];
+    for args in commands {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_example-app"))
+            .args(["--db", &cli.db])
+            .args(*args)
+            .env_remove("EXAMPLE_APP_DB")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn example-app");
+        // The reader goes away before anything is printed, as `| head -0` would.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+        assert!(
+            out.status.success(),
+            "{args:?} exits quietly with success: {:?} {stderr}",
+            out.status
+        );
+    }
+}

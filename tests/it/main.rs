@@ -12,4 +12,5 @@ mod foreign_keys;
 mod offline;
 mod ordering;
 mod quic;
+mod robust;
 mod support;
