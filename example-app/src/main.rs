@@ -287,8 +287,15 @@ enum Bench {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Without RUST_LOG: this app's and the sync crates' warnings (a request the leader
+    // could not answer, a follower's failed pull), every other crate's errors.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "error,sync_core=warn,sync_transport=warn,example_app=warn",
+        )
+    });
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()).await {

@@ -220,17 +220,25 @@ fn the_demo_runs_and_its_follower_matches_the_leader() {
 struct Serving {
     child: std::process::Child,
     address: String,
+    /// What it logs on stderr, line by line.
+    log: std::sync::mpsc::Receiver<String>,
 }
 
 impl Serving {
     fn start(cli: &Cli) -> Serving {
+        Serving::start_on(cli, "127.0.0.1:0")
+    }
+
+    fn start_on(cli: &Cli, listen: &str) -> Serving {
         let mut child = Command::new(env!("CARGO_BIN_EXE_example-app"))
-            .args(["--db", &cli.db, "serve", "--listen", "127.0.0.1:0"])
+            .args(["--db", &cli.db, "serve", "--listen", listen])
             .env_remove("EXAMPLE_APP_DB")
+            .env_remove("RUST_LOG")
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn serve");
+        let log = lines_of(child.stderr.take().expect("stderr"));
         let rx = lines_of(child.stdout.take().expect("stdout"));
         let line = rx
             .recv_timeout(DEADLINE)
@@ -239,7 +247,25 @@ impl Serving {
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line: {line}"))
             .to_owned();
-        Serving { child, address }
+        Serving {
+            child,
+            address,
+            log,
+        }
+    }
+
+    /// Waits (within the deadline) for a line of its log containing every one of `parts`.
+    fn wait_for_log(&self, parts: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + DEADLINE;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if parts.iter().all(|p| line.contains(p)) => return line,
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("serve logged no line with {parts:?}; it logged {seen:#?}"),
+            }
+        }
     }
 
     /// SIGTERM, then the exit status (within the deadline).
@@ -259,7 +285,7 @@ impl Drop for Serving {
 }
 
 /// The lines a child prints, as they come.
-fn lines_of(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+fn lines_of(stdout: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
@@ -592,4 +618,63 @@ fn a_closed_stdout_ends_a_command_quietly() {
             out.status
         );
     }
+}
+
+/// A log entry too large for one frame (as an older build could write; the library now
+/// refuses such records at write time): the leader cannot send it.
+fn insert_oversized_entry(cli: &Cli) {
+    use rand::Rng;
+    use sea_orm::ConnectionTrait;
+    // Random letters and digits: zstd cannot shrink them under the 16 MiB frame limit.
+    let name: String = rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(28 << 20)
+        .map(char::from)
+        .collect();
+    let id = uuid::Uuid::now_v7().to_string();
+    let data = serde_json::json!({"color": null, "id": id, "name": name}).to_string();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let db = example_app::connect(&cli.db).await.unwrap();
+        let backend = db.get_database_backend();
+        db.execute_raw(sea_orm::Statement::from_sql_and_values(
+            backend,
+            "INSERT INTO sync_log (library_id, seq, model, record_id, op, data, changed, \
+             device_id, hlc, schema_version, checksum) \
+             SELECT library_id, seq + 1, model, ?, op, ?, changed, device_id, hlc + 1, \
+             schema_version, checksum + 1 FROM sync_log ORDER BY seq DESC LIMIT 1",
+            [id.into(), data.into()],
+        ))
+        .await
+        .unwrap();
+        db.close().await.unwrap();
+    });
+}
+
+#[test]
+fn an_answer_over_the_frame_limit_is_refused_and_logged_by_the_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let leader = sqlite_cli(dir.path(), "leader.db");
+    let follower = sqlite_cli(dir.path(), "follower.db");
+    leader.ok(&["init"]);
+    leader.ok(&["put", "tag", r#"{"name":"small"}"#]);
+    insert_oversized_entry(&leader);
+    let serving = Serving::start(&leader);
+    let token = leader.ok(&["invite"]);
+    follower.ok(&["join", token.trim()]);
+
+    let out = follower.run(&["follow", "--once"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the follower cannot be in sync");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // The leader's reason, not a bare "the stream ended".
+    assert!(
+        stderr.contains("cannot send its answer") && stderr.contains("exceeds the limit"),
+        "{stderr}"
+    );
+    let logged = serving.wait_for_log(&["WARN", "exceeds the limit"]);
+    assert!(logged.contains("pull"), "{logged}");
+    // The entries before it arrived.
+    assert_eq!(json(&follower.ok(&["status", "--json"]))["position"], 1);
+    drop(serving);
 }

@@ -449,7 +449,9 @@ async fn still_member(
     }
 }
 
-/// Answers one request stream.
+/// Answers one request stream. Every request gets an answer or a refusal; one that
+/// cannot be answered (unreadable, or an answer that cannot be sent) is logged at warn
+/// with the reason.
 async fn answer(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -460,23 +462,43 @@ async fn answer(
 ) {
     let request = match tokio::time::timeout(timeout, frame::read::<Request>(&mut recv)).await {
         Ok(Ok(request)) => request,
+        // The follower opened a stream and closed it: nothing was asked.
         Ok(Err(ReadError::Ended)) => return,
         Ok(Err(e)) => {
-            let _ = reply_refused(&mut send, Refusal::BadRequest, e.to_string()).await;
+            let message = format!("the request could not be read: {e}");
+            reply(
+                &mut send,
+                device,
+                "request",
+                refused(Refusal::BadRequest, message),
+            )
+            .await;
             return;
         }
         Err(_) => {
-            let _ =
-                reply_refused(&mut send, Refusal::BadRequest, "no request in time".into()).await;
+            let message = format!("no request within {timeout:?}");
+            reply(
+                &mut send,
+                device,
+                "request",
+                refused(Refusal::BadRequest, message),
+            )
+            .await;
             return;
         }
     };
-    let library_id = match &request {
-        Request::Pull(pull) => pull.library_id,
-        Request::Push(push) => push.library_id,
+    let (library_id, what) = match &request {
+        Request::Pull(pull) => (pull.library_id, "pull"),
+        Request::Push(push) => (push.library_id, "push"),
         _ => {
             let message = "only `pull` and `push` are answered inside a session".to_owned();
-            let _ = reply_refused(&mut send, Refusal::BadRequest, message).await;
+            reply(
+                &mut send,
+                device,
+                "request",
+                refused(Refusal::BadRequest, message),
+            )
+            .await;
             return;
         }
     };
@@ -485,60 +507,105 @@ async fn answer(
             "this session is for library {}, not {library_id}",
             library.id()
         );
-        let _ = reply_refused(&mut send, Refusal::BadRequest, message).await;
+        reply(
+            &mut send,
+            device,
+            what,
+            refused(Refusal::BadRequest, message),
+        )
+        .await;
         return;
     }
     // Revocation is checked per request too: nothing is served after it.
     if let Err((code, message)) = admitted(&library, device).await {
-        let _ = reply_refused(&mut send, code, message).await;
+        reply(&mut send, device, what, refused(code, message)).await;
         return;
     }
     match request {
         Request::Pull(pull) => {
-            let reply = match library.serve_pull(&pull).await {
+            let answer = match library.serve_pull(&pull).await {
                 Ok(response) => Response::Pulled(response),
-                Err(e) => Response::Refused {
-                    code: Refusal::Internal,
-                    message: e.to_string(),
-                },
+                Err(e) => refused(Refusal::Internal, e.to_string()),
             };
-            if frame::write(&mut send, &reply).await.is_ok() {
-                let _ = send.finish();
-            }
+            reply(&mut send, device, what, answer).await;
             record_position(&library, device, pull.after, &last_recorded).await;
         }
         Request::Push(push) => {
             // A device pushes only its own changes: the TLS handshake proved which it is.
-            let reply = if push.device_id != device {
-                Response::Refused {
-                    code: Refusal::BadRequest,
-                    message: format!(
+            let answer = if push.device_id != device {
+                refused(
+                    Refusal::BadRequest,
+                    format!(
                         "this session is device {device}'s; it cannot push for {}",
                         push.device_id
                     ),
-                }
+                )
             } else {
                 match library.serve_push(&push).await {
                     Ok(response) => Response::Pushed(response),
-                    Err(e @ sync_core::PushError::NotWriter { .. }) => Response::Refused {
-                        code: Refusal::ReadOnly,
-                        message: e.to_string(),
-                    },
-                    Err(e @ sync_core::PushError::BadChange { .. }) => Response::Refused {
-                        code: Refusal::BadRequest,
-                        message: e.to_string(),
-                    },
-                    Err(e) => Response::Refused {
-                        code: Refusal::Internal,
-                        message: e.to_string(),
-                    },
+                    Err(e @ sync_core::PushError::NotWriter { .. }) => {
+                        refused(Refusal::ReadOnly, e.to_string())
+                    }
+                    Err(e @ sync_core::PushError::BadChange { .. }) => {
+                        refused(Refusal::BadRequest, e.to_string())
+                    }
+                    Err(e) => refused(Refusal::Internal, e.to_string()),
                 }
             };
-            if frame::write(&mut send, &reply).await.is_ok() {
-                let _ = send.finish();
-            }
+            reply(&mut send, device, what, answer).await;
         }
         _ => {}
+    }
+}
+
+fn refused(code: Refusal, message: String) -> Response {
+    Response::Refused { code, message }
+}
+
+/// Sends `answer` to a request (`what`: a pull, a push) and finishes the stream.
+///
+/// An answer that cannot be encoded — larger than [`frame::FRAME_BODY_MAX`] — is replaced
+/// by a refusal that says so, rather than leaving the follower with a stream that just
+/// ends. Refusals for which the leader is at fault (`Internal`) or that say the request
+/// was malformed are logged at warn, and so is an answer that cannot be delivered; the
+/// refusals of ordinary membership (not a member, revoked, read-only) at info.
+async fn reply(send: &mut quinn::SendStream, device: DeviceId, what: &str, answer: Response) {
+    let bytes = match frame::encode(&answer) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            let message = format!("the leader cannot send its answer to this {what}: {e}");
+            let refusal = refused(Refusal::Internal, message);
+            match frame::encode(&refusal) {
+                Ok(bytes) => {
+                    log_refusal(device, what, &refusal);
+                    bytes
+                }
+                Err(e) => {
+                    tracing::warn!(%device, what, %e, "request not answered: even its refusal cannot be encoded");
+                    return;
+                }
+            }
+        }
+    };
+    if let Response::Refused { .. } = answer {
+        log_refusal(device, what, &answer);
+    }
+    if let Err(e) = send.write_all(&bytes).await {
+        tracing::warn!(%device, what, %e, "request not answered: the answer could not be sent");
+        return;
+    }
+    let _ = send.finish();
+}
+
+fn log_refusal(device: DeviceId, what: &str, refusal: &Response) {
+    let Response::Refused { code, message } = refusal else {
+        return;
+    };
+    match code {
+        Refusal::NotMember | Refusal::Revoked | Refusal::ReadOnly => {
+            tracing::info!(%device, what, ?code, %message, "request refused");
+        }
+        _ => tracing::warn!(%device, what, ?code, %message, "request refused"),
     }
 }
 
@@ -560,14 +627,4 @@ async fn record_position(
     if let Err(e) = library.record_peer_position(device, after).await {
         tracing::debug!(%device, %e, "recording a follower's position failed");
     }
-}
-
-async fn reply_refused(
-    send: &mut quinn::SendStream,
-    code: Refusal,
-    message: String,
-) -> Result<(), TransportError> {
-    frame::write(send, &Response::Refused { code, message }).await?;
-    let _ = send.finish();
-    Ok(())
 }
