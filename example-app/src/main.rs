@@ -867,18 +867,19 @@ async fn bench_apply(count: u64, batch: u32, rounds: u32) -> Result<()> {
     // (`apply_all`, as `catch_up` does with what has arrived).
     let started = std::time::Instant::now();
     let mut responses = Vec::new();
-    let mut after = Seq::ZERO;
-    while after.0 < count {
-        let mut request = sync_core::PullRequest::after(leader.id(), after);
+    let mut at = sync_core::Position::default();
+    while at.seq.0 < count {
+        let mut request = sync_core::PullRequest::from_position(leader.id(), at);
         request.limit = batch;
         let response = leader.serve_pull(&request).await?;
-        let through = response.through(after);
-        if through == after {
-            bail!("the leader served nothing after seq {after}");
+        let through = response.end(at);
+        if through.seq == at.seq {
+            bail!("the leader served nothing after seq {}", at.seq);
         }
         responses.push(response);
-        after = through;
+        at = through;
     }
+    let after = at.seq;
     let serve_seconds = started.elapsed().as_secs_f64();
 
     // Against the practical limit: the same rows, insert_many in one transaction (chunks

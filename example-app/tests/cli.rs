@@ -678,3 +678,71 @@ fn an_answer_over_the_frame_limit_is_refused_and_logged_by_the_leader() {
     assert_eq!(json(&follower.ok(&["status", "--json"]))["position"], 1);
     drop(serving);
 }
+
+/// A consistent copy of a SQLite database, as an operator's backup would be.
+fn backup(cli: &Cli, to: &std::path::Path) {
+    use sea_orm::ConnectionTrait;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let db = example_app::connect(&cli.db).await.unwrap();
+        db.execute_unprepared(&format!("VACUUM INTO '{}'", to.display()))
+            .await
+            .unwrap();
+        db.close().await.unwrap();
+    });
+}
+
+#[test]
+fn a_follower_ahead_of_a_leader_restored_from_an_older_copy_is_told_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let leader = sqlite_cli(dir.path(), "leader.db");
+    let follower = sqlite_cli(dir.path(), "follower.db");
+    leader.ok(&["init"]);
+    let serving = Serving::start(&leader);
+    let token = leader.ok(&["invite"]);
+    follower.ok(&["join", token.trim()]);
+    for name in ["a", "b", "c"] {
+        leader.ok(&["put", "tag", &format!(r#"{{"name":"{name}"}}"#)]);
+    }
+    backup(&leader, &dir.path().join("backup.db"));
+    for name in ["d", "e"] {
+        leader.ok(&["put", "tag", &format!(r#"{{"name":"{name}"}}"#)]);
+    }
+    let synced = follower.ok(&["follow", "--once"]);
+    assert!(synced.contains("in sync at seq 5"), "{synced}");
+    assert!(serving.stop().success());
+
+    // The leader comes back from the backup: three entries, where the follower has five.
+    let restored = sqlite_cli(dir.path(), "backup.db");
+    let serving = Serving::start(&restored);
+    let out = follower.run(&["follow", "--once", "--leader", &serving.address]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "not in sync: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("the leader's log ends at seq 3")
+            && stderr.contains("applied up to seq 5")
+            && stderr.contains("restored from an older copy"),
+        "{stderr}"
+    );
+    serving.wait_for_log(&["WARN", "refused a pull from another history"]);
+    let status = json(&follower.ok(&["status", "--json"]));
+    assert_eq!(status["position"], 5);
+    assert!(
+        status["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("restored from an older copy")),
+        "{status}"
+    );
+
+    // Its log grows past the follower's position: still refused, as another history.
+    for name in ["f", "g", "h"] {
+        restored.ok(&["put", "tag", &format!(r#"{{"name":"{name}"}}"#)]);
+    }
+    follower.fails(
+        &["follow", "--once"],
+        "differs from this follower's at seq 5",
+    );
+    assert_eq!(json(&follower.ok(&["status", "--json"]))["position"], 5);
+    drop(serving);
+}

@@ -529,12 +529,12 @@ impl Library {
         if self.role() != Role::Follower {
             return Err(PullError::NotFollower(self.id()).into());
         }
-        let after = self.position().await.map_err(ApplyError::from)?.seq;
-        let mut request = PullRequest::after(self.id(), after);
+        let position = self.position().await.map_err(ApplyError::from)?;
+        let mut request = PullRequest::from_position(self.id(), position);
         request.limit = limit;
         let response = transport.pull(request).await?;
         let latest = response.latest_seq;
-        let applied = self.apply(after, response).await?;
+        let applied = self.apply(position.seq, response).await?;
         Ok((applied, latest))
     }
 
@@ -565,13 +565,13 @@ impl Library {
         if self.role() != Role::Follower {
             return Err(PullError::NotFollower(self.id()).into());
         }
-        let request = |after: Seq| {
-            let mut request = PullRequest::after(self.id(), after);
+        let request = |after: Position| {
+            let mut request = PullRequest::from_position(self.id(), after);
             request.limit = limit;
             request
         };
         let start = self.position().await.map_err(ApplyError::from)?;
-        let first = transport.pull(request(start.seq)).await?;
+        let first = transport.pull(request(start)).await?;
         self.check_response(&first)?;
         let target = first.latest_seq;
         if first.through(start.seq) == start.seq && target <= start.seq {
@@ -579,12 +579,12 @@ impl Library {
         }
         let (arrived, mut to_apply) = tokio::sync::mpsc::channel::<PullResponse>(PULLS_AHEAD);
         let pulling = async move {
-            let (mut from, mut response, mut stalled) = (start.seq, first, false);
+            let (mut from, mut response, mut stalled) = (start, first, false);
             loop {
-                let through = response.through(from);
-                if through > from {
+                let through = response.end(from);
+                if through.seq > from.seq {
                     stalled = false;
-                    if arrived.send(response).await.is_err() || through >= target {
+                    if arrived.send(response).await.is_err() || through.seq >= target {
                         // Done, or the applying side has stopped (its error decides).
                         return Ok(());
                     }
@@ -594,7 +594,7 @@ impl Library {
                     // be visible to its reader yet (MySQL) the first time, but a leader
                     // answering nothing again would keep this loop spinning.
                     return Err(SyncError::from(PullError::Stalled {
-                        position: from,
+                        position: from.seq,
                         latest: target,
                     }));
                 } else {

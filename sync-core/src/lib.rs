@@ -60,7 +60,7 @@ pub use ids::{DeviceId, LibraryId, Seq};
 pub use library::{Drift, DriftKind, LatestSeq, Library, Role, Status, TxnFuture};
 pub use members::{Access, Admission, Invite, InviteError, Member, MemberError};
 pub use protocol::{
-    InProcess, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PUSH_BYTES_MAX,
+    Divergence, InProcess, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PUSH_BYTES_MAX,
     PUSH_CHANGES_MAX, PullError, PullRequest, PullResponse, PulledItem, PushError, PushRequest,
     PushResponse, PushedChange, Transport,
 };

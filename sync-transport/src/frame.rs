@@ -12,7 +12,8 @@
 
 use serde::{Deserialize, Serialize};
 use sync_core::{
-    Access, DeviceId, LibraryId, PullRequest, PullResponse, PushRequest, PushResponse, Seq,
+    Access, DeviceId, Divergence, LibraryId, PullRequest, PullResponse, PushRequest, PushResponse,
+    Seq,
 };
 
 /// The frame format this build writes and reads.
@@ -108,6 +109,10 @@ pub enum Response {
         code: Refusal,
         /// For the user.
         message: String,
+        /// With `Refusal::HistoryDiverged`: how the histories differ, for the follower's
+        /// typed error (`PullError::HistoryDiverged`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        divergence: Option<Divergence>,
     },
 }
 
@@ -131,6 +136,9 @@ pub enum Refusal {
     Internal,
     /// The device may pull but not push (read access).
     ReadOnly,
+    /// The leader's log is not the follower's history (a leader restored from an older
+    /// copy): the pull is refused, the session stays.
+    HistoryDiverged,
 }
 
 impl Refusal {
@@ -145,6 +153,7 @@ impl Refusal {
             Refusal::BadRequest => 7,
             Refusal::Internal => 8,
             Refusal::ReadOnly => 9,
+            Refusal::HistoryDiverged => 10,
         }
     }
 }
@@ -329,6 +338,7 @@ mod tests {
         let big = Response::Refused {
             code: Refusal::Internal,
             message: "x".repeat(10_000),
+            divergence: None,
         };
         let frame = encode(&big).unwrap();
         assert_eq!(frame[1], CODEC_ZSTD);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use sync_core::{
     Access, Admission, CommitWatcher, DeviceId, DeviceKey, KeyFingerprint, Library, LibraryId,
-    PROTOCOL_VERSION, Role,
+    PROTOCOL_VERSION, PullError, Role,
 };
 use tokio::task::JoinSet;
 
@@ -164,6 +164,7 @@ async fn refuse(
         let refused = Response::Refused {
             code,
             message: message.clone(),
+            divergence: None,
         };
         if frame::write(send, &refused).await.is_ok() && send.finish().is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
@@ -525,6 +526,11 @@ async fn answer(
         Request::Pull(pull) => {
             let answer = match library.serve_pull(&pull).await {
                 Ok(response) => Response::Pulled(response),
+                Err(PullError::HistoryDiverged(divergence)) => Response::Refused {
+                    code: Refusal::HistoryDiverged,
+                    message: divergence.to_string(),
+                    divergence: Some(divergence),
+                },
                 Err(e) => refused(Refusal::Internal, e.to_string()),
             };
             reply(&mut send, device, what, answer).await;
@@ -559,7 +565,11 @@ async fn answer(
 }
 
 fn refused(code: Refusal, message: String) -> Response {
-    Response::Refused { code, message }
+    Response::Refused {
+        code,
+        message,
+        divergence: None,
+    }
 }
 
 /// Sends `answer` to a request (`what`: a pull, a push) and finishes the stream.
@@ -598,7 +608,7 @@ async fn reply(send: &mut quinn::SendStream, device: DeviceId, what: &str, answe
 }
 
 fn log_refusal(device: DeviceId, what: &str, refusal: &Response) {
-    let Response::Refused { code, message } = refusal else {
+    let Response::Refused { code, message, .. } = refusal else {
         return;
     };
     match code {
