@@ -22,7 +22,9 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// For one request's answer.
     pub request_timeout: Duration,
-    /// Keep-alives, so that an idle session survives the leader's idle timeout.
+    /// Keep-alives, so that an idle session survives the leader's idle timeout, and so
+    /// that a follower of a leader that died without closing hears of its restart within
+    /// this long (the restarted leader answers them with a stateless reset).
     pub keep_alive: Duration,
     /// A connection silent this long is considered lost.
     pub idle_timeout: Duration,
@@ -33,7 +35,8 @@ impl Default for ClientConfig {
         ClientConfig {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(60),
-            keep_alive: Duration::from_secs(5),
+            // A packet of about 50 bytes a second per session.
+            keep_alive: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(30),
         }
     }

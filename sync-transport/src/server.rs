@@ -96,7 +96,20 @@ impl Server {
             .map_err(|e| TransportError::Config(e.to_string()))?;
         let mut quic = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         quic.transport_config(Arc::new(transport));
-        let endpoint = quinn::Endpoint::server(quic, addr)
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        // A restarted leader must recognise the connection ids it issued before (quinn
+        // drops packets for ids its generator did not make, without a reset) and sign
+        // the same reset tokens for them: both keys derive from the device key.
+        let keys = RestartKeys::of(key);
+        endpoint_config
+            .reset_key(Arc::new(keys.reset))
+            .cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(keys.cid))
+            });
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| TransportError::Config("no async runtime to serve on".into()))?;
+        let endpoint = std::net::UdpSocket::bind(addr)
+            .and_then(|socket| quinn::Endpoint::new(endpoint_config, Some(quic), socket, runtime))
             .map_err(|e| TransportError::Config(format!("cannot listen on {addr}: {e}")))?;
         let local_addr = endpoint.local_addr().map_err(TransportError::Io)?;
         let watchers = served.values().map(Library::watch_commits).collect();
@@ -125,6 +138,62 @@ impl Server {
         self.endpoint
             .close(0u32.into(), b"the leader is shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// The key of the leader's stateless resets, derived from its device key: the same after
+/// a restart.
+///
+/// A leader that dies without closing (SIGKILL, power loss) leaves its followers'
+/// connections open. When it comes back, their next packets (keep-alives) are for
+/// connections it no longer knows, and it answers each with a stateless reset, a token
+/// that only the key the connection began with produces. quinn's default key is random
+/// per process, so followers ignored the restarted leader's resets and waited out their
+/// idle timeout (about 34 s); with this key they drop the dead connection at once and
+/// reconnect (`cli::a_live_follower_resumes_soon_after_its_leader_is_killed_and_restarted`).
+struct ResetKey([u8; 32]);
+
+/// The keys a leader's endpoint keeps across restarts: of its stateless resets, and of
+/// the connection ids it issues.
+struct RestartKeys {
+    reset: ResetKey,
+    cid: u64,
+}
+
+impl RestartKeys {
+    fn of(key: &DeviceKey) -> RestartKeys {
+        let secret = key.private_key_der();
+        let cid = blake3::derive_key("seaorm-sync 2026-12 QUIC connection id key", &secret);
+        RestartKeys {
+            reset: ResetKey(blake3::derive_key(
+                "seaorm-sync 2026-12 QUIC stateless reset key",
+                &secret,
+            )),
+            cid: u64::from_le_bytes([
+                cid[0], cid[1], cid[2], cid[3], cid[4], cid[5], cid[6], cid[7],
+            ]),
+        }
+    }
+}
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
+        let mac = blake3::keyed_hash(&self.0, data);
+        let n = signature_out.len().min(blake3::OUT_LEN);
+        signature_out[..n].copy_from_slice(&mac.as_bytes()[..n]);
+    }
+
+    fn signature_len(&self) -> usize {
+        blake3::OUT_LEN
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        let expected = blake3::keyed_hash(&self.0, data);
+        // `blake3::Hash`'s comparison takes constant time.
+        match <[u8; blake3::OUT_LEN]>::try_from(signature) {
+            Ok(given) if expected == blake3::Hash::from(given) => Ok(()),
+            _ => Err(quinn::crypto::CryptoError),
+        }
     }
 }
 
