@@ -798,3 +798,65 @@ fn a_live_follower_resumes_soon_after_its_leader_is_killed_and_restarted() {
     assert_eq!(leader.ok(&["dump"]), follower.ok(&["dump"]));
     drop(serving);
 }
+
+/// Runs SQL on a SQLite database of the CLI's (the schema migrated first).
+fn sql(cli: &Cli, statements: &str) {
+    use sea_orm::ConnectionTrait;
+    use sea_orm_migration::MigratorTrait;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let db = example_app::connect(&cli.db).await.unwrap();
+        example_app::Migrator::up(&db, None).await.unwrap();
+        db.execute_unprepared(statements).await.unwrap();
+        db.close().await.unwrap();
+    });
+}
+
+#[test]
+fn a_join_interrupted_half_way_stores_nothing_or_can_be_made_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let leader = sqlite_cli(dir.path(), "leader.db");
+    leader.ok(&["init"]);
+    leader.ok(&["put", "tag", r#"{"name":"shared"}"#]);
+    let serving = Serving::start(&leader);
+
+    // The join fails where it stores the leader's key (as a kill there would stop it):
+    // nothing of it is stored, so the database can join again.
+    let follower = sqlite_cli(dir.path(), "follower.db");
+    sql(
+        &follower,
+        "CREATE TRIGGER crash BEFORE INSERT ON sync_local WHEN NEW.key LIKE '%/leader_key' \
+         BEGIN SELECT RAISE(ABORT, 'simulated crash'); END;",
+    );
+    let token = leader.ok(&["invite"]);
+    let out = follower.run(&["join", token.trim()]);
+    assert!(!out.status.success(), "the join fails");
+    follower.fails(&["status"], "holds no library yet");
+    sql(&follower, "DROP TRIGGER crash;");
+    let token = leader.ok(&["invite"]);
+    follower.ok(&["join", token.trim()]);
+    assert!(
+        follower
+            .ok(&["follow", "--once"])
+            .contains("in sync at seq 1")
+    );
+
+    // A database an older build left half-joined (library stored, leader's address and
+    // key not) can join again, and then follow.
+    let old = sqlite_cli(dir.path(), "old.db");
+    let token = leader.ok(&["invite"]);
+    old.ok(&["join", token.trim()]);
+    sql(
+        &old,
+        "DELETE FROM sync_local WHERE key LIKE '%/leader_key' OR key LIKE '%/leader_address';",
+    );
+    old.fails(&["follow", "--once"], "no leader");
+    let token = leader.ok(&["invite"]);
+    old.ok(&["join", token.trim()]);
+    assert!(old.ok(&["follow", "--once"]).contains("in sync at seq 1"));
+    assert_eq!(leader.ok(&["dump"]), old.ok(&["dump"]));
+    // A whole join is still refused a second one.
+    let token = leader.ok(&["invite"]);
+    old.fails(&["join", token.trim()], "already holds library");
+    drop(serving);
+}

@@ -43,7 +43,7 @@ const PENDING_DELETE_IDS_MAX: usize = 500;
 const CLAIM_ATTEMPTS_MAX: usize = 10_000;
 
 const LOCAL_DEVICE_KEY: &str = "device_key";
-const LOCAL_DEFAULT_LIBRARY: &str = "default_library";
+pub(crate) const LOCAL_DEFAULT_LIBRARY: &str = "default_library";
 
 /// A boxed future borrowing the transaction, as `Library::transaction` takes it.
 pub type TxnFuture<'c, T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'c>>;

@@ -204,3 +204,73 @@ async fn a_leader_restored_from_an_older_copy_refuses_followers_ahead_of_it() {
     assert_eq!(reached.seq, grown);
     server.shutdown().await;
 }
+
+/// `join_with_settings` stores the app's settings with the library, in one transaction;
+/// joining again (after a join an older build left half-done) keeps the position; a
+/// leader cannot join its own library.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_stores_its_settings_with_the_library_and_can_be_made_again() {
+    use sync_core::{Access, InProcess, Library, OpenError};
+
+    let test = "robust::join_stores_its_settings_with_the_library_and_can_be_made_again";
+    let Some(f) = crate::support::fixture(Backend::Sqlite, test).await else {
+        return;
+    };
+    let latest = put_tags(&f.library, 2).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let db = example_app::connect(&sqlite_url(dir.path(), "follower.db"))
+        .await
+        .expect("connect");
+    <example_app::Migrator as sea_orm_migration::MigratorTrait>::up(&db, None)
+        .await
+        .expect("migrate");
+    let join = |settings: &'static [(&'static str, &'static str)]| {
+        Library::join_with_settings(
+            db.clone(),
+            f.library.id(),
+            f.library.device_id(),
+            "joined",
+            Access::Read,
+            settings,
+            example_app::registry(),
+        )
+    };
+    let follower = join(&[("leader_address", "leader.local:7447")])
+        .await
+        .expect("join");
+    assert_eq!(
+        follower
+            .local_setting("leader_address")
+            .await
+            .expect("read"),
+        Some("leader.local:7447".to_owned())
+    );
+    let position = follower
+        .catch_up(&InProcess::new(f.library.clone()), 1_000)
+        .await
+        .expect("sync");
+    assert_eq!(position.seq, latest);
+
+    let again = join(&[("leader_key", "pinned")]).await.expect("join again");
+    assert_eq!(again.position().await.expect("position"), position);
+    assert_eq!(
+        again.local_setting("leader_key").await.expect("read"),
+        Some("pinned".to_owned())
+    );
+
+    let own = Library::join_with_settings(
+        f.library.db().clone(),
+        f.library.id(),
+        sync_core::DeviceId::new_random(),
+        "mine",
+        Access::Write,
+        &[],
+        example_app::registry(),
+    )
+    .await;
+    assert!(
+        matches!(own, Err(OpenError::LeadsLibrary(id)) if id == f.library.id()),
+        "{own:?}"
+    );
+    f.finish().await;
+}
