@@ -347,6 +347,47 @@ mod tests {
     }
 
     #[test]
+    fn a_divergence_crosses_typed_and_other_refusals_keep_their_bytes() {
+        let divergence = Divergence {
+            position: Seq(5),
+            checksum: 7,
+            leader_latest_seq: Seq(3),
+            leader_checksum: None,
+        };
+        let refused = Response::Refused {
+            code: Refusal::HistoryDiverged,
+            message: divergence.to_string(),
+            divergence: Some(divergence),
+        };
+        assert_eq!(
+            decode::<Response>(&encode(&refused).unwrap()).unwrap(),
+            refused
+        );
+        // Without a divergence the field is left out: the bytes other refusals had.
+        let plain = Response::Refused {
+            code: Refusal::Internal,
+            message: "x".into(),
+            divergence: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&plain).unwrap(),
+            r#"{"refused":{"code":"internal","message":"x"}}"#
+        );
+        // A pull that states no checksum (as before the field) is from checksum 0.
+        let library_id = LibraryId::new_random();
+        let pull = serde_json::json!({"type": "pull", "protocol_version": 1,
+            "library_id": library_id, "after": 0, "limit": 10, "max_bytes": 100,
+            "models": null});
+        let Request::Pull(pull) = decode::<Request>(&encode(&pull).unwrap()).unwrap() else {
+            panic!("a pull");
+        };
+        assert_eq!(
+            (pull.after, pull.after_checksum, pull.limit),
+            (Seq::ZERO, 0, 10)
+        );
+    }
+
+    #[test]
     fn bad_frames_are_refused_with_their_reason() {
         let mut frame = encode(&hello()).unwrap();
         frame[0] = 9;
