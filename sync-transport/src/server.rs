@@ -647,7 +647,8 @@ fn refused(code: Refusal, message: String) -> Response {
 /// by a refusal that says so, rather than leaving the follower with a stream that just
 /// ends. Refusals for which the leader is at fault (`Internal`) or that say the request
 /// was malformed are logged at warn, and so is an answer that cannot be delivered; the
-/// refusals of ordinary membership (not a member, revoked, read-only) at info.
+/// refusals of ordinary membership (not a member, revoked, read-only) at info, like a
+/// divergence (`serve_pull` logs that at warn itself).
 async fn reply(send: &mut quinn::SendStream, device: DeviceId, what: &str, answer: Response) {
     let bytes = match frame::encode(&answer) {
         Ok(bytes) => bytes,
@@ -681,7 +682,9 @@ fn log_refusal(device: DeviceId, what: &str, refusal: &Response) {
         return;
     };
     match code {
-        Refusal::NotMember | Refusal::Revoked | Refusal::ReadOnly => {
+        // Membership's ordinary refusals; and a divergence, which `serve_pull` has
+        // logged at warn already.
+        Refusal::NotMember | Refusal::Revoked | Refusal::ReadOnly | Refusal::HistoryDiverged => {
             tracing::info!(%device, what, ?code, %message, "request refused");
         }
         _ => tracing::warn!(%device, what, ?code, %message, "request refused"),
