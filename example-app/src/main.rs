@@ -10,7 +10,60 @@ use example_app::{Migrator, connect, drop_database, fresh_database, ops, registr
 use sea_orm_migration::MigratorTrait;
 use sync_core::{Access, FollowConfig, Library, OpenError, Resolution, Seq};
 
+/// Stdout was closed by its reader: the command stops quietly, with success, like the
+/// standard tools behind a pipe into `head`.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Writes one line to stdout. Unlike `println!`, a closed stdout is an error the command
+/// ends with (quietly, see `StdoutClosed`), not a panic.
+fn say_line(line: std::fmt::Arguments<'_>) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot write to stdout")),
+    }
+}
+
+/// `println!` for the commands' output: `?`s the caller out when stdout is closed.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        say_line(format_args!($($arg)*))?
+    };
+}
+
+/// `eprintln!` that never panics: a closed stderr loses the message, nothing more.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 const DEFAULT_DB: &str = "sqlite://media-library.db?mode=rwc";
+
+/// The largest seq (and count of entries) a database can hold: seqs are stored as
+/// signed 64-bit integers.
+const SEQ_MAX: u64 = i64::MAX as u64;
+
+/// Concurrent writers of `load` and `bench capture`: each is a task with a connection.
+const WRITERS_MAX: u64 = 1_024;
+
+/// Writes per transaction of `load` and `bench capture`.
+const BATCH_MAX: u64 = 100_000;
+
+/// Followers of `bench fanout`: each is a connection and a database file.
+const FANOUT_FOLLOWERS_MAX: u64 = 1_000;
 
 #[derive(Parser)]
 #[command(
@@ -45,21 +98,23 @@ enum Command {
     /// Log entries as JSON lines.
     Log {
         /// The first seq to print.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=SEQ_MAX))]
         from: u64,
-        #[arg(long, default_value_t = 100)]
+        /// How many entries at most.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=SEQ_MAX))]
         limit: u64,
     },
     /// A seeded random mix of writes over all models.
     Load {
         #[arg(long)]
         count: u64,
-        #[arg(long, default_value_t = 1)]
+        /// Concurrent writers.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=WRITERS_MAX))]
         concurrency: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Writes per transaction.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=BATCH_MAX))]
         batch: u64,
         /// The same writes with capture switched off.
         #[arg(long)]
@@ -218,7 +273,7 @@ enum Bench {
     /// One leader, many live followers (in a child process): the leader's memory and CPU
     /// per follower.
     Fanout {
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=FANOUT_FOLLOWERS_MAX))]
         followers: usize,
         #[arg(long, default_value_t = 200)]
         writes: u64,
@@ -248,10 +303,10 @@ enum Bench {
     Capture {
         #[arg(long, default_value_t = 4000)]
         count: u64,
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=WRITERS_MAX))]
         concurrency: u64,
         /// Writes per transaction; give it more than once for several runs.
-        #[arg(long, default_values_t = [1, 100])]
+        #[arg(long, default_values_t = [1, 100], value_parser = clap::value_parser!(u64).range(1..=BATCH_MAX))]
         batch: Vec<u64>,
         /// Measured rounds per case (the best is reported).
         #[arg(long, default_value_t = 3)]
@@ -261,22 +316,31 @@ enum Bench {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Without RUST_LOG: this app's and the sync crates' warnings (a request the leader
+    // could not answer, a follower's failed pull), every other crate's errors.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "error,sync_core=warn,sync_transport=warn,example_app=warn",
+        )
+    });
     // `EXAMPLE_APP_LOG_SPANS=1` also logs each span (pull, apply, push, take, …) as it
-    // closes, with its fields and timing, at the level `RUST_LOG` lets through.
+    // closes, with its fields and timing, at the level the filter lets through.
     let spans = if std::env::var_os("EXAMPLE_APP_LOG_SPANS").is_some() {
         tracing_subscriber::fmt::format::FmtSpan::CLOSE
     } else {
         tracing_subscriber::fmt::format::FmtSpan::NONE
     };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
         .with_span_events(spans)
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()).await {
         Ok(code) => code,
+        // The reader of stdout has gone (`… | head`): it has seen all it wanted.
+        Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            note!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -328,7 +392,7 @@ fn progress_bar() -> Option<indicatif::ProgressBar> {
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string(value)?);
+    say!("{}", serde_json::to_string(value)?);
     Ok(())
 }
 
@@ -336,7 +400,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Init { library_name } => {
             let library = init(&cli.db, &library_name).await?;
-            println!(
+            say!(
                 "created library {} led by this device {}",
                 library.id(),
                 library.device_id()
@@ -361,7 +425,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             match ops::get(&library, &model, &id).await? {
                 Some(record) => print_json(&record)?,
                 None => {
-                    eprintln!("error: no {model} with id {id}");
+                    note!("error: no {model} with id {id}");
                     return Ok(ExitCode::FAILURE);
                 }
             }
@@ -403,7 +467,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 print_json(&status)?;
             } else {
-                println!("{}", net::describe(&status));
+                say!("{}", net::describe(&status));
             }
         }
         Command::Conflicts { json } => {
@@ -412,12 +476,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 print_json(&conflicts)?;
             } else if conflicts.is_empty() {
-                println!("no open conflicts");
+                say!("no open conflicts");
             } else {
                 for c in &conflicts {
-                    println!(
+                    say!(
                         "{}  {} {}  local {}  remote {}",
-                        c.id, c.model, c.record_id, c.local, c.remote
+                        c.id,
+                        c.model,
+                        c.record_id,
+                        c.local,
+                        c.remote
                     );
                 }
             }
@@ -436,7 +504,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 (None, None) => anyhow::bail!("say --take local|remote or --value JSON"),
             };
             library.resolve(&id, resolution).await?;
-            println!("resolved {id}");
+            say!("resolved {id}");
         }
         Command::Rejected { json, dismiss } => {
             let library = open(&cli.db).await?;
@@ -445,16 +513,21 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 if !library.dismiss_rejected(&change_id).await? {
                     anyhow::bail!("no rejected change has id `{change_id}`");
                 }
-                println!("dismissed {change_id}");
+                say!("dismissed {change_id}");
             } else if json {
                 print_json(&rejected)?;
             } else if rejected.is_empty() {
-                println!("no rejected changes");
+                say!("no rejected changes");
             } else {
                 for r in &rejected {
-                    println!(
+                    say!(
                         "{}  {} {} {} by {}: {}",
-                        r.change_id, r.op, r.model, r.record_id, r.device_id, r.reason
+                        r.change_id,
+                        r.op,
+                        r.model,
+                        r.record_id,
+                        r.device_id,
+                        r.reason
                     );
                 }
             }
@@ -462,7 +535,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Skip { seq } => {
             let library = open(&cli.db).await?;
             library.park(sync_core::Seq(seq)).await?;
-            println!("entry {seq} will be parked when it is pulled next");
+            say!("entry {seq} will be parked when it is pulled next");
         }
         Command::Parked { json } => {
             let library = open(&cli.db).await?;
@@ -470,10 +543,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 print_json(&parked)?;
             } else if parked.is_empty() {
-                println!("no parked entries");
+                say!("no parked entries");
             } else {
                 for p in &parked {
-                    println!(
+                    say!(
                         "{}  {} {}  {}",
                         p.seq,
                         p.model.as_deref().unwrap_or("(not pulled yet)"),
@@ -486,7 +559,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::RetryParked => {
             let library = open(&cli.db).await?;
             let retried = library.retry_parked().await?;
-            println!(
+            say!(
                 "{} applied, {} still parked{}",
                 retried.applied,
                 retried.still_parked,
@@ -500,20 +573,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if !library.drop_parked(sync_core::Seq(seq)).await? {
                 anyhow::bail!("no entry {seq} is parked");
             }
-            println!("dropped parked entry {seq}");
+            say!("dropped parked entry {seq}");
         }
         Command::Serve { listen, metrics } => {
             let library = open(&cli.db).await?;
             // Installed first: the server records from the moment it binds.
             let metrics = metrics.map(example_app::exporter::install).transpose()?;
             let server = net::serve(&library, listen).await?;
-            println!("listening on {}", server.local_addr());
+            say!("listening on {}", server.local_addr());
             if let Some(addr) = metrics {
-                println!("metrics on {addr}");
+                say!("metrics on {addr}");
             }
             shutdown_signal().await?;
             server.shutdown().await;
-            eprintln!("stopped serving");
+            note!("stopped serving");
         }
         Command::Invite { role, ttl, address } => {
             let library = open(&cli.db).await?;
@@ -521,11 +594,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 InviteRole::Read => Access::Read,
                 InviteRole::Write => Access::Write,
             };
-            println!("{}", net::invite(&library, access, ttl, address).await?);
+            say!("{}", net::invite(&library, access, ttl, address).await?);
         }
         Command::Join { token, name } => {
             let library = net::join(&cli.db, &token, name.as_deref()).await?;
-            println!(
+            say!(
                 "joined library {} ({}) as a follower with {} access",
                 library.id(),
                 library.name().await?,
@@ -538,7 +611,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             metrics,
         } => {
             if let Some(addr) = metrics {
-                println!("metrics on {}", example_app::exporter::install(addr)?);
+                say!("metrics on {}", example_app::exporter::install(addr)?);
             }
             let library = open(&cli.db).await?;
             let transport = net::transport(&library, leader.as_deref()).await?;
@@ -554,22 +627,30 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 if let Some(bar) = bar {
                     bar.finish_and_clear();
                 }
-                println!("in sync at seq {}", position?.seq);
+                say!("in sync at seq {}", position?.seq);
             } else {
                 let follow = library.start_following(transport, FollowConfig::default());
-                eprintln!("following; Ctrl-C stops");
+                note!("following; Ctrl-C stops");
                 let mut events = follow.subscribe();
                 let signal = shutdown_signal();
                 tokio::pin!(signal);
+                let mut printed = Ok(());
                 loop {
                     tokio::select! {
                         result = &mut signal => { result?; break; }
                         event = events.recv() => match event {
-                            Ok(applied) => println!(
-                                "applied {} changes, now at seq {}",
-                                applied.records.len(),
-                                applied.position
-                            ),
+                            Ok(applied) => {
+                                let line = say_line(format_args!(
+                                    "applied {} changes, now at seq {}",
+                                    applied.records.len(),
+                                    applied.position
+                                ));
+                                // A closed stdout ends following, cleanly.
+                                if let Err(e) = line {
+                                    printed = Err(e);
+                                    break;
+                                }
+                            }
                             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                         },
@@ -578,6 +659,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 let status = follow.status();
                 follow.stop().await;
                 net::record_follow_status(&library, &status).await?;
+                printed?;
             }
         }
         Command::Devices { json } => {
@@ -587,7 +669,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 print_json(&members)?;
             } else {
                 for m in members {
-                    println!(
+                    say!(
                         "{}  {:<6} {:<8} position {}  {}",
                         m.device_id,
                         m.access,
@@ -608,7 +690,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .parse()
                 .with_context(|| format!("`{device_id}` is not a device id (see `devices`)"))?;
             library.revoke(device).await?;
-            println!("revoked {device_id}");
+            say!("revoked {device_id}");
         }
         Command::Demo => demo().await?,
         Command::Bench {
@@ -701,7 +783,7 @@ async fn demo() -> Result<()> {
     )
     .await?;
     let server = net::serve(&leader, "127.0.0.1:0".parse()?).await?;
-    println!(
+    say!(
         "leader   {} serves library {} over QUIC on {}",
         leader.device_id(),
         leader.id(),
@@ -721,7 +803,7 @@ async fn demo() -> Result<()> {
         Some("demo follower"),
     )
     .await?;
-    println!(
+    say!(
         "follower {} joined with a one-time invite (leader key pinned)",
         follower.device_id()
     );
@@ -744,7 +826,7 @@ async fn demo() -> Result<()> {
     .await?;
     let meta_id = meta["id"].as_str().unwrap_or_default().to_owned();
     ops::put(&leader, "temp_file", r#"{"path":"/tmp/thumb.jpg"}"#).await?;
-    println!("leader   put a volume, user_metadata and a temp_file (temp files never sync)");
+    say!("leader   put a volume, user_metadata and a temp_file (temp files never sync)");
     let latest = leader.latest_seq().await?;
     let caught_up = follow
         .wait_for(std::time::Duration::from_secs(30), |s| s.position >= latest)
@@ -757,7 +839,7 @@ async fn demo() -> Result<()> {
     }
     while let Ok(applied) = events.try_recv() {
         let models: Vec<&str> = applied.records.iter().map(|(m, _)| m.as_str()).collect();
-        println!(
+        say!(
             "follower applied {} at once, now at seq {}",
             models.join(", "),
             applied.position
@@ -775,7 +857,7 @@ async fn demo() -> Result<()> {
         .wait_for(std::time::Duration::from_secs(30), |s| s.position >= latest)
         .await
         .ok_or_else(|| anyhow::anyhow!("the follower did not apply the rename"))?;
-    println!(
+    say!(
         "leader   renamed the volume; the follower had it {:.1} ms later (live notice over QUIC)",
         started.elapsed().as_secs_f64() * 1e3
     );
@@ -783,7 +865,7 @@ async fn demo() -> Result<()> {
     // The leader goes away; the follower keeps working, and so does the leader.
     let address = server.local_addr();
     server.shutdown().await;
-    println!("leader   goes offline");
+    say!("leader   goes offline");
     ops::put(&follower, "tag", r#"{"name":"written offline"}"#).await?;
     ops::put(
         &follower,
@@ -797,7 +879,7 @@ async fn demo() -> Result<()> {
         &format!(r#"{{"id":"{meta_id}","tags":["holiday","2026","family"]}}"#),
     )
     .await?;
-    println!(
+    say!(
         "follower keeps writing: a new tag and the tag \"beach\" ({} changes wait in its outbox); \
          the leader meanwhile tags \"family\"",
         follower.outbox_len().await?
@@ -829,7 +911,7 @@ async fn demo() -> Result<()> {
         .await?
         .and_then(|m| m.get("tags").cloned())
         .unwrap_or_default();
-    println!(
+    say!(
         "leader   back on {address}: the follower pushed its outbox and pulled, {:.0} ms later at \
          seq {}; tags merged as a set: {tags}",
         started.elapsed().as_secs_f64() * 1e3,
@@ -850,7 +932,7 @@ async fn demo() -> Result<()> {
                 .map(str::to_owned)
         })
         .unwrap_or_default();
-    println!(
+    say!(
         "both hold identical synced data (seq {latest}); the volume's mount_point is {:?} on \
          the follower, /mnt/backup on the leader: local fields stay on their device",
         mount
@@ -909,18 +991,19 @@ async fn bench_apply(count: u64, batch: u32, rounds: u32) -> Result<()> {
     // (`apply_all`, as `catch_up` does with what has arrived).
     let started = std::time::Instant::now();
     let mut responses = Vec::new();
-    let mut after = Seq::ZERO;
-    while after.0 < count {
-        let mut request = sync_core::PullRequest::after(leader.id(), after);
+    let mut at = sync_core::Position::default();
+    while at.seq.0 < count {
+        let mut request = sync_core::PullRequest::from_position(leader.id(), at);
         request.limit = batch;
         let response = leader.serve_pull(&request).await?;
-        let through = response.through(after);
-        if through == after {
-            bail!("the leader served nothing after seq {after}");
+        let through = response.end(at);
+        if through.seq == at.seq {
+            bail!("the leader served nothing after seq {}", at.seq);
         }
         responses.push(response);
-        after = through;
+        at = through;
     }
+    let after = at.seq;
     let serve_seconds = started.elapsed().as_secs_f64();
 
     // Against the practical limit: the same rows, insert_many in one transaction (chunks

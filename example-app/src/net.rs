@@ -84,8 +84,10 @@ pub async fn invite(
     Ok(JoinToken::new(&invite, &address, key.fingerprint()).encode())
 }
 
-/// Sets up the database at `url` (which must hold no library yet) as a follower of the
-/// library `token` invites to.
+/// Sets up the database at `url` (which must hold no library yet, or one whose join was
+/// interrupted) as a follower of the library `token` invites to. Everything the join
+/// stores — the library, this device's membership, the leader's address and pinned key —
+/// commits in one transaction.
 pub async fn join(url: &str, token: &str, name: Option<&str>) -> Result<Library> {
     let token = JoinToken::decode(token)?;
     let db = connect(url).await?;
@@ -93,6 +95,18 @@ pub async fn join(url: &str, token: &str, name: Option<&str>) -> Result<Library>
         .await
         .context("cannot create the schema")?;
     match Library::open_default(db.clone(), registry()).await {
+        // An earlier build stored the leader's key after the library, in a transaction
+        // of its own: a join killed in between left a follower that cannot follow. It may
+        // join again (with a new invite: the first one was redeemed).
+        Ok(library)
+            if library.role() == Role::Follower
+                && library.local_setting(LEADER_KEY).await?.is_none() =>
+        {
+            tracing::warn!(
+                library = %library.id(),
+                "this database holds a join that was interrupted; joining again"
+            );
+        }
         Ok(library) => bail!(
             "{url} already holds library {}; join with a fresh database",
             library.id()
@@ -103,21 +117,19 @@ pub async fn join(url: &str, token: &str, name: Option<&str>) -> Result<Library>
     let key = sync_core::Library::device_key_of(&db).await?;
     let client = Client::new(key, ClientConfig::default());
     let joined = client.join(&token, name).await?;
-    let library = Library::join(
+    let library = Library::join_with_settings(
         db,
         joined.library_id,
         joined.leader_device_id,
         &joined.library_name,
         joined.access,
+        &[
+            (LEADER_ADDRESS, token.address.as_str()),
+            (LEADER_KEY, token.leader_key.as_str()),
+        ],
         registry(),
     )
     .await?;
-    library
-        .set_local_setting(LEADER_ADDRESS, &token.address)
-        .await?;
-    library
-        .set_local_setting(LEADER_KEY, &token.leader_key)
-        .await?;
     Ok(library)
 }
 

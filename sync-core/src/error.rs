@@ -22,6 +22,9 @@ pub enum OpenError {
     /// The library asked for is not in this database.
     #[error("library {0} is not known on this device")]
     UnknownLibrary(LibraryId),
+    /// A device cannot join a library it leads.
+    #[error("this device leads library {0}; it cannot join it as a follower")]
+    LeadsLibrary(LibraryId),
     /// A stored value could not be read back.
     #[error("corrupt sync state: {0}")]
     Corrupt(String),

@@ -2,18 +2,19 @@
 //! transaction.
 
 use sea_orm::ActiveValue::Set;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, EntityTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, TransactionTrait};
 use serde::Serialize;
 
 use crate::entry::ChainError;
 use crate::error::OpenError;
-use crate::library::{add_library, ensure_device_id};
+use crate::library::{LOCAL_DEFAULT_LIBRARY, ensure_device_id, set_local_value};
+use crate::members::local_setting_key;
 use crate::parked::{Parking, park_statement};
 use crate::protocol::{
     PROTOCOL_VERSION, PullError, PullRequest, PullResponse, PulledItem, Transport,
 };
 use crate::registry::ApplyFailure;
-use crate::tables::position;
+use crate::tables::{device, library, position};
 use crate::{Access, DeviceId, Library, LibraryId, Registry, Role, Seq};
 
 /// Where a follower stands in a library's log.
@@ -174,6 +175,9 @@ pub enum SyncError {
 impl Library {
     /// Sets up this database as a follower of `library_id`, led by `leader`, with the
     /// `access` the leader granted, and makes it the default library.
+    ///
+    /// `join_with_settings` also stores the app's local settings (where the leader is,
+    /// its pinned key) in the same transaction.
     pub async fn join(
         db: DatabaseConnection,
         library_id: LibraryId,
@@ -182,8 +186,34 @@ impl Library {
         access: Access,
         registry: Registry,
     ) -> Result<Library, OpenError> {
+        Library::join_with_settings(db, library_id, leader, name, access, &[], registry).await
+    }
+
+    /// [`Library::join`], storing `settings` (`(key, value)`, read back with
+    /// [`Library::local_setting`]) in the same transaction as the library, this device's
+    /// membership and the default library: a join interrupted at any point leaves all of it
+    /// or none of it.
+    ///
+    /// Joining a library this database already follows stores it again (an earlier join
+    /// stored by a build without this transaction may have stopped half-way): the name,
+    /// leader and access are replaced, the settings written, the position and outbox kept.
+    /// A library this device leads cannot be joined ([`OpenError::LeadsLibrary`]).
+    pub async fn join_with_settings(
+        db: DatabaseConnection,
+        library_id: LibraryId,
+        leader: DeviceId,
+        name: &str,
+        access: Access,
+        settings: &[(&str, &str)],
+        registry: Registry,
+    ) -> Result<Library, OpenError> {
         let device_id = ensure_device_id(&db).await?;
-        add_library(&db, library_id, name, leader, device_id, access.as_str()).await?;
+        if leader == device_id {
+            return Err(OpenError::LeadsLibrary(library_id));
+        }
+        let txn = db.begin().await?;
+        store_joined(&txn, library_id, name, leader, device_id, access, settings).await?;
+        txn.commit().await?;
         Library::open(db, library_id, registry).await
     }
 
@@ -666,21 +696,21 @@ impl Library {
         if self.role() != Role::Follower {
             return Err(PullError::NotFollower(self.id()).into());
         }
-        let after = self.position().await.map_err(ApplyError::from)?.seq;
-        let mut request = PullRequest::after(self.id(), after);
+        let position = self.position().await.map_err(ApplyError::from)?;
+        let mut request = PullRequest::from_position(self.id(), position);
         request.limit = limit;
         let response = transport.pull(request).await?;
         let latest = response.latest_seq;
         tracing::Span::current()
-            .record("after", after.0)
+            .record("after", position.seq.0)
             .record("latest", latest.0);
-        crate::metrics::record_lag(self.id(), after, latest);
-        match self.apply(after, response).await {
+        crate::metrics::record_lag(self.id(), position.seq, latest);
+        match self.apply(position.seq, response).await {
             Ok(applied) => {
                 crate::metrics::record_lag(self.id(), applied.position.seq, latest);
                 Ok((applied, latest))
             }
-            Err(e) => Err(self.pinpoint(transport, after, limit, e).await.into()),
+            Err(e) => Err(self.pinpoint(transport, position, limit, e).await.into()),
         }
     }
 
@@ -718,8 +748,8 @@ impl Library {
     ) -> Result<Position, SyncError> {
         match self.catch_up_inner(transport, limit, progress).await {
             Err(SyncError::Apply(e @ ApplyError::Db(_))) => {
-                let after = self.position().await.map_err(ApplyError::from)?.seq;
-                Err(self.pinpoint(transport, after, limit, e).await.into())
+                let at = self.position().await.map_err(ApplyError::from)?;
+                Err(self.pinpoint(transport, at, limit, e).await.into())
             }
             other => other,
         }
@@ -734,13 +764,13 @@ impl Library {
         if self.role() != Role::Follower {
             return Err(PullError::NotFollower(self.id()).into());
         }
-        let request = |after: Seq| {
-            let mut request = PullRequest::after(self.id(), after);
+        let request = |after: Position| {
+            let mut request = PullRequest::from_position(self.id(), after);
             request.limit = limit;
             request
         };
         let start = self.position().await.map_err(ApplyError::from)?;
-        let first = transport.pull(request(start.seq)).await?;
+        let first = transport.pull(request(start)).await?;
         self.check_response(&first)?;
         let target = first.latest_seq;
         tracing::Span::current()
@@ -752,12 +782,12 @@ impl Library {
         }
         let (arrived, mut to_apply) = tokio::sync::mpsc::channel::<PullResponse>(PULLS_AHEAD);
         let pulling = async move {
-            let (mut from, mut response, mut stalled) = (start.seq, first, false);
+            let (mut from, mut response, mut stalled) = (start, first, false);
             loop {
-                let through = response.through(from);
-                if through > from {
+                let through = response.end(from);
+                if through.seq > from.seq {
                     stalled = false;
-                    if arrived.send(response).await.is_err() || through >= target {
+                    if arrived.send(response).await.is_err() || through.seq >= target {
                         // Done, or the applying side has stopped (its error decides).
                         return Ok(());
                     }
@@ -767,7 +797,7 @@ impl Library {
                     // be visible to its reader yet (MySQL) the first time, but a leader
                     // answering nothing again would keep this loop spinning.
                     return Err(SyncError::from(PullError::Stalled {
-                        position: from,
+                        position: from.seq,
                         latest: target,
                     }));
                 } else {
@@ -822,6 +852,60 @@ impl Library {
         }
         Ok(position)
     }
+}
+
+/// Everything a join stores, in the caller's transaction; upserts, so that a join
+/// interrupted by an older build can be made again.
+async fn store_joined(
+    txn: &sea_orm::DatabaseTransaction,
+    library_id: LibraryId,
+    name: &str,
+    leader: DeviceId,
+    this_device: DeviceId,
+    access: Access,
+    settings: &[(&str, &str)],
+) -> Result<(), OpenError> {
+    use sea_orm::sea_query::OnConflict;
+    let existing = library::Entity::find_by_id(library_id.to_string())
+        .one(txn)
+        .await?;
+    if existing.is_some_and(|row| row.leader_device_id == this_device.to_string()) {
+        return Err(OpenError::LeadsLibrary(library_id));
+    }
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    library::Entity::insert(library::ActiveModel {
+        id: Set(library_id.to_string()),
+        name: Set(name.to_owned()),
+        leader_device_id: Set(leader.to_string()),
+        created_at_ms: Set(now_ms),
+    })
+    .on_conflict(
+        OnConflict::column(library::Column::Id)
+            .update_columns([library::Column::Name, library::Column::LeaderDeviceId])
+            .to_owned(),
+    )
+    .exec_without_returning(txn)
+    .await?;
+    device::Entity::insert(device::ActiveModel {
+        library_id: Set(library_id.to_string()),
+        device_id: Set(this_device.to_string()),
+        role: Set(access.as_str().to_owned()),
+        name: Set(None),
+        added_at_ms: Set(now_ms),
+        revoked_at_ms: Set(None),
+    })
+    .on_conflict(
+        OnConflict::columns([device::Column::LibraryId, device::Column::DeviceId])
+            .update_columns([device::Column::Role, device::Column::RevokedAtMs])
+            .to_owned(),
+    )
+    .exec_without_returning(txn)
+    .await?;
+    set_local_value(txn, LOCAL_DEFAULT_LIBRARY, &library_id.to_string()).await?;
+    for (key, value) in settings {
+        set_local_value(txn, &local_setting_key(library_id, key), value).await?;
+    }
+    Ok(())
 }
 
 async fn read_position<C: sea_orm::ConnectionTrait>(

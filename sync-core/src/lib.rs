@@ -63,7 +63,7 @@ pub use library::{Drift, DriftKind, LatestSeq, Library, Role, Status, TxnFuture}
 pub use members::{Access, Admission, Invite, InviteError, Member, MemberError};
 pub use parked::{ParkError, Parked, Retried};
 pub use protocol::{
-    InProcess, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PUSH_BYTES_MAX,
+    Divergence, InProcess, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PUSH_BYTES_MAX,
     PUSH_CHANGES_MAX, PullError, PullRequest, PullResponse, PulledItem, PushError, PushRequest,
     PushResponse, PushedChange, RECORD_BYTES_MAX, RejectedChange, Transport,
 };

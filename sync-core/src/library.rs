@@ -43,7 +43,7 @@ const PENDING_DELETE_IDS_MAX: usize = 500;
 const CLAIM_ATTEMPTS_MAX: usize = 10_000;
 
 const LOCAL_DEVICE_KEY: &str = "device_key";
-const LOCAL_DEFAULT_LIBRARY: &str = "default_library";
+pub(crate) const LOCAL_DEFAULT_LIBRARY: &str = "default_library";
 
 /// A boxed future borrowing the transaction, as `Library::transaction` takes it.
 pub type TxnFuture<'c, T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'c>>;
@@ -687,7 +687,8 @@ impl Library {
         Ok(tip.seq)
     }
 
-    /// Up to `limit` entries with seq greater than `after`, in seq order.
+    /// Up to `limit` entries with seq greater than `after`, in seq order. Any `after` and
+    /// `limit` are fine: seqs end at `i64::MAX`, so nothing lies beyond it.
     pub async fn read_log(&self, after: Seq, limit: u64) -> Result<Vec<LogEntry>, LogError> {
         self.sequence().await?;
         read_log(&self.db, self.context.library_id, after, limit).await
@@ -837,11 +838,19 @@ pub(crate) async fn read_log<C: ConnectionTrait>(
     after: Seq,
     limit: u64,
 ) -> Result<Vec<LogEntry>, LogError> {
+    // Seqs are stored as i64: no entry lies after i64::MAX, and a limit above it is no
+    // limit (the database drivers refuse larger numbers, some by panicking).
+    let Ok(after_stored) = i64::try_from(after.0) else {
+        return Ok(Vec::new());
+    };
+    if limit == 0 || after_stored == i64::MAX {
+        return Ok(Vec::new());
+    }
     let rows = log::Entity::find()
         .filter(log::Column::LibraryId.eq(library_id.to_string()))
-        .filter(log::Column::Seq.gt(after.0 as i64))
+        .filter(log::Column::Seq.gt(after_stored))
         .order_by_asc(log::Column::Seq)
-        .limit(limit)
+        .limit(limit.min(i64::MAX as u64))
         .all(db)
         .await?;
     // Serve only the contiguous run after `after`. Seqs are claimed gap-free, but InnoDB

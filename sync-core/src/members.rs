@@ -395,8 +395,13 @@ impl Library {
     }
 
     fn setting_key(&self, key: &str) -> String {
-        format!("{}/{key}", self.id())
+        local_setting_key(self.id(), key)
     }
+}
+
+/// Where a library's local setting is kept in `sync_local`.
+pub(crate) fn local_setting_key(library_id: LibraryId, key: &str) -> String {
+    format!("{library_id}/{key}")
 }
 
 fn parse_access(text: &str) -> Result<Access, DbErr> {

@@ -318,13 +318,13 @@ impl crate::Library {
     }
 
     /// After a transaction of many entries failed with `error` from the database, finds
-    /// the entry the database refuses: pulls the range again from `after` and applies it
+    /// the entry the database refuses: pulls the range again from `at` and applies it
     /// in halves, committing what applies, until one entry alone fails. Returns
     /// `ApplyError::Stuck` naming it, or `error` when no single entry reproduces it.
     pub(crate) async fn pinpoint(
         &self,
         transport: &dyn Transport,
-        after: Seq,
+        at: crate::Position,
         limit: u32,
         error: ApplyError,
     ) -> ApplyError {
@@ -334,7 +334,7 @@ impl crate::Library {
         if crate::error::is_transient(db) {
             return error;
         }
-        let mut request = PullRequest::after(self.id(), after);
+        let mut request = PullRequest::from_position(self.id(), at);
         request.limit = limit;
         let Ok(response) = transport.pull(request).await else {
             return error;
@@ -346,7 +346,7 @@ impl crate::Library {
             items,
             latest_seq,
         };
-        let mut position = after;
+        let mut position = at.seq;
         let mut items = response.items;
         while !items.is_empty() {
             let half = items.len().div_ceil(2);

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ChangeOp, DeviceId, Hlc, LibraryId, LogEntry, Seq};
+use crate::{ChangeOp, DeviceId, Hlc, LibraryId, LogEntry, Position, Seq};
 
 /// The protocol this build speaks. A peer speaking another version is refused, not misread.
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -31,6 +31,12 @@ pub struct PullRequest {
     pub library_id: LibraryId,
     /// The follower's position: it has everything up to here.
     pub after: Seq,
+    /// The log's rolling checksum at `after` as the follower holds it (0 at `Seq::ZERO`).
+    /// The leader serves only a follower whose history is its own: it refuses with
+    /// [`PullError::HistoryDiverged`] when its log does not reach `after` or has another
+    /// checksum there.
+    #[serde(default)]
+    pub after_checksum: u64,
     /// At most this many entries (clamped to `PULL_ENTRIES_MAX`).
     pub limit: u32,
     /// At most about this many payload bytes (clamped to `PULL_BYTES_MAX`).
@@ -40,16 +46,30 @@ pub struct PullRequest {
 }
 
 impl PullRequest {
-    /// A request for everything after `after`, with the protocol's bounds.
-    pub fn after(library_id: LibraryId, after: Seq) -> PullRequest {
+    /// A request for everything after `position`, with the protocol's bounds.
+    pub fn from_position(library_id: LibraryId, position: Position) -> PullRequest {
         PullRequest {
             protocol_version: PROTOCOL_VERSION,
             library_id,
-            after,
+            after: position.seq,
+            after_checksum: position.checksum,
             limit: PULL_ENTRIES_MAX,
             max_bytes: PULL_BYTES_MAX,
             models: None,
         }
+    }
+
+    /// A request for everything after `after`, stating checksum 0: right for `Seq::ZERO`
+    /// (the whole log); a later seq needs its checksum ([`PullRequest::from_position`]),
+    /// or the leader refuses it as another history.
+    pub fn after(library_id: LibraryId, after: Seq) -> PullRequest {
+        PullRequest::from_position(
+            library_id,
+            Position {
+                seq: after,
+                checksum: 0,
+            },
+        )
     }
 }
 
@@ -100,6 +120,63 @@ impl PullResponse {
     pub fn through(&self, after: Seq) -> Seq {
         self.items.last().map_or(after, PulledItem::last_seq)
     }
+
+    /// The position the follower reaches once it applied this response from `from`
+    /// (the next request's, when pulling ahead of applying).
+    pub fn end(&self, from: Position) -> Position {
+        match self.items.last() {
+            None => from,
+            Some(PulledItem::Entry(entry)) => Position {
+                seq: entry.seq,
+                checksum: entry.checksum,
+            },
+            Some(PulledItem::Skipped { through, checksum }) => Position {
+                seq: *through,
+                checksum: *checksum,
+            },
+        }
+    }
+}
+
+/// How a follower's history and its leader's log differ: the leader does not hold the
+/// follower's position, or holds another entry there.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Divergence {
+    /// The follower's position.
+    pub position: Seq,
+    /// The follower's checksum at `position`.
+    pub checksum: u64,
+    /// The leader's latest seq.
+    pub leader_latest_seq: Seq,
+    /// The leader's checksum at `position`; `None` when its log ends before it.
+    pub leader_checksum: Option<u64>,
+}
+
+impl std::fmt::Display for Divergence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.leader_checksum {
+            None => write!(
+                f,
+                "the leader's log ends at seq {}, but this follower has applied up to seq {}: \
+                 the leader lost entries this follower has",
+                self.leader_latest_seq, self.position
+            )?,
+            Some(theirs) => write!(
+                f,
+                "the leader's log differs from this follower's at seq {} (the leader's \
+                 checksum there is {theirs:016x}, this follower's {:016x}; the leader's log \
+                 ends at seq {})",
+                self.position, self.checksum, self.leader_latest_seq
+            )?,
+        }
+        f.write_str(
+            ". The leader's database was probably restored from an older copy, or holds \
+             another history of this library. This follower stops rather than apply a \
+             history that is not its own. Taking the missing entries back from the \
+             followers that have them is leadership work, not built yet: restore the \
+             leader's newest database, or join this device again with a fresh database",
+        )
+    }
 }
 
 /// Why a pull was refused or failed.
@@ -133,6 +210,11 @@ pub enum PullError {
         /// What the leader claims.
         latest: crate::Seq,
     },
+    /// The leader's log is not this follower's history: it does not reach the
+    /// follower's position (a leader restored from an older copy), or has another entry
+    /// there. Nothing is served; pulling again gets the same answer.
+    #[error("{0}")]
+    HistoryDiverged(Divergence),
     /// Reading the log failed.
     #[error(transparent)]
     Log(#[from] crate::LogError),

@@ -3,10 +3,10 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::protocol::{
-    PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PullError, PullRequest, PullResponse,
-    PulledItem,
+    Divergence, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PullError, PullRequest,
+    PullResponse, PulledItem,
 };
-use crate::{ChangeOp, Library, LogEntry, MergeRule, Registry, Role};
+use crate::{ChangeOp, Library, LogEntry, MergeRule, Registry, Role, Seq};
 
 /// Bytes an entry is counted as beyond its payload (ids, clock, checksum, framing).
 const ENTRY_OVERHEAD_BYTES: usize = 128;
@@ -16,6 +16,11 @@ impl Library {
     /// `request.limit` of them and about `request.max_bytes` of payload (both clamped to
     /// the protocol's bounds, at least one entry), with entries of unrequested models and
     /// superseded entries replaced by `Skipped` runs.
+    ///
+    /// A request from a position this log does not hold — past its latest seq, or with
+    /// another checksum there — is refused with [`PullError::HistoryDiverged`] (and logged
+    /// at warn): this leader's database was restored from an older copy, or the
+    /// follower's history is another log's.
     #[tracing::instrument(
         name = "serve_pull",
         skip_all,
@@ -33,7 +38,24 @@ impl Library {
         }
         let limit = request.limit.clamp(1, PULL_ENTRIES_MAX);
         let max_bytes = request.max_bytes.clamp(1, PULL_BYTES_MAX) as usize;
-        let entries = self.read_log(request.after, u64::from(limit)).await?;
+        // From a position past the start, the entry at the position is read too: the
+        // follower's history must be this log's (same seq, same checksum there).
+        let stated = request.after > Seq::ZERO;
+        let from = if stated {
+            Seq(request.after.0 - 1)
+        } else {
+            Seq::ZERO
+        };
+        let entries = self
+            .read_log(from, u64::from(limit) + u64::from(stated))
+            .await?;
+        let mut entries = entries.into_iter().peekable();
+        if stated {
+            let at = entries.next_if(|e| e.seq == request.after);
+            if at.as_ref().map(|e| e.checksum) != Some(request.after_checksum) {
+                return Err(self.diverged(request, at.map(|e| e.checksum)).await);
+            }
+        }
         let mut bytes = 0;
         let mut taken = Vec::with_capacity(entries.len());
         for entry in entries {
@@ -61,6 +83,25 @@ impl Library {
             items,
             latest_seq,
         })
+    }
+}
+
+impl Library {
+    /// The refusal of a pull whose position is not in this log's history, logged: the
+    /// operator of this leader must hear of it, not only the follower.
+    async fn diverged(&self, request: &PullRequest, leader_checksum: Option<u64>) -> PullError {
+        let leader_latest_seq = match self.latest_seq().await {
+            Ok(seq) => seq,
+            Err(e) => return e.into(),
+        };
+        let divergence = Divergence {
+            position: request.after,
+            checksum: request.after_checksum,
+            leader_latest_seq,
+            leader_checksum,
+        };
+        tracing::warn!(library = %self.id(), %divergence, "refused a pull from another history");
+        PullError::HistoryDiverged(divergence)
     }
 }
 

@@ -22,7 +22,9 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// For one request's answer.
     pub request_timeout: Duration,
-    /// Keep-alives, so that an idle session survives the leader's idle timeout.
+    /// Keep-alives, so that an idle session survives the leader's idle timeout, and so
+    /// that a follower of a leader that died without closing hears of its restart within
+    /// this long (the restarted leader answers them with a stateless reset).
     pub keep_alive: Duration,
     /// A connection silent this long is considered lost.
     pub idle_timeout: Duration,
@@ -33,7 +35,8 @@ impl Default for ClientConfig {
         ClientConfig {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(60),
-            keep_alive: Duration::from_secs(5),
+            // A packet of about 50 bytes a second per session.
+            keep_alive: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(30),
         }
     }
@@ -159,7 +162,7 @@ impl Client {
                         Ok(Response::Tip { latest_seq }) => {
                             latest.send_replace(latest_seq);
                         }
-                        Ok(Response::Refused { code, message }) => {
+                        Ok(Response::Refused { code, message, .. }) => {
                             *refusal.lock().unwrap_or_else(|p| p.into_inner()) =
                                 Some(TransportError::Refused { code, message });
                             // Wake the follower so it learns at once.
@@ -210,7 +213,7 @@ impl Client {
         let (answer, recv) = tokio::time::timeout(self.config.connect_timeout, exchange)
             .await
             .map_err(|_| TransportError::Timeout("the leader's first answer"))??;
-        if let Response::Refused { code, message } = answer {
+        if let Response::Refused { code, message, .. } = answer {
             return Err(TransportError::Refused { code, message });
         }
         Ok((answer, recv))
@@ -359,6 +362,7 @@ fn refusal_of(code: u64) -> Option<Refusal> {
         Refusal::BadRequest,
         Refusal::Internal,
         Refusal::ReadOnly,
+        Refusal::HistoryDiverged,
     ]
     .into_iter()
     .find(|r| u64::from(r.close_code()) == code)
@@ -394,7 +398,13 @@ impl Session {
             .await?
         {
             Response::Pulled(response) => Ok(response),
-            Response::Refused { code, message } => Err(TransportError::Refused { code, message }),
+            Response::Refused {
+                divergence: Some(divergence),
+                ..
+            } => Err(TransportError::HistoryDiverged(divergence)),
+            Response::Refused { code, message, .. } => {
+                Err(TransportError::Refused { code, message })
+            }
             other => Err(unexpected(&other)),
         }
     }
@@ -410,7 +420,9 @@ impl Session {
             .await?
         {
             Response::Pushed(response) => Ok(response),
-            Response::Refused { code, message } => Err(TransportError::Refused { code, message }),
+            Response::Refused { code, message, .. } => {
+                Err(TransportError::Refused { code, message })
+            }
             other => Err(unexpected(&other)),
         }
     }
@@ -527,6 +539,9 @@ impl Transport for QuicTransport {
             .map_err(|e| PullError::Transport(e.to_string()))?;
         match session.pull(&request).await {
             Ok(response) => Ok(response),
+            Err(TransportError::HistoryDiverged(divergence)) => {
+                Err(PullError::HistoryDiverged(divergence))
+            }
             Err(e) => {
                 if session.is_closed() {
                     self.session.lock().await.take();

@@ -12,7 +12,8 @@
 
 use serde::{Deserialize, Serialize};
 use sync_core::{
-    Access, DeviceId, LibraryId, PullRequest, PullResponse, PushRequest, PushResponse, Seq,
+    Access, DeviceId, Divergence, LibraryId, PullRequest, PullResponse, PushRequest, PushResponse,
+    Seq,
 };
 
 /// The frame format this build writes and reads.
@@ -108,6 +109,10 @@ pub enum Response {
         code: Refusal,
         /// For the user.
         message: String,
+        /// With `Refusal::HistoryDiverged`: how the histories differ, for the follower's
+        /// typed error (`PullError::HistoryDiverged`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        divergence: Option<Divergence>,
     },
 }
 
@@ -131,6 +136,9 @@ pub enum Refusal {
     Internal,
     /// The device may pull but not push (read access).
     ReadOnly,
+    /// The leader's log is not the follower's history (a leader restored from an older
+    /// copy): the pull is refused, the session stays.
+    HistoryDiverged,
 }
 
 impl Refusal {
@@ -145,6 +153,7 @@ impl Refusal {
             Refusal::BadRequest => 7,
             Refusal::Internal => 8,
             Refusal::ReadOnly => 9,
+            Refusal::HistoryDiverged => 10,
         }
     }
 }
@@ -335,11 +344,53 @@ mod tests {
         let big = Response::Refused {
             code: Refusal::Internal,
             message: "x".repeat(10_000),
+            divergence: None,
         };
         let frame = encode(&big).unwrap();
         assert_eq!(frame[1], CODEC_ZSTD);
         assert!(frame.len() < 1_000);
         assert_eq!(decode::<Response>(&frame).unwrap(), big);
+    }
+
+    #[test]
+    fn a_divergence_crosses_typed_and_other_refusals_keep_their_bytes() {
+        let divergence = Divergence {
+            position: Seq(5),
+            checksum: 7,
+            leader_latest_seq: Seq(3),
+            leader_checksum: None,
+        };
+        let refused = Response::Refused {
+            code: Refusal::HistoryDiverged,
+            message: divergence.to_string(),
+            divergence: Some(divergence),
+        };
+        assert_eq!(
+            decode::<Response>(&encode(&refused).unwrap()).unwrap(),
+            refused
+        );
+        // Without a divergence the field is left out: the bytes other refusals had.
+        let plain = Response::Refused {
+            code: Refusal::Internal,
+            message: "x".into(),
+            divergence: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&plain).unwrap(),
+            r#"{"refused":{"code":"internal","message":"x"}}"#
+        );
+        // A pull that states no checksum (as before the field) is from checksum 0.
+        let library_id = LibraryId::new_random();
+        let pull = serde_json::json!({"type": "pull", "protocol_version": 1,
+            "library_id": library_id, "after": 0, "limit": 10, "max_bytes": 100,
+            "models": null});
+        let Request::Pull(pull) = decode::<Request>(&encode(&pull).unwrap()).unwrap() else {
+            panic!("a pull");
+        };
+        assert_eq!(
+            (pull.after, pull.after_checksum, pull.limit),
+            (Seq::ZERO, 0, 10)
+        );
     }
 
     #[test]

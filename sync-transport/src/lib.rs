@@ -66,6 +66,11 @@ pub enum TransportError {
         /// The leader's explanation.
         message: String,
     },
+    /// The leader refused a pull: its log is not this follower's history
+    /// (`Refusal::HistoryDiverged`; `QuicTransport` hands it on as
+    /// `PullError::HistoryDiverged`).
+    #[error("the leader refused: {0}")]
+    HistoryDiverged(sync_core::Divergence),
     /// The connection was lost.
     #[error("connection to the leader lost: {0}")]
     Lost(String),

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use sync_core::{
     Access, Admission, CommitWatcher, DeviceId, DeviceKey, KeyFingerprint, Library, LibraryId,
-    PROTOCOL_VERSION, Role,
+    PROTOCOL_VERSION, PullError, Role,
 };
 use tokio::task::JoinSet;
 
@@ -96,7 +96,20 @@ impl Server {
             .map_err(|e| TransportError::Config(e.to_string()))?;
         let mut quic = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         quic.transport_config(Arc::new(transport));
-        let endpoint = quinn::Endpoint::server(quic, addr)
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        // A restarted leader must recognise the connection ids it issued before (quinn
+        // drops packets for ids its generator did not make, without a reset) and sign
+        // the same reset tokens for them: both keys derive from the device key.
+        let keys = RestartKeys::of(key);
+        endpoint_config
+            .reset_key(Arc::new(keys.reset))
+            .cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(keys.cid))
+            });
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| TransportError::Config("no async runtime to serve on".into()))?;
+        let endpoint = std::net::UdpSocket::bind(addr)
+            .and_then(|socket| quinn::Endpoint::new(endpoint_config, Some(quic), socket, runtime))
             .map_err(|e| TransportError::Config(format!("cannot listen on {addr}: {e}")))?;
         let local_addr = endpoint.local_addr().map_err(TransportError::Io)?;
         let watchers = served.values().map(Library::watch_commits).collect();
@@ -130,6 +143,62 @@ impl Server {
         self.endpoint
             .close(0u32.into(), b"the leader is shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// The key of the leader's stateless resets, derived from its device key: the same after
+/// a restart.
+///
+/// A leader that dies without closing (SIGKILL, power loss) leaves its followers'
+/// connections open. When it comes back, their next packets (keep-alives) are for
+/// connections it no longer knows, and it answers each with a stateless reset, a token
+/// that only the key the connection began with produces. quinn's default key is random
+/// per process, so followers ignored the restarted leader's resets and waited out their
+/// idle timeout (about 34 s); with this key they drop the dead connection at once and
+/// reconnect (`cli::a_live_follower_resumes_soon_after_its_leader_is_killed_and_restarted`).
+struct ResetKey([u8; 32]);
+
+/// The keys a leader's endpoint keeps across restarts: of its stateless resets, and of
+/// the connection ids it issues.
+struct RestartKeys {
+    reset: ResetKey,
+    cid: u64,
+}
+
+impl RestartKeys {
+    fn of(key: &DeviceKey) -> RestartKeys {
+        let secret = key.private_key_der();
+        let cid = blake3::derive_key("seaorm-sync 2026-12 QUIC connection id key", &secret);
+        RestartKeys {
+            reset: ResetKey(blake3::derive_key(
+                "seaorm-sync 2026-12 QUIC stateless reset key",
+                &secret,
+            )),
+            cid: u64::from_le_bytes([
+                cid[0], cid[1], cid[2], cid[3], cid[4], cid[5], cid[6], cid[7],
+            ]),
+        }
+    }
+}
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
+        let mac = blake3::keyed_hash(&self.0, data);
+        let n = signature_out.len().min(blake3::OUT_LEN);
+        signature_out[..n].copy_from_slice(&mac.as_bytes()[..n]);
+    }
+
+    fn signature_len(&self) -> usize {
+        blake3::OUT_LEN
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        let expected = blake3::keyed_hash(&self.0, data);
+        // `blake3::Hash`'s comparison takes constant time.
+        match <[u8; blake3::OUT_LEN]>::try_from(signature) {
+            Ok(given) if expected == blake3::Hash::from(given) => Ok(()),
+            _ => Err(quinn::crypto::CryptoError),
+        }
     }
 }
 
@@ -169,6 +238,7 @@ async fn refuse(
         let refused = Response::Refused {
             code,
             message: message.clone(),
+            divergence: None,
         };
         if frame::write(send, &refused).await.is_ok() && send.finish().is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
@@ -455,6 +525,9 @@ async fn still_member(
     }
 }
 
+/// Answers one request stream. Every request gets an answer or a refusal; one that
+/// cannot be answered (unreadable, or an answer that cannot be sent) is logged at warn
+/// with the reason.
 /// Answers one request stream.
 #[tracing::instrument(
     name = "request",
@@ -471,23 +544,43 @@ async fn answer(
 ) {
     let request = match tokio::time::timeout(timeout, frame::read::<Request>(&mut recv)).await {
         Ok(Ok(request)) => request,
+        // The follower opened a stream and closed it: nothing was asked.
         Ok(Err(ReadError::Ended)) => return,
         Ok(Err(e)) => {
-            let _ = reply_refused(&mut send, Refusal::BadRequest, e.to_string()).await;
+            let message = format!("the request could not be read: {e}");
+            reply(
+                &mut send,
+                device,
+                "request",
+                refused(Refusal::BadRequest, message),
+            )
+            .await;
             return;
         }
         Err(_) => {
-            let _ =
-                reply_refused(&mut send, Refusal::BadRequest, "no request in time".into()).await;
+            let message = format!("no request within {timeout:?}");
+            reply(
+                &mut send,
+                device,
+                "request",
+                refused(Refusal::BadRequest, message),
+            )
+            .await;
             return;
         }
     };
-    let library_id = match &request {
-        Request::Pull(pull) => pull.library_id,
-        Request::Push(push) => push.library_id,
+    let (library_id, what) = match &request {
+        Request::Pull(pull) => (pull.library_id, "pull"),
+        Request::Push(push) => (push.library_id, "push"),
         _ => {
             let message = "only `pull` and `push` are answered inside a session".to_owned();
-            let _ = reply_refused(&mut send, Refusal::BadRequest, message).await;
+            reply(
+                &mut send,
+                device,
+                "request",
+                refused(Refusal::BadRequest, message),
+            )
+            .await;
             return;
         }
     };
@@ -496,31 +589,37 @@ async fn answer(
             "this session is for library {}, not {library_id}",
             library.id()
         );
-        let _ = reply_refused(&mut send, Refusal::BadRequest, message).await;
+        reply(
+            &mut send,
+            device,
+            what,
+            refused(Refusal::BadRequest, message),
+        )
+        .await;
         return;
     }
     // Revocation is checked per request too: nothing is served after it.
     if let Err((code, message)) = admitted(&library, device).await {
-        let _ = reply_refused(&mut send, code, message).await;
+        reply(&mut send, device, what, refused(code, message)).await;
         return;
     }
     match request {
         Request::Pull(pull) => {
-            let reply = match library.serve_pull(&pull).await {
+            let answer = match library.serve_pull(&pull).await {
                 Ok(response) => Response::Pulled(response),
-                Err(e) => Response::Refused {
-                    code: Refusal::Internal,
-                    message: e.to_string(),
+                Err(PullError::HistoryDiverged(divergence)) => Response::Refused {
+                    code: Refusal::HistoryDiverged,
+                    message: divergence.to_string(),
+                    divergence: Some(divergence),
                 },
+                Err(e) => refused(Refusal::Internal, e.to_string()),
             };
-            if frame::write(&mut send, &reply).await.is_ok() {
-                let _ = send.finish();
-            }
+            reply(&mut send, device, what, answer).await;
             record_position(&library, device, pull.after, &last_recorded).await;
         }
         Request::Push(push) => {
             // A device pushes only its own changes: the TLS handshake proved which it is.
-            let reply = if push.device_id != device {
+            let answer = if push.device_id != device {
                 metrics::counter!(
                     sync_core::metrics::PUSH_CHANGES_REJECTED,
                     "library" => library.id().to_string(),
@@ -528,35 +627,86 @@ async fn answer(
                     "reason" => "other_device",
                 )
                 .increment(push.changes.len() as u64);
-                Response::Refused {
-                    code: Refusal::BadRequest,
-                    message: format!(
+                refused(
+                    Refusal::BadRequest,
+                    format!(
                         "this session is device {device}'s; it cannot push for {}",
                         push.device_id
                     ),
-                }
+                )
             } else {
                 match library.serve_push(&push).await {
                     Ok(response) => Response::Pushed(response),
-                    Err(e @ sync_core::PushError::NotWriter { .. }) => Response::Refused {
-                        code: Refusal::ReadOnly,
-                        message: e.to_string(),
-                    },
-                    Err(e @ sync_core::PushError::BadChange { .. }) => Response::Refused {
-                        code: Refusal::BadRequest,
-                        message: e.to_string(),
-                    },
-                    Err(e) => Response::Refused {
-                        code: Refusal::Internal,
-                        message: e.to_string(),
-                    },
+                    Err(e @ sync_core::PushError::NotWriter { .. }) => {
+                        refused(Refusal::ReadOnly, e.to_string())
+                    }
+                    Err(e @ sync_core::PushError::BadChange { .. }) => {
+                        refused(Refusal::BadRequest, e.to_string())
+                    }
+                    Err(e) => refused(Refusal::Internal, e.to_string()),
                 }
             };
-            if frame::write(&mut send, &reply).await.is_ok() {
-                let _ = send.finish();
-            }
+            reply(&mut send, device, what, answer).await;
         }
         _ => {}
+    }
+}
+
+fn refused(code: Refusal, message: String) -> Response {
+    Response::Refused {
+        code,
+        message,
+        divergence: None,
+    }
+}
+
+/// Sends `answer` to a request (`what`: a pull, a push) and finishes the stream.
+///
+/// An answer that cannot be encoded — larger than [`frame::FRAME_BODY_MAX`] — is replaced
+/// by a refusal that says so, rather than leaving the follower with a stream that just
+/// ends. Refusals for which the leader is at fault (`Internal`) or that say the request
+/// was malformed are logged at warn, and so is an answer that cannot be delivered; the
+/// refusals of ordinary membership (not a member, revoked, read-only) at info, like a
+/// divergence (`serve_pull` logs that at warn itself).
+async fn reply(send: &mut quinn::SendStream, device: DeviceId, what: &str, answer: Response) {
+    let bytes = match frame::encode(&answer) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            let message = format!("the leader cannot send its answer to this {what}: {e}");
+            let refusal = refused(Refusal::Internal, message);
+            match frame::encode(&refusal) {
+                Ok(bytes) => {
+                    log_refusal(device, what, &refusal);
+                    bytes
+                }
+                Err(e) => {
+                    tracing::warn!(%device, what, %e, "request not answered: even its refusal cannot be encoded");
+                    return;
+                }
+            }
+        }
+    };
+    if let Response::Refused { .. } = answer {
+        log_refusal(device, what, &answer);
+    }
+    if let Err(e) = send.write_all(&bytes).await {
+        tracing::warn!(%device, what, %e, "request not answered: the answer could not be sent");
+        return;
+    }
+    let _ = send.finish();
+}
+
+fn log_refusal(device: DeviceId, what: &str, refusal: &Response) {
+    let Response::Refused { code, message, .. } = refusal else {
+        return;
+    };
+    match code {
+        // Membership's ordinary refusals; and a divergence, which `serve_pull` has
+        // logged at warn already.
+        Refusal::NotMember | Refusal::Revoked | Refusal::ReadOnly | Refusal::HistoryDiverged => {
+            tracing::info!(%device, what, ?code, %message, "request refused");
+        }
+        _ => tracing::warn!(%device, what, ?code, %message, "request refused"),
     }
 }
 
@@ -598,14 +748,4 @@ impl Drop for Connected {
         metrics::gauge!(sync_core::metrics::CONNECTED_FOLLOWERS, "library" => self.0.clone())
             .decrement(1.0);
     }
-}
-
-async fn reply_refused(
-    send: &mut quinn::SendStream,
-    code: Refusal,
-    message: String,
-) -> Result<(), TransportError> {
-    frame::write(send, &Response::Refused { code, message }).await?;
-    let _ = send.finish();
-    Ok(())
 }

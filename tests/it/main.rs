@@ -12,6 +12,7 @@ mod foreign_keys;
 mod offline;
 mod ordering;
 mod quic;
+mod robust;
 mod set_aside;
 mod support;
 mod telemetry;

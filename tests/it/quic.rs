@@ -322,7 +322,7 @@ async fn bad_frames_and_other_versions_cost_only_their_connection() {
     })
     .expect("encode");
     let answer = client.send_raw(&address, pin, &hello).await;
-    let Ok(Response::Refused { code, message }) = answer else {
+    let Ok(Response::Refused { code, message, .. }) = answer else {
         panic!("expected a refusal, got {answer:?}");
     };
     assert_eq!(code, Refusal::VersionMismatch);
