@@ -8,6 +8,8 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use crate::follower::{ApplyError, SyncError};
+use crate::protocol::{PullError, PushError, Refused};
 use crate::{Library, Seq, Transport};
 
 /// Commands waiting for the loop: a few, since each one only nudges it.
@@ -52,6 +54,8 @@ pub struct FollowStatus {
     pub lag: u64,
     /// The last error, cleared by the next successful round.
     pub last_error: Option<String>,
+    /// What the loop is doing, as data: in sync, offline, revoked, refused, stuck.
+    pub state: FollowState,
     /// This follower's own changes waiting to be pushed, as of the last round.
     pub outbox: u64,
     /// Pulled entries parked on this device (`Library::parked`), as of the last round:
@@ -60,6 +64,154 @@ pub struct FollowStatus {
     /// This device's changes the leader could not store, set aside
     /// (`Library::rejected`), as of the last round.
     pub rejected: u64,
+}
+
+/// What the follow loop is doing, as data an app can match on. Whether it retries follows
+/// from it: the network and the database may recover, a revocation or a refusal does not.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FollowState {
+    /// No round has finished yet.
+    #[default]
+    Starting,
+    /// The last round pushed the outbox and reached the leader's latest seq.
+    InSync,
+    /// The leader cannot be reached (down, or the network): retried with backoff.
+    Offline {
+        /// What failed.
+        reason: String,
+    },
+    /// The leader revoked this device: not retried; joining again needs a new invite.
+    Revoked {
+        /// The leader's words.
+        reason: String,
+    },
+    /// The leader refused this device, or the two sides cannot understand each other:
+    /// not retried until the app asks (`Follow::sync_now`), after fixing the cause.
+    Refused {
+        /// Why.
+        why: RefusedFor,
+        /// The error, in words.
+        reason: String,
+    },
+    /// A pulled entry cannot be stored on this device: retried with backoff (a fix of the
+    /// cause, or `Library::park(seq)`, gets past it).
+    Stuck {
+        /// The entry.
+        seq: Seq,
+        /// Its model.
+        model: String,
+        /// Its record.
+        record_id: String,
+        /// What the database said.
+        reason: String,
+    },
+    /// Another failure (this device's database, a damaged answer): retried with backoff.
+    Failing {
+        /// The error, in words.
+        reason: String,
+    },
+}
+
+/// Why a leader and this follower cannot sync, in a way retrying cannot fix.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RefusedFor {
+    /// The two apps speak different sync protocol versions: update the older one.
+    ProtocolVersion,
+    /// A model is unknown to one side or has another schema version: update the older app.
+    SchemaVersion,
+    /// This device is not a member of the library.
+    NotMember,
+    /// This device has read access and may not push.
+    ReadOnly,
+    /// The device at the leader's address is not the pinned leader.
+    WrongLeader,
+    /// The leader does not lead this library.
+    UnknownLibrary,
+    /// The leader's log is not this follower's history (a leader restored from an older
+    /// copy, say).
+    HistoryDiverged,
+}
+
+impl FollowState {
+    /// The state a failed round leaves the loop in.
+    pub fn of(error: &SyncError) -> FollowState {
+        let reason = error.to_string();
+        let refused = |why| FollowState::Refused {
+            why,
+            reason: reason.clone(),
+        };
+        let by_kind = |kind: Refused| match kind {
+            Refused::Revoked => FollowState::Revoked {
+                reason: reason.clone(),
+            },
+            Refused::NotMember => refused(RefusedFor::NotMember),
+            Refused::ReadOnly => refused(RefusedFor::ReadOnly),
+            Refused::WrongLeader => refused(RefusedFor::WrongLeader),
+            Refused::UnknownLibrary => refused(RefusedFor::UnknownLibrary),
+            _ => refused(RefusedFor::ProtocolVersion),
+        };
+        match error {
+            SyncError::Pull(e) => match e {
+                PullError::Transport(_) => FollowState::Offline { reason },
+                PullError::Refused { kind, .. } => by_kind(*kind),
+                PullError::VersionMismatch { .. } => refused(RefusedFor::ProtocolVersion),
+                PullError::NotLeader(_) => refused(RefusedFor::UnknownLibrary),
+                PullError::HistoryDiverged(_) => refused(RefusedFor::HistoryDiverged),
+                _ => FollowState::Failing { reason },
+            },
+            SyncError::Apply(e) => match e {
+                ApplyError::VersionMismatch { .. } => refused(RefusedFor::ProtocolVersion),
+                ApplyError::UnknownModel { .. } | ApplyError::SchemaMismatch { .. } => {
+                    refused(RefusedFor::SchemaVersion)
+                }
+                ApplyError::WrongLibrary { .. } => refused(RefusedFor::UnknownLibrary),
+                ApplyError::Chain(crate::ChainError::Mismatch { .. }) => {
+                    refused(RefusedFor::HistoryDiverged)
+                }
+                ApplyError::Stuck {
+                    seq,
+                    model,
+                    record_id,
+                    reason: why,
+                } => FollowState::Stuck {
+                    seq: *seq,
+                    model: model.clone(),
+                    record_id: record_id.clone(),
+                    reason: why.clone(),
+                },
+                _ => FollowState::Failing { reason },
+            },
+            SyncError::Push(e) => match e {
+                PushError::Transport(_) => FollowState::Offline { reason },
+                PushError::Refused { kind, .. } => by_kind(*kind),
+                PushError::VersionMismatch { .. } => refused(RefusedFor::ProtocolVersion),
+                PushError::NotLeader(_) => refused(RefusedFor::UnknownLibrary),
+                PushError::NotWriter { reason: why, .. } if why.contains("revoked") => {
+                    FollowState::Revoked { reason }
+                }
+                PushError::NotWriter { reason: why, .. } if why.contains("read access") => {
+                    refused(RefusedFor::ReadOnly)
+                }
+                PushError::NotWriter { .. } => refused(RefusedFor::NotMember),
+                // A change of a model the leader does not know, or of another schema
+                // version (other bad changes are set aside, not refused).
+                PushError::BadChange { .. } => refused(RefusedFor::SchemaVersion),
+                _ => FollowState::Failing { reason },
+            },
+        }
+    }
+
+    /// Whether the loop tries again on its own: not after a revocation or a refusal.
+    pub fn retries(&self) -> bool {
+        !matches!(
+            self,
+            FollowState::Revoked { .. } | FollowState::Refused { .. }
+        )
+    }
 }
 
 /// Records a pull applied, for UIs that refresh what they show.
@@ -172,13 +324,34 @@ impl LoopState {
         let mut outbox = self.library.watch_outbox();
         loop {
             outbox.mark_unchanged();
+            let mut retries = true;
             match self.round().await {
-                Ok(()) => failures = 0,
-                Err(message) => {
+                Ok(()) => {
+                    failures = 0;
+                    self.status.send_modify(|s| s.state = FollowState::InSync);
+                }
+                Err(error) => {
                     failures = failures.saturating_add(1);
                     crate::metrics::record_follow_error(self.library.id());
-                    tracing::warn!(library = %self.library.id(), %message, "pull failed; retrying");
-                    self.status.send_modify(|s| s.last_error = Some(message));
+                    let state = FollowState::of(&error);
+                    retries = state.retries();
+                    let message = match &error {
+                        SyncError::Push(e) => format!("push: {e}"),
+                        other => other.to_string(),
+                    };
+                    if retries {
+                        tracing::warn!(library = %self.library.id(), %message, "sync failed; retrying");
+                    } else {
+                        tracing::error!(
+                            library = %self.library.id(),
+                            %message,
+                            "sync refused; not retrying until asked (`Follow::sync_now`)"
+                        );
+                    }
+                    self.status.send_modify(|s| {
+                        s.last_error = Some(message);
+                        s.state = state;
+                    });
                 }
             }
             // Decided after the pull: a failure retries soon, not a poll interval later.
@@ -197,7 +370,7 @@ impl LoopState {
             };
             let next = tokio::select! {
                 command = commands.recv() => command,
-                () = tokio::time::sleep(delay) => Some(Command::SyncNow),
+                () = tokio::time::sleep(delay), if retries => Some(Command::SyncNow),
                 // The leader announced news: pull at once (unless backing off).
                 () = self.transport.news(), if failures == 0 => Some(Command::SyncNow),
                 // A local write entered the outbox: push it.
@@ -217,7 +390,7 @@ impl LoopState {
 
     /// One round: push this follower's own changes first (so that the pull brings back
     /// how the leader sequenced them), then pull until caught up.
-    async fn round(&self) -> Result<(), String> {
+    async fn round(&self) -> Result<(), SyncError> {
         // A push that fails (the leader away, or a change it refuses) must not stop the
         // pulls: the follower keeps receiving the library while its own changes wait.
         let pushed = if self.library.is_read_only() {
@@ -228,7 +401,7 @@ impl LoopState {
                     tracing::debug!(library = %self.library.id(), ?pushed, "pushed");
                     Ok(())
                 }
-                Err(e) => Err(format!("push: {e}")),
+                Err(e) => Err(e),
             }
         };
         let pulled = self.pull_until_caught_up().await;
@@ -252,14 +425,13 @@ impl LoopState {
         pulled.and(pushed)
     }
 
-    async fn pull_until_caught_up(&self) -> Result<(), String> {
+    async fn pull_until_caught_up(&self) -> Result<(), SyncError> {
         let mut previous = None;
         loop {
             let (applied, latest) = self
                 .library
                 .pull_once(self.transport.as_ref(), self.config.batch_len_max)
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             let position = applied.position.seq;
             tracing::debug!(library = %self.library.id(), %position, %latest, "pulled");
             self.status.send_modify(|s| {
@@ -279,9 +451,7 @@ impl LoopState {
                 return Ok(());
             }
             if previous == Some(position) {
-                return Err(format!(
-                    "the leader reports seq {latest} but sent nothing after {position}"
-                ));
+                return Err(PullError::Stalled { position, latest }.into());
             }
             previous = Some(position);
         }

@@ -54,7 +54,9 @@ pub mod hooks {
 pub use commits::CommitWatcher;
 pub use entry::{ChainError, ChangeOp, LogEntry, verify_chain};
 pub use error::{LogError, OpenError};
-pub use follow_loop::{ChangesApplied, Follow, FollowConfig, FollowStatus};
+pub use follow_loop::{
+    ChangesApplied, Follow, FollowConfig, FollowState, FollowStatus, RefusedFor,
+};
 pub use follower::{APPLY_GROUP_ENTRIES, Applied, ApplyError, PULLS_AHEAD, Position, SyncError};
 pub use hlc::{Hlc, HlcClock};
 pub use identity::{BadFingerprint, DeviceKey, KeyError, KeyFingerprint};
@@ -65,7 +67,7 @@ pub use parked::{ParkError, Parked, Retried};
 pub use protocol::{
     Divergence, InProcess, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PUSH_BYTES_MAX,
     PUSH_CHANGES_MAX, PullError, PullRequest, PullResponse, PulledItem, PushError, PushRequest,
-    PushResponse, PushedChange, RECORD_BYTES_MAX, RejectedChange, Transport,
+    PushResponse, PushedChange, RECORD_BYTES_MAX, Refused, RejectedChange, Transport,
 };
 pub use push::{Conflict, PushOutcome, Rejected, Resolution, ResolveError};
 pub use registry::{DuplicateSyncId, ModelRows, Registry};

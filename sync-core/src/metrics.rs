@@ -183,6 +183,7 @@ pub fn push_refusal_reason(error: &PushError) -> &'static str {
         PushError::Db(_) => "database",
         PushError::Log(_) => "log",
         PushError::Transport(_) => "bad_request",
+        PushError::Refused { .. } => "not_writer",
     }
 }
 

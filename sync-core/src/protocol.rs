@@ -218,9 +218,37 @@ pub enum PullError {
     /// Reading the log failed.
     #[error(transparent)]
     Log(#[from] crate::LogError),
-    /// The transport failed.
+    /// The leader refused this device: retrying the same request cannot help.
+    #[error("{message}")]
+    Refused {
+        /// Why.
+        kind: Refused,
+        /// The leader's (or the transport's) explanation.
+        message: String,
+    },
+    /// The transport failed: the leader is unreachable or the connection was lost.
     #[error("transport: {0}")]
     Transport(String),
+}
+
+/// Why a leader refused a device, as a transport reports it: each is something retrying
+/// cannot fix (the follow loop stops retrying and says which).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Refused {
+    /// The leader revoked this device's membership: a new invite is needed.
+    Revoked,
+    /// This device is not a member of the library.
+    NotMember,
+    /// This device has read access and pushed.
+    ReadOnly,
+    /// The device at the leader's address is not the pinned leader.
+    WrongLeader,
+    /// The leader does not lead this library.
+    UnknownLibrary,
+    /// The two sides speak different protocol versions.
+    ProtocolVersion,
 }
 
 /// Changes per push request: bounds the leader's transaction and the frame.
@@ -352,6 +380,14 @@ pub enum PushError {
     /// The leader's log could not be read.
     #[error(transparent)]
     Log(#[from] crate::LogError),
+    /// The leader refused this device: retrying the same request cannot help.
+    #[error("{message}")]
+    Refused {
+        /// Why.
+        kind: Refused,
+        /// The leader's (or the transport's) explanation.
+        message: String,
+    },
     /// The transport failed or cannot push.
     #[error("transport: {0}")]
     Transport(String),

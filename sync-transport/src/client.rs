@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sync_core::{
     Access, DeviceId, DeviceKey, KeyFingerprint, LibraryId, PROTOCOL_VERSION, PullError,
-    PullRequest, PullResponse, PushError, PushRequest, PushResponse, Seq, Transport,
+    PullRequest, PullResponse, PushError, PushRequest, PushResponse, Refused, Seq, Transport,
 };
 use tokio::sync::watch;
 
@@ -530,39 +530,71 @@ impl QuicTransport {
     }
 }
 
+/// A transport failure as the pull protocol reports it: a refusal of this device, typed
+/// (retrying cannot fix it), or a failure to reach the leader.
+fn pull_error(e: TransportError) -> PullError {
+    match e {
+        TransportError::HistoryDiverged(divergence) => PullError::HistoryDiverged(divergence),
+        e => match refused_kind(&e) {
+            Some(kind) => PullError::Refused {
+                kind,
+                message: e.to_string(),
+            },
+            None => PullError::Transport(e.to_string()),
+        },
+    }
+}
+
+/// `pull_error` for pushes.
+fn push_error(e: TransportError) -> PushError {
+    match refused_kind(&e) {
+        Some(kind) => PushError::Refused {
+            kind,
+            message: e.to_string(),
+        },
+        None => PushError::Transport(e.to_string()),
+    }
+}
+
+fn refused_kind(e: &TransportError) -> Option<Refused> {
+    match e {
+        TransportError::WrongLeader { .. } => Some(Refused::WrongLeader),
+        TransportError::Refused { code, .. } => match code {
+            Refusal::Revoked => Some(Refused::Revoked),
+            Refusal::NotMember => Some(Refused::NotMember),
+            Refusal::ReadOnly => Some(Refused::ReadOnly),
+            Refusal::UnknownLibrary => Some(Refused::UnknownLibrary),
+            Refusal::VersionMismatch => Some(Refused::ProtocolVersion),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 #[async_trait::async_trait]
 impl Transport for QuicTransport {
     async fn pull(&self, request: PullRequest) -> Result<PullResponse, PullError> {
-        let session = self
-            .session()
-            .await
-            .map_err(|e| PullError::Transport(e.to_string()))?;
+        let session = self.session().await.map_err(pull_error)?;
         match session.pull(&request).await {
             Ok(response) => Ok(response),
-            Err(TransportError::HistoryDiverged(divergence)) => {
-                Err(PullError::HistoryDiverged(divergence))
-            }
             Err(e) => {
                 if session.is_closed() {
                     self.session.lock().await.take();
                 }
-                Err(PullError::Transport(e.to_string()))
+                Err(pull_error(e))
             }
         }
     }
 
     async fn push(&self, request: PushRequest) -> Result<PushResponse, PushError> {
-        let session = self
-            .session()
-            .await
-            .map_err(|e| PushError::Transport(e.to_string()))?;
+        let session = self.session().await.map_err(push_error)?;
         match session.push(&request).await {
             Ok(response) => Ok(response),
             Err(e) => {
                 if session.is_closed() {
                     self.session.lock().await.take();
                 }
-                Err(PushError::Transport(e.to_string()))
+                Err(push_error(e))
             }
         }
     }

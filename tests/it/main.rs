@@ -7,6 +7,7 @@
 
 mod capture;
 mod derive;
+mod follow_state;
 mod follower;
 mod foreign_keys;
 mod offline;

@@ -211,12 +211,18 @@ async fn a_revoked_device_is_cut_off_on_its_live_connection() {
     put_tag(&leader.library, "after revoke").await;
     let status = follow
         .wait_for(DEADLINE, |s| {
-            s.last_error
-                .as_deref()
-                .is_some_and(|e| e.contains("revoked"))
+            matches!(s.state, sync_core::FollowState::Revoked { .. })
         })
         .await
         .expect("the follower learns it was revoked");
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("revoked")),
+        "{status:?}"
+    );
+    assert!(!status.state.retries(), "retrying cannot fix a revocation");
     assert!(status.position < leader.library.latest_seq().await.expect("latest"));
     // The leader closes the revoked device's session, too.
     tokio::time::timeout(DEADLINE, async {
