@@ -2,7 +2,7 @@
 //! events even when device clocks disagree.
 
 use std::fmt;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -60,10 +60,28 @@ impl fmt::Display for Hlc {
     }
 }
 
+/// Where a clock reads the wall time, in milliseconds since the Unix epoch: the system
+/// clock, or a simulated one (tests, the simulator), so that time is an input.
+pub type WallClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
 /// The clock of one device. Cheap to share behind an `Arc`.
-#[derive(Debug, Default)]
 pub struct HlcClock {
     last: Mutex<Hlc>,
+    wall: RwLock<WallClock>,
+}
+
+impl fmt::Debug for HlcClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HlcClock")
+            .field("last", &self.last())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for HlcClock {
+    fn default() -> Self {
+        HlcClock::new(Hlc::default())
+    }
 }
 
 impl HlcClock {
@@ -72,12 +90,35 @@ impl HlcClock {
     pub fn new(floor: Hlc) -> HlcClock {
         HlcClock {
             last: Mutex::new(floor),
+            wall: RwLock::new(Arc::new(wall_clock_ms)),
         }
+    }
+
+    /// Reads the wall time from `wall` from now on (a simulated clock, say).
+    pub fn set_wall_clock(&self, wall: WallClock) {
+        *self
+            .wall
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = wall;
+    }
+
+    /// The wall time this clock reads, in milliseconds.
+    pub fn wall_ms(&self) -> u64 {
+        let wall = self
+            .wall
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        wall()
     }
 
     /// A fresh timestamp, strictly greater than every one this clock has handed out or observed.
     pub fn now(&self) -> Hlc {
-        self.advance(Hlc::new(wall_clock_ms(), 0))
+        self.advance(Hlc::new(self.wall_ms(), 0))
+    }
+
+    /// The latest timestamp a leader with this clock accepts from a pushed change now.
+    pub(crate) fn drift_limit(&self) -> Hlc {
+        Hlc::new(self.wall_ms().saturating_add(DRIFT_MAX_MS), 0)
     }
 
     /// Takes a timestamp seen from another device into account, so that anything this
@@ -119,11 +160,6 @@ impl HlcClock {
 /// How far ahead of the leader's wall clock a pushed timestamp may be (clocks of devices
 /// drift; beyond this a device's clock is wrong, not early).
 pub(crate) const DRIFT_MAX_MS: u64 = 5 * 60 * 1_000;
-
-/// The latest timestamp the leader accepts from a pushed change now.
-pub(crate) fn drift_limit() -> Hlc {
-    Hlc::new(wall_clock_ms().saturating_add(DRIFT_MAX_MS), 0)
-}
 
 fn wall_clock_ms() -> u64 {
     u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0)

@@ -58,7 +58,7 @@ pub use follow_loop::{
     ChangesApplied, Follow, FollowConfig, FollowState, FollowStatus, RefusedFor,
 };
 pub use follower::{APPLY_GROUP_ENTRIES, Applied, ApplyError, PULLS_AHEAD, Position, SyncError};
-pub use hlc::{Hlc, HlcClock};
+pub use hlc::{Hlc, HlcClock, WallClock};
 pub use identity::{BadFingerprint, DeviceKey, KeyError, KeyFingerprint};
 pub use ids::{DeviceId, LibraryId, Seq};
 pub use library::{Drift, DriftKind, LatestSeq, Library, Role, Status, TxnFuture};

@@ -651,6 +651,12 @@ impl Library {
         self.outbox_news.subscribe()
     }
 
+    /// Reads the wall time from `wall` from now on, for every timestamp this handle (and
+    /// its clones) makes: a simulated clock, so that time is an input of the protocol.
+    pub fn set_wall_clock(&self, wall: crate::hlc::WallClock) {
+        self.context.clock.set_wall_clock(wall);
+    }
+
     /// True for a follower that may not change synced models (read access).
     pub fn is_read_only(&self) -> bool {
         self.context.read_only

@@ -569,7 +569,7 @@ impl Library {
             op,
             data,
             changed,
-            hlc: change.hlc.min(crate::hlc::drift_limit()),
+            hlc: change.hlc.min(self.context.clock.drift_limit()),
             schema_version: ops.schema_version(),
             author: Some(device),
         })?;
@@ -653,7 +653,7 @@ impl Library {
         };
         // A device whose clock runs far ahead must not win every later merge, nor drag
         // every clock forward: its timestamp is capped at the leader's clock plus a drift.
-        let limit = crate::hlc::drift_limit();
+        let limit = self.context.clock.drift_limit();
         let hlc = if change.hlc > limit {
             tracing::warn!(%device, pushed = %change.hlc, %limit, "a pushed change's clock is far ahead; capped");
             limit

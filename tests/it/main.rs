@@ -15,5 +15,6 @@ mod ordering;
 mod quic;
 mod robust;
 mod set_aside;
+mod simulation;
 mod support;
 mod telemetry;

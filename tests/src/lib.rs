@@ -1,1 +1,3 @@
-//! Integration tests live in `it/`.
+//! Integration tests live in `it/`; the simulator (bin `simulate`) in `sim`.
+
+pub mod sim;
