@@ -181,6 +181,22 @@ impl MigrationTrait for Migration {
                     .to_owned(),
             )
             .await?;
+        if manager.get_database_backend() == sea_orm_migration::sea_orm::DbBackend::MySql {
+            // MySQL's TEXT holds 64 KiB; a record's synced data may be up to
+            // `sync_core::RECORD_BYTES_MAX` (4 MiB), and a parked entry holds one whole.
+            let db = manager.get_connection();
+            for statement in [
+                "ALTER TABLE sync_log MODIFY data LONGTEXT NULL",
+                "ALTER TABLE sync_pending MODIFY data LONGTEXT NULL",
+                "ALTER TABLE sync_outbox MODIFY data LONGTEXT NULL",
+                "ALTER TABLE sync_conflict MODIFY local LONGTEXT NOT NULL",
+                "ALTER TABLE sync_conflict MODIFY remote LONGTEXT NOT NULL",
+                "ALTER TABLE sync_rejected MODIFY data LONGTEXT NULL",
+                "ALTER TABLE sync_parked MODIFY entry LONGTEXT NULL",
+            ] {
+                db.execute_unprepared(statement).await?;
+            }
+        }
         Ok(())
     }
 

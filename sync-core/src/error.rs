@@ -47,40 +47,43 @@ pub enum LogError {
     },
 }
 
-/// Whether a database error may pass on a retry of the same work: a lost or unavailable
-/// connection, a deadlock or serialization failure, a lock wait that timed out, a busy
-/// database. Anything else (a value the database refuses, a failed constraint) is about
-/// the data and fails again.
-pub(crate) fn is_transient(e: &DbErr) -> bool {
+/// Whether a database error is about the data a statement carried: a value the database
+/// cannot store (SQLSTATE class 22), a failed constraint (class 23), or SQLite's
+/// equivalents (TOOBIG, CONSTRAINT, MISMATCH, RANGE). Such an error fails again however
+/// often the same change is tried, so the change is set aside (a pushed change) or named
+/// (a pulled entry). Anything else — a lost connection, a full disk, a read-only database,
+/// a deadlock, a timeout — is about the moment, not the change, and is retried.
+pub(crate) fn is_data_error(e: &DbErr) -> bool {
     use sea_orm::RuntimeErr;
-    match e {
-        DbErr::Conn(_) | DbErr::ConnectionAcquire(_) => true,
-        DbErr::Exec(RuntimeErr::SqlxError(err)) | DbErr::Query(RuntimeErr::SqlxError(err)) => {
-            match err.as_ref() {
-                sea_orm::sqlx::Error::Database(db) => {
-                    let code = db.code();
-                    matches!(
-                        code.as_deref(),
-                        // PostgreSQL: serialization failure, deadlock, lock not available,
-                        // connection exceptions, admin shutdown.
-                        Some("40001" | "40P01" | "55P03" | "57P01" | "08000" | "08003" | "08006")
-                        // MySQL/MariaDB: deadlock, lock wait timeout (SQLSTATE of 1213
-                        // is 40001; 1205 is HY000, so the number is matched below).
-                        // SQLite: BUSY, LOCKED, BUSY_SNAPSHOT, BUSY_RECOVERY.
-                        | Some("5" | "6" | "261" | "517" | "262")
-                    ) || db
-                        .try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>()
-                        .is_some_and(|m| matches!(m.number(), 1205 | 1213))
-                }
-                sea_orm::sqlx::Error::Io(_)
-                | sea_orm::sqlx::Error::PoolTimedOut
-                | sea_orm::sqlx::Error::PoolClosed
-                | sea_orm::sqlx::Error::WorkerCrashed
-                | sea_orm::sqlx::Error::Protocol(_)
-                | sea_orm::sqlx::Error::Tls(_) => true,
-                _ => false,
-            }
-        }
-        _ => false,
+    let (DbErr::Exec(RuntimeErr::SqlxError(err)) | DbErr::Query(RuntimeErr::SqlxError(err))) = e
+    else {
+        return false;
+    };
+    let sea_orm::sqlx::Error::Database(db) = err.as_ref() else {
+        return false;
+    };
+    if db
+        .try_downcast_ref::<sea_orm::sqlx::sqlite::SqliteError>()
+        .is_some()
+    {
+        // SQLite's code is its extended result code; the primary one is its low byte.
+        let code = db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .unwrap_or_default();
+        return matches!(code & 0xff, 18 | 19 | 20 | 25);
     }
+    if let Some(mysql) = db.try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>() {
+        return matches!(
+            mysql.number(),
+            // Data too long, out of range, incorrect value, duplicate key, foreign key
+            // (child, parent), column cannot be null, truncated, no default.
+            1406 | 1264 | 1366 | 1062 | 1452 | 1451 | 1048 | 1292 | 1265 | 1364
+        ) || mysql
+            .code()
+            .is_some_and(|state| state.starts_with("22") || state.starts_with("23"));
+    }
+    db.code().is_some_and(|state| {
+        state.len() == 5 && (state.starts_with("22") || state.starts_with("23"))
+    })
 }

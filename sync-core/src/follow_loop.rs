@@ -56,6 +56,9 @@ pub struct FollowStatus {
     pub last_error: Option<String>,
     /// What the loop is doing, as data: in sync, offline, revoked, refused, stuck.
     pub state: FollowState,
+    /// Whether the loop goes on on its own (polls, retries): false after a revocation or
+    /// a refusal of its pulls, until the app calls `Follow::sync_now`.
+    pub retrying: bool,
     /// This follower's own changes waiting to be pushed, as of the last round.
     pub outbox: u64,
     /// Pulled entries parked on this device (`Library::parked`), as of the last round:
@@ -152,6 +155,7 @@ impl FollowState {
             Refused::ReadOnly => refused(RefusedFor::ReadOnly),
             Refused::WrongLeader => refused(RefusedFor::WrongLeader),
             Refused::UnknownLibrary => refused(RefusedFor::UnknownLibrary),
+            Refused::SchemaVersion => refused(RefusedFor::SchemaVersion),
             _ => refused(RefusedFor::ProtocolVersion),
         };
         match error {
@@ -205,7 +209,8 @@ impl FollowState {
         }
     }
 
-    /// Whether the loop tries again on its own: not after a revocation or a refusal.
+    /// Whether retrying can fix this: not a revocation or a refusal. (When only pushes are
+    /// refused the loop still pulls; `FollowStatus::retrying` says what it does.)
     pub fn retries(&self) -> bool {
         !matches!(
             self,
@@ -328,13 +333,18 @@ impl LoopState {
             match self.round().await {
                 Ok(()) => {
                     failures = 0;
-                    self.status.send_modify(|s| s.state = FollowState::InSync);
+                    self.status.send_modify(|s| {
+                        s.state = FollowState::InSync;
+                        s.retrying = true;
+                    });
                 }
                 Err(error) => {
                     failures = failures.saturating_add(1);
                     crate::metrics::record_follow_error(self.library.id());
                     let state = FollowState::of(&error);
-                    retries = state.retries();
+                    // A refused push does not stop the pulls: the follower keeps receiving
+                    // the library (and tries the push again) while its own changes wait.
+                    retries = state.retries() || matches!(error, SyncError::Push(_));
                     let message = match &error {
                         SyncError::Push(e) => format!("push: {e}"),
                         other => other.to_string(),
@@ -351,6 +361,7 @@ impl LoopState {
                     self.status.send_modify(|s| {
                         s.last_error = Some(message);
                         s.state = state;
+                        s.retrying = retries;
                     });
                 }
             }

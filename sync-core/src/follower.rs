@@ -346,6 +346,8 @@ impl Library {
                 && local.contains(&(entry.model.clone(), entry.record_id.clone()))
                 && let Some(ops) = self.registry.get(&entry.model)
             {
+                // The answer orders after what it answers, whatever the clocks' skew.
+                self.context.clock.observe(entry.hlc);
                 deletes.push(crate::capture::CapturedChange {
                     model: ops.sync_id(),
                     record_id: entry.record_id.clone(),

@@ -309,6 +309,17 @@ impl crate::Library {
                 ops.schema_version()
             ));
         }
+        if ops.filtered()
+            && !ops
+                .local_only(txn, vec![entry.record_id.clone()])
+                .await
+                .map_err(|e| e.to_string())?
+                .is_empty()
+        {
+            // The row became local to this device meanwhile: entries from elsewhere never
+            // touch it (as in apply).
+            return Ok(());
+        }
         crate::registry::apply_entries(ops.as_ref(), txn, &[entry])
             .await
             .map_err(|(_, failure)| match failure {
@@ -331,7 +342,8 @@ impl crate::Library {
         let ApplyError::Db(db) = &error else {
             return error;
         };
-        if crate::error::is_transient(db) {
+        if !crate::error::is_data_error(db) {
+            // Not about an entry (a full disk, a lost connection): retried as it is.
             return error;
         }
         let mut request = PullRequest::from_position(self.id(), at);
@@ -355,9 +367,10 @@ impl crate::Library {
                 [PulledItem::Entry(entry)] => Some(entry.clone()),
                 _ => None,
             };
+            let alone = first.len() == 1;
             match self.apply(position, part(first.clone())).await {
                 Ok(applied) => position = applied.position.seq,
-                Err(ApplyError::Db(e)) if !crate::error::is_transient(&e) => match single {
+                Err(ApplyError::Db(e)) if crate::error::is_data_error(&e) => match single {
                     Some(entry) => {
                         return ApplyError::Stuck {
                             seq: entry.seq,
@@ -366,6 +379,8 @@ impl crate::Library {
                             reason: e.to_string(),
                         };
                     }
+                    // A lone skipped run cannot be the cause: nothing to pin down.
+                    None if alone => return error,
                     // The failure is in this half: look only there.
                     None => items = first,
                 },

@@ -249,6 +249,8 @@ pub enum Refused {
     UnknownLibrary,
     /// The two sides speak different protocol versions.
     ProtocolVersion,
+    /// A change is of a model the other side does not know, or of another schema version.
+    SchemaVersion,
 }
 
 /// Changes per push request: bounds the leader's transaction and the frame.

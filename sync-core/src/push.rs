@@ -456,8 +456,17 @@ impl Library {
                 .is_some()
             {
                 // Taken by an earlier push: its acknowledgement was lost, or this
-                // device's database was restored from a backup or copied.
+                // device's database was restored from a backup or copied. A change set
+                // aside then is reported again, so that its author learns it.
                 outcome.already_taken += 1;
+                if let Some(rejected) = rejected::Entity::find_by_id(key).one(txn).await? {
+                    outcome.rejected.push(RejectedChange {
+                        change_id: change.change_id,
+                        model: rejected.model,
+                        record_id: rejected.record_id,
+                        reason: rejected.reason,
+                    });
+                }
                 continue;
             }
             // Each change in a savepoint of its own: one the database refuses is undone
@@ -545,6 +554,11 @@ impl Library {
         let Some(ops) = self.registry.get(&change.model).cloned() else {
             return Ok(());
         };
+        if !ops.parses_key(&change.record_id) {
+            // Not a key of this model: no record to restate, and an entry naming it
+            // would stop every follower.
+            return Ok(());
+        }
         let current = ops.current(txn, &change.record_id).await?;
         let (op, data, changed) = match current {
             Some(fields) => (
@@ -569,7 +583,9 @@ impl Library {
             op,
             data,
             changed,
-            hlc: change.hlc.min(self.context.clock.drift_limit()),
+            // The time of the state it restates, not of the rejected change: a restatement
+            // must not beat other devices' concurrent edits that are newer than that state.
+            hlc: last_hlc(txn, self.id(), &change.model, &change.record_id).await?,
             schema_version: ops.schema_version(),
             author: Some(device),
         })?;
@@ -909,6 +925,37 @@ async fn concurrent_entries(
     Ok(out)
 }
 
+/// The timestamp of the newest entry of a record (logged, or on PostgreSQL still waiting
+/// for the sequencer); the clock's zero when it has none.
+async fn last_hlc(
+    txn: &DatabaseTransaction,
+    library: crate::LibraryId,
+    model: &str,
+    record_id: &str,
+) -> Result<Hlc, DbErr> {
+    let logged = log::Entity::find()
+        .filter(log::Column::LibraryId.eq(library.to_string()))
+        .filter(log::Column::Model.eq(model))
+        .filter(log::Column::RecordId.eq(record_id))
+        .order_by_desc(log::Column::Seq)
+        .one(txn)
+        .await?
+        .map_or(0, |row| row.hlc as u64);
+    let waiting = if txn.get_database_backend() == DbBackend::Postgres {
+        pending::Entity::find()
+            .filter(pending::Column::LibraryId.eq(library.to_string()))
+            .filter(pending::Column::Model.eq(model))
+            .filter(pending::Column::RecordId.eq(record_id))
+            .order_by_desc(pending::Column::Hlc)
+            .one(txn)
+            .await?
+            .map_or(0, |row| row.hlc as u64)
+    } else {
+        0
+    };
+    Ok(Hlc::from_u64(logged.max(waiting)))
+}
+
 fn concurrent(entry: &LogEntry) -> Concurrent {
     Concurrent {
         op: entry.op,
@@ -927,12 +974,13 @@ struct Taken {
 }
 
 /// The reason to set a change aside, for an error that is the change's own fault: its
-/// payload, or a database refusing its values or constraints. `None` for what may pass on
-/// a retry (a lost connection, a deadlock, a lock timeout, a busy database).
+/// payload, or a database refusing its values or constraints (`error::is_data_error`).
+/// `None` for anything else (a lost connection, a full disk, a deadlock, a timeout): the
+/// whole push fails and is retried, and nothing is set aside.
 fn rejection_reason(e: &PushError) -> Option<String> {
     match e {
         PushError::BadChange { reason, .. } => Some(reason.clone()),
-        PushError::Db(db) if !crate::error::is_transient(db) => Some(db.to_string()),
+        PushError::Db(db) if crate::error::is_data_error(db) => Some(db.to_string()),
         _ => None,
     }
 }

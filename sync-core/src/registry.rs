@@ -61,6 +61,8 @@ pub(crate) trait ModelOps: Send + Sync {
     ) -> Result<Option<Fields>, String>;
     /// `Syncable::FILTERED`.
     fn filtered(&self) -> bool;
+    /// Whether `key` is a key of this model (`Syncable::parse_key`).
+    fn parses_key(&self, key: &str) -> bool;
     /// Those of `keys` whose row exists here and is local to this device (the model's
     /// filter excludes it). Empty at once for a model without a filter.
     fn local_only<'a>(
@@ -224,6 +226,9 @@ where
     }
     fn filtered(&self) -> bool {
         E::FILTERED
+    }
+    fn parses_key(&self, key: &str) -> bool {
+        E::parse_key(key).is_some()
     }
     fn local_only<'a>(
         &'a self,

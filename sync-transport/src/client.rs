@@ -363,6 +363,7 @@ fn refusal_of(code: u64) -> Option<Refusal> {
         Refusal::Internal,
         Refusal::ReadOnly,
         Refusal::HistoryDiverged,
+        Refusal::SchemaMismatch,
     ]
     .into_iter()
     .find(|r| u64::from(r.close_code()) == code)
@@ -565,6 +566,7 @@ fn refused_kind(e: &TransportError) -> Option<Refused> {
             Refusal::ReadOnly => Some(Refused::ReadOnly),
             Refusal::UnknownLibrary => Some(Refused::UnknownLibrary),
             Refusal::VersionMismatch => Some(Refused::ProtocolVersion),
+            Refusal::SchemaMismatch => Some(Refused::SchemaVersion),
             _ => None,
         },
         _ => None,

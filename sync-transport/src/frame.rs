@@ -139,6 +139,9 @@ pub enum Refusal {
     /// The leader's log is not the follower's history (a leader restored from an older
     /// copy): the pull is refused, the session stays.
     HistoryDiverged,
+    /// A pushed change is of a model the leader's app does not know, or of another schema
+    /// version: the push waits until the older app is updated.
+    SchemaMismatch,
 }
 
 impl Refusal {
@@ -154,6 +157,7 @@ impl Refusal {
             Refusal::Internal => 8,
             Refusal::ReadOnly => 9,
             Refusal::HistoryDiverged => 10,
+            Refusal::SchemaMismatch => 11,
         }
     }
 }

@@ -641,7 +641,7 @@ async fn answer(
                         refused(Refusal::ReadOnly, e.to_string())
                     }
                     Err(e @ sync_core::PushError::BadChange { .. }) => {
-                        refused(Refusal::BadRequest, e.to_string())
+                        refused(Refusal::SchemaMismatch, e.to_string())
                     }
                     Err(e) => refused(Refusal::Internal, e.to_string()),
                 }

@@ -554,10 +554,13 @@ async fn a_write_follower_pushes_live_and_others_are_refused() {
     };
     let refused = reader_transport.push(push(reader.device_id())).await;
     match refused {
-        Err(PushError::Transport(message)) => {
+        Err(PushError::Refused {
+            kind: sync_core::Refused::ReadOnly,
+            message,
+        }) => {
             assert!(message.contains("read access only"), "{message}")
         }
-        other => panic!("expected a refusal, got {other:?}"),
+        other => panic!("expected a typed refusal, got {other:?}"),
     }
     // Nor can it push in the writer's name: the session is bound to its own key.
     let refused = reader_transport.push(push(writer.device_id())).await;

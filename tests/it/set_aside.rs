@@ -8,6 +8,33 @@ use sync_core::{InProcess, Library};
 use crate::offline::{Three, assert_converged, entries_of, get, id_of, member, put, sync, three};
 use crate::support::Backend;
 
+/// Loses the leader's first answer to a push (after the leader acted on it).
+struct LosesFirstAnswer {
+    inner: InProcess,
+    lost: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl sync_core::Transport for LosesFirstAnswer {
+    async fn pull(
+        &self,
+        request: sync_core::PullRequest,
+    ) -> Result<sync_core::PullResponse, sync_core::PullError> {
+        self.inner.pull(request).await
+    }
+
+    async fn push(
+        &self,
+        request: sync_core::PushRequest,
+    ) -> Result<sync_core::PushResponse, sync_core::PushError> {
+        let answer = self.inner.push(request).await?;
+        if !self.lost.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(sync_core::PushError::Transport("answer lost".into()));
+        }
+        Ok(answer)
+    }
+}
+
 /// A consistent copy of a SQLite follower's database, taken while it runs (`VACUUM INTO`).
 async fn backup(library: &Library, to: &std::path::Path) {
     library
@@ -138,7 +165,15 @@ async fn a_change_the_leader_cannot_store_is_set_aside_and_the_rest_goes_on() {
     let refused = put(&a, "tag", json!({"name": "taken"})).await;
     let after = put(&a, "tag", json!({"name": "after"})).await;
     let transport = InProcess::new(l.clone());
-    let pushed = a.push_outbox(&transport).await.expect("push");
+    // The first answer is lost: the leader has taken (and rejected) the changes, the
+    // follower does not know. Pushed again, the rejection is reported again.
+    let losing = LosesFirstAnswer {
+        inner: InProcess::new(l.clone()),
+        lost: std::sync::atomic::AtomicBool::new(false),
+    };
+    assert!(a.push_outbox(&losing).await.is_err());
+    assert_eq!(a.outbox_len().await.expect("outbox"), 3);
+    let pushed = a.push_outbox(&losing).await.expect("push");
     assert_eq!((pushed.acknowledged, pushed.rejected), (3, 1));
     assert_eq!(a.outbox_len().await.expect("outbox"), 0, "nothing wedged");
     assert!(get(l, "tag", &id_of(&before)).await.is_some());
@@ -162,7 +197,6 @@ async fn a_change_the_leader_cannot_store_is_set_aside_and_the_rest_goes_on() {
     // The author pulls the leader's state of the record: it no longer holds it.
     a.catch_up(&transport, 1_000).await.expect("pull");
     assert!(get(&a, "tag", &id_of(&refused)).await.is_none());
-    // Pushed again (a lost acknowledgement), it is not taken twice nor rejected twice.
     sync(&b, l).await;
     assert_converged(&[l, &a, &b]).await;
     assert_eq!(l.rejected_count().await.expect("count"), 1);
