@@ -414,6 +414,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             println!("listening on {}", server.local_addr());
             shutdown_signal().await?;
             server.shutdown().await;
+            // Followers' positions are written about once a second; keep the last ones.
+            library.flush_peer_positions().await?;
             eprintln!("stopped serving");
         }
         Command::Invite { role, ttl, address } => {

@@ -101,6 +101,8 @@ pub struct Library {
     membership: Arc<watch::Sender<u64>>,
     /// Bumped when a write enters this follower's outbox, so the follow loop pushes.
     outbox_news: Arc<watch::Sender<u64>>,
+    /// Leader: followers' positions seen since the last write of `sync_peer`.
+    pub(crate) peer_positions: Arc<crate::members::PeerPositions>,
 }
 
 /// Numbers the entries PostgreSQL writers leave in `sync_pending` (see `Library::append`).
@@ -126,6 +128,17 @@ impl Sequencer {
         // One run per handle at a time; a writer that waited here usually finds its entries
         // already numbered by the run it waited for.
         let _single_flight = self.running.lock().await;
+        // Nearly every reader's run, and many writers', find nothing to number. A plain
+        // read says so without the library's row lock and a commit (each `FOR UPDATE`
+        // writes WAL), so a crowd of followers pulling does not queue here. An entry
+        // committed after this read is one a later run numbers, as if it came later.
+        let waiting = pending::Entity::find()
+            .filter(pending::Column::LibraryId.eq(self.library_id.to_string()))
+            .one(&self.db)
+            .await?;
+        if waiting.is_none() {
+            return Ok(());
+        }
         loop {
             let txn = self.db.begin().await?;
             let library_key = self.library_id.to_string();
@@ -369,6 +382,7 @@ impl Library {
             kick,
             membership: Arc::new(watch::Sender::new(0)),
             outbox_news: Arc::new(watch::Sender::new(0)),
+            peer_positions: Arc::default(),
         })
     }
 
@@ -492,11 +506,7 @@ impl Library {
     /// Writes through the hooks in it are refused (it has no capture scope): it is for
     /// statements that bypass them, such as the follower's apply.
     pub(crate) async fn begin_write(&self) -> Result<DatabaseTransaction, DbErr> {
-        let options = TransactionOptions {
-            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-            ..TransactionOptions::default()
-        };
-        self.db.begin_with_options(options).await
+        begin_write(&self.db).await
     }
 
     /// Records the current state of a record again, on purpose: an upsert of its synced
@@ -1000,6 +1010,19 @@ async fn set_local<C: ConnectionTrait>(db: &C, key: &str, value: &str) -> Result
         .map(|_| ())
 }
 
+/// Begins a transaction that will write (see `Library::begin_write`): on SQLite it takes
+/// the write lock at BEGIN. Every transaction that may write begins here, so none can fail
+/// with SQLite's busy-snapshot error (code 517: a transaction that read, then found
+/// another connection's commit in its way when it tried to write), which busy_timeout
+/// does not retry.
+pub(crate) async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
+    let options = TransactionOptions {
+        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+        ..TransactionOptions::default()
+    };
+    db.begin_with_options(options).await
+}
+
 /// Records a library on this device (led by `leader`, with this device in `role`) and
 /// makes it the database's default library.
 pub(crate) async fn add_library(
@@ -1011,7 +1034,7 @@ pub(crate) async fn add_library(
     role: &str,
 ) -> Result<(), DbErr> {
     let now_ms = chrono::Utc::now().timestamp_millis();
-    let txn = db.begin().await?;
+    let txn = begin_write(db).await?;
     library::ActiveModel {
         id: Set(library_id.to_string()),
         name: Set(name.to_owned()),
@@ -1045,7 +1068,7 @@ pub(crate) async fn ensure_device_key(db: &DatabaseConnection) -> Result<DeviceK
         return DeviceKey::from_pem(&pem).map_err(|e| OpenError::Corrupt(e.to_string()));
     }
     let key = DeviceKey::generate().map_err(|e| OpenError::Corrupt(e.to_string()))?;
-    let txn = db.begin().await?;
+    let txn = begin_write(db).await?;
     // Two processes making the key at once: the first one stored wins.
     if let Some(pem) = get_local(&txn, LOCAL_DEVICE_KEY).await? {
         return DeviceKey::from_pem(&pem).map_err(|e| OpenError::Corrupt(e.to_string()));
