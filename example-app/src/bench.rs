@@ -326,7 +326,8 @@ pub async fn fanout(options: &FanoutOptions) -> Result<serde_json::Value> {
         .zip(rss_alone)
         .map(|(c, a)| c.saturating_sub(a) as f64 / followers);
     let refusals = report["join_failures"].as_u64().unwrap_or(0)
-        + report["follow_errors"].as_u64().unwrap_or(0);
+        + report["follow_errors"].as_u64().unwrap_or(0)
+        + report["missing"].as_u64().unwrap_or(0);
     let figures = json!({
         "bench": "fanout",
         "backend": backend,
@@ -341,6 +342,7 @@ pub async fn fanout(options: &FanoutOptions) -> Result<serde_json::Value> {
         "writes_while_joining": written_while_joining,
         "join_and_catch_up_seconds": join_seconds,
         "commit_to_applied_samples": report["samples"],
+        "commit_to_applied_missing": report["missing"],
         "commit_to_applied_p50_ms": report["p50_ms"],
         "commit_to_applied_p99_ms": report["p99_ms"],
         "commit_to_applied_max_ms": report["max_ms"],
@@ -357,7 +359,8 @@ pub async fn fanout(options: &FanoutOptions) -> Result<serde_json::Value> {
     });
     if refusals > 0 {
         bail!(
-            "{refusals} refusal(s) or error(s) among the followers; first: {}\n{figures}",
+            "{refusals} refusal(s), error(s) or unrecorded apply(s) among the followers; \
+             first error: {}\n{figures}",
             report["first_error"]
         );
     }
@@ -462,15 +465,29 @@ pub async fn fanout_followers(dir: &std::path::Path, join_concurrency: usize) ->
     let mut applied_at = Vec::with_capacity(follows.len());
     for (n, (_, follow)) in follows.iter().enumerate() {
         let times = Arc::new(std::sync::Mutex::new(Vec::<(u64, i64)>::new()));
-        applied_at.push(Arc::clone(&times));
+        // The newest position recorded: the loop's status moves just before its event is
+        // sent, so a report waits for this too.
+        let (recorded, recorded_rx) = tokio::sync::watch::channel(0u64);
+        applied_at.push((Arc::clone(&times), recorded_rx));
         let mut events = follow.subscribe();
+        let troubles_events = Arc::clone(&troubles);
         watchers.spawn(async move {
-            while let Ok(event) = events.recv().await {
-                let at = unix_micros();
-                times
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((event.position.0, at));
+            loop {
+                match events.recv().await {
+                    Ok(event) => {
+                        let at = unix_micros();
+                        times
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((event.position.0, at));
+                        recorded.send_replace(event.position.0);
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        let message = format!("f{n}: {missed} apply events missed");
+                        Troubles::note(&troubles_events, false, message);
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
             }
         });
         let troubles = Arc::clone(&troubles);
@@ -508,9 +525,17 @@ pub async fn fanout_followers(dir: &std::path::Path, join_concurrency: usize) ->
             println!("caught-up");
         } else if let Some(commits) = line.strip_prefix("report ") {
             let commits: Vec<(u64, i64)> = serde_json::from_str(commits)?;
+            let last = commits.iter().map(|&(seq, _)| seq).max().unwrap_or(0);
             let mut latencies = Vec::with_capacity(commits.len() * applied_at.len());
             let mut missing = 0u64;
-            for times in &applied_at {
+            for (times, recorded) in &applied_at {
+                let mut recorded = recorded.clone();
+                // Missing samples are counted below; a bounded wait is enough here.
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    recorded.wait_for(|&position| position >= last),
+                )
+                .await;
                 let times = times.lock().unwrap_or_else(|p| p.into_inner());
                 for &(seq, committed) in &commits {
                     // The first apply that reached the seq.

@@ -43,3 +43,17 @@ pub enum LogError {
         reason: String,
     },
 }
+
+impl LogError {
+    /// The same error for another caller of a shared read (`coalesce`): database errors
+    /// are not `Clone`, so one is restated by its message.
+    pub(crate) fn to_owned_error(&self) -> LogError {
+        match self {
+            LogError::Db(e) => LogError::Db(DbErr::Custom(e.to_string())),
+            LogError::Corrupt { seq, reason } => LogError::Corrupt {
+                seq: *seq,
+                reason: reason.clone(),
+            },
+        }
+    }
+}

@@ -103,6 +103,10 @@ pub struct Library {
     outbox_news: Arc<watch::Sender<u64>>,
     /// Leader: followers' positions seen since the last write of `sync_peer`.
     pub(crate) peer_positions: Arc<crate::members::PeerPositions>,
+    /// Leader: admission checks asked for together, read together.
+    pub(crate) admissions: Arc<crate::members::AdmissionReads>,
+    /// Leader: the log ranges (and latest seq) that pulls ask for together, read once.
+    pub(crate) pull_reads: Arc<crate::serve::PullReads>,
 }
 
 /// Numbers the entries PostgreSQL writers leave in `sync_pending` (see `Library::append`).
@@ -383,6 +387,8 @@ impl Library {
             membership: Arc::new(watch::Sender::new(0)),
             outbox_news: Arc::new(watch::Sender::new(0)),
             peer_positions: Arc::default(),
+            admissions: Arc::default(),
+            pull_reads: Arc::default(),
         })
     }
 

@@ -10,6 +10,7 @@ use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder};
 use serde::{Deserialize, Serialize};
 
+use crate::coalesce::Coalescer;
 use crate::library::{InsertInto, begin_write, get_local_value, set_local_value};
 use crate::tables::{device, invite, peer};
 use crate::{DeviceId, Library, LibraryId, Role, Seq};
@@ -24,6 +25,58 @@ const PEER_POSITIONS_FLUSH_MS: u64 = 1_000;
 /// Rows per statement when writing positions: 4 bound values each, far below every
 /// backend's limit on bound values per statement.
 const PEER_POSITIONS_ROWS_MAX: usize = 250;
+
+/// Device ids per `IN (…)` when reading admissions together.
+const ADMISSION_IDS_MAX: usize = 500;
+
+/// Admission checks asked for together (sessions opening, every request, the periodic
+/// recheck), read in one statement per round (`coalesce`).
+pub(crate) type AdmissionReads = Coalescer<DeviceId, Result<Admission, Arc<DbErr>>>;
+
+/// Reads the admission of each of `devices`.
+async fn read_admissions(
+    db: &DatabaseConnection,
+    library_id: LibraryId,
+    devices: Vec<DeviceId>,
+) -> HashMap<DeviceId, Result<Admission, Arc<DbErr>>> {
+    let mut admissions = HashMap::with_capacity(devices.len());
+    for chunk in devices.chunks(ADMISSION_IDS_MAX) {
+        let rows = device::Entity::find()
+            .filter(device::Column::LibraryId.eq(library_id.to_string()))
+            .filter(device::Column::DeviceId.is_in(chunk.iter().map(ToString::to_string)))
+            .all(db)
+            .await;
+        match rows {
+            Ok(rows) => {
+                for row in rows {
+                    let Ok(device) = row.device_id.parse::<DeviceId>() else {
+                        // Not one of the ids asked for, which all parse.
+                        continue;
+                    };
+                    let admission = match row.revoked_at_ms {
+                        Some(at) => Ok(Admission::Revoked(at)),
+                        None => parse_access(&row.role)
+                            .map(Admission::Member)
+                            .map_err(Arc::new),
+                    };
+                    admissions.insert(device, admission);
+                }
+                for device in chunk {
+                    admissions
+                        .entry(*device)
+                        .or_insert(Ok(Admission::NotMember));
+                }
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                for device in chunk {
+                    admissions.insert(*device, Err(Arc::clone(&e)));
+                }
+            }
+        }
+    }
+    admissions
+}
 
 /// Followers' positions as the leader last saw them, not yet written to `sync_peer`. One
 /// entry per follower (its newest), so memory is bounded by the number of members.
@@ -281,18 +334,23 @@ impl Library {
         }
     }
 
-    /// Whether `device` may sync this library now.
+    /// Whether `device` may sync this library now. Checks asked for at the same time are
+    /// read together, each from a read that began after it was asked: a revocation
+    /// committed before the call is always seen.
     pub async fn admission(&self, device: DeviceId) -> Result<Admission, DbErr> {
-        let row = device::Entity::find_by_id((self.id().to_string(), device.to_string()))
-            .one(&self.db)
-            .await?;
-        Ok(match row {
-            None => Admission::NotMember,
-            Some(row) => match row.revoked_at_ms {
-                Some(at) => Admission::Revoked(at),
-                None => Admission::Member(parse_access(&row.role)?),
-            },
-        })
+        let db = self.db.clone();
+        let library_id = self.id();
+        let read = move |devices: Vec<DeviceId>| {
+            let db = db.clone();
+            async move { read_admissions(&db, library_id, devices).await }
+        };
+        match self.admissions.get(device, read).await {
+            Some(Ok(admission)) => Ok(admission),
+            Some(Err(e)) => Err(DbErr::Custom(e.to_string())),
+            None => Err(DbErr::Custom(format!(
+                "the admission check of device {device} was dropped; try again"
+            ))),
+        }
     }
 
     /// This device's own access to the library.
