@@ -347,6 +347,10 @@ pub async fn fanout(options: &FanoutOptions) -> Result<serde_json::Value> {
         "commit_to_applied_p99_ms": report["p99_ms"],
         "commit_to_applied_max_ms": report["max_ms"],
         "live_seconds": seconds,
+        // The followers' process shares the machine's cores with the leader: its CPU
+        // (all phases) says how much of the latency is theirs.
+        "followers_process_cpu_seconds": report["cpu_seconds"],
+        "followers_process_rss_kib": report["rss_kib"],
         "leader_rss_kib_alone": rss_alone,
         "leader_rss_kib_with_followers": rss_connected,
         "leader_rss_kib_after_writes": rss_after,
@@ -555,6 +559,8 @@ pub async fn fanout_followers(dir: &std::path::Path, join_concurrency: usize) ->
                     "p50_ms": percentile(&latencies, 50.0),
                     "p99_ms": percentile(&latencies, 99.0),
                     "max_ms": latencies.last(),
+                    "cpu_seconds": cpu_seconds(),
+                    "rss_kib": rss_kib(),
                     "join_failures": troubles.join_failures,
                     "follow_errors": troubles.follow_errors,
                     "first_error": troubles.first,

@@ -77,12 +77,17 @@ where
         R: Fn(Vec<K>) -> Fut,
         Fut: Future<Output = HashMap<K, V>>,
     {
+        let mut guard = RoundTask {
+            coalescer: &self,
+            ended: false,
+        };
         loop {
             let round = {
                 let mut queue = self.queue();
                 if queue.waiting.is_empty() {
                     // Under the lock: a caller queueing after this starts a new task.
                     queue.running = false;
+                    guard.ended = true;
                     return;
                 }
                 std::mem::take(&mut queue.waiting)
@@ -96,6 +101,32 @@ where
                     }
                 }
             }
+        }
+    }
+}
+
+/// Ends a round task that did not end normally (a `read` that panicked, a runtime
+/// shutting down): the callers queued meanwhile get `None` rather than waiting forever,
+/// and the next caller starts a new task.
+struct RoundTask<'a, K, V>
+where
+    K: Eq + Hash + Clone + Send + 'static,
+    V: Clone + Send + 'static,
+{
+    coalescer: &'a Coalescer<K, V>,
+    ended: bool,
+}
+
+impl<K, V> Drop for RoundTask<'_, K, V>
+where
+    K: Eq + Hash + Clone + Send + 'static,
+    V: Clone + Send + 'static,
+{
+    fn drop(&mut self) {
+        if !self.ended {
+            let mut queue = self.coalescer.queue();
+            queue.waiting.clear();
+            queue.running = false;
         }
     }
 }
@@ -121,6 +152,21 @@ mod tests {
         for (key, call) in (0..100u32).zip(calls) {
             assert_eq!(call.await.expect("caller"), Some((key % 10) * 2));
         }
+    }
+
+    #[tokio::test]
+    async fn a_read_that_panics_fails_its_round_and_the_next_round_runs() {
+        let coalescer = Arc::new(Coalescer::<u32, u32>::default());
+        let failed = coalescer
+            .get(1, |_keys: Vec<u32>| async { panic!("a read that panics") })
+            .await;
+        assert_eq!(failed, None);
+        let value = coalescer
+            .get(2, |keys: Vec<u32>| async move {
+                keys.into_iter().map(|k| (k, k + 1)).collect()
+            })
+            .await;
+        assert_eq!(value, Some(3));
     }
 
     #[tokio::test]

@@ -1017,10 +1017,10 @@ async fn set_local<C: ConnectionTrait>(db: &C, key: &str, value: &str) -> Result
 }
 
 /// Begins a transaction that will write (see `Library::begin_write`): on SQLite it takes
-/// the write lock at BEGIN. Every transaction that may write begins here, so none can fail
-/// with SQLite's busy-snapshot error (code 517: a transaction that read, then found
-/// another connection's commit in its way when it tried to write), which busy_timeout
-/// does not retry.
+/// the write lock at BEGIN, waiting its turn under busy_timeout. Every transaction that
+/// may write begins here. A deferred one that has read fails at its first write, at once
+/// and without retrying, with `SQLITE_BUSY` (code 5: another connection holds the write
+/// lock) or `SQLITE_BUSY_SNAPSHOT` (code 517: another connection committed since the read).
 pub(crate) async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
     let options = TransactionOptions {
         sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),

@@ -26,7 +26,8 @@ const PEER_POSITIONS_FLUSH_MS: u64 = 1_000;
 /// backend's limit on bound values per statement.
 const PEER_POSITIONS_ROWS_MAX: usize = 250;
 
-/// Device ids per `IN (…)` when reading admissions together.
+/// Device ids per `IN (…)` when reading admissions together: bound values per statement
+/// stay far below every backend's limit.
 const ADMISSION_IDS_MAX: usize = 500;
 
 /// Admission checks asked for together (sessions opening, every request, the periodic
