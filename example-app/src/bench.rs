@@ -180,27 +180,67 @@ fn cpu_seconds() -> Option<f64> {
     Some(ticks / 100.0)
 }
 
-fn rss_kib() -> Option<u64> {
+/// A `/proc/self/status` figure in KiB: `VmRSS` (now) or `VmHWM` (peak).
+fn status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// One leader (this process) and `followers` live followers in a child process: the
-/// leader's memory and CPU per follower while it streams `writes` writes to all of them.
-pub async fn fanout(followers: usize, writes: u64) -> Result<serde_json::Value> {
+fn rss_kib() -> Option<u64> {
+    status_kib("VmRSS:")
+}
+
+/// Microseconds since the Unix epoch: leader and followers run in two processes on one
+/// machine, so commit and apply times are compared on the wall clock.
+fn unix_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// What `bench fanout` is asked to do.
+#[derive(Clone, Debug)]
+pub struct FanoutOptions {
+    /// The leader's database: `sqlite` (a file in a temp dir) or a server URL, on which a
+    /// fresh database is made and dropped.
+    pub leader_db: String,
+    /// Live followers, each its own SQLite file and QUIC session, in one child process.
+    pub followers: usize,
+    /// Writes timed from commit to applied on every follower, one per transaction.
+    pub writes: u64,
+    /// Pause between two writes (also between the writes made while followers join).
+    pub interval: Duration,
+    /// Followers joining at once.
+    pub join_concurrency: usize,
+}
+
+/// How long a phase of `fanout` may take before the bench gives up.
+const FANOUT_PHASE_TIMEOUT: Duration = Duration::from_secs(1_800);
+
+/// One leader (this process) and `followers` live followers in a child process. The
+/// followers join while the leader keeps writing, catch up, then each of `writes` writes
+/// is timed from its commit to its apply on every follower. Any refusal or error a
+/// follower meets (a failed join, a failed pull) is counted, and the bench fails if there
+/// is one. Reports the leader's memory and CPU per follower.
+pub async fn fanout(options: &FanoutOptions) -> Result<serde_json::Value> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let dir = tempfile::tempdir()?;
-    let (leader, server) = leader_in(dir.path()).await?;
+    let url = crate::fresh_database(&options.leader_db, dir.path()).await?;
+    let backend = url.split(':').next().unwrap_or("sqlite").to_owned();
+    let db = connect(&url).await?;
+    Migrator::up(&db, None).await?;
+    let leader = Library::create(db, "bench", registry()).await?;
+    let server = net::serve(&leader, "127.0.0.1:0".parse()?).await?;
     write_tags(&leader, 100, 100).await?;
     let rss_alone = rss_kib();
-    let mut tokens = Vec::with_capacity(followers);
-    for _ in 0..followers {
-        tokens.push(net::invite(&leader, Access::Read, Duration::from_secs(600), None).await?);
+    let mut tokens = Vec::with_capacity(options.followers);
+    for _ in 0..options.followers {
+        tokens.push(net::invite(&leader, Access::Read, Duration::from_secs(3_600), None).await?);
     }
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
         .args(["bench", "fanout-followers", "--dir"])
         .arg(dir.path())
+        .arg("--join-concurrency")
+        .arg(options.join_concurrency.to_string())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -208,89 +248,329 @@ pub async fn fanout(followers: usize, writes: u64) -> Result<serde_json::Value> 
         .context("cannot start the followers' process")?;
     let mut stdin = child.stdin.take().context("child stdin")?;
     let mut lines = BufReader::new(child.stdout.take().context("child stdout")?).lines();
+
+    // Joining and catching up while the leader writes: admissions race writes.
+    let cpu_before_join = cpu_seconds();
+    let join_started = Instant::now();
+    let (stop_writing, mut stopped) = tokio::sync::watch::channel(false);
+    let writer = {
+        let leader = leader.clone();
+        let interval = options.interval;
+        tokio::spawn(async move {
+            let mut written = 0u64;
+            while !*stopped.borrow() {
+                write_tags(&leader, 1, 1).await?;
+                written += 1;
+                tokio::select! {
+                    () = tokio::time::sleep(interval) => {}
+                    _ = stopped.changed() => {}
+                }
+            }
+            Ok::<_, anyhow::Error>(written)
+        })
+    };
     for token in &tokens {
         stdin.write_all(format!("{token}\n").as_bytes()).await?;
     }
-    // An empty line ends the tokens; then each line is a seq to wait for.
+    // An empty line ends the tokens.
+    stdin.write_all(b"\n").await?;
+    let joined = expect_line(&mut lines, "joined").await?;
+    let _ = stop_writing.send(true);
+    let written_while_joining = writer.await.context("the leader's writer panicked")??;
     let latest = leader.latest_seq().await?;
-    stdin.write_all(format!("\n{latest}\n").as_bytes()).await?;
+    stdin
+        .write_all(format!("wait {latest}\n").as_bytes())
+        .await?;
     expect_line(&mut lines, "caught-up").await?;
+    let join_seconds = join_started.elapsed().as_secs_f64();
+    let cpu_join = cpu_seconds()
+        .zip(cpu_before_join)
+        .map(|(after, before)| after - before);
     let rss_connected = rss_kib();
+
+    // Live writes, each timed from commit to applied on every follower.
     let cpu_before = cpu_seconds();
     let started = Instant::now();
-    for _ in 0..writes {
+    let base = leader.latest_seq().await?;
+    let mut commits = Vec::with_capacity(options.writes as usize);
+    for i in 0..options.writes {
         write_tags(&leader, 1, 1).await?;
+        // One writer: the i-th write is the i-th entry after `base` (on PostgreSQL it is
+        // numbered just after commit; that wait counts towards its latency).
+        commits.push((base.0 + i + 1, unix_micros()));
+        tokio::time::sleep(options.interval).await;
     }
     let latest = leader.latest_seq().await?;
-    stdin.write_all(format!("{latest}\n").as_bytes()).await?;
+    stdin
+        .write_all(format!("wait {latest}\n").as_bytes())
+        .await?;
     expect_line(&mut lines, "caught-up").await?;
     let seconds = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds()
         .zip(cpu_before)
         .map(|(after, before)| after - before);
+    let rss_after = rss_kib();
+    stdin
+        .write_all(format!("report {}\n", serde_json::to_string(&commits)?).as_bytes())
+        .await?;
+    let report: serde_json::Value =
+        serde_json::from_str(&expect_line(&mut lines, "report").await?)?;
     drop(stdin);
     let _ = child.wait().await;
     server.shutdown().await;
+    leader.db().clone().close().await.ok();
+    crate::drop_database(&url).await?;
+
+    let followers = options.followers as f64;
     let per_follower_kib = rss_connected
         .zip(rss_alone)
-        .map(|(c, a)| c.saturating_sub(a) as f64 / followers as f64);
-    Ok(json!({
+        .map(|(c, a)| c.saturating_sub(a) as f64 / followers);
+    let refusals = report["join_failures"].as_u64().unwrap_or(0)
+        + report["follow_errors"].as_u64().unwrap_or(0)
+        + report["missing"].as_u64().unwrap_or(0);
+    let figures = json!({
         "bench": "fanout",
-        "followers": followers,
-        "writes": writes,
-        "seconds": seconds,
+        "backend": backend,
+        "followers": options.followers,
+        "joined": joined.parse::<u64>().ok(),
+        "refusals_and_errors": refusals,
+        "join_failures": report["join_failures"],
+        "follow_errors": report["follow_errors"],
+        "first_error": report["first_error"],
+        "writes": options.writes,
+        "interval_ms": options.interval.as_secs_f64() * 1e3,
+        "writes_while_joining": written_while_joining,
+        "join_and_catch_up_seconds": join_seconds,
+        "commit_to_applied_samples": report["samples"],
+        "commit_to_applied_missing": report["missing"],
+        "commit_to_applied_p50_ms": report["p50_ms"],
+        "commit_to_applied_p99_ms": report["p99_ms"],
+        "commit_to_applied_max_ms": report["max_ms"],
+        "live_seconds": seconds,
+        // The followers' process shares the machine's cores with the leader: its CPU
+        // (all phases) says how much of the latency is theirs.
+        "followers_process_cpu_seconds": report["cpu_seconds"],
+        "followers_process_rss_kib": report["rss_kib"],
         "leader_rss_kib_alone": rss_alone,
         "leader_rss_kib_with_followers": rss_connected,
+        "leader_rss_kib_after_writes": rss_after,
+        "leader_peak_rss_kib": status_kib("VmHWM:"),
         "leader_rss_kib_per_follower": per_follower_kib,
-        "leader_cpu_seconds": cpu,
-        "leader_cpu_ms_per_write_per_follower": cpu.map(|c| c * 1e3 / writes as f64 / followers as f64),
-    }))
+        "leader_cpu_seconds_joining": cpu_join,
+        "leader_cpu_ms_per_follower_joining": cpu_join.map(|c| c * 1e3 / followers),
+        "leader_cpu_seconds_live": cpu,
+        "leader_cpu_ms_per_write_per_follower": cpu.map(|c| c * 1e3 / options.writes.max(1) as f64 / followers),
+    });
+    if refusals > 0 {
+        bail!(
+            "{refusals} refusal(s), error(s) or unrecorded apply(s) among the followers; \
+             first error: {}\n{figures}",
+            report["first_error"]
+        );
+    }
+    Ok(figures)
 }
 
+/// Waits for the child's next line, which must start with `expected`; returns the rest.
 async fn expect_line(
     lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
     expected: &str,
-) -> Result<()> {
-    let line = tokio::time::timeout(Duration::from_secs(300), lines.next_line())
+) -> Result<String> {
+    let line = tokio::time::timeout(FANOUT_PHASE_TIMEOUT, lines.next_line())
         .await
         .context("the followers' process did not answer in time")??;
     match line {
-        Some(line) if line == expected => Ok(()),
+        Some(line) if line.starts_with(expected) => {
+            Ok(line[expected.len()..].trim_start().to_owned())
+        }
         other => bail!("the followers' process said {other:?}, expected `{expected}`"),
     }
 }
 
-/// The child side of `fanout`: joins with each token read from stdin, follows live, and
-/// answers `caught-up` once every follower reached each seq it is given.
-pub async fn fanout_followers(dir: &std::path::Path) -> Result<()> {
+/// What the followers met: refusals and errors, counted as they happen.
+#[derive(Default)]
+struct Troubles {
+    join_failures: u64,
+    follow_errors: u64,
+    first: Option<String>,
+}
+
+impl Troubles {
+    fn note(troubles: &std::sync::Mutex<Troubles>, join: bool, message: String) {
+        let mut t = troubles.lock().unwrap_or_else(|p| p.into_inner());
+        if join {
+            t.join_failures += 1;
+        } else {
+            t.follow_errors += 1;
+        }
+        t.first.get_or_insert(message);
+    }
+}
+
+/// The child side of `fanout`: joins with each token read from stdin (`join_concurrency`
+/// at a time), follows live, records when each follower applied each seq, and answers
+/// `wait N` with `caught-up` once every follower reached N, and `report [[seq, commit µs],
+/// …]` with the commit → applied latencies over all followers.
+pub async fn fanout_followers(dir: &std::path::Path, join_concurrency: usize) -> Result<()> {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    let mut follows = Vec::new();
-    let mut libraries = Vec::new();
+    let mut tokens = Vec::new();
     while let Some(token) = lines.next_line().await? {
         if token.is_empty() {
             break;
         }
-        let n = follows.len();
-        let url = format!(
-            "sqlite://{}?mode=rwc",
-            dir.join(format!("f{n}.db")).display()
-        );
-        let library = net::join(&url, &token, Some(&format!("f{n}"))).await?;
-        let transport = net::transport(&library, None).await?;
-        follows.push(library.start_following(transport, FollowConfig::default()));
-        libraries.push(library);
+        tokens.push(token);
     }
-    let follows = Arc::new(follows);
-    while let Some(line) = lines.next_line().await? {
-        let target = Seq(line.trim().parse()?);
-        for follow in follows.iter() {
-            follow
-                .wait_for(Duration::from_secs(300), |s| s.position >= target)
-                .await
-                .context("a follower did not catch up")?;
+    // One migrated database, copied for each follower: migrating a thousand files would
+    // take the child longer than the joins.
+    let template = dir.join("follower-template.db");
+    let db = connect(&format!("sqlite://{}?mode=rwc", template.display())).await?;
+    Migrator::up(&db, None).await?;
+    db.close().await?;
+
+    let troubles = Arc::new(std::sync::Mutex::new(Troubles::default()));
+    let slots = Arc::new(tokio::sync::Semaphore::new(join_concurrency.max(1)));
+    let mut joins = tokio::task::JoinSet::new();
+    for (n, token) in tokens.into_iter().enumerate() {
+        let slots = Arc::clone(&slots);
+        let troubles = Arc::clone(&troubles);
+        let file = dir.join(format!("f{n}.db"));
+        let template = template.clone();
+        joins.spawn(async move {
+            let _slot = slots.acquire_owned().await.ok()?;
+            let joined = async {
+                std::fs::copy(&template, &file)?;
+                let url = format!("sqlite://{}?mode=rwc", file.display());
+                let library = net::join(&url, &token, Some(&format!("f{n}"))).await?;
+                let transport = net::transport(&library, None).await?;
+                Ok::<_, anyhow::Error>((library, transport))
+            }
+            .await;
+            match joined {
+                Ok((library, transport)) => {
+                    let follow = library.start_following(transport, FollowConfig::default());
+                    Some((library, follow))
+                }
+                Err(e) => {
+                    Troubles::note(&troubles, true, format!("f{n} join: {e:#}"));
+                    None
+                }
+            }
+        });
+    }
+    let mut follows = Vec::new();
+    while let Some(joined) = joins.join_next().await {
+        if let Some(pair) = joined? {
+            follows.push(pair);
         }
-        println!("caught-up");
+    }
+    // Every apply, with when it happened; and every error a follow loop reports.
+    let mut watchers = tokio::task::JoinSet::new();
+    let mut applied_at = Vec::with_capacity(follows.len());
+    for (n, (_, follow)) in follows.iter().enumerate() {
+        let times = Arc::new(std::sync::Mutex::new(Vec::<(u64, i64)>::new()));
+        // The newest position recorded: the loop's status moves just before its event is
+        // sent, so a report waits for this too.
+        let (recorded, recorded_rx) = tokio::sync::watch::channel(0u64);
+        applied_at.push((Arc::clone(&times), recorded_rx));
+        let mut events = follow.subscribe();
+        let troubles_events = Arc::clone(&troubles);
+        watchers.spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(event) => {
+                        let at = unix_micros();
+                        times
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((event.position.0, at));
+                        recorded.send_replace(event.position.0);
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        let message = format!("f{n}: {missed} apply events missed");
+                        Troubles::note(&troubles_events, false, message);
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        let troubles = Arc::clone(&troubles);
+        let status = follow.watch_status();
+        watchers.spawn(async move {
+            let mut status = status;
+            let mut failing = false;
+            loop {
+                let error = status.borrow_and_update().last_error.clone();
+                match error {
+                    Some(message) if !failing => {
+                        failing = true;
+                        Troubles::note(&troubles, false, format!("f{n} follow: {message}"));
+                    }
+                    Some(_) => {}
+                    None => failing = false,
+                }
+                if status.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    println!("joined {}", follows.len());
+
+    while let Some(line) = lines.next_line().await? {
+        if let Some(target) = line.strip_prefix("wait ") {
+            let target = Seq(target.trim().parse()?);
+            for (_, follow) in &follows {
+                follow
+                    .wait_for(FANOUT_PHASE_TIMEOUT, |s| s.position >= target)
+                    .await
+                    .context("a follower did not catch up")?;
+            }
+            println!("caught-up");
+        } else if let Some(commits) = line.strip_prefix("report ") {
+            let commits: Vec<(u64, i64)> = serde_json::from_str(commits)?;
+            let last = commits.iter().map(|&(seq, _)| seq).max().unwrap_or(0);
+            let mut latencies = Vec::with_capacity(commits.len() * applied_at.len());
+            let mut missing = 0u64;
+            for (times, recorded) in &applied_at {
+                let mut recorded = recorded.clone();
+                // Missing samples are counted below; a bounded wait is enough here.
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    recorded.wait_for(|&position| position >= last),
+                )
+                .await;
+                let times = times.lock().unwrap_or_else(|p| p.into_inner());
+                for &(seq, committed) in &commits {
+                    // The first apply that reached the seq.
+                    match times.iter().find(|(position, _)| *position >= seq) {
+                        Some(&(_, at)) => latencies.push((at - committed) as f64 / 1e3),
+                        None => missing += 1,
+                    }
+                }
+            }
+            latencies.sort_by(f64::total_cmp);
+            let troubles = troubles.lock().unwrap_or_else(|p| p.into_inner());
+            println!(
+                "report {}",
+                json!({
+                    "samples": latencies.len(),
+                    "missing": missing,
+                    "p50_ms": percentile(&latencies, 50.0),
+                    "p99_ms": percentile(&latencies, 99.0),
+                    "max_ms": latencies.last(),
+                    "cpu_seconds": cpu_seconds(),
+                    "rss_kib": rss_kib(),
+                    "join_failures": troubles.join_failures,
+                    "follow_errors": troubles.follow_errors,
+                    "first_error": troubles.first,
+                })
+            );
+        }
+    }
+    watchers.abort_all();
+    for (_, follow) in follows {
+        follow.stop().await;
     }
     Ok(())
 }

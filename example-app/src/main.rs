@@ -270,19 +270,32 @@ enum Bench {
         #[arg(long, default_value_t = 1_000)]
         batch: u32,
     },
-    /// One leader, many live followers (in a child process): the leader's memory and CPU
-    /// per follower.
+    /// One leader, many live followers (in a child process, each on its own SQLite
+    /// file): they join while the leader writes, catch up, then every write is timed from
+    /// commit to applied on every follower. Fails if any follower is refused or meets an
+    /// error. The leader's database is `--db` (`sqlite`, the default here: a file in a
+    /// temp dir; or a server URL, on which a fresh database is made and dropped).
     Fanout {
         #[arg(long, default_value_t = 50, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=FANOUT_FOLLOWERS_MAX))]
         followers: usize,
+        /// Timed writes, one per transaction.
         #[arg(long, default_value_t = 200)]
         writes: u64,
+        /// Pause between writes, in milliseconds (also between the writes made while
+        /// followers join).
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+        /// Followers joining at once.
+        #[arg(long, default_value_t = 16)]
+        join_concurrency: usize,
     },
     /// The followers' side of `fanout` (started by it).
     #[command(hide = true)]
     FanoutFollowers {
         #[arg(long)]
         dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 16)]
+        join_concurrency: usize,
     },
     /// Follower apply: initial sync of `--count` changes over the in-process transport,
     /// against a SeaORM `insert_many` of the same rows in one transaction; and the
@@ -586,6 +599,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             shutdown_signal().await?;
             server.shutdown().await;
+            // Followers' positions are written about once a second; keep the last ones.
+            library.flush_peer_positions().await?;
             note!("stopped serving");
         }
         Command::Invite { role, ttl, address } => {
@@ -708,11 +723,37 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             which: Bench::Catchup { count, batch },
         } => print_json(&example_app::bench::catchup(count, batch).await?)?,
         Command::Bench {
-            which: Bench::Fanout { followers, writes },
-        } => print_json(&example_app::bench::fanout(followers, writes).await?)?,
+            which:
+                Bench::Fanout {
+                    followers,
+                    writes,
+                    interval_ms,
+                    join_concurrency,
+                },
+        } => {
+            // The app's default database is a file in the working directory; the bench
+            // makes its own, on SQLite unless a server is named.
+            let leader_db = if cli.db == DEFAULT_DB {
+                "sqlite".to_owned()
+            } else {
+                cli.db.clone()
+            };
+            let options = example_app::bench::FanoutOptions {
+                leader_db,
+                followers,
+                writes,
+                interval: std::time::Duration::from_millis(interval_ms),
+                join_concurrency,
+            };
+            print_json(&example_app::bench::fanout(&options).await?)?;
+        }
         Command::Bench {
-            which: Bench::FanoutFollowers { dir },
-        } => example_app::bench::fanout_followers(&dir).await?,
+            which:
+                Bench::FanoutFollowers {
+                    dir,
+                    join_concurrency,
+                },
+        } => example_app::bench::fanout_followers(&dir, join_concurrency).await?,
         Command::Bench {
             which:
                 Bench::Capture {

@@ -87,3 +87,17 @@ pub(crate) fn is_data_error(e: &DbErr) -> bool {
         state.len() == 5 && (state.starts_with("22") || state.starts_with("23"))
     })
 }
+
+impl LogError {
+    /// The same error for another caller of a shared read (`coalesce`): database errors
+    /// are not `Clone`, so one is restated by its message.
+    pub(crate) fn to_owned_error(&self) -> LogError {
+        match self {
+            LogError::Db(e) => LogError::Db(DbErr::Custom(e.to_string())),
+            LogError::Corrupt { seq, reason } => LogError::Corrupt {
+                seq: *seq,
+                reason: reason.clone(),
+            },
+        }
+    }
+}

@@ -269,6 +269,12 @@ impl Follow {
         self.status.borrow().clone()
     }
 
+    /// The loop's status as it changes (a watch: a reader that falls behind sees the
+    /// latest status, not each one in between).
+    pub fn watch_status(&self) -> watch::Receiver<FollowStatus> {
+        self.status.clone()
+    }
+
     /// A stream of "changes applied" events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<ChangesApplied> {
         self.events.subscribe()

@@ -25,6 +25,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod capture;
+mod coalesce;
 mod commits;
 mod entry;
 mod error;

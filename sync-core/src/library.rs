@@ -101,6 +101,12 @@ pub struct Library {
     membership: Arc<watch::Sender<u64>>,
     /// Bumped when a write enters this follower's outbox, so the follow loop pushes.
     outbox_news: Arc<watch::Sender<u64>>,
+    /// Leader: followers' positions seen since the last write of `sync_peer`.
+    pub(crate) peer_positions: Arc<crate::members::PeerPositions>,
+    /// Leader: admission checks asked for together, read together.
+    pub(crate) admissions: Arc<crate::members::AdmissionReads>,
+    /// Leader: the log ranges (and latest seq) that pulls ask for together, read once.
+    pub(crate) pull_reads: Arc<crate::serve::PullReads>,
 }
 
 /// Numbers the entries PostgreSQL writers leave in `sync_pending` (see `Library::append`).
@@ -126,6 +132,17 @@ impl Sequencer {
         // One run per handle at a time; a writer that waited here usually finds its entries
         // already numbered by the run it waited for.
         let _single_flight = self.running.lock().await;
+        // Nearly every reader's run, and many writers', find nothing to number. A plain
+        // read says so without the library's row lock and a commit (each `FOR UPDATE`
+        // writes WAL), so a crowd of followers pulling does not queue here. An entry
+        // committed after this read is one a later run numbers, as if it came later.
+        let waiting = pending::Entity::find()
+            .filter(pending::Column::LibraryId.eq(self.library_id.to_string()))
+            .one(&self.db)
+            .await?;
+        if waiting.is_none() {
+            return Ok(());
+        }
         loop {
             let txn = self.db.begin().await?;
             let library_key = self.library_id.to_string();
@@ -369,6 +386,9 @@ impl Library {
             kick,
             membership: Arc::new(watch::Sender::new(0)),
             outbox_news: Arc::new(watch::Sender::new(0)),
+            peer_positions: Arc::default(),
+            admissions: Arc::default(),
+            pull_reads: Arc::default(),
         })
     }
 
@@ -492,11 +512,7 @@ impl Library {
     /// Writes through the hooks in it are refused (it has no capture scope): it is for
     /// statements that bypass them, such as the follower's apply.
     pub(crate) async fn begin_write(&self) -> Result<DatabaseTransaction, DbErr> {
-        let options = TransactionOptions {
-            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-            ..TransactionOptions::default()
-        };
-        self.db.begin_with_options(options).await
+        begin_write(&self.db).await
     }
 
     /// Records the current state of a record again, on purpose: an upsert of its synced
@@ -1022,6 +1038,19 @@ async fn set_local<C: ConnectionTrait>(db: &C, key: &str, value: &str) -> Result
         .map(|_| ())
 }
 
+/// Begins a transaction that will write (see `Library::begin_write`): on SQLite it takes
+/// the write lock at BEGIN, waiting its turn under busy_timeout. Every transaction that
+/// may write begins here. A deferred one that has read fails at its first write, at once
+/// and without retrying, with `SQLITE_BUSY` (code 5: another connection holds the write
+/// lock) or `SQLITE_BUSY_SNAPSHOT` (code 517: another connection committed since the read).
+pub(crate) async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
+    let options = TransactionOptions {
+        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+        ..TransactionOptions::default()
+    };
+    db.begin_with_options(options).await
+}
+
 /// Records a library on this device (led by `leader`, with this device in `role`) and
 /// makes it the database's default library.
 pub(crate) async fn add_library(
@@ -1033,7 +1062,7 @@ pub(crate) async fn add_library(
     role: &str,
 ) -> Result<(), DbErr> {
     let now_ms = chrono::Utc::now().timestamp_millis();
-    let txn = db.begin().await?;
+    let txn = begin_write(db).await?;
     library::ActiveModel {
         id: Set(library_id.to_string()),
         name: Set(name.to_owned()),
@@ -1067,7 +1096,7 @@ pub(crate) async fn ensure_device_key(db: &DatabaseConnection) -> Result<DeviceK
         return DeviceKey::from_pem(&pem).map_err(|e| OpenError::Corrupt(e.to_string()));
     }
     let key = DeviceKey::generate().map_err(|e| OpenError::Corrupt(e.to_string()))?;
-    let txn = db.begin().await?;
+    let txn = begin_write(db).await?;
     // Two processes making the key at once: the first one stored wins.
     if let Some(pem) = get_local(&txn, LOCAL_DEVICE_KEY).await? {
         return DeviceKey::from_pem(&pem).map_err(|e| OpenError::Corrupt(e.to_string()));

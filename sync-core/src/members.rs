@@ -1,16 +1,171 @@
 //! Who may sync a library: its members, the invites that admit new ones, revocation, and
 //! what the leader knows of each follower's progress.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::ActiveValue::Set;
 use sea_orm::sea_query::{Expr, OnConflict};
-use sea_orm::{ColumnTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, TransactionTrait};
+use sea_orm::{ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder};
 use serde::{Deserialize, Serialize};
 
-use crate::library::{InsertInto, get_local_value, set_local_value};
+use crate::coalesce::Coalescer;
+use crate::library::{InsertInto, begin_write, get_local_value, set_local_value};
 use crate::tables::{device, invite, peer};
 use crate::{DeviceId, Library, LibraryId, Role, Seq};
+
+/// How long the leader gathers followers' positions before it writes them, all in one
+/// transaction. A thousand followers pulling would otherwise each take SQLite's write lock
+/// (or a PostgreSQL commit) per pull, for figures only `status` reads. `members` shows
+/// gathered positions at once; another process (the CLI's `status` beside `serve`) sees
+/// them up to this much later.
+const PEER_POSITIONS_FLUSH_MS: u64 = 1_000;
+
+/// Rows per statement when writing positions: 4 bound values each, far below every
+/// backend's limit on bound values per statement.
+const PEER_POSITIONS_ROWS_MAX: usize = 250;
+
+/// Device ids per `IN (…)` when reading admissions together: bound values per statement
+/// stay far below every backend's limit.
+const ADMISSION_IDS_MAX: usize = 500;
+
+/// Admission checks asked for together (sessions opening, every request, the periodic
+/// recheck), read in one statement per round (`coalesce`).
+pub(crate) type AdmissionReads = Coalescer<DeviceId, Result<Admission, Arc<DbErr>>>;
+
+/// Reads the admission of each of `devices`.
+async fn read_admissions(
+    db: &DatabaseConnection,
+    library_id: LibraryId,
+    devices: Vec<DeviceId>,
+) -> HashMap<DeviceId, Result<Admission, Arc<DbErr>>> {
+    let mut admissions = HashMap::with_capacity(devices.len());
+    for chunk in devices.chunks(ADMISSION_IDS_MAX) {
+        let rows = device::Entity::find()
+            .filter(device::Column::LibraryId.eq(library_id.to_string()))
+            .filter(device::Column::DeviceId.is_in(chunk.iter().map(ToString::to_string)))
+            .all(db)
+            .await;
+        match rows {
+            Ok(rows) => {
+                for row in rows {
+                    let Ok(device) = row.device_id.parse::<DeviceId>() else {
+                        // Not one of the ids asked for, which all parse.
+                        continue;
+                    };
+                    let admission = match row.revoked_at_ms {
+                        Some(at) => Ok(Admission::Revoked(at)),
+                        None => parse_access(&row.role)
+                            .map(Admission::Member)
+                            .map_err(Arc::new),
+                    };
+                    admissions.insert(device, admission);
+                }
+                for device in chunk {
+                    admissions
+                        .entry(*device)
+                        .or_insert(Ok(Admission::NotMember));
+                }
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                for device in chunk {
+                    admissions.insert(*device, Err(Arc::clone(&e)));
+                }
+            }
+        }
+    }
+    admissions
+}
+
+/// Followers' positions as the leader last saw them, not yet written to `sync_peer`. One
+/// entry per follower (its newest), so memory is bounded by the number of members.
+#[derive(Debug, Default)]
+pub(crate) struct PeerPositions {
+    gathered: std::sync::Mutex<Gathered>,
+    /// Held while positions are taken and written, so two writes never reorder.
+    writing: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct Gathered {
+    /// Each follower's position and when it was seen (ms since the epoch).
+    seen: HashMap<DeviceId, (Seq, i64)>,
+    /// A task is due to write `seen`; it keeps going until nothing new arrives.
+    flush_due: bool,
+}
+
+impl PeerPositions {
+    fn gathered(&self) -> std::sync::MutexGuard<'_, Gathered> {
+        // The map is plain data; a panic elsewhere cannot leave it half-updated.
+        self.gathered.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes a position; true when the caller must start the task that writes it.
+    fn note(&self, device: DeviceId, position: Seq, seen_at_ms: i64) -> bool {
+        let mut gathered = self.gathered();
+        gathered.seen.insert(device, (position, seen_at_ms));
+        !std::mem::replace(&mut gathered.flush_due, true)
+    }
+
+    fn get(&self, device: DeviceId) -> Option<(Seq, i64)> {
+        self.gathered().seen.get(&device).copied()
+    }
+
+    /// Writes what was gathered, in one transaction.
+    async fn write(&self, db: &DatabaseConnection, library_id: LibraryId) -> Result<(), DbErr> {
+        let _writing = self.writing.lock().await;
+        let seen = std::mem::take(&mut self.gathered().seen);
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<peer::ActiveModel> = seen
+            .into_iter()
+            .map(|(device, (position, seen_at_ms))| peer::ActiveModel {
+                library_id: Set(library_id.to_string()),
+                device_id: Set(device.to_string()),
+                position: Set(position.0 as i64),
+                last_seen_ms: Set(seen_at_ms),
+            })
+            .collect();
+        let txn = begin_write(db).await?;
+        for chunk in rows.chunks(PEER_POSITIONS_ROWS_MAX) {
+            peer::Entity::insert_many(chunk.iter().cloned())
+                .on_conflict(
+                    OnConflict::columns([peer::Column::LibraryId, peer::Column::DeviceId])
+                        .update_columns([peer::Column::Position, peer::Column::LastSeenMs])
+                        .to_owned(),
+                )
+                .exec_without_returning(&txn)
+                .await?;
+        }
+        txn.commit().await
+    }
+}
+
+/// Writes gathered positions every `PEER_POSITIONS_FLUSH_MS` until a round finds nothing
+/// new, then ends (the next `record_peer_position` starts another).
+async fn write_peer_positions(
+    positions: Arc<PeerPositions>,
+    db: DatabaseConnection,
+    library_id: LibraryId,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(PEER_POSITIONS_FLUSH_MS)).await;
+        if let Err(e) = positions.write(&db, library_id).await {
+            // Positions only inform `status`; the next pull of each follower brings its
+            // position again.
+            tracing::warn!(library = %library_id, %e, "writing followers' positions failed");
+        }
+        let mut gathered = positions.gathered();
+        if gathered.seen.is_empty() {
+            // Under the lock: a position noted after this starts a task of its own.
+            gathered.flush_due = false;
+            return;
+        }
+    }
+}
 
 /// What a member of a library may do.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -180,18 +335,23 @@ impl Library {
         }
     }
 
-    /// Whether `device` may sync this library now.
+    /// Whether `device` may sync this library now. Checks asked for at the same time are
+    /// read together, each from a read that began after it was asked: a revocation
+    /// committed before the call is always seen.
     pub async fn admission(&self, device: DeviceId) -> Result<Admission, DbErr> {
-        let row = device::Entity::find_by_id((self.id().to_string(), device.to_string()))
-            .one(&self.db)
-            .await?;
-        Ok(match row {
-            None => Admission::NotMember,
-            Some(row) => match row.revoked_at_ms {
-                Some(at) => Admission::Revoked(at),
-                None => Admission::Member(parse_access(&row.role)?),
-            },
-        })
+        let db = self.db.clone();
+        let library_id = self.id();
+        let read = move |devices: Vec<DeviceId>| {
+            let db = db.clone();
+            async move { read_admissions(&db, library_id, devices).await }
+        };
+        match self.admissions.get(device, read).await {
+            Some(Ok(admission)) => Ok(admission),
+            Some(Err(e)) => Err(DbErr::Custom(e.to_string())),
+            None => Err(DbErr::Custom(format!(
+                "the admission check of device {device} was dropped; try again"
+            ))),
+        }
     }
 
     /// This device's own access to the library.
@@ -217,17 +377,25 @@ impl Library {
             .await?;
         let mut members = Vec::with_capacity(rows.len());
         for row in rows {
-            let seen = peers.iter().find(|p| p.device_id == row.device_id);
+            let device_id: DeviceId = row
+                .device_id
+                .parse()
+                .map_err(|e| DbErr::Custom(format!("sync_device id `{}`: {e}", row.device_id)))?;
+            // A position gathered but not yet written is the newer one.
+            let seen = self.peer_positions.get(device_id).or_else(|| {
+                peers
+                    .iter()
+                    .find(|p| p.device_id == row.device_id)
+                    .map(|p| (Seq(p.position as u64), p.last_seen_ms))
+            });
             members.push(Member {
-                device_id: row.device_id.parse().map_err(|e| {
-                    DbErr::Custom(format!("sync_device id `{}`: {e}", row.device_id))
-                })?,
+                device_id,
                 access: parse_access(&row.role)?,
                 name: row.name,
                 added_at_ms: row.added_at_ms,
                 revoked_at_ms: row.revoked_at_ms,
-                position: seen.map(|p| Seq(p.position as u64)),
-                last_seen_ms: seen.map(|p| p.last_seen_ms),
+                position: seen.map(|(position, _)| position),
+                last_seen_ms: seen.map(|(_, at)| at),
             });
         }
         members.sort_by_key(|m| m.access != Access::Leader);
@@ -276,7 +444,9 @@ impl Library {
         self.require_leader()?;
         let hash = secret_hash(secret);
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let txn = self.db.begin().await?;
+        // It reads the invite, then writes: the write lock is taken first (SQLite), or a
+        // join racing any other write would fail with a busy snapshot.
+        let txn = begin_write(&self.db).await?;
         let row = invite::Entity::find_by_id(hash.clone())
             .filter(invite::Column::LibraryId.eq(self.id().to_string()))
             .one(&txn)
@@ -354,22 +524,26 @@ impl Library {
         Ok(())
     }
 
-    /// Records that `device` pulled from `position` (leader side, for status).
+    /// Records that `device` pulled from `position` (leader side, for status). It only
+    /// notes the position: a background task writes every follower's newest position in
+    /// one transaction at most once per `PEER_POSITIONS_FLUSH_MS`, off the request path.
+    /// `members` shows noted positions at once; `flush_peer_positions` writes them now.
     pub async fn record_peer_position(&self, device: DeviceId, position: Seq) -> Result<(), DbErr> {
-        peer::Entity::insert(peer::ActiveModel {
-            library_id: Set(self.id().to_string()),
-            device_id: Set(device.to_string()),
-            position: Set(position.0 as i64),
-            last_seen_ms: Set(chrono::Utc::now().timestamp_millis()),
-        })
-        .on_conflict(
-            OnConflict::columns([peer::Column::LibraryId, peer::Column::DeviceId])
-                .update_columns([peer::Column::Position, peer::Column::LastSeenMs])
-                .to_owned(),
-        )
-        .exec_without_returning(&self.db)
-        .await
-        .map(|_| ())
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        if self.peer_positions.note(device, position, now_ms) {
+            tokio::spawn(write_peer_positions(
+                Arc::clone(&self.peer_positions),
+                self.db.clone(),
+                self.id(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes the followers' positions noted so far now (a leader shutting down calls it
+    /// so that `status` in another process sees where each follower stood).
+    pub async fn flush_peer_positions(&self) -> Result<(), DbErr> {
+        self.peer_positions.write(&self.db, self.id()).await
     }
 
     /// The library's name.

@@ -1,12 +1,23 @@
 //! The leader's side of a pull: a bounded range of the log, filtered and compressed.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
+use sea_orm::DbErr;
+
+use crate::coalesce::Coalescer;
 use crate::protocol::{
     Divergence, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PullError, PullRequest,
     PullResponse, PulledItem,
 };
-use crate::{ChangeOp, Library, LogEntry, MergeRule, Registry, Role, Seq};
+use crate::{ChangeOp, Library, LogEntry, LogError, MergeRule, Registry, Role, Seq};
+
+/// A range of the log after a seq, at most so many entries, and the latest seq read after
+/// it; or why the read failed. Shared by every pull that asked for it in one round.
+type PullRead = Result<(Arc<Vec<LogEntry>>, Seq), Arc<LogError>>;
+
+/// The log ranges that pulls ask for together (key: after, limit), read once per round.
+pub(crate) type PullReads = Coalescer<(Seq, u64), PullRead>;
 
 /// Bytes an entry is counted as beyond its payload (ids, clock, checksum, framing).
 const ENTRY_OVERHEAD_BYTES: usize = 128;
@@ -46,18 +57,18 @@ impl Library {
         } else {
             Seq::ZERO
         };
-        let entries = self
-            .read_log(from, u64::from(limit) + u64::from(stated))
+        let (read, latest_seq) = self
+            .read_for_pull(from, u64::from(limit) + u64::from(stated))
             .await?;
-        let mut entries = entries.into_iter().peekable();
+        let mut entries = read.iter().peekable();
         if stated {
             let at = entries.next_if(|e| e.seq == request.after);
-            if at.as_ref().map(|e| e.checksum) != Some(request.after_checksum) {
+            if at.map(|e| e.checksum) != Some(request.after_checksum) {
                 return Err(self.diverged(request, at.map(|e| e.checksum)).await);
             }
         }
         let mut bytes = 0;
-        let mut taken = Vec::with_capacity(entries.len());
+        let mut taken = Vec::with_capacity(read.len());
         for entry in entries {
             let size = ENTRY_OVERHEAD_BYTES
                 + entry.record_id.len()
@@ -66,9 +77,8 @@ impl Library {
                 break;
             }
             bytes += size;
-            taken.push(entry);
+            taken.push(entry.clone());
         }
-        let latest_seq = self.latest_seq().await?;
         let through = taken.last().map_or(request.after, |e| e.seq);
         tracing::Span::current().record("through", through.0);
         let items = select(taken, request.models.as_deref(), &self.registry);
@@ -102,6 +112,46 @@ impl Library {
         };
         tracing::warn!(library = %self.id(), %divergence, "refused a pull from another history");
         PullError::HistoryDiverged(divergence)
+    }
+
+    /// Up to `limit` entries after `after`, then the latest seq: read once for every pull
+    /// that asks for the same range in the same round (`coalesce`). A crowd of followers
+    /// told of the same new entry asks for the same range at once.
+    async fn read_for_pull(
+        &self,
+        after: Seq,
+        limit: u64,
+    ) -> Result<(Arc<Vec<LogEntry>>, Seq), LogError> {
+        let library = self.clone();
+        let read = move |ranges: Vec<(Seq, u64)>| {
+            let library = library.clone();
+            async move {
+                let mut reads = Vec::with_capacity(ranges.len());
+                for (after, limit) in ranges {
+                    reads.push(((after, limit), library.read_log(after, limit).await));
+                }
+                // Once per round, after the ranges, as each pull read it before.
+                let latest = library.latest_seq().await.map_err(Arc::new);
+                reads
+                    .into_iter()
+                    .map(|(range, read)| {
+                        let value = match (read, &latest) {
+                            (Ok(entries), Ok(latest)) => Ok((Arc::new(entries), *latest)),
+                            (Err(e), _) => Err(Arc::new(e)),
+                            (Ok(_), Err(e)) => Err(Arc::clone(e)),
+                        };
+                        (range, value)
+                    })
+                    .collect()
+            }
+        };
+        match self.pull_reads.get((after, limit), read).await {
+            Some(Ok(read)) => Ok(read),
+            Some(Err(e)) => Err(e.to_owned_error()),
+            None => Err(LogError::Db(DbErr::Custom(
+                "the leader dropped this pull's read; pull again".to_owned(),
+            ))),
+        }
     }
 }
 

@@ -62,6 +62,8 @@ pub struct Server {
 struct Shared {
     libraries: HashMap<LibraryId, Library>,
     config: ServerConfig,
+    /// When serving began: sessions recheck membership on one grid from here.
+    started: tokio::time::Instant,
 }
 
 impl Server {
@@ -121,6 +123,7 @@ impl Server {
         let shared = Arc::new(Shared {
             libraries: served,
             config,
+            started: tokio::time::Instant::now(),
         });
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared));
         Ok(Server {
@@ -466,7 +469,17 @@ async fn session(
     let _connected = Connected::open(&library);
     let mut latest = library.watch_latest_seq();
     let mut membership = library.watch_membership();
-    let mut recheck = tokio::time::interval(shared.config.membership_recheck);
+    // Every session rechecks at the same instants, so that a thousand sessions' checks
+    // are read together (`Library::admission` gathers concurrent checks into one read)
+    // rather than one read each, spread over the period.
+    let period = shared
+        .config
+        .membership_recheck
+        .max(Duration::from_millis(1));
+    let phase = shared.started.elapsed().as_nanos() % period.as_nanos();
+    let next = period.saturating_sub(Duration::from_nanos(phase as u64));
+    let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + next, period);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut requests = JoinSet::new();
     let last_recorded = Arc::new(std::sync::Mutex::new(None::<Instant>));
     loop {
