@@ -419,7 +419,7 @@ impl Library {
             });
         }
         let backend = txn.get_database_backend();
-        let parking = Parking::load(txn, self.id()).await?;
+        let parking = Parking::load(txn, self.id(), start.seq).await?;
         let (to_build, building) = std::sync::mpsc::channel::<Batch>();
         let (statements, mut ready) = tokio::sync::mpsc::channel(STATEMENTS_AHEAD);
         let (built_one, mut built) = tokio::sync::mpsc::unbounded_channel::<()>();
