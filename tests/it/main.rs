@@ -14,5 +14,6 @@ mod ordering;
 mod quic;
 mod robust;
 mod set_aside;
+mod startup;
 mod support;
 mod telemetry;
