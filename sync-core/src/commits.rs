@@ -60,12 +60,18 @@ async fn refresh(library: &Library) {
 }
 
 /// Returns only on an error; the caller falls back to polling.
+///
+/// The watcher opens its own connection, with the app's pool's options, instead of taking
+/// one from the pool for good: `Database::connect(url)` gives SQLite a pool of one
+/// connection, which a watcher holding it would take from every other reader and writer.
 async fn watch_sqlite(library: &Library) -> Result<(), sqlx::Error> {
-    let mut connection = library.db.get_sqlite_connection_pool().acquire().await?;
+    use sqlx::ConnectOptions;
+    let options = library.db.get_sqlite_connection_pool().connect_options();
+    let mut connection = options.connect().await?;
     let mut seen: Option<i64> = None;
     loop {
         let version: i64 = sqlx::query_scalar("PRAGMA data_version")
-            .fetch_one(&mut *connection)
+            .fetch_one(&mut connection)
             .await?;
         if seen != Some(version) {
             seen = Some(version);
@@ -76,9 +82,19 @@ async fn watch_sqlite(library: &Library) -> Result<(), sqlx::Error> {
 }
 
 /// Returns only on an error; the caller falls back to polling.
+///
+/// The listener keeps its connection for as long as it listens: it takes it from a pool
+/// of its own (as `PgListener::connect` does), made with the app's pool's options, so that
+/// an app whose pool is small never loses a connection to it.
 async fn watch_postgres(library: &Library) -> Result<(), sqlx::Error> {
-    let pool = library.db.get_postgres_connection_pool();
-    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+    let options = library.db.get_postgres_connection_pool().connect_options();
+    let own = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .connect_with((*options).clone())
+        .await?;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&own).await?;
     listener.listen(NOTIFY_CHANNEL).await?;
     let id = library.id().to_string();
     refresh(library).await;

@@ -17,8 +17,16 @@ pub enum OpenError {
     )]
     NotMigrated(DbErr),
     /// This database has no library yet.
-    #[error("this database holds no sync library: create one first (example-app: `init`)")]
+    #[error(
+        "this database holds no sync library: create one (`Library::open_or_create`, `Library::create`) or join one"
+    )]
     NoLibrary,
+    /// `Library::create` on a database that already holds a library: a second one would
+    /// become the default and leave every follower of the first behind.
+    #[error(
+        "this database already holds sync library {0}: open it (`Library::open_or_create` on every start, or `Library::open_default`) instead of creating another"
+    )]
+    AlreadyHasLibrary(LibraryId),
     /// The library asked for is not in this database.
     #[error("library {0} is not known on this device")]
     UnknownLibrary(LibraryId),

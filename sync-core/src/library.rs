@@ -272,30 +272,50 @@ pub enum DriftKind {
 }
 
 impl Library {
+    /// Opens the database's library, creating it (led by this device, named `name`) on the
+    /// first start: call it on every start. `name` is used only when creating.
+    ///
+    /// It opens the default library, the one `create` made or a join stored, so a device
+    /// that joined a library opens that one. Two processes starting at once on a fresh
+    /// SQLite database open the same library.
+    pub async fn open_or_create(
+        db: DatabaseConnection,
+        name: &str,
+        registry: Registry,
+    ) -> Result<Library, OpenError> {
+        let library_id = match default_library_id(&db).await? {
+            Some(library_id) => library_id,
+            None => match new_library(&db, name).await {
+                Ok(library_id) => library_id,
+                // Another process created it meanwhile.
+                Err(OpenError::AlreadyHasLibrary(library_id)) => library_id,
+                Err(e) => return Err(e),
+            },
+        };
+        Library::open(db, library_id, registry).await
+    }
+
     /// Creates a library led by this device (creating this device's identity on first use)
     /// and makes it the database's default library.
+    ///
+    /// A database holds one library: on a database that already holds one (made here or
+    /// joined) this is refused with [`OpenError::AlreadyHasLibrary`]. To open it on every
+    /// start and create it on the first, use [`Library::open_or_create`].
     pub async fn create(
         db: DatabaseConnection,
         name: &str,
         registry: Registry,
     ) -> Result<Library, OpenError> {
-        let device_id = ensure_device_id(&db).await?;
-        let library_id = LibraryId(uuid::Uuid::now_v7());
-        add_library(&db, library_id, name, device_id, device_id, "leader").await?;
+        let library_id = new_library(&db, name).await?;
         Library::open(db, library_id, registry).await
     }
 
-    /// Opens the database's default library (the one `create` made).
+    /// Opens the database's default library (the one `create` made, or a join stored).
     pub async fn open_default(
         db: DatabaseConnection,
         registry: Registry,
     ) -> Result<Library, OpenError> {
-        let value = get_local(&db, LOCAL_DEFAULT_LIBRARY)
-            .await?
-            .ok_or(OpenError::NoLibrary)?;
-        let library_id = value
-            .parse()
-            .map_err(|e| OpenError::Corrupt(format!("default library id `{value}`: {e}")))?;
+        let library_id = default_library_id(&db).await?.ok_or(OpenError::NoLibrary)?;
         Library::open(db, library_id, registry).await
     }
 
@@ -1051,30 +1071,52 @@ pub(crate) async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTrans
     db.begin_with_options(options).await
 }
 
-/// Records a library on this device (led by `leader`, with this device in `role`) and
-/// makes it the database's default library.
-pub(crate) async fn add_library(
-    db: &DatabaseConnection,
-    library_id: LibraryId,
-    name: &str,
-    leader: DeviceId,
-    this_device: DeviceId,
-    role: &str,
-) -> Result<(), DbErr> {
+/// The database's default library, if it has one.
+async fn default_library_id(db: &DatabaseConnection) -> Result<Option<LibraryId>, OpenError> {
+    let Some(value) = get_local(db, LOCAL_DEFAULT_LIBRARY).await? else {
+        return Ok(None);
+    };
+    value
+        .parse()
+        .map(Some)
+        .map_err(|e| OpenError::Corrupt(format!("default library id `{value}`: {e}")))
+}
+
+/// Records a new library led by this device and makes it the database's default library;
+/// refused when the database already holds a library.
+async fn new_library(db: &DatabaseConnection, name: &str) -> Result<LibraryId, OpenError> {
+    let device_id = ensure_device_id(db).await?;
+    let library_id = LibraryId(uuid::Uuid::now_v7());
     let now_ms = chrono::Utc::now().timestamp_millis();
+    // SQLite: the write lock from BEGIN on, so that of two processes creating at once the
+    // second sees the first's library.
     let txn = begin_write(db).await?;
+    if let Some(existing) = library::Entity::find()
+        .order_by_asc(library::Column::CreatedAtMs)
+        .one(&txn)
+        .await?
+    {
+        let existing = match get_local(&txn, LOCAL_DEFAULT_LIBRARY).await? {
+            Some(value) => value,
+            None => existing.id,
+        };
+        let existing = existing
+            .parse()
+            .map_err(|e| OpenError::Corrupt(format!("library id `{existing}`: {e}")))?;
+        return Err(OpenError::AlreadyHasLibrary(existing));
+    }
     library::ActiveModel {
         id: Set(library_id.to_string()),
         name: Set(name.to_owned()),
-        leader_device_id: Set(leader.to_string()),
+        leader_device_id: Set(device_id.to_string()),
         created_at_ms: Set(now_ms),
     }
     .insert_into(&txn)
     .await?;
     device::ActiveModel {
         library_id: Set(library_id.to_string()),
-        device_id: Set(this_device.to_string()),
-        role: Set(role.to_owned()),
+        device_id: Set(device_id.to_string()),
+        role: Set("leader".to_owned()),
         name: Set(None),
         added_at_ms: Set(now_ms),
         revoked_at_ms: Set(None),
@@ -1082,7 +1124,8 @@ pub(crate) async fn add_library(
     .insert_into(&txn)
     .await?;
     set_local(&txn, LOCAL_DEFAULT_LIBRARY, &library_id.to_string()).await?;
-    txn.commit().await
+    txn.commit().await?;
+    Ok(library_id)
 }
 
 /// This device's id, derived from its key pair, which is made on first use.

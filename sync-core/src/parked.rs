@@ -44,12 +44,14 @@ impl Parking {
     pub(crate) async fn load(
         txn: &DatabaseTransaction,
         library: LibraryId,
+        position: Seq,
     ) -> Result<Parking, DbErr> {
         let rows = parked::Entity::find()
             .filter(parked::Column::LibraryId.eq(library.to_string()))
             .all(txn)
             .await?;
         let mut parking = Parking::default();
+        let mut stale = Vec::new();
         for row in rows {
             match (row.entry, row.model, row.record_id) {
                 (Some(_), Some(model), Some(record)) => {
@@ -58,10 +60,20 @@ impl Parking {
                         .entry((model, record))
                         .or_insert(row.seq as u64);
                 }
+                // A request made while an apply was passing that seq: the entry was
+                // applied, and the request can never be met.
+                _ if row.seq as u64 <= position.0 => stale.push(row.seq),
                 _ => {
                     parking.seqs.insert(row.seq as u64);
                 }
             }
+        }
+        if !stale.is_empty() {
+            parked::Entity::delete_many()
+                .filter(parked::Column::LibraryId.eq(library.to_string()))
+                .filter(parked::Column::Seq.is_in(stale))
+                .exec(txn)
+                .await?;
         }
         Ok(parking)
     }

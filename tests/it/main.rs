@@ -17,5 +17,6 @@ mod quic;
 mod robust;
 mod set_aside;
 mod simulation;
+mod startup;
 mod support;
 mod telemetry;
