@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
 mod capture;
+mod dense;
 mod derive;
 mod follower;
 mod foreign_keys;
