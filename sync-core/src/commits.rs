@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use sea_orm::DbBackend;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 use sea_orm::sqlx;
 
 use crate::Library;
@@ -15,6 +15,7 @@ pub(crate) const NOTIFY_CHANNEL: &str = "sync_log";
 
 /// SQLite: how often `PRAGMA data_version` is read. It costs no I/O: the connection
 /// compares a counter in shared memory.
+#[cfg(feature = "sqlite")]
 const SQLITE_POLL: Duration = Duration::from_millis(5);
 
 /// A fallback check of the log's tip, for a missed notice or a backend without notices.
@@ -36,20 +37,27 @@ impl Library {
     pub fn watch_commits(&self) -> CommitWatcher {
         let library = self.clone();
         CommitWatcher(tokio::spawn(async move {
-            let backend = library.db.get_database_backend();
-            let outcome = match backend {
-                DbBackend::Sqlite => watch_sqlite(&library).await,
-                DbBackend::Postgres => watch_postgres(&library).await,
-                _ => Ok(()),
-            };
-            if let Err(e) = outcome {
-                tracing::warn!(library = %library.id(), %e, "commit watcher fell back to polling");
+            match library.db.get_database_backend() {
+                #[cfg(feature = "sqlite")]
+                sea_orm::DbBackend::Sqlite => fell_back(&library, watch_sqlite(&library).await),
+                #[cfg(feature = "postgres")]
+                sea_orm::DbBackend::Postgres => fell_back(&library, watch_postgres(&library).await),
+                // MySQL has no commit notice (and a backend's watcher needs its driver
+                // feature): polling alone.
+                _ => {}
             }
             loop {
                 refresh(&library).await;
                 tokio::time::sleep(FALLBACK_POLL).await;
             }
         }))
+    }
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+fn fell_back(library: &Library, outcome: Result<(), sqlx::Error>) {
+    if let Err(e) = outcome {
+        tracing::warn!(library = %library.id(), %e, "commit watcher fell back to polling");
     }
 }
 
@@ -60,6 +68,7 @@ async fn refresh(library: &Library) {
 }
 
 /// Returns only on an error; the caller falls back to polling.
+#[cfg(feature = "sqlite")]
 async fn watch_sqlite(library: &Library) -> Result<(), sqlx::Error> {
     let mut connection = library.db.get_sqlite_connection_pool().acquire().await?;
     let mut seen: Option<i64> = None;
@@ -76,6 +85,7 @@ async fn watch_sqlite(library: &Library) -> Result<(), sqlx::Error> {
 }
 
 /// Returns only on an error; the caller falls back to polling.
+#[cfg(feature = "postgres")]
 async fn watch_postgres(library: &Library) -> Result<(), sqlx::Error> {
     let pool = library.db.get_postgres_connection_pool();
     let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;

@@ -17,7 +17,9 @@ pub enum OpenError {
     )]
     NotMigrated(DbErr),
     /// This database has no library yet.
-    #[error("this database holds no sync library: create one first (example-app: `init`)")]
+    #[error(
+        "this database holds no sync library: create one first (example-app: `init`)"
+    )]
     NoLibrary,
     /// The library asked for is not in this database.
     #[error("library {0} is not known on this device")]
@@ -47,15 +49,30 @@ pub enum LogError {
     },
 }
 
+/// MySQL/MariaDB: deadlock (1213) or lock wait timeout (1205), by error number.
+#[cfg(feature = "mysql")]
+fn is_transient_mysql(db: &dyn sea_orm::sqlx::error::DatabaseError) -> bool {
+    db.try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>()
+        .is_some_and(|m| matches!(m.number(), 1205 | 1213))
+}
+
+/// Without the MySQL driver there are no MySQL errors.
+#[cfg(all(not(feature = "mysql"), any(feature = "sqlite", feature = "postgres")))]
+fn is_transient_mysql(_: &dyn sea_orm::sqlx::error::DatabaseError) -> bool {
+    false
+}
+
 /// Whether a database error may pass on a retry of the same work: a lost or unavailable
 /// connection, a deadlock or serialization failure, a lock wait that timed out, a busy
 /// database. Anything else (a value the database refuses, a failed constraint) is about
 /// the data and fails again.
 pub(crate) fn is_transient(e: &DbErr) -> bool {
-    use sea_orm::RuntimeErr;
     match e {
         DbErr::Conn(_) | DbErr::ConnectionAcquire(_) => true,
-        DbErr::Exec(RuntimeErr::SqlxError(err)) | DbErr::Query(RuntimeErr::SqlxError(err)) => {
+        // sea-orm has sqlx errors only when a driver feature is on.
+        #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+        DbErr::Exec(sea_orm::RuntimeErr::SqlxError(err))
+        | DbErr::Query(sea_orm::RuntimeErr::SqlxError(err)) => {
             match err.as_ref() {
                 sea_orm::sqlx::Error::Database(db) => {
                     let code = db.code();
@@ -68,9 +85,7 @@ pub(crate) fn is_transient(e: &DbErr) -> bool {
                         // is 40001; 1205 is HY000, so the number is matched below).
                         // SQLite: BUSY, LOCKED, BUSY_SNAPSHOT, BUSY_RECOVERY.
                         | Some("5" | "6" | "261" | "517" | "262")
-                    ) || db
-                        .try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>()
-                        .is_some_and(|m| matches!(m.number(), 1205 | 1213))
+                    ) || is_transient_mysql(db.as_ref())
                 }
                 sea_orm::sqlx::Error::Io(_)
                 | sea_orm::sqlx::Error::PoolTimedOut
