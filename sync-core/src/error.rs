@@ -18,7 +18,7 @@ pub enum OpenError {
     NotMigrated(DbErr),
     /// This database has no library yet.
     #[error(
-        "this database holds no sync library: create one first (example-app: `init`)"
+        "this database holds no sync library: create one first (`Library::create`) or join one (`Library::join`)"
     )]
     NoLibrary,
     /// The library asked for is not in this database.
