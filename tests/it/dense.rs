@@ -7,6 +7,8 @@ use sea_orm::{ActiveModelTrait, ConnectionTrait, DbErr, EntityTrait, Schema};
 use sync_core::{Access, InProcess, Library, Registry, Syncable};
 use uuid::Uuid;
 
+use crate::support::{Backend, server_url};
+
 pub mod author {
     use sea_orm::entity::prelude::*;
 
@@ -50,10 +52,9 @@ fn registry() -> Registry {
         .expect("distinct sync ids")
 }
 
-/// A SQLite database with the sync tables and the two dense-format tables.
-async fn database(dir: &std::path::Path, name: &str) -> sea_orm::DatabaseConnection {
-    let url = format!("sqlite://{}?mode=rwc", dir.join(name).display());
-    let db = example_app::connect(&url).await.expect("connect");
+/// `url`'s database with the sync tables and the two dense-format tables.
+async fn database(url: &str) -> sea_orm::DatabaseConnection {
+    let db = example_app::connect(url).await.expect("connect");
     <sync_migrations::Migrator as sea_orm_migration::MigratorTrait>::up(&db, None)
         .await
         .expect("migrate");
@@ -79,14 +80,46 @@ fn dense_models_declare_what_their_attributes_say() {
     assert_eq!(registry().synced_models(), ["author", "post"]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dense_format_models_sync_from_leader_to_follower() {
+mod sqlite {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dense_format_models_sync_from_leader_to_follower() {
+        super::leader_to_follower(crate::support::Backend::Sqlite).await;
+    }
+}
+
+mod postgres {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dense_format_models_sync_from_leader_to_follower() {
+        super::leader_to_follower(crate::support::Backend::Postgres).await;
+    }
+}
+
+mod mysql {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dense_format_models_sync_from_leader_to_follower() {
+        super::leader_to_follower(crate::support::Backend::Mysql).await;
+    }
+}
+
+/// A leader on `backend` writes dense-format models; a follower on SQLite pulls them.
+async fn leader_to_follower(backend: Backend) {
+    let test = format!("dense::{backend:?}::dense_format_models_sync_from_leader_to_follower");
+    let Some(server) = server_url(backend, &test) else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("dir");
-    let leader = Library::create(database(dir.path(), "leader.db").await, "dense", registry())
+    let leader_url = example_app::fresh_database(&server, dir.path())
+        .await
+        .expect("fresh database");
+    let leader = Library::create(database(&leader_url).await, "dense", registry())
         .await
         .expect("leader");
+    let follower_url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("follower.db").display()
+    );
     let follower = Library::join(
-        database(dir.path(), "follower.db").await,
+        database(&follower_url).await,
         leader.id(),
         leader.device_id(),
         "dense",
@@ -159,4 +192,7 @@ async fn dense_format_models_sync_from_leader_to_follower() {
         follower.dump().await.expect("dump"),
         leader.dump().await.expect("dump")
     );
+    let _ = leader.db().clone().close().await;
+    // Best effort: a leftover test database is untidy, not wrong.
+    let _ = example_app::drop_database(&leader_url).await;
 }
