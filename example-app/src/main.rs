@@ -354,6 +354,19 @@ async fn main() -> ExitCode {
         Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
             note!("error: {e:#}");
+            // The library speaks of its API; this CLI's commands are ours to name.
+            let unreachable = e.chain().any(|cause| {
+                matches!(
+                    cause.downcast_ref::<sync_transport::TransportError>(),
+                    Some(sync_transport::TransportError::Unreachable { .. })
+                )
+            });
+            if unreachable {
+                note!(
+                    "hint: is the leader running `serve`? If it moved, pass its new address \
+                     (`follow --leader HOST:PORT`)"
+                );
+            }
             ExitCode::FAILURE
         }
     }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use sea_orm::DbBackend;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 use sea_orm::sqlx;
 
 use crate::Library;
@@ -15,6 +15,7 @@ pub(crate) const NOTIFY_CHANNEL: &str = "sync_log";
 
 /// SQLite: how often `PRAGMA data_version` is read. It costs no I/O: the connection
 /// compares a counter in shared memory.
+#[cfg(feature = "sqlite")]
 const SQLITE_POLL: Duration = Duration::from_millis(5);
 
 /// A fallback check of the log's tip, for a missed notice or a backend without notices.
@@ -36,20 +37,27 @@ impl Library {
     pub fn watch_commits(&self) -> CommitWatcher {
         let library = self.clone();
         CommitWatcher(tokio::spawn(async move {
-            let backend = library.db.get_database_backend();
-            let outcome = match backend {
-                DbBackend::Sqlite => watch_sqlite(&library).await,
-                DbBackend::Postgres => watch_postgres(&library).await,
-                _ => Ok(()),
-            };
-            if let Err(e) = outcome {
-                tracing::warn!(library = %library.id(), %e, "commit watcher fell back to polling");
+            match library.db.get_database_backend() {
+                #[cfg(feature = "sqlite")]
+                sea_orm::DbBackend::Sqlite => fell_back(&library, watch_sqlite(&library).await),
+                #[cfg(feature = "postgres")]
+                sea_orm::DbBackend::Postgres => fell_back(&library, watch_postgres(&library).await),
+                // MySQL has no commit notice (and a backend's watcher needs its driver
+                // feature): polling alone.
+                _ => {}
             }
             loop {
                 refresh(&library).await;
                 tokio::time::sleep(FALLBACK_POLL).await;
             }
         }))
+    }
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+fn fell_back(library: &Library, outcome: Result<(), sqlx::Error>) {
+    if let Err(e) = outcome {
+        tracing::warn!(library = %library.id(), %e, "commit watcher fell back to polling");
     }
 }
 
@@ -64,6 +72,7 @@ async fn refresh(library: &Library) {
 /// The watcher opens its own connection, with the app's pool's options, instead of taking
 /// one from the pool for good: `Database::connect(url)` gives SQLite a pool of one
 /// connection, which a watcher holding it would take from every other reader and writer.
+#[cfg(feature = "sqlite")]
 async fn watch_sqlite(library: &Library) -> Result<(), sqlx::Error> {
     use sqlx::ConnectOptions;
     let options = library.db.get_sqlite_connection_pool().connect_options();
@@ -86,6 +95,7 @@ async fn watch_sqlite(library: &Library) -> Result<(), sqlx::Error> {
 /// The listener keeps its connection for as long as it listens: it takes it from a pool
 /// of its own (as `PgListener::connect` does), made with the app's pool's options, so that
 /// an app whose pool is small never loses a connection to it.
+#[cfg(feature = "postgres")]
 async fn watch_postgres(library: &Library) -> Result<(), sqlx::Error> {
     let options = library.db.get_postgres_connection_pool().connect_options();
     let own = sqlx::postgres::PgPoolOptions::new()

@@ -62,6 +62,20 @@ pub enum LogError {
 /// (a pulled entry). Anything else — a lost connection, a full disk, a read-only database,
 /// a deadlock, a timeout — is about the moment, not the change, and is retried.
 pub(crate) fn is_data_error(e: &DbErr) -> bool {
+    #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+    {
+        sqlx_data_error(e)
+    }
+    // sea-orm has sqlx errors only when a driver feature is on.
+    #[cfg(not(any(feature = "sqlite", feature = "postgres", feature = "mysql")))]
+    {
+        let _ = e;
+        false
+    }
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+fn sqlx_data_error(e: &DbErr) -> bool {
     use sea_orm::RuntimeErr;
     let (DbErr::Exec(RuntimeErr::SqlxError(err)) | DbErr::Query(RuntimeErr::SqlxError(err))) = e
     else {
@@ -70,6 +84,7 @@ pub(crate) fn is_data_error(e: &DbErr) -> bool {
     let sea_orm::sqlx::Error::Database(db) = err.as_ref() else {
         return false;
     };
+    #[cfg(feature = "sqlite")]
     if db
         .try_downcast_ref::<sea_orm::sqlx::sqlite::SqliteError>()
         .is_some()
@@ -81,6 +96,7 @@ pub(crate) fn is_data_error(e: &DbErr) -> bool {
             .unwrap_or_default();
         return matches!(code & 0xff, 18 | 19 | 20 | 25);
     }
+    #[cfg(feature = "mysql")]
     if let Some(mysql) = db.try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>() {
         return matches!(
             mysql.number(),

@@ -271,7 +271,7 @@ pub enum MemberError {
     #[error("an invite grants `read` or `write`, not `{0}`")]
     BadAccess(Access),
     /// No such member.
-    #[error("device {device} is not a member of library {library}; `devices` lists the members")]
+    #[error("device {device} is not a member of library {library}; `Library::members` lists them")]
     UnknownDevice {
         /// The device.
         device: DeviceId,
@@ -293,11 +293,11 @@ pub enum InviteError {
     /// The leader has no invite with this secret.
     #[error(
         "the leader of library {0} knows no such invite: the token was altered or made by \
-         another leader; ask the leader for a new one (`invite`)"
+         another leader; ask the leader for a new one (`Library::invite`)"
     )]
     Unknown(LibraryId),
     /// The invite expired.
-    #[error("this invite expired at {0}; ask the leader for a new one (`invite`)")]
+    #[error("this invite expired at {0}; ask the leader for a new one (`Library::invite`)")]
     Expired(String),
     /// The invite admitted a device already.
     #[error(

@@ -102,7 +102,7 @@ pub enum Resolution {
 #[non_exhaustive]
 pub enum ResolveError {
     /// No open conflict has this id (resolved already, here or elsewhere).
-    #[error("no open conflict has id `{0}`; `conflicts` lists the open ones")]
+    #[error("no open conflict has id `{0}`; `Library::conflicts` lists the open ones")]
     NotFound(String),
     /// The conflict names a model this app does not know.
     #[error("conflict `{id}` is about model `{model}`, which this app does not know")]

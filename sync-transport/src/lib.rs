@@ -35,8 +35,8 @@ pub enum TransportError {
     Address(String),
     /// The leader did not answer.
     #[error(
-        "cannot reach the leader at {address}: {reason}; is it serving (`serve`)? If it moved, \
-         pass its new address (`follow --leader HOST:PORT`)"
+        "cannot reach the leader at {address}: {reason}; is a `Server` bound there and \
+         running? If the leader moved, connect to its new address (the pin stays)"
     )]
     Unreachable {
         /// Where we tried.

@@ -49,7 +49,7 @@ impl std::fmt::Debug for JoinToken {
 pub enum TokenError {
     /// Not a token at all.
     #[error(
-        "this is not a join token (it should start with `{PREFIX}`); copy the whole token the leader's `invite` printed"
+        "this is not a join token (it should start with `{PREFIX}`); copy the whole token the leader made (`JoinToken::encode`)"
     )]
     NotAToken,
     /// Damaged or edited.
@@ -58,7 +58,7 @@ pub enum TokenError {
     )]
     Damaged(&'static str),
     /// Past its expiry.
-    #[error("this join token expired at {0}; ask the leader for a new one (`invite`)")]
+    #[error("this join token expired at {0}; ask the leader for a new one")]
     Expired(String),
 }
 

@@ -7,6 +7,7 @@
 
 mod capture;
 mod crowd;
+mod dense;
 mod derive;
 mod follow_state;
 mod follower;
