@@ -33,7 +33,7 @@ use crate::protocol::{
     PROTOCOL_VERSION, PUSH_BYTES_MAX, PUSH_CHANGES_MAX, PushError, PushRequest, PushResponse,
     PushedChange, RejectedChange, Transport,
 };
-use crate::tables::{conflict, library, log, outbox, pending, rejected, taken};
+use crate::tables::{conflict, library, log, outbox, pending, pushed, rejected, taken};
 use crate::{Access, Admission, ChangeOp, DeviceId, Hlc, Library, LogEntry, Role, Seq};
 
 /// What one `push_outbox` did.
@@ -447,8 +447,21 @@ impl Library {
                 .await?;
         }
         let mut outcome = Taken::default();
+        // Outbox rows written before change identities were taken up to a per-device mark.
+        let legacy_mark =
+            pushed::Entity::find_by_id((self.id().to_string(), request.device_id.to_string()))
+                .one(txn)
+                .await?
+                .map_or(0, |m| m.through);
         for change in &request.changes {
             let key = change.change_id.to_string();
+            if legacy_mark >= change.id as i64
+                && change.change_id == legacy_change_id(request.device_id, change.id as i64)
+            {
+                // Written and taken before this build: its acknowledgement was lost.
+                outcome.already_taken += 1;
+                continue;
+            }
             if taken::Entity::find_by_id(key.clone())
                 .lock_exclusive()
                 .one(txn)

@@ -213,6 +213,27 @@ pub mod outbox {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+pub mod pushed {
+    use sea_orm::entity::prelude::*;
+
+    /// On the leader, from builds before change identities: the last outbox id of a device
+    /// that it took. Read only for outbox rows written by such a build.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_pushed")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub library_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub device_id: String,
+        pub through: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 pub mod conflict {
     use sea_orm::entity::prelude::*;
     use serde::{Deserialize, Serialize};

@@ -464,3 +464,58 @@ async fn a_record_a_follower_makes_local_leaves_the_others_and_stays_private() {
     );
     t.leader.finish().await;
 }
+
+/// Outbox rows written by a build before change identities carry none: those at or below
+/// the device's old mark on the leader (`sync_pushed`) were taken then and are not taken
+/// again; those above it are taken now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_rows_from_before_change_identities_are_taken_once() {
+    let Some(Three {
+        leader,
+        a,
+        b: _b,
+        dir: _dir,
+    }) = three(Backend::Sqlite, "set_aside::legacy").await
+    else {
+        return;
+    };
+    let l = &leader.library;
+    let old = put(&a, "tag", json!({"name": "taken by the old build"})).await;
+    let new = put(&a, "tag", json!({"name": "not taken yet"})).await;
+    a.db()
+        .execute_unprepared("UPDATE sync_outbox SET change_id = NULL")
+        .await
+        .expect("an old build's rows");
+    let first: i64 = {
+        use sea_orm::{FromQueryResult, Statement};
+        #[derive(FromQueryResult)]
+        struct Row {
+            id: i64,
+        }
+        Row::find_by_statement(Statement::from_string(
+            a.db().get_database_backend(),
+            "SELECT MIN(id) AS id FROM sync_outbox",
+        ))
+        .one(a.db())
+        .await
+        .expect("query")
+        .expect("a row")
+        .id
+    };
+    l.db()
+        .execute_unprepared(&format!(
+            "INSERT INTO sync_pushed (library_id, device_id, through) VALUES ('{}', '{}', {first})",
+            l.id(),
+            a.device_id()
+        ))
+        .await
+        .expect("the old mark");
+    sync(&a, l).await;
+    assert_eq!(a.outbox_len().await.expect("outbox"), 0);
+    assert!(
+        get(l, "tag", &id_of(&old)).await.is_none(),
+        "not taken twice"
+    );
+    assert!(get(l, "tag", &id_of(&new)).await.is_some(), "taken");
+    leader.finish().await;
+}
