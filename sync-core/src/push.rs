@@ -447,6 +447,7 @@ impl Library {
                 .await?;
         }
         let mut outcome = Taken::default();
+        let mut newly_rejected = 0u64;
         // Outbox rows written before change identities were taken up to a per-device mark.
         let legacy_mark =
             pushed::Entity::find_by_id((self.id().to_string(), request.device_id.to_string()))
@@ -500,7 +501,10 @@ impl Library {
                     };
                     txn.execute_unprepared("ROLLBACK TO SAVEPOINT sync_take_change")
                         .await?;
+                    txn.execute_unprepared("RELEASE SAVEPOINT sync_take_change")
+                        .await?;
                     capture::rollback_to(mark)?;
+                    newly_rejected += 1;
                     self.reject(txn, request.device_id, change, &reason).await?;
                     outcome.rejected.push(RejectedChange {
                         change_id: change.change_id,
@@ -521,12 +525,13 @@ impl Library {
         }
         crate::library::save_clock_floor(txn, self.id(), &self.context.clock).await?;
         crate::metrics::record_taken(self.id(), request.device_id, outcome.taken);
-        if !outcome.rejected.is_empty() {
+        if newly_rejected > 0 {
+            // Rejections reported again (after a lost answer) are not counted again.
             crate::metrics::record_rejected(
                 self.id(),
                 request.device_id,
                 "set_aside",
-                outcome.rejected.len() as u64,
+                newly_rejected,
             );
         }
         Ok(outcome)
