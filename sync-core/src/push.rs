@@ -236,8 +236,9 @@ impl Library {
                 .map(|row| pushed_change(row, self.device_id()))
                 .collect::<Result<Vec<_>, _>>()?;
             let sent: Vec<i64> = changes.iter().map(|c| c.id as i64).collect();
-            let by_change: std::collections::HashMap<uuid::Uuid, &PushedChange> =
-                changes.iter().map(|c| (c.change_id, c)).collect();
+            // Which outbox row carried which change: a rejected one is read back from it.
+            let row_of: std::collections::HashMap<uuid::Uuid, i64> =
+                changes.iter().map(|c| (c.change_id, c.id as i64)).collect();
             tracing::Span::current().record("outbox_through", changes.last().map_or(0, |c| c.id));
             let started = std::time::Instant::now();
             let response = transport
@@ -245,7 +246,7 @@ impl Library {
                     protocol_version: PROTOCOL_VERSION,
                     library_id: self.id(),
                     device_id: self.device_id(),
-                    changes: changes.clone(),
+                    changes,
                 })
                 .await?;
             crate::metrics::record_push(self.id(), started);
@@ -265,11 +266,9 @@ impl Library {
                 ))
                 .into());
             }
-            // The whole request is taken: its rows leave the outbox, and the rejected ones
-            // are kept where the app can list them, in one transaction.
             let mut rejected_rows = Vec::with_capacity(response.rejected.len());
             for r in &response.rejected {
-                let Some(change) = by_change.get(&r.change_id) else {
+                let Some(row) = row_of.get(&r.change_id) else {
                     return Err(PushError::Transport(format!(
                         "the leader rejected change {}, which this push did not carry",
                         r.change_id
@@ -284,33 +283,38 @@ impl Library {
                     reason = %r.reason,
                     "the leader rejected a change of this device; set aside (`Library::rejected`)"
                 );
-                rejected_rows.push((
-                    r.change_id.to_string(),
-                    rejected::ActiveModel {
-                        change_id: Set(r.change_id.to_string()),
-                        library_id: Set(self.id().to_string()),
-                        device_id: Set(self.device_id().to_string()),
-                        model: Set(change.model.clone()),
-                        record_id: Set(change.record_id.clone()),
-                        op: Set(change.op.as_str().to_owned()),
-                        data: Set(change.data.clone()),
-                        reason: Set(r.reason.clone()),
-                        rejected_at_ms: Set(chrono::Utc::now().timestamp_millis()),
-                    },
-                ));
+                rejected_rows.push((*row, r.change_id.to_string(), r.reason.clone()));
             }
+            // The whole request is taken: its rows leave the outbox, and the rejected ones
+            // are kept where the app can list them, in one transaction.
             let library_id = self.id().to_string();
+            let device_id = self.device_id().to_string();
             let removed = self
                 .db
                 .transaction::<_, u64, DbErr>(move |txn| {
                     Box::pin(async move {
-                        for (change_id, row) in rejected_rows {
+                        for (row, change_id, reason) in rejected_rows {
                             // Listed once, also when an acknowledgement was lost before.
-                            let known = rejected::Entity::find_by_id(change_id).one(txn).await?;
+                            let known = rejected::Entity::find_by_id(change_id.clone())
+                                .one(txn)
+                                .await?;
+                            let Some(sent) = outbox::Entity::find_by_id(row).one(txn).await? else {
+                                continue;
+                            };
                             if known.is_none() {
-                                rejected::Entity::insert(row)
-                                    .exec_without_returning(txn)
-                                    .await?;
+                                rejected::Entity::insert(rejected::ActiveModel {
+                                    change_id: Set(change_id),
+                                    library_id: Set(library_id.clone()),
+                                    device_id: Set(device_id.clone()),
+                                    model: Set(sent.model),
+                                    record_id: Set(sent.record_id),
+                                    op: Set(sent.op),
+                                    data: Set(sent.data),
+                                    reason: Set(reason),
+                                    rejected_at_ms: Set(chrono::Utc::now().timestamp_millis()),
+                                })
+                                .exec_without_returning(txn)
+                                .await?;
                             }
                         }
                         let removed = outbox::Entity::delete_many()
@@ -705,16 +709,13 @@ impl Library {
             // the record is gone, and a pushed change never overwrites it. A pushed upsert
             // is answered with that delete, so that its author converges.
             if change.op == ChangeOp::Upsert {
-                capture::record(CapturedChange {
-                    model: ops.sync_id(),
-                    record_id: change.record_id.clone(),
-                    op: ChangeOp::Delete,
-                    data: None,
-                    changed: Vec::new(),
-                    hlc: self.context.clock.now(),
-                    schema_version: change.schema_version,
-                    author: Some(device),
-                })?;
+                capture::record(CapturedChange::delete(
+                    ops.sync_id(),
+                    change.record_id.clone(),
+                    self.context.clock.now(),
+                    change.schema_version,
+                    Some(device),
+                ))?;
             }
             return Ok(());
         }
