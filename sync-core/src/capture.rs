@@ -83,6 +83,28 @@ pub(crate) struct CapturedChange {
     pub(crate) author: Option<DeviceId>,
 }
 
+impl CapturedChange {
+    /// A delete of `record_id`, made at `hlc`.
+    pub(crate) fn delete(
+        model: &'static str,
+        record_id: String,
+        hlc: Hlc,
+        schema_version: u32,
+        author: Option<DeviceId>,
+    ) -> CapturedChange {
+        CapturedChange {
+            model,
+            record_id,
+            op: ChangeOp::Delete,
+            data: None,
+            changed: Vec::new(),
+            hlc,
+            schema_version,
+            author,
+        }
+    }
+}
+
 impl CaptureScope {
     pub(crate) fn new(
         context: Arc<CaptureContext>,
@@ -422,16 +444,14 @@ where
             // record is gone, here it stays, local. (A record filtered all along is
             // "deleted" again: the leader logs nothing for a pushed delete of a record it
             // does not have, and followers delete nothing.)
-            scope.buffer().changes.push(CapturedChange {
-                model: E::SYNC_ID,
-                record_id: key,
-                op: ChangeOp::Delete,
-                data: None,
-                changed: Vec::new(),
-                hlc: scope.context.clock.now(),
-                schema_version: E::SCHEMA_VERSION,
-                author: None,
-            });
+            let hlc = scope.context.clock.now();
+            scope.buffer().changes.push(CapturedChange::delete(
+                E::SYNC_ID,
+                key,
+                hlc,
+                E::SCHEMA_VERSION,
+                None,
+            ));
         }
         return Ok(model);
     }
@@ -514,16 +534,13 @@ where
             .is_some()
     };
     if existed {
-        let change = CapturedChange {
-            model: E::SYNC_ID,
-            record_id: key,
-            op: ChangeOp::Delete,
-            data: None,
-            changed: Vec::new(),
-            hlc: scope.context.clock.now(),
-            schema_version: E::SCHEMA_VERSION,
-            author: None,
-        };
+        let change = CapturedChange::delete(
+            E::SYNC_ID,
+            key,
+            scope.context.clock.now(),
+            E::SCHEMA_VERSION,
+            None,
+        );
         scope.buffer().changes.push(change);
     }
     Ok(active)

@@ -348,16 +348,13 @@ impl Library {
             {
                 // The answer orders after what it answers, whatever the clocks' skew.
                 self.context.clock.observe(entry.hlc);
-                deletes.push(crate::capture::CapturedChange {
-                    model: ops.sync_id(),
-                    record_id: entry.record_id.clone(),
-                    op: crate::ChangeOp::Delete,
-                    data: None,
-                    changed: Vec::new(),
-                    hlc: self.context.clock.now(),
-                    schema_version: ops.schema_version(),
-                    author: None,
-                });
+                deletes.push(crate::capture::CapturedChange::delete(
+                    ops.sync_id(),
+                    entry.record_id.clone(),
+                    self.context.clock.now(),
+                    ops.schema_version(),
+                    None,
+                ));
             }
         }
         if !deletes.is_empty() {
