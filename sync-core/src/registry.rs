@@ -17,6 +17,9 @@ use sea_orm::{ActiveModelTrait, IdenStatic, IntoActiveModel, Iterable, QuerySele
 
 use crate::{ChangeOp, FieldSpec, LogEntry, MergeRule, Seq, Syncable};
 
+/// Keys per read when looking for rows local to this device.
+const LOCAL_KEYS_PER_READ: usize = 500;
+
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Rows of one model as `(record_id, synced fields)`, sorted by record id.
@@ -240,16 +243,29 @@ where
             if !E::FILTERED {
                 return Ok(local);
             }
-            for key in keys {
-                let Some(pk) = E::parse_key(&key) else {
-                    continue;
-                };
-                if E::find_by_id(pk)
-                    .one(txn)
+            // One read per chunk of keys (keys are single columns: the derive refuses
+            // composite ones), not one per key: apply calls this for every response.
+            use sea_orm::sea_query::{IntoValueTuple, ValueTuple};
+            use sea_orm::{ColumnTrait, PrimaryKeyToColumn, QueryFilter};
+            let Some(column) = E::PrimaryKey::iter().next().map(|k| k.into_column()) else {
+                return Ok(local);
+            };
+            let values: Vec<sea_orm::Value> = keys
+                .iter()
+                .filter_map(|key| match E::parse_key(key)?.into_value_tuple() {
+                    ValueTuple::One(value) => Some(value),
+                    _ => None,
+                })
+                .collect();
+            for chunk in values.chunks(LOCAL_KEYS_PER_READ) {
+                for model in E::find()
+                    .filter(column.is_in(chunk.iter().cloned()))
+                    .all(txn)
                     .await?
-                    .is_some_and(|model| !E::should_sync(&model))
                 {
-                    local.insert(key);
+                    if !E::should_sync(&model) {
+                        local.insert(E::record_key(&model));
+                    }
                 }
             }
             Ok(local)
