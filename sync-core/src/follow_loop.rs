@@ -422,22 +422,27 @@ impl LoopState {
             }
         };
         let pulled = self.pull_until_caught_up().await;
-        let counted = self.library.outbox_len().await;
-        if let Ok(outbox) = counted {
-            // Not on a failed count: the gauge keeps its last true value.
-            crate::metrics::record_outbox(self.library.id(), outbox);
+        // A count that fails keeps the status and the gauges at their last true values.
+        let id = self.library.id();
+        let counts = (
+            self.library.outbox_len().await,
+            self.library.parked_count().await,
+            self.library.rejected_count().await,
+        );
+        if let (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) = &counts {
+            tracing::warn!(library = %id, %e, "cannot count the outbox, parked or rejected changes");
         }
-        let outbox = counted.unwrap_or(0);
-        let parked = self.library.parked_count().await;
-        if let Ok(parked) = parked {
-            crate::metrics::record_parked(self.library.id(), parked);
+        let (outbox, parked, rejected) = (counts.0.ok(), counts.1.ok(), counts.2.ok());
+        if let Some(outbox) = outbox {
+            crate::metrics::record_outbox(id, outbox);
         }
-        let parked = parked.unwrap_or(0);
-        let rejected = self.library.rejected_count().await.unwrap_or(0);
+        if let Some(parked) = parked {
+            crate::metrics::record_parked(id, parked);
+        }
         self.status.send_modify(|s| {
-            s.outbox = outbox;
-            s.parked = parked;
-            s.rejected = rejected;
+            s.outbox = outbox.unwrap_or(s.outbox);
+            s.parked = parked.unwrap_or(s.parked);
+            s.rejected = rejected.unwrap_or(s.rejected);
         });
         pulled.and(pushed)
     }
