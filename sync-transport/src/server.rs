@@ -559,19 +559,11 @@ async fn answer(
         Ok(Ok(request)) => request,
         // The follower opened a stream and closed it: nothing was asked.
         Ok(Err(ReadError::Ended)) => return,
-        Ok(Err(e)) => {
-            let message = format!("the request could not be read: {e}");
-            reply(
-                &mut send,
-                device,
-                "request",
-                refused(Refusal::BadRequest, message),
-            )
-            .await;
-            return;
-        }
-        Err(_) => {
-            let message = format!("no request within {timeout:?}");
+        failed => {
+            let message = match failed {
+                Ok(Err(e)) => format!("the request could not be read: {e}"),
+                _ => format!("no request within {timeout:?}"),
+            };
             reply(
                 &mut send,
                 device,
