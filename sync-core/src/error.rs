@@ -36,6 +36,21 @@ pub enum OpenError {
     /// A stored value could not be read back.
     #[error("corrupt sync state: {0}")]
     Corrupt(String),
+    /// A join with read access on a database whose synced tables already hold rows that
+    /// are not seeds: they exist on no other device, and a read member could never push
+    /// them. Nothing was stored.
+    #[error(
+        "this database already holds {rows} row(s) of synced model `{model}` that exist on no other device, and a member with read access cannot push them: join with an empty database, join with write access (the rows are then pushed as this device's writes), or delete them before joining; rows seeded by a migration with `sync_core::seed_key` keys are allowed"
+    )]
+    RowsBeforeJoin {
+        /// The first model found holding such rows.
+        model: String,
+        /// How many rows of it.
+        rows: usize,
+    },
+    /// Rows that predate the library could not be recorded.
+    #[error("could not record the rows this database held before the library: {0}")]
+    EarlierRows(#[from] LogError),
 }
 
 /// Why the log could not be read.

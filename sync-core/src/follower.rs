@@ -211,8 +211,31 @@ impl Library {
         if leader == device_id {
             return Err(OpenError::LeadsLibrary(library_id));
         }
+        // Rows of synced models that predate the first join exist on no other device (see
+        // `adopt.rs`): a write member pushes them, a read member cannot have them.
+        let first_join = library::Entity::find_by_id(library_id.to_string())
+            .one(&db)
+            .await?
+            .is_none();
+        let adopt = if first_join {
+            let found = crate::adopt::unshared_rows(&db, &registry).await?;
+            match found.into_iter().next() {
+                Some((model, rows)) if access == Access::Read => {
+                    return Err(OpenError::RowsBeforeJoin {
+                        model: model.to_owned(),
+                        rows,
+                    });
+                }
+                found => found.is_some(),
+            }
+        } else {
+            false
+        };
         let txn = db.begin().await?;
         store_joined(&txn, library_id, name, leader, device_id, access, settings).await?;
+        if adopt {
+            crate::adopt::mark_for_adoption(&txn, library_id).await?;
+        }
         txn.commit().await?;
         Library::open(db, library_id, registry).await
     }

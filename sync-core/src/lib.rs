@@ -24,6 +24,7 @@
 #![warn(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+mod adopt;
 mod capture;
 mod coalesce;
 mod commits;
@@ -52,6 +53,7 @@ pub mod hooks {
     pub use crate::capture::{after_delete, after_save, before_delete, before_save};
 }
 
+pub use adopt::seed_key;
 pub use commits::CommitWatcher;
 pub use entry::{ChainError, ChangeOp, LogEntry, verify_chain};
 pub use error::{LogError, OpenError};

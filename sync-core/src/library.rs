@@ -396,7 +396,7 @@ impl Library {
             read_only,
         });
         let registry = registry.with_internal_models();
-        Ok(Library {
+        let library = Library {
             db,
             registry: Arc::new(registry),
             context,
@@ -409,7 +409,9 @@ impl Library {
             peer_positions: Arc::default(),
             admissions: Arc::default(),
             pull_reads: Arc::default(),
-        })
+        };
+        library.adopt_earlier_rows().await?;
+        Ok(library)
     }
 
     /// The database connection (for reads; synced writes go through `transaction`).

@@ -16,6 +16,7 @@ mod offline;
 mod ordering;
 mod quic;
 mod robust;
+mod seeds;
 mod set_aside;
 mod simulation;
 mod startup;
