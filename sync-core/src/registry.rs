@@ -183,7 +183,8 @@ impl Step {
                 if found == expected {
                     Ok(())
                 } else {
-                    Err(DbErr::Custom(missing))
+                    // A data error (`error::is_data_error`): the entry is named as stuck.
+                    Err(DbErr::RecordNotFound(missing))
                 }
             }
         }
@@ -597,7 +598,7 @@ where
         }
         let (check, statement) =
             upsert_with_references::<E>(backend, refs, rows, &parents, on_conflict(updates));
-        check.into_iter().all(|step| emit(step)) && emit(statement.into())
+        check.into_iter().all(&mut *emit) && emit(statement.into())
     };
 
     let mut run: Vec<E::ActiveModel> = Vec::new();
@@ -945,7 +946,7 @@ pub(crate) async fn references_in<C: ConnectionTrait>(
             .to_owned();
         let backend = db.get_database_backend();
         let Some(row) = db.query_one_raw(backend.build(&select)).await? else {
-            return Err(ApplyFailure::Db(DbErr::Custom(format!(
+            return Err(ApplyFailure::Db(DbErr::RecordNotFound(format!(
                 "a `{model}` record refers through `{}` to `{}` record {key}, which this \
                  device does not have",
                 r.field, r.parent

@@ -86,7 +86,7 @@ pub(crate) fn expand(model: &SyncModel) -> TokenStream {
     let local_defaults = model
         .fields
         .iter()
-        .filter(|f| !f.synced && !(local_primary_key && f.primary_key))
+        .filter(|f| !(f.synced || local_primary_key && f.primary_key))
         .map(|f| {
             let ident = &f.ident;
             quote!(active.#ident = #sea_orm::ActiveValue::Set(::std::default::Default::default());)

@@ -119,7 +119,7 @@ async fn database(url: &str) -> DatabaseConnection {
 #[test]
 fn the_integer_key_is_local_and_the_sync_key_identifies_the_record() {
     assert_eq!(shelf::Entity::KEY_FIELD, "sync_key");
-    assert!(shelf::Entity::LOCAL_PRIMARY_KEY);
+    const { assert!(shelf::Entity::LOCAL_PRIMARY_KEY) };
     assert_eq!(shelf::Entity::synced_fields(), ["sync_key", "name"]);
     assert_eq!(
         book::Entity::synced_fields(),
@@ -528,4 +528,70 @@ async fn add_sync_key(backend: Backend) {
     }
     let _ = db.close().await;
     let _ = example_app::drop_database(&url).await;
+}
+
+/// A reference to a record the follower does not have (its entry parked here) stops the
+/// follower on the referring entry, named, rather than storing a NULL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reference_to_a_missing_record_is_named_not_nulled() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = |name: &str| format!("sqlite://{}?mode=rwc", dir.path().join(name).display());
+    let leader = Library::create(database(&url("leader.db")).await, "ints", registry())
+        .await
+        .expect("leader");
+    let follower = Library::join(
+        database(&url("follower.db")).await,
+        leader.id(),
+        leader.device_id(),
+        "ints",
+        Access::Read,
+        registry(),
+    )
+    .await
+    .expect("join");
+    let b = leader
+        .transaction(|txn| {
+            Box::pin(async move {
+                let a = shelf::ActiveModel {
+                    name: Set("A".into()),
+                    ..Default::default()
+                }
+                .insert(txn)
+                .await?;
+                let b = book::ActiveModel {
+                    title: Set("on A".into()),
+                    shelf_id: Set(Some(a.id)),
+                    ..Default::default()
+                }
+                .insert(txn)
+                .await?;
+                Ok::<_, DbErr>(b.sync_key)
+            })
+        })
+        .await
+        .expect("leader writes");
+    // The shelf's entry (seq 1) is set aside on the follower before it arrives.
+    follower.park(sync_core::Seq(1)).await.expect("park");
+    let err = follower
+        .catch_up(&InProcess::new(leader.clone()), 1_000)
+        .await
+        .expect_err("the book's shelf is missing here");
+    match err {
+        sync_core::SyncError::Apply(sync_core::ApplyError::Stuck {
+            seq,
+            model,
+            record_id,
+            reason,
+        }) => {
+            assert_eq!(seq, sync_core::Seq(2));
+            assert_eq!(model, "book");
+            assert_eq!(record_id, b.to_string());
+            assert!(reason.contains("does not have"), "{reason}");
+        }
+        other => panic!("expected the book's entry to be named: {other:?}"),
+    }
+    assert!(
+        book_by_key(follower.db(), b).await.is_none(),
+        "nothing stored"
+    );
 }
