@@ -1,9 +1,7 @@
 //! The record commands of the CLI: `put`, `get`, `delete`.
 
 use anyhow::{Context, Result, anyhow, bail};
-use sea_orm::{
-    ActiveModelBehavior, ActiveModelTrait, DbErr, IntoActiveModel, Iterable, PrimaryKeyTrait,
-};
+use sea_orm::{ActiveModelBehavior, ActiveModelTrait, DbErr, IntoActiveModel, Iterable};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sync_core::{Library, Syncable};
@@ -48,8 +46,8 @@ pub async fn delete(library: &Library, model: &str, id: &str) -> Result<()> {
     with_entity!(model, delete_typed(library, id))
 }
 
-fn parse_id<E: Syncable>(id: &str) -> Result<<E::PrimaryKey as PrimaryKeyTrait>::ValueType> {
-    E::parse_key(id).ok_or_else(|| {
+fn parse_id<E: Syncable>(id: &str) -> Result<sea_orm::Select<E>> {
+    sync_core::find_by_key::<E>(id).ok_or_else(|| {
         anyhow!(
             "`{id}` is not a valid id for `{}` (expected a UUID)",
             E::SYNC_ID
@@ -62,8 +60,7 @@ where
     E: Syncable,
     E::Model: Serialize,
 {
-    let key = parse_id::<E>(id)?;
-    let found = E::find_by_id(key).one(library.db()).await?;
+    let found = parse_id::<E>(id)?.one(library.db()).await?;
     found
         .map(|m| serde_json::to_value(&m).context("cannot serialise the record"))
         .transpose()
@@ -75,11 +72,11 @@ where
     E::Model: IntoActiveModel<E::ActiveModel>,
     E::ActiveModel: ActiveModelBehavior + Send,
 {
-    let key = parse_id::<E>(id)?;
+    let query = parse_id::<E>(id)?;
     let deleted = library
         .transaction(move |txn| {
             Box::pin(async move {
-                let Some(model) = E::find_by_id(key).one(txn).await? else {
+                let Some(model) = query.one(txn).await? else {
                     return Ok::<_, DbErr>(false);
                 };
                 model.into_active_model().delete(txn).await?;
@@ -103,10 +100,7 @@ where
     E::ActiveModel: ActiveModelBehavior + Send,
 {
     let existing = match fields.get(E::KEY_FIELD) {
-        Some(serde_json::Value::String(id)) => {
-            let key = parse_id::<E>(id)?;
-            E::find_by_id(key).one(library.db()).await?
-        }
+        Some(serde_json::Value::String(id)) => parse_id::<E>(id)?.one(library.db()).await?,
         Some(other) => bail!("`{}` must be a string, not {other}", E::KEY_FIELD),
         None => {
             fields.insert(

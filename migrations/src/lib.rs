@@ -20,6 +20,9 @@ mod m0001_sync_tables;
 mod m0002_invites_and_peers;
 mod m0003_outbox_and_conflicts;
 mod m0004_change_ids_rejected_parked;
+mod sync_key;
+
+pub use sync_key::add_sync_key;
 
 /// Every sync migration, oldest first.
 pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {

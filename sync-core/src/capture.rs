@@ -34,6 +34,8 @@ pub(crate) struct CaptureContext {
     pub(crate) clock: Arc<HlcClock>,
     /// A follower with read access: its synced writes are refused before they happen.
     pub(crate) read_only: bool,
+    /// The library's models: the hooks translate references to models with a sync key.
+    pub(crate) registry: Arc<crate::registry::Registry>,
 }
 
 /// The capture state of one `Library::transaction` call.
@@ -239,13 +241,35 @@ pub(crate) fn rollback_to(mark: usize) -> Result<(), DbErr> {
     Ok(())
 }
 
-fn synced_json<E: Syncable>(model: &E::Model) -> Result<String, DbErr> {
+/// The record's synced fields as canonical JSON text, references to models with a sync
+/// key translated to that key (read in `db`, the write's transaction).
+fn synced_json<'a, E: Syncable, C: ConnectionTrait>(
+    model: &E::Model,
+    db: &'a C,
+    scope: &'a CaptureScope,
+) -> impl Future<Output = Result<String, DbErr>> + Send + 'a {
+    // Read the model before the first await: the future must not hold it (not `Sync`).
     let map = E::sync_json(model).map_err(|e| {
         DbErr::Json(format!(
             "cannot serialise synced fields of `{}`: {e}",
             E::SYNC_ID
         ))
-    })?;
+    });
+    let record = E::record_key(model);
+    synced_text::<E, C>(map, record, db, scope)
+}
+
+async fn synced_text<E: Syncable, C: ConnectionTrait>(
+    map: Result<serde_json::Map<String, serde_json::Value>, DbErr>,
+    record: String,
+    db: &C,
+    scope: &CaptureScope,
+) -> Result<String, DbErr> {
+    let mut map = map?;
+    let refs = scope.context.registry.references(E::SYNC_ID);
+    if !refs.is_empty() {
+        crate::registry::references_out(db, refs, &mut map, &mut HashMap::new()).await?;
+    }
     // serde_json's default map is ordered by key, so this text is canonical.
     let text = serde_json::to_string(&map).map_err(|e| {
         DbErr::Json(format!(
@@ -259,7 +283,7 @@ fn synced_json<E: Syncable>(model: &E::Model) -> Result<String, DbErr> {
              hold at most {RECORD_BYTES_MAX} (`sync_core::RECORD_BYTES_MAX`) so that every \
              device can receive it: keep large content out of synced fields (a \
              `#[sync(local)]` field, or a file the record names)",
-            E::record_key(model),
+            record,
             E::SYNC_ID,
             text.len()
         )));
@@ -365,11 +389,14 @@ fn reload<'a, E: Syncable>(
     key: &'a str,
 ) -> BoxFuture<'a, Result<Option<String>, DbErr>> {
     Box::pin(async move {
-        let Some(pk) = E::parse_key(key) else {
+        let scope = scope_for::<E, DatabaseTransaction>(txn)?;
+        let Some(query) = crate::syncable::find_by_key::<E>(key) else {
             return Ok(None);
         };
-        match E::find_by_id(pk).one(txn).await? {
-            Some(model) if E::should_sync(&model) => Ok(Some(synced_json::<E>(&model)?)),
+        match query.one(txn).await? {
+            Some(model) if E::should_sync(&model) => {
+                Ok(Some(synced_json::<E, _>(&model, txn, &scope).await?))
+            }
             _ => Ok(None),
         }
     })
@@ -470,7 +497,7 @@ where
         model: E::SYNC_ID,
         record_id: key,
         op: ChangeOp::Upsert,
-        data: Some(synced_json::<E>(&model)?),
+        data: Some(synced_json::<E, C>(&model, db, &scope).await?),
         changed,
         hlc: scope.context.clock.now(),
         schema_version: E::SCHEMA_VERSION,
@@ -497,12 +524,12 @@ where
     let Some(key) = E::active_key(&active) else {
         return Ok(active);
     };
-    let Some(pk) = E::parse_key(&key) else {
+    let Some(query) = crate::syncable::find_by_key::<E>(&key) else {
         return Ok(active);
     };
     // The row lock (PostgreSQL, MySQL; SQLite has one writer anyway) makes a concurrent
     // delete of the same row wait, then find nothing: one delete entry, not two.
-    let existing = E::find_by_id(pk).lock_exclusive().one(db).await?;
+    let existing = query.lock_exclusive().one(db).await?;
     if existing.as_ref().is_some_and(|m| E::should_sync(m)) {
         scope.buffer().pending_deletes.insert((E::SYNC_ID, key), ());
     }

@@ -74,9 +74,14 @@ pub enum LogError {
 /// cannot store (SQLSTATE class 22), a failed constraint (class 23), or SQLite's
 /// equivalents (TOOBIG, CONSTRAINT, MISMATCH, RANGE). Such an error fails again however
 /// often the same change is tried, so the change is set aside (a pushed change) or named
-/// (a pulled entry). Anything else — a lost connection, a full disk, a read-only database,
+/// (a pulled entry); so is a record an applied entry refers to that is missing here. Anything
+/// else — a lost connection, a full disk, a read-only database,
 /// a deadlock, a timeout — is about the moment, not the change, and is retried.
 pub(crate) fn is_data_error(e: &DbErr) -> bool {
+    // Apply's check that the records an entry refers to are here (`registry::Step`).
+    if matches!(e, DbErr::RecordNotFound(_)) {
+        return true;
+    }
     #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
     {
         sqlx_data_error(e)

@@ -488,7 +488,7 @@ impl Library {
                 }
                 statement = ready.recv() => match statement {
                     Some(statement) => {
-                        if let Err(e) = txn.execute_raw(statement).await {
+                        if let Err(e) = statement.execute(txn).await {
                             written = Err(e.into());
                             break;
                         }
@@ -546,7 +546,7 @@ impl Library {
         mut parking: Parking,
         responses: std::sync::mpsc::Receiver<Batch>,
         backend: sea_orm::DbBackend,
-        statements: tokio::sync::mpsc::Sender<sea_orm::Statement>,
+        statements: tokio::sync::mpsc::Sender<crate::registry::Step>,
         built: tokio::sync::mpsc::UnboundedSender<()>,
     ) -> Result<Applied, ApplyError> {
         let mut emit = |statement| statements.blocking_send(statement).is_ok();
@@ -580,7 +580,7 @@ impl Library {
         Batch { items, local }: Batch,
         parking: &mut Parking,
         backend: sea_orm::DbBackend,
-        emit: &mut dyn FnMut(sea_orm::Statement) -> bool,
+        emit: &mut dyn FnMut(crate::registry::Step) -> bool,
         writer_gone: &dyn Fn() -> bool,
     ) -> Result<(), ApplyError> {
         let mut expected = applied.position.seq.next();
@@ -618,7 +618,7 @@ impl Library {
                     expected = expected.next();
                     if let Some(reason) = parking.parks(entry) {
                         // Set aside, not applied: the position still moves past it.
-                        if !emit(park_statement(backend, self.id(), entry, &reason)?) {
+                        if !emit(park_statement(backend, self.id(), entry, &reason)?.into()) {
                             return Err(ApplyError::Interrupted);
                         }
                         continue;
@@ -683,7 +683,7 @@ impl Library {
         &self,
         backend: sea_orm::DbBackend,
         run: &[&crate::LogEntry],
-        emit: &mut dyn FnMut(sea_orm::Statement) -> bool,
+        emit: &mut dyn FnMut(crate::registry::Step) -> bool,
     ) -> Result<(), ApplyError> {
         let model = &run[0].model;
         let Some(ops) = self.registry.get(model) else {

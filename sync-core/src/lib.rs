@@ -75,7 +75,7 @@ pub use protocol::{
 pub use push::{Conflict, PushOutcome, Rejected, Resolution, ResolveError};
 pub use registry::{DuplicateSyncId, ModelRows, Registry};
 pub use sync_derive::Syncable;
-pub use syncable::{FieldMerge, FieldSpec, MergeRule, Syncable};
+pub use syncable::{FieldMerge, FieldSpec, MergeRule, Syncable, find_by_key, key_column};
 
 /// Items the derive's generated code names. Not part of the public API.
 #[doc(hidden)]

@@ -389,16 +389,17 @@ impl Library {
             .one(&db)
             .await?;
         let read_only = role == Role::Follower && own.is_none_or(|d| d.role == "read");
+        let registry = Arc::new(registry.with_internal_models().resolved());
         let context = Arc::new(CaptureContext {
             library_id,
             device_id,
             clock: Arc::new(HlcClock::new(floor)),
             read_only,
+            registry: Arc::clone(&registry),
         });
-        let registry = registry.with_internal_models();
         let library = Library {
             db,
-            registry: Arc::new(registry),
+            registry,
             context,
             role,
             tip,

@@ -1,6 +1,6 @@
 //! The registry: from a model's sync id to the app's typed model.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -33,6 +33,20 @@ pub(crate) trait ModelOps: Send + Sync {
     fn merge(&self) -> MergeRule;
     fn fields(&self) -> &'static [FieldSpec];
     fn rows<'a>(&'a self, db: &'a DatabaseConnection) -> BoxFuture<'a, Result<ModelRows, DbErr>>;
+    /// The model's table.
+    fn table_name(&self) -> &'static str;
+    /// The primary key's column, when it is one column.
+    fn pk_column(&self) -> Option<&'static str>;
+    /// The sync key's column, when the primary key is local (`#[sync(key)]`): other
+    /// models' references to this one travel as this column's value.
+    fn local_key_column(&self) -> Option<&'static str>;
+    /// The model's belongs-to relations of one column: `(column, parent table, parent
+    /// column)`.
+    fn belongs_to(&self) -> Vec<(String, String, String)>;
+    /// The references to translate, found by `Registry::resolved`.
+    fn references(&self) -> &[ForeignRef];
+    /// The same model with these references.
+    fn with_references(&self, refs: Vec<ForeignRef>) -> Arc<dyn ModelOps>;
     fn record_again<'a>(
         &'a self,
         txn: &'a DatabaseTransaction,
@@ -45,7 +59,7 @@ pub(crate) trait ModelOps: Send + Sync {
         &self,
         backend: DbBackend,
         entries: &[&LogEntry],
-        emit: &mut dyn FnMut(Statement) -> bool,
+        emit: &mut dyn FnMut(Step) -> bool,
     ) -> Result<(), (Seq, ApplyFailure)>;
     fn key_field(&self) -> &'static str;
     /// The record's synced fields, read with a row lock; `None` if it does not exist (or
@@ -104,6 +118,8 @@ struct Typed<E> {
     /// SQL texts of the apply statements built so far, by shape: built once by SeaORM,
     /// reused with new values by every later statement of that shape.
     shapes: Shapes,
+    /// This model's integer references to models with a sync key.
+    refs: Vec<ForeignRef>,
     model: std::marker::PhantomData<fn() -> E>,
 }
 
@@ -111,7 +127,66 @@ impl<E> Typed<E> {
     fn new() -> Typed<E> {
         Typed {
             shapes: Shapes::default(),
+            refs: Vec::new(),
             model: std::marker::PhantomData,
+        }
+    }
+}
+
+/// A column of a synced model that holds the local primary key of a record of another
+/// synced model whose primary key is local (it has a `#[sync(key)]`). In the log, the
+/// column's JSON field holds the referenced record's sync key (its text, or null); each
+/// device translates it to and from its own integer.
+#[derive(Clone, Debug)]
+pub(crate) struct ForeignRef {
+    /// The field (JSON key) and its column.
+    pub(crate) field: &'static str,
+    pub(crate) column: &'static str,
+    /// The referenced model's sync id, table, primary key column and sync key column.
+    pub(crate) parent: &'static str,
+    pub(crate) parent_table: &'static str,
+    pub(crate) parent_pk: &'static str,
+    pub(crate) parent_key: &'static str,
+}
+
+/// One step of an apply: a statement to execute, or a check that the records an upsert
+/// refers to are here (so that a missing one is an error, not a silent NULL).
+pub(crate) enum Step {
+    Run(Statement),
+    Require {
+        /// `SELECT COUNT(*)` of the referenced records.
+        count: Statement,
+        expected: i64,
+        missing: String,
+    },
+}
+
+impl From<Statement> for Step {
+    fn from(statement: Statement) -> Step {
+        Step::Run(statement)
+    }
+}
+
+impl Step {
+    pub(crate) async fn execute(self, txn: &DatabaseTransaction) -> Result<(), DbErr> {
+        match self {
+            Step::Run(statement) => txn.execute_raw(statement).await.map(|_| ()),
+            Step::Require {
+                count,
+                expected,
+                missing,
+            } => {
+                let found = match txn.query_one_raw(count).await? {
+                    Some(row) => row.try_get_by_index::<i64>(0)?,
+                    None => 0,
+                };
+                if found == expected {
+                    Ok(())
+                } else {
+                    // A data error (`error::is_data_error`): the entry is named as stuck.
+                    Err(DbErr::RecordNotFound(missing))
+                }
+            }
         }
     }
 }
@@ -190,7 +265,50 @@ where
         E::FIELDS
     }
     fn rows<'a>(&'a self, db: &'a DatabaseConnection) -> BoxFuture<'a, Result<ModelRows, DbErr>> {
-        Box::pin(rows_of::<E, _>(db))
+        Box::pin(rows_of::<E, _>(db, &self.refs))
+    }
+    fn table_name(&self) -> &'static str {
+        sea_orm::EntityName::table_name(&E::default())
+    }
+    fn pk_column(&self) -> Option<&'static str> {
+        use sea_orm::PrimaryKeyToColumn;
+        let mut keys = E::PrimaryKey::iter();
+        match (keys.next(), keys.next()) {
+            (Some(key), None) => Some(IdenStatic::as_str(&key.into_column())),
+            _ => None,
+        }
+    }
+    fn local_key_column(&self) -> Option<&'static str> {
+        if !E::LOCAL_PRIMARY_KEY {
+            return None;
+        }
+        crate::syncable::key_column::<E>().map(|c| IdenStatic::as_str(&c))
+    }
+    fn belongs_to(&self) -> Vec<(String, String, String)> {
+        use sea_orm::{Identity, RelationTrait, RelationType};
+        E::Relation::iter()
+            .map(|r| r.def())
+            // A belongs-to relation: SeaORM marks it `HasOne` and not the owner.
+            .filter(|def| def.rel_type == RelationType::HasOne && !def.is_owner)
+            .filter_map(|def| match (&def.from_col, &def.to_col) {
+                (Identity::Unary(from), Identity::Unary(to)) => Some((
+                    from.inner().into_owned(),
+                    def.to_tbl.sea_orm_table().inner().into_owned(),
+                    to.inner().into_owned(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+    fn references(&self) -> &[ForeignRef] {
+        &self.refs
+    }
+    fn with_references(&self, refs: Vec<ForeignRef>) -> Arc<dyn ModelOps> {
+        Arc::new(Typed::<E> {
+            shapes: Shapes::default(),
+            refs,
+            model: std::marker::PhantomData,
+        })
     }
     fn record_again<'a>(
         &'a self,
@@ -203,9 +321,9 @@ where
         &self,
         backend: DbBackend,
         entries: &[&LogEntry],
-        emit: &mut dyn FnMut(Statement) -> bool,
+        emit: &mut dyn FnMut(Step) -> bool,
     ) -> Result<(), (Seq, ApplyFailure)> {
-        prepare_entries::<E>(backend, &self.shapes, entries, emit)
+        prepare_entries::<E>(backend, &self.shapes, &self.refs, entries, emit)
     }
     fn key_field(&self) -> &'static str {
         E::KEY_FIELD
@@ -216,13 +334,16 @@ where
         key: &'a str,
     ) -> BoxFuture<'a, Result<Option<Fields>, DbErr>> {
         Box::pin(async move {
-            let Some(pk) = E::parse_key(key) else {
+            let Some(query) = crate::syncable::find_by_key::<E>(key) else {
                 return Ok(None);
             };
-            match E::find_by_id(pk).lock_exclusive().one(txn).await? {
-                Some(model) if E::should_sync(&model) => E::sync_json(&model)
-                    .map(Some)
-                    .map_err(|e| DbErr::Json(format!("`{}`: {e}", E::SYNC_ID))),
+            match query.lock_exclusive().one(txn).await? {
+                Some(model) if E::should_sync(&model) => {
+                    let mut fields = E::sync_json(&model)
+                        .map_err(|e| DbErr::Json(format!("`{}`: {e}", E::SYNC_ID)))?;
+                    references_out(txn, &self.refs, &mut fields, &mut HashMap::new()).await?;
+                    Ok(Some(fields))
+                }
                 _ => Ok(None),
             }
         })
@@ -245,17 +366,13 @@ where
             }
             // One read per chunk of keys (keys are single columns: the derive refuses
             // composite ones), not one per key: apply calls this for every response.
-            use sea_orm::sea_query::{IntoValueTuple, ValueTuple};
-            use sea_orm::{ColumnTrait, PrimaryKeyToColumn, QueryFilter};
-            let Some(column) = E::PrimaryKey::iter().next().map(|k| k.into_column()) else {
+            use sea_orm::{ColumnTrait, QueryFilter};
+            let Some(column) = crate::syncable::key_column::<E>() else {
                 return Ok(local);
             };
             let values: Vec<sea_orm::Value> = keys
                 .iter()
-                .filter_map(|key| match E::parse_key(key)?.into_value_tuple() {
-                    ValueTuple::One(value) => Some(value),
-                    _ => None,
-                })
+                .filter_map(|key| E::parse_key(key).map(Into::into))
                 .collect();
             for chunk in values.chunks(LOCAL_KEYS_PER_READ) {
                 for model in E::find()
@@ -277,16 +394,54 @@ where
         local: &Fields,
         remote: &Fields,
     ) -> Result<Option<Fields>, String> {
+        // References travel as sync keys; the model holds integers. Each distinct sync key
+        // stands in as a distinct number while the app's function runs, and goes back after.
+        let mut stand_ins: Vec<serde_json::Value> = Vec::new();
+        let mut stand_in = |fields: &Fields| {
+            let mut fields = fields.clone();
+            for r in &self.refs {
+                if let Some(value) = fields.get_mut(r.field).filter(|v| !v.is_null()) {
+                    let n = match stand_ins.iter().position(|s| s == value) {
+                        Some(n) => n,
+                        None => {
+                            stand_ins.push(value.clone());
+                            stand_ins.len() - 1
+                        }
+                    };
+                    *value = serde_json::Value::from(n as i64 + 1);
+                }
+            }
+            fields
+        };
+        let (local, remote) = (stand_in(local), stand_in(remote));
         let model_of = |fields: &Fields| {
             let pk = E::parse_key(key).ok_or_else(|| format!("`{key}` is not a key"))?;
             let mut active = E::new_active(pk);
             E::apply_json(&mut active, fields, None).map_err(|e| e.to_string())?;
             active.try_into_model().map_err(|e| e.to_string())
         };
-        let merged = E::merge_custom(&model_of(local)?, &model_of(remote)?);
-        merged
-            .map(|m| E::sync_json(&m).map_err(|e| e.to_string()))
-            .transpose()
+        let merged = E::merge_custom(&model_of(&local)?, &model_of(&remote)?);
+        let Some(merged) = merged else {
+            return Ok(None);
+        };
+        let mut fields = E::sync_json(&merged).map_err(|e| e.to_string())?;
+        for r in &self.refs {
+            if let Some(value) = fields.get_mut(r.field).filter(|v| !v.is_null()) {
+                let back = value
+                    .as_i64()
+                    .and_then(|n| stand_ins.get(usize::try_from(n - 1).ok()?))
+                    .ok_or_else(|| {
+                        format!(
+                            "the merge function of `{}` set `{}` to a record neither side \
+                             refers to",
+                            E::SYNC_ID,
+                            r.field
+                        )
+                    })?;
+                *value = back.clone();
+            }
+        }
+        Ok(Some(fields))
     }
     fn set_fields<'a>(
         &'a self,
@@ -295,14 +450,16 @@ where
         values: &'a Fields,
     ) -> BoxFuture<'a, Result<(), ApplyFailure>> {
         Box::pin(async move {
-            let Some(pk) = E::parse_key(key) else {
+            let Some(query) = crate::syncable::find_by_key::<E>(key) else {
                 return Err(ApplyFailure::BadPayload(format!("`{key}` is not a key")));
             };
-            let Some(model) = E::find_by_id(pk).one(txn).await? else {
+            let Some(model) = query.one(txn).await? else {
                 return Ok(());
             };
             let mut active = model.into_active_model();
-            E::apply_json(&mut active, values, None)
+            let mut values = values.clone();
+            references_in(txn, E::SYNC_ID, &self.refs, &mut values).await?;
+            E::apply_json(&mut active, &values, None)
                 .map_err(|e| ApplyFailure::BadPayload(format!("a field does not fit: {e}")))?;
             active.update(txn).await?;
             Ok(())
@@ -333,8 +490,9 @@ fn apply_values_max(backend: DbBackend) -> usize {
 fn prepare_entries<E>(
     backend: DbBackend,
     shapes: &Shapes,
+    refs: &[ForeignRef],
     entries: &[&LogEntry],
-    emit: &mut dyn FnMut(Statement) -> bool,
+    emit: &mut dyn FnMut(Step) -> bool,
 ) -> Result<(), (Seq, ApplyFailure)>
 where
     E: Syncable,
@@ -363,7 +521,7 @@ where
         .filter(|f| *f != E::KEY_FIELD)
         .collect();
     let rows_max = (apply_values_max(backend) / E::FIELDS.len().max(1)).max(1);
-    let build = |rows: Vec<E::ActiveModel>, updates: &[&str]| {
+    let on_conflict = |updates: &[&str]| {
         let mut on_conflict = OnConflict::column(key_column);
         let update_columns: Vec<E::Column> = updates.iter().filter_map(|f| column_of(f)).collect();
         if update_columns.is_empty() {
@@ -371,13 +529,30 @@ where
         } else {
             on_conflict.update_columns(update_columns);
         }
-        E::insert_many(rows).on_conflict(on_conflict).build(backend)
+        on_conflict
+    };
+    let build = |rows: Vec<E::ActiveModel>, updates: &[&str]| {
+        E::insert_many(rows)
+            .on_conflict(on_conflict(updates))
+            .build(backend)
+    };
+    // A local primary key is never written by apply: the database assigns it.
+    let local_pk = |column: &E::Column| {
+        E::LOCAL_PRIMARY_KEY
+            && E::FIELDS
+                .iter()
+                .any(|f| f.column == column.as_str() && !f.synced)
+            && {
+                use sea_orm::PrimaryKeyToColumn;
+                E::PrimaryKey::iter().any(|k| k.into_column().as_str() == column.as_str())
+            }
     };
     // Statements of one shape (row count, columns to update) share their SQL text: SeaORM
     // builds the first, later ones only collect their rows' values, in the order SeaORM
     // binds them (row by row, each row's columns in `Column::iter()` order).
-    let upsert = |rows: Vec<E::ActiveModel>, updates: &[&str]| {
-        let every_column_set = |row: &E::ActiveModel| E::Column::iter().all(|c| !row.is_not_set(c));
+    let upsert = |rows: Vec<E::ActiveModel>, updates: &[&str]| -> Step {
+        let every_column_set =
+            |row: &E::ActiveModel| E::Column::iter().all(|c| row.is_not_set(c) == local_pk(&c));
         let reusable = rows.iter().all(every_column_set);
         match shapes.get(backend, rows.len(), updates) {
             Some(sql) if reusable => {
@@ -408,6 +583,22 @@ where
                 statement
             }
         }
+        .into()
+    };
+    // With references, each row's referenced sync keys (per `refs`), and the statements
+    // are built apart: their reference columns are subqueries.
+    let mut run_parents: Vec<Vec<Option<uuid::Uuid>>> = Vec::new();
+    let emit_run = |emit: &mut dyn FnMut(Step) -> bool,
+                    rows: Vec<E::ActiveModel>,
+                    parents: Vec<Vec<Option<uuid::Uuid>>>,
+                    updates: &[&str]|
+     -> bool {
+        if refs.is_empty() {
+            return emit(upsert(rows, updates));
+        }
+        let (check, statement) =
+            upsert_with_references::<E>(backend, refs, rows, &parents, on_conflict(updates));
+        check.into_iter().all(&mut *emit) && emit(statement.into())
     };
 
     let mut run: Vec<E::ActiveModel> = Vec::new();
@@ -425,13 +616,24 @@ where
                 E::SYNC_ID
             )))
         })?;
-        let row = match entry.op {
+        let (row, parents) = match entry.op {
             ChangeOp::Delete => {
-                if !run.is_empty() && !emit(upsert(std::mem::take(&mut run), &run_updates)) {
+                if !run.is_empty()
+                    && !emit_run(
+                        emit,
+                        std::mem::take(&mut run),
+                        std::mem::take(&mut run_parents),
+                        &run_updates,
+                    )
+                {
                     return Ok(());
                 }
                 run_keys.clear();
-                if !emit(E::delete_by_id(key).build(backend)) {
+                let delete = {
+                    use sea_orm::{ColumnTrait, QueryFilter};
+                    E::delete_many().filter(key_column.eq(key)).build(backend)
+                };
+                if !emit(delete.into()) {
                     return Ok(());
                 }
                 continue;
@@ -440,12 +642,23 @@ where
                 let data = entry.data.as_deref().ok_or_else(|| {
                     fail(ApplyFailure::BadPayload("an upsert without data".into()))
                 })?;
-                E::decode_upsert(key, data).map_err(|e| {
+                let misfit = |e: serde_json::Error| {
                     fail(ApplyFailure::BadPayload(format!(
                         "its data does not fit this build's `{}`: {e}",
                         E::SYNC_ID
                     )))
-                })?
+                };
+                if refs.is_empty() {
+                    (E::decode_upsert(key, data).map_err(misfit)?, Vec::new())
+                } else {
+                    let mut fields: Fields = serde_json::from_str(data).map_err(misfit)?;
+                    let parents = take_references(refs, &mut fields)
+                        .map_err(|reason| fail(ApplyFailure::BadPayload(reason)))?;
+                    (
+                        crate::syncable::decode_fields::<E>(key, &fields).map_err(misfit)?,
+                        parents,
+                    )
+                }
             }
         };
         // The columns this upsert writes over an existing row.
@@ -459,7 +672,12 @@ where
                 || run.len() >= statement_rows
                 || run_keys.contains(entry.record_id.as_str()))
         {
-            if !emit(upsert(std::mem::take(&mut run), &run_updates)) {
+            if !emit_run(
+                emit,
+                std::mem::take(&mut run),
+                std::mem::take(&mut run_parents),
+                &run_updates,
+            ) {
                 return Ok(());
             }
             run_keys.clear();
@@ -474,11 +692,122 @@ where
         }
         run_keys.insert(entry.record_id.as_str());
         run.push(row);
+        run_parents.push(parents);
     }
     if !run.is_empty() {
-        emit(upsert(run, &run_updates));
+        emit_run(emit, run, run_parents, &run_updates);
     }
     Ok(())
+}
+
+/// Takes the referenced sync keys out of an upsert's fields (per `refs`), leaving a
+/// stand-in number (0) that decodes into the model's integer column; a null stays null.
+fn take_references(
+    refs: &[ForeignRef],
+    fields: &mut Fields,
+) -> Result<Vec<Option<uuid::Uuid>>, String> {
+    refs.iter()
+        .map(|r| match fields.get_mut(r.field) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(value) => {
+                let key = value
+                    .as_str()
+                    .and_then(|text| uuid::Uuid::parse_str(text).ok())
+                    .ok_or_else(|| {
+                        format!(
+                            "field `{}` refers to a `{}` record by its sync key (a UUID), \
+                             not {value}",
+                            r.field, r.parent
+                        )
+                    })?;
+                *value = serde_json::Value::from(0);
+                Ok(Some(key))
+            }
+        })
+        .collect()
+}
+
+/// The upsert of `rows` whose reference columns are subqueries that find each referenced
+/// record's local primary key by its sync key (`parents`, per row, per `refs`), and the
+/// checks, run first, that every referenced record is here.
+fn upsert_with_references<E: Syncable>(
+    backend: DbBackend,
+    refs: &[ForeignRef],
+    rows: Vec<E::ActiveModel>,
+    parents: &[Vec<Option<uuid::Uuid>>],
+    on_conflict: OnConflict,
+) -> (Vec<Step>, Statement) {
+    use sea_orm::ColumnTrait;
+    use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query, SubQueryStatement};
+    let parent_id = |r: &ForeignRef, key: uuid::Uuid| {
+        let select = Query::select()
+            .column(Alias::new(r.parent_pk))
+            .from(Alias::new(r.parent_table))
+            .and_where(Expr::col(Alias::new(r.parent_key)).eq(key))
+            .to_owned();
+        Expr::SubQuery(None, Box::new(SubQueryStatement::SelectStatement(select)))
+    };
+    let columns: Vec<E::Column> = match rows.first() {
+        Some(first) => E::Column::iter()
+            .filter(|c| !first.is_not_set(*c))
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut insert = Query::insert();
+    insert.into_table(E::default().table_ref());
+    insert.columns(columns.iter().copied());
+    for (mut row, keys) in rows.into_iter().zip(parents) {
+        let values = columns.iter().map(|column| {
+            let referenced = refs
+                .iter()
+                .zip(keys)
+                .find(|(r, _)| r.column == column.as_str());
+            match referenced {
+                Some((r, Some(key))) => parent_id(r, *key),
+                _ => {
+                    let value = row
+                        .take(*column)
+                        .into_value()
+                        .unwrap_or(sea_orm::Value::Bool(None));
+                    column.save_as(Expr::val(value))
+                }
+            }
+        });
+        insert.values_panic(values.collect::<Vec<_>>());
+    }
+    insert.on_conflict(on_conflict);
+    let checks = refs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let keys: std::collections::BTreeSet<uuid::Uuid> =
+                parents.iter().filter_map(|p| p[i]).collect();
+            if keys.is_empty() {
+                return None;
+            }
+            let count = Query::select()
+                .expr(Expr::col(Alias::new(r.parent_key)).count())
+                .from(Alias::new(r.parent_table))
+                .and_where(Expr::col(Alias::new(r.parent_key)).is_in(keys.iter().copied()))
+                .to_owned();
+            let listed: Vec<String> = keys.iter().map(ToString::to_string).collect();
+            Some(Step::Require {
+                count: backend.build(&count),
+                expected: keys.len() as i64,
+                missing: format!(
+                    "a `{}` record refers through `{}` to a `{}` record this device does not \
+                     have (one of {}): its entry comes after the referenced record's in the \
+                     log, so that record was set aside here (see `Library::parked`) or never \
+                     stored; retry once it is, or drop the entry",
+                    E::SYNC_ID,
+                    r.field,
+                    r.parent,
+                    listed.join(", ")
+                ),
+            })
+        })
+        .collect();
+    (checks, backend.build(&insert))
 }
 
 /// The fields a field-level upsert writes over an existing row: those it changed, but the key.
@@ -509,29 +838,124 @@ pub(crate) async fn apply_entries(
     })?;
     let last = entries.last().map_or(Seq::ZERO, |e| e.seq);
     for statement in statements {
-        txn.execute_raw(statement)
-            .await
-            .map_err(|e| (last, e.into()))?;
+        statement.execute(txn).await.map_err(|e| (last, e.into()))?;
     }
     Ok(())
 }
 
-async fn rows_of<E: Syncable, C: ConnectionTrait>(db: &C) -> Result<ModelRows, DbErr> {
+async fn rows_of<E: Syncable, C: ConnectionTrait>(
+    db: &C,
+    refs: &[ForeignRef],
+) -> Result<ModelRows, DbErr> {
     let mut rows = Vec::new();
+    let mut known = HashMap::new();
     for model in E::find().all(db).await? {
         if !E::should_sync(&model) {
             continue;
         }
-        let fields = E::sync_json(&model).map_err(|e| {
+        let mut fields = E::sync_json(&model).map_err(|e| {
             DbErr::Json(format!(
                 "cannot serialise synced fields of `{}`: {e}",
                 E::SYNC_ID
             ))
         })?;
+        references_out(db, refs, &mut fields, &mut known).await?;
         rows.push((E::record_key(&model), fields));
     }
     rows.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(rows)
+}
+
+/// Replaces, in a record's synced fields, each reference's local primary key by the
+/// referenced record's sync key (per `refs`): what the log holds. `known` keeps the keys
+/// looked up so far.
+pub(crate) async fn references_out<C: ConnectionTrait>(
+    db: &C,
+    refs: &[ForeignRef],
+    fields: &mut Fields,
+    known: &mut HashMap<(&'static str, String), String>,
+) -> Result<(), DbErr> {
+    use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
+    for r in refs {
+        let Some(value) = fields.get_mut(r.field) else {
+            continue;
+        };
+        if serde_json::Value::is_null(value) {
+            continue;
+        }
+        let local = value.to_string();
+        if let Some(key) = known.get(&(r.parent_table, local.clone())) {
+            *value = serde_json::Value::String(key.clone());
+            continue;
+        }
+        let Some(id) = value.as_i64() else {
+            return Err(DbErr::Custom(format!(
+                "field `{}` refers to a `{}` record and holds {value}, not an integer key",
+                r.field, r.parent
+            )));
+        };
+        let select = Query::select()
+            .column(Alias::new(r.parent_key))
+            .from(Alias::new(r.parent_table))
+            .and_where(Expr::col(Alias::new(r.parent_pk)).eq(id))
+            .to_owned();
+        let backend = db.get_database_backend();
+        let found = db.query_one_raw(backend.build(&select)).await?;
+        let key = match found {
+            Some(row) => row.try_get_by_index::<Option<uuid::Uuid>>(0)?,
+            None => {
+                return Err(DbErr::Custom(format!(
+                    "field `{}` refers to `{}` record {id}, which does not exist: a synced \
+                     reference must point at a stored record",
+                    r.field, r.parent
+                )));
+            }
+        };
+        let Some(key) = key else {
+            return Err(DbErr::Custom(format!(
+                "`{}` record {id} has no sync key (`{}` is NULL): fill it (see \
+                 `sync_migrations::add_sync_key`) before syncing records that refer to it",
+                r.parent, r.parent_key
+            )));
+        };
+        let key = key.to_string();
+        known.insert((r.parent_table, local), key.clone());
+        *value = serde_json::Value::String(key);
+    }
+    Ok(())
+}
+
+/// The reverse of `references_out`: each reference's sync key back to this device's local
+/// primary key of the referenced record. A referenced record that is missing is an error.
+pub(crate) async fn references_in<C: ConnectionTrait>(
+    db: &C,
+    model: &str,
+    refs: &[ForeignRef],
+    fields: &mut Fields,
+) -> Result<(), ApplyFailure> {
+    use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
+    let parents = take_references(refs, fields).map_err(ApplyFailure::BadPayload)?;
+    for (r, key) in refs.iter().zip(parents) {
+        let Some(key) = key else {
+            continue;
+        };
+        let select = Query::select()
+            .column(Alias::new(r.parent_pk))
+            .from(Alias::new(r.parent_table))
+            .and_where(Expr::col(Alias::new(r.parent_key)).eq(key))
+            .to_owned();
+        let backend = db.get_database_backend();
+        let Some(row) = db.query_one_raw(backend.build(&select)).await? else {
+            return Err(ApplyFailure::Db(DbErr::RecordNotFound(format!(
+                "a `{model}` record refers through `{}` to `{}` record {key}, which this \
+                 device does not have",
+                r.field, r.parent
+            ))));
+        };
+        let id: i64 = row.try_get_by_index(0)?;
+        fields.insert(r.field.to_owned(), serde_json::Value::from(id));
+    }
+    Ok(())
 }
 
 /// The app's synced models, by sync id. Build it once at start-up and hand it to `Library`.
@@ -605,6 +1029,59 @@ impl Registry {
             .entry(conflict)
             .or_insert_with(|| Arc::new(Typed::<crate::tables::conflict::Entity>::new()));
         self
+    }
+
+    /// With each model's references to models with a sync key found (through SeaORM's
+    /// relations), so that they travel as sync keys. `Library` calls it when it opens.
+    pub(crate) fn resolved(mut self) -> Registry {
+        let parents: Vec<(&'static str, &'static str, &'static str, &'static str)> = self
+            .models
+            .values()
+            .filter(|m| m.enabled())
+            .filter_map(|m| {
+                Some((
+                    m.sync_id(),
+                    m.table_name(),
+                    m.pk_column()?,
+                    m.local_key_column()?,
+                ))
+            })
+            .collect();
+        for ops in self.models.values_mut() {
+            if !ops.enabled() {
+                continue;
+            }
+            let refs: Vec<ForeignRef> = ops
+                .belongs_to()
+                .into_iter()
+                .filter_map(|(column, table, to)| {
+                    let field = ops
+                        .fields()
+                        .iter()
+                        .find(|f| f.synced && f.column == column)?;
+                    let &(parent, parent_table, parent_pk, parent_key) = parents
+                        .iter()
+                        .find(|(_, t, pk, _)| *t == table && *pk == to)?;
+                    Some(ForeignRef {
+                        field: field.name,
+                        column: field.column,
+                        parent,
+                        parent_table,
+                        parent_pk,
+                        parent_key,
+                    })
+                })
+                .collect();
+            if !refs.is_empty() || !ops.references().is_empty() {
+                *ops = ops.with_references(refs);
+            }
+        }
+        self
+    }
+
+    /// The references of a model (see `resolved`).
+    pub(crate) fn references(&self, sync_id: &str) -> &[ForeignRef] {
+        self.get(sync_id).map_or(&[], |m| m.references())
     }
 
     pub(crate) fn get(&self, sync_id: &str) -> Option<&Arc<dyn ModelOps>> {

@@ -1,6 +1,6 @@
 //! The `Syncable` trait: what `#[derive(Syncable)]` declares about a model.
 
-use sea_orm::{EntityTrait, PrimaryKeyTrait};
+use sea_orm::{ColumnTrait, EntityTrait, Iterable, QueryFilter, Select};
 
 /// How concurrent changes to one record are merged. Declared per model; the follower and
 /// conflict machinery implement it.
@@ -59,8 +59,17 @@ pub trait Syncable: EntityTrait {
     const MERGE: MergeRule;
     /// Every field, synced or not, in declaration order.
     const FIELDS: &'static [FieldSpec];
-    /// The primary key field.
+    /// The field that identifies the record on every device: the `#[sync(key)]` field, or
+    /// else the primary key (a `Uuid` or a `String`).
     const KEY_FIELD: &'static str;
+
+    /// True when the record is identified by a `#[sync(key)]` field: the primary key (an
+    /// auto-increment integer, say) is then local to each device, never in the log and
+    /// never written by apply.
+    const LOCAL_PRIMARY_KEY: bool = false;
+
+    /// The type of the `KEY_FIELD`.
+    type Key: Clone + Send + Into<sea_orm::Value> + 'static;
 
     /// The record's key as text: the `record_id` of its log entries.
     fn record_key(model: &Self::Model) -> String;
@@ -68,11 +77,11 @@ pub trait Syncable: EntityTrait {
     /// The key of an ActiveModel, when it is set.
     fn active_key(active: &Self::ActiveModel) -> Option<String>;
 
-    /// Gives an insert without a key a fresh UUID v7 (a no-op for non-UUID keys).
+    /// Gives an insert without a key a fresh UUID v7 (a no-op for `String` keys).
     fn fill_key(active: &mut Self::ActiveModel);
 
-    /// Parses a `record_id` back into the primary key.
-    fn parse_key(key: &str) -> Option<<Self::PrimaryKey as PrimaryKeyTrait>::ValueType>;
+    /// Parses a `record_id` back into a value of the `KEY_FIELD`.
+    fn parse_key(key: &str) -> Option<Self::Key>;
 
     /// The synced fields this ActiveModel sets (those an update will write).
     fn set_fields(active: &Self::ActiveModel) -> Vec<&'static str>;
@@ -98,16 +107,14 @@ pub trait Syncable: EntityTrait {
     /// default goes through a `serde_json::Map` and `apply_json`, to the same effect but
     /// for one case: a field given twice, which the derive's decoder refuses and the `Map`
     /// takes the last of (logs written by this library never hold one).
-    fn decode_upsert(
-        key: <Self::PrimaryKey as PrimaryKeyTrait>::ValueType,
-        data: &str,
-    ) -> Result<Self::ActiveModel, serde_json::Error> {
+    fn decode_upsert(key: Self::Key, data: &str) -> Result<Self::ActiveModel, serde_json::Error> {
         decode_upsert_via_map::<Self>(key, data)
     }
 
-    /// A new record with this key: every local field at its type's `Default`, every synced
-    /// field unset (the caller applies them).
-    fn new_active(key: <Self::PrimaryKey as PrimaryKeyTrait>::ValueType) -> Self::ActiveModel;
+    /// A new record with this key: every local field at its type's `Default` (but a local
+    /// primary key, which stays unset for the database to assign), every synced field
+    /// unset (the caller applies them).
+    fn new_active(key: Self::Key) -> Self::ActiveModel;
 
     /// True when the model has a per-record filter (`#[sync(filter = "…")]`): apply then
     /// looks for rows that are local to this device before it writes.
@@ -138,11 +145,19 @@ pub trait Syncable: EntityTrait {
 /// `Syncable::decode_upsert` by way of a `serde_json::Map`: the reference the derive's
 /// direct decoder is tested against.
 pub fn decode_upsert_via_map<E: Syncable>(
-    key: <E::PrimaryKey as PrimaryKeyTrait>::ValueType,
+    key: E::Key,
     data: &str,
 ) -> Result<E::ActiveModel, serde_json::Error> {
-    use serde::de::Error as _;
     let fields: serde_json::Map<String, serde_json::Value> = serde_json::from_str(data)?;
+    decode_fields::<E>(key, &fields)
+}
+
+/// `decode_upsert_via_map` of a parsed object.
+pub(crate) fn decode_fields<E: Syncable>(
+    key: E::Key,
+    fields: &serde_json::Map<String, serde_json::Value>,
+) -> Result<E::ActiveModel, serde_json::Error> {
+    use serde::de::Error as _;
     let synced = E::synced_fields();
     if let Some(unknown) = fields.keys().find(|k| !synced.contains(&k.as_str())) {
         return Err(serde_json::Error::custom(format_args!(
@@ -156,6 +171,21 @@ pub fn decode_upsert_via_map<E: Syncable>(
         )));
     }
     let mut active = E::new_active(key);
-    E::apply_json(&mut active, &fields, None)?;
+    E::apply_json(&mut active, fields, None)?;
     Ok(active)
+}
+
+/// The column of `E::KEY_FIELD`.
+pub fn key_column<E: Syncable>() -> Option<E::Column> {
+    let field = E::FIELDS.iter().find(|f| f.name == E::KEY_FIELD)?;
+    E::Column::iter().find(|c| sea_orm::IdenStatic::as_str(c) == field.column)
+}
+
+/// A query for the record whose `record_id` is `key`, or `None` when `key` is not a key of
+/// `E`. Works for every model, also one whose primary key is local (where `find_by_id`
+/// would take the local integer).
+pub fn find_by_key<E: Syncable>(key: &str) -> Option<Select<E>> {
+    let value = E::parse_key(key)?;
+    let column = key_column::<E>()?;
+    Some(E::find().filter(column.eq(value)))
 }

@@ -22,6 +22,8 @@ pub(crate) fn expand(model: &SyncModel) -> TokenStream {
     let key_ident = &key.ident;
     let key_ty = &key.ty;
     let key_name = key_ident.to_string();
+    let local_primary_key = model.local_primary_key;
+    let is_key = |f: &crate::model::SyncField| f.ident == *key_ident;
     let key_is_uuid = matches!(&key.ty, syn::Type::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == "Uuid"));
 
     let field_specs = model.fields.iter().map(|f| {
@@ -41,12 +43,12 @@ pub(crate) fn expand(model: &SyncModel) -> TokenStream {
         let name = ident.to_string();
         quote!(map.insert(::std::string::String::from(#name), #serde_json::to_value(&model.#ident)?);)
     });
-    let set_checks = synced.iter().filter(|f| !f.primary_key).map(|f| {
+    let set_checks = synced.iter().filter(|f| !is_key(f)).map(|f| {
         let ident = &f.ident;
         let name = ident.to_string();
         quote!(if active.#ident.is_set() { out.push(#name); })
     });
-    let apply_fields = synced.iter().filter(|f| !f.primary_key).map(|f| {
+    let apply_fields = synced.iter().filter(|f| !is_key(f)).map(|f| {
         let ident = &f.ident;
         let name = ident.to_string();
         quote! {
@@ -65,7 +67,7 @@ pub(crate) fn expand(model: &SyncModel) -> TokenStream {
     let row_fields = synced.iter().map(|f| {
         let ident = &f.ident;
         let name = ident.to_string();
-        let ty = if f.primary_key {
+        let ty = if is_key(f) {
             quote!(#krate::__private::serde::de::IgnoredAny)
         } else {
             let ty = &f.ty;
@@ -76,14 +78,19 @@ pub(crate) fn expand(model: &SyncModel) -> TokenStream {
             #ident: #ty,
         }
     });
-    let row_sets = synced.iter().filter(|f| !f.primary_key).map(|f| {
+    let row_sets = synced.iter().filter(|f| !is_key(f)).map(|f| {
         let ident = &f.ident;
         quote!(active.#ident = #sea_orm::ActiveValue::Set(row.#ident);)
     });
-    let local_defaults = model.fields.iter().filter(|f| !f.synced).map(|f| {
-        let ident = &f.ident;
-        quote!(active.#ident = #sea_orm::ActiveValue::Set(::std::default::Default::default());)
-    });
+    // A local primary key stays unset: the database assigns it on insert.
+    let local_defaults = model
+        .fields
+        .iter()
+        .filter(|f| !(f.synced || local_primary_key && f.primary_key))
+        .map(|f| {
+            let ident = &f.ident;
+            quote!(active.#ident = #sea_orm::ActiveValue::Set(::std::default::Default::default());)
+        });
     let fill_key = if key_is_uuid {
         quote! {
             if active.#key_ident.is_not_set() {
@@ -153,6 +160,8 @@ pub(crate) fn expand(model: &SyncModel) -> TokenStream {
             const MERGE: #krate::MergeRule = #merge;
             const FIELDS: &'static [#krate::FieldSpec] = &[#(#field_specs),*];
             const KEY_FIELD: &'static str = #key_name;
+            const LOCAL_PRIMARY_KEY: bool = #local_primary_key;
+            type Key = #key_ty;
 
             fn record_key(model: &Model) -> ::std::string::String {
                 ::std::string::ToString::to_string(&model.#key_ident)
@@ -168,7 +177,7 @@ pub(crate) fn expand(model: &SyncModel) -> TokenStream {
 
             fn parse_key(
                 key: &str,
-            ) -> ::std::option::Option<<<Self as #sea_orm::EntityTrait>::PrimaryKey as #sea_orm::PrimaryKeyTrait>::ValueType> {
+            ) -> ::std::option::Option<#key_ty> {
                 <#key_ty as ::std::str::FromStr>::from_str(key).ok()
             }
 

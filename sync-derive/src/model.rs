@@ -12,8 +12,12 @@ pub(crate) struct SyncModel {
     pub(crate) custom_behavior: bool,
     pub(crate) krate: Path,
     pub(crate) fields: Vec<SyncField>,
-    /// Index into `fields` of the primary key.
+    /// Index into `fields` of the field that identifies the record on every device: the
+    /// `#[sync(key)]` field when there is one, else the primary key.
     pub(crate) key: usize,
+    /// True when the record is identified by a `#[sync(key)]` field: the primary key is
+    /// then local to each device (never synced, never set by apply).
+    pub(crate) local_primary_key: bool,
 }
 
 pub(crate) enum Merge {
@@ -38,6 +42,8 @@ pub(crate) struct SyncField {
     pub(crate) merge: FieldMerge,
     pub(crate) primary_key: bool,
     pub(crate) auto_increment: Option<bool>,
+    /// Marked `#[sync(key)]`.
+    pub(crate) sync_key: bool,
 }
 
 /// Collects errors so that one compile reports every mistake.
@@ -173,6 +179,7 @@ impl SyncModel {
             let mut synced = true;
             let mut field_merge = FieldMerge::LastWriteWins;
             let mut local_attr: Option<Path> = None;
+            let mut sync_key = false;
             for attr in &field.attrs {
                 if attr.path().is_ident("sea_orm") {
                     let _ = attr.parse_nested_meta(|meta| {
@@ -203,10 +210,12 @@ impl SyncModel {
                             field_merge = FieldMerge::Union;
                         } else if meta.path.is_ident("manual") {
                             field_merge = FieldMerge::Manual;
+                        } else if meta.path.is_ident("key") {
+                            sync_key = true;
                         } else {
                             errors.spanned(
                                 &meta.path,
-                                "unknown sync field attribute: expected `local`, `union` or `manual`",
+                                "unknown sync field attribute: expected `key`, `local`, `union` or `manual`",
                             );
                             if meta.input.peek(syn::Token![=]) {
                                 let _: Expr = meta.value()?.parse()?;
@@ -220,7 +229,12 @@ impl SyncModel {
                 }
             }
             if let Some(path) = &local_attr {
-                if primary_key {
+                if sync_key {
+                    errors.spanned(
+                        path,
+                        "the sync key cannot be local: it identifies the record on every device",
+                    );
+                } else if primary_key {
                     errors.spanned(
                         path,
                         "the primary key cannot be local: it identifies the record on every device",
@@ -237,6 +251,7 @@ impl SyncModel {
                 merge: field_merge,
                 primary_key,
                 auto_increment,
+                sync_key,
             });
         }
 
@@ -246,25 +261,71 @@ impl SyncModel {
             .filter(|(_, f)| f.primary_key)
             .map(|(i, _)| i)
             .collect();
-        let key = match keys.as_slice() {
-            [single] => *single,
-            [] => {
+        let sync_keys: Vec<usize> = fields
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.sync_key)
+            .map(|(i, _)| i)
+            .collect();
+        let mut local_primary_key = false;
+        let key = if let [first, rest @ ..] = sync_keys.as_slice() {
+            for extra in rest {
+                errors.spanned(
+                    &fields[*extra].ident,
+                    "a model has one `#[sync(key)]` field: remove this one",
+                );
+            }
+            let field = &fields[*first];
+            if !is_type(&field.ty, "Uuid") {
+                errors.push(syn::Error::new(
+                    field.ty.span(),
+                    "a `#[sync(key)]` field is a `Uuid` (the hooks fill it with UUID v7 on insert)",
+                ));
+            }
+            if keys.is_empty() {
                 errors.spanned(
                     &input.ident,
                     "a synced model needs a `#[sea_orm(primary_key)]` field",
                 );
-                0
             }
-            [_, second, ..] => {
-                errors.spanned(
-                    &fields[*second].ident,
-                    "composite primary keys cannot sync: give the model one globally unique key (a Uuid)",
-                );
-                keys[0]
+            // A primary key that is the sync key itself is the Uuid-keyed case. A single
+            // other one (an auto-increment integer) is local to each device; the members
+            // of a composite key (a join table's references) sync as they are.
+            local_primary_key = !field.primary_key && keys.len() == 1;
+            if local_primary_key {
+                fields[keys[0]].synced = false;
+            }
+            *first
+        } else if !enabled {
+            // A model that never syncs may have any key: nothing identifies it elsewhere.
+            keys.first().copied().unwrap_or(0)
+        } else {
+            match keys.as_slice() {
+                [single] => {
+                    check_key_is_global(&fields[*single], &mut errors);
+                    *single
+                }
+                [] => {
+                    errors.spanned(
+                        &input.ident,
+                        "a synced model needs a `#[sea_orm(primary_key)]` field",
+                    );
+                    0
+                }
+                [_, second, ..] => {
+                    errors.spanned(
+                        &fields[*second].ident,
+                        format!(
+                            "a composite primary key does not identify a record across devices: \
+                             give the model a sync key, {ADD_SYNC_KEY}"
+                        ),
+                    );
+                    keys[0]
+                }
             }
         };
-        if let Some(field) = fields.get(key).filter(|f| f.primary_key) {
-            check_key_is_global(field, &mut errors);
+        if fields.is_empty() {
+            errors.spanned(&input.ident, "a synced model needs fields");
         }
 
         if let Some(e) = errors.0 {
@@ -283,12 +344,23 @@ impl SyncModel {
             krate,
             fields,
             key,
+            local_primary_key,
         })
     }
 }
 
-/// Auto-increment keys are handed out per database: two devices both make record 1. Only
-/// keys that are unique across devices can sync.
+/// How to add a sync key, quoted by the errors that ask for one.
+const ADD_SYNC_KEY: &str = "a `Uuid` column marked `#[sync(key)]` (e.g. \
+    `#[sync(key)] #[sea_orm(unique)] pub sync_key: Uuid`), filled with UUID v7 by the hooks on \
+    insert; for a table that already has rows, `sync_migrations::add_sync_key` adds the \
+    column and backfills it. The primary key then stays local to each device";
+
+fn is_type(ty: &Type, name: &str) -> bool {
+    matches!(ty, Type::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == name))
+}
+
+/// Auto-increment keys are handed out per database: two devices both make record 1. A
+/// model without a sync key must have a key that is unique across devices.
 fn check_key_is_global(field: &SyncField, errors: &mut Errors) {
     let last = match &field.ty {
         Type::Path(p) => p.path.segments.last().map(|s| s.ident.to_string()),
@@ -303,14 +375,19 @@ fn check_key_is_global(field: &SyncField, errors: &mut Errors) {
         Some("i8" | "i16" | "i32" | "i64" | "u8" | "u16" | "u32" | "u64") => {
             errors.push(syn::Error::new(
                 field.ty.span(),
-                "integer keys are auto-increment per database and collide across devices: \
-             use a Uuid key (UUID v7 recommended; the hooks fill it on insert)",
+                format!(
+                    "an integer primary key is numbered per database, so it cannot identify a \
+                     record across devices: give the model a sync key, {ADD_SYNC_KEY}"
+                ),
             ))
         }
         _ => errors.push(syn::Error::new(
             field.ty.span(),
-            "a synced key must be globally unique: use `Uuid` (v7 recommended) or a `String` \
-             your app makes unique",
+            format!(
+                "a synced key must be globally unique: use a `Uuid` primary key (v7 \
+                 recommended), a `String` your app makes unique, or give the model a sync \
+                 key, {ADD_SYNC_KEY}"
+            ),
         )),
     }
 }

@@ -126,7 +126,7 @@ mod decoder_agrees_with_the_map_path {
     fn agree<E: Syncable>(data: &str) -> Result<(), TestCaseError>
     where
         E::ActiveModel: PartialEq + std::fmt::Debug,
-        <E::PrimaryKey as sea_orm::PrimaryKeyTrait>::ValueType: From<uuid::Uuid>,
+        E::Key: From<uuid::Uuid>,
     {
         let key = uuid::Uuid::now_v7();
         let direct = E::decode_upsert(key.into(), data);
@@ -158,6 +158,11 @@ mod decoder_agrees_with_the_map_path {
 
         #[test]
         fn location(data in object::<location::Entity>()) { agree::<location::Entity>(&data)?; }
+
+        #[test]
+        fn integer_keyed_book(data in object::<crate::int_keys::book::Entity>()) {
+            agree::<crate::int_keys::book::Entity>(&data)?;
+        }
     }
 
     #[test]
