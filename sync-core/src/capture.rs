@@ -43,8 +43,11 @@ pub(crate) struct CaptureScope {
     /// are handed against it.
     txn_address: usize,
     /// False inside `Library::unrecorded`.
-    recording: bool,
+    pub(crate) recording: bool,
     buffer: Mutex<Buffer>,
+    /// The synced table a hook armed for its own next write statement: the guard of a
+    /// `SyncTransaction` lets that one statement through (see `connection.rs`).
+    armed: Mutex<Option<&'static str>>,
 }
 
 #[derive(Default)]
@@ -64,8 +67,8 @@ struct PendingSave {
     reload: ReloadFn,
 }
 
-type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-type ReloadFn =
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(crate) type ReloadFn =
     for<'a> fn(&'a DatabaseTransaction, &'a str) -> BoxFuture<'a, Result<Option<String>, DbErr>>;
 
 /// A change noted by the hooks, not yet sequenced.
@@ -116,7 +119,49 @@ impl CaptureScope {
             txn_address: address_of(txn),
             recording,
             buffer: Mutex::new(Buffer::default()),
+            armed: Mutex::new(None),
         })
+    }
+
+    /// Lets the next write statement on `table` through the guard (a hook is writing).
+    pub(crate) fn arm(&self, table: &'static str) {
+        *self.armed.lock().unwrap_or_else(|p| p.into_inner()) = Some(table);
+    }
+
+    /// Forgets an armed write that did not happen (the hook's write ended).
+    pub(crate) fn disarm(&self) {
+        *self.armed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Takes the armed write if it is for `table`: true when a hook armed this statement.
+    pub(crate) fn take_armed(&self, table: &str) -> bool {
+        let mut armed = self.armed.lock().unwrap_or_else(|p| p.into_inner());
+        if armed.is_some_and(|t| t == table) {
+            *armed = None;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Adds a change to the buffer (the sync-aware bulk writes record here).
+    pub(crate) fn push(&self, change: CapturedChange) {
+        self.buffer().changes.push(change);
+    }
+
+    /// The number of changes recorded so far: a savepoint's mark.
+    pub(crate) fn mark(&self) -> usize {
+        self.buffer().changes.len()
+    }
+
+    /// Forgets the changes after `mark` (their savepoint was rolled back).
+    pub(crate) fn truncate(&self, mark: usize) {
+        let mut buffer = self.buffer();
+        buffer.changes.truncate(mark);
+        buffer.pending_saves.clear();
+        buffer.pending_deletes.clear();
+        drop(buffer);
+        self.disarm();
     }
 
     /// Runs `fut` with this scope installed for the hooks.
@@ -175,34 +220,69 @@ fn refuse(message: String) -> DbErr {
     DbErr::Custom(message)
 }
 
+/// Where a hook's write goes: into a capture scope's transaction, or (a lone write on a
+/// `SyncConnection`) into a transaction of its own that the handle opens for the statement.
+pub(crate) enum Target {
+    Scope(Arc<CaptureScope>),
+    Lone(Arc<crate::connection::Shared>),
+}
+
 /// The scope a hook of model `E` runs in, checked against the connection it was handed.
-fn scope_for<E: Syncable, C: ConnectionTrait>(db: &C) -> Result<Arc<CaptureScope>, DbErr> {
-    let scope = SCOPE.try_with(Arc::clone).map_err(|_| {
-        refuse(format!(
-            "write to synced model `{}` outside a sync transaction: run it inside \
-             `Library::transaction` (or `Library::unrecorded` for local-only maintenance) \
-             so that the change and its log entry commit together",
-            E::SYNC_ID
-        ))
-    })?;
-    if address_of(db) != scope.txn_address {
-        return Err(refuse(format!(
-            "write to synced model `{}` through a connection other than the transaction \
-             that `Library::transaction` handed out: pass that transaction to the write \
-             (nested transactions and other connections would commit the change apart \
-             from its log entry)",
-            E::SYNC_ID
-        )));
-    }
-    if scope.recording && scope.context.read_only {
+///
+/// A `Library::transaction` scope is found by the task-local and the transaction's address.
+/// Otherwise the connection is asked (`connection::probe`): a `SyncTransaction` answers
+/// with its scope, a `SyncConnection` with itself, and any other connection is refused.
+async fn target_for<E: Syncable, C: ConnectionTrait>(db: &C) -> Result<Target, DbErr> {
+    let task_scope = SCOPE.try_with(Arc::clone).ok();
+    let target = match task_scope {
+        Some(scope) if address_of(db) == scope.txn_address => Target::Scope(scope),
+        task_scope => match crate::connection::probe(db).await {
+            Some(target) => target,
+            None if task_scope.is_some() => {
+                return Err(refuse(format!(
+                    "write to synced model `{}` through a connection other than the \
+                     transaction that `Library::transaction` handed out: pass that \
+                     transaction to the write (other connections would commit the change \
+                     apart from its log entry)",
+                    E::SYNC_ID
+                )));
+            }
+            None => {
+                return Err(refuse(format!(
+                    "write to synced model `{}` outside a sync transaction: write through \
+                     the library's connection handle (`Library::connection`) or inside \
+                     `Library::transaction` (or `Library::unrecorded` for local-only \
+                     maintenance) so that the change and its log entry commit together",
+                    E::SYNC_ID
+                )));
+            }
+        },
+    };
+    let (recording, context) = match &target {
+        Target::Scope(scope) => (scope.recording, &scope.context),
+        Target::Lone(shared) => (true, &shared.library.context),
+    };
+    if recording && context.read_only {
         return Err(refuse(format!(
             "this device has read access to library {}: it cannot change synced model `{}`; \
              write on the leader, or join with an invite that grants write access",
-            scope.context.library_id,
+            context.library_id,
             E::SYNC_ID
         )));
     }
-    Ok(scope)
+    Ok(target)
+}
+
+/// The scope of a `Library::transaction` a hook runs in (the internal paths), checked
+/// against the connection it was handed.
+async fn scope_for<E: Syncable, C: ConnectionTrait>(db: &C) -> Result<Arc<CaptureScope>, DbErr> {
+    match target_for::<E, C>(db).await? {
+        Target::Scope(scope) => Ok(scope),
+        Target::Lone(_) => Err(refuse(format!(
+            "internal: `{}` recorded outside a sync transaction",
+            E::SYNC_ID
+        ))),
+    }
 }
 
 /// Adds a change to the current recorded scope's buffer: how the leader logs what it takes
@@ -239,7 +319,12 @@ pub(crate) fn rollback_to(mark: usize) -> Result<(), DbErr> {
     Ok(())
 }
 
-fn synced_json<E: Syncable>(model: &E::Model) -> Result<String, DbErr> {
+/// The table of model `E`, as its statements name it.
+pub(crate) fn table_of<E: Syncable>() -> &'static str {
+    sea_orm::EntityName::table_name(&E::default())
+}
+
+pub(crate) fn synced_json<E: Syncable>(model: &E::Model) -> Result<String, DbErr> {
     let map = E::sync_json(model).map_err(|e| {
         DbErr::Json(format!(
             "cannot serialise synced fields of `{}`: {e}",
@@ -273,7 +358,7 @@ fn synced_json<E: Syncable>(model: &E::Model) -> Result<String, DbErr> {
 /// column's declared length (`String(StringLen::N(n))`, `Char(Some(n))`), which
 /// PostgreSQL and MySQL refuse and SQLite stores. Caught here, the writer learns it at
 /// once; caught on another device, the change would have to be set aside there.
-fn check_values<E: Syncable>(active: &E::ActiveModel) -> Result<(), DbErr> {
+pub(crate) fn check_values<E: Syncable>(active: &E::ActiveModel) -> Result<(), DbErr> {
     use sea_orm::sea_query::StringLen;
     use sea_orm::{ActiveModelTrait, ActiveValue, ColumnTrait, ColumnType, Iterable, Value};
     // What the values set now add up to: a record over the limit is refused before the
@@ -360,7 +445,7 @@ fn check_values<E: Syncable>(active: &E::ActiveModel) -> Result<(), DbErr> {
     Ok(())
 }
 
-fn reload<'a, E: Syncable>(
+pub(crate) fn reload<'a, E: Syncable>(
     txn: &'a DatabaseTransaction,
     key: &'a str,
 ) -> BoxFuture<'a, Result<Option<String>, DbErr>> {
@@ -389,11 +474,15 @@ where
     if !E::ENABLED {
         return Ok(active);
     }
-    let scope = scope_for::<E, C>(db)?;
+    let target = target_for::<E, C>(db).await?;
     if insert {
         E::fill_key(&mut active);
     }
-    if !scope.recording {
+    let recording = match &target {
+        Target::Scope(scope) => scope.recording,
+        Target::Lone(_) => true,
+    };
+    if !recording {
         return Ok(active);
     }
     check_values::<E>(&active)?;
@@ -409,6 +498,26 @@ where
     } else {
         E::set_fields(&active)
     };
+    let scope = match target {
+        Target::Scope(scope) => scope,
+        Target::Lone(shared) => {
+            shared.arm_lone(crate::connection::LoneWrite {
+                table: table_of::<E>(),
+                model: E::SYNC_ID,
+                key,
+                changed,
+                schema_version: E::SCHEMA_VERSION,
+                reload: reload::<E>,
+                kind: if insert {
+                    crate::connection::LoneKind::Insert
+                } else {
+                    crate::connection::LoneKind::Update
+                },
+            });
+            return Ok(active);
+        }
+    };
+    scope.arm(table_of::<E>());
     scope.buffer().pending_saves.insert(
         (E::SYNC_ID, key),
         PendingSave {
@@ -429,7 +538,15 @@ where
     if !E::ENABLED {
         return Ok(model);
     }
-    let scope = scope_for::<E, C>(db)?;
+    let scope = match target_for::<E, C>(db).await? {
+        Target::Scope(scope) => scope,
+        // The handle recorded the lone write with its statement.
+        Target::Lone(shared) => {
+            shared.disarm_lone();
+            return Ok(model);
+        }
+    };
+    scope.disarm();
     if !scope.recording {
         return Ok(model);
     }
@@ -490,10 +607,27 @@ where
     if !E::ENABLED {
         return Ok(active);
     }
-    let scope = scope_for::<E, C>(db)?;
+    let scope = match target_for::<E, C>(db).await? {
+        Target::Scope(scope) => scope,
+        Target::Lone(shared) => {
+            if let Some(key) = E::active_key(&active) {
+                shared.arm_lone(crate::connection::LoneWrite {
+                    table: table_of::<E>(),
+                    model: E::SYNC_ID,
+                    key,
+                    changed: Vec::new(),
+                    schema_version: E::SCHEMA_VERSION,
+                    reload: reload::<E>,
+                    kind: crate::connection::LoneKind::Delete,
+                });
+            }
+            return Ok(active);
+        }
+    };
     if !scope.recording {
         return Ok(active);
     }
+    scope.arm(table_of::<E>());
     let Some(key) = E::active_key(&active) else {
         return Ok(active);
     };
@@ -518,7 +652,14 @@ where
     if !E::ENABLED {
         return Ok(active);
     }
-    let scope = scope_for::<E, C>(db)?;
+    let scope = match target_for::<E, C>(db).await? {
+        Target::Scope(scope) => scope,
+        Target::Lone(shared) => {
+            shared.disarm_lone();
+            return Ok(active);
+        }
+    };
+    scope.disarm();
     if !scope.recording {
         return Ok(active);
     }
@@ -553,7 +694,7 @@ pub(crate) async fn record_again<E: Syncable>(
     txn: &DatabaseTransaction,
     key: &str,
 ) -> Result<bool, DbErr> {
-    let scope = scope_for::<E, DatabaseTransaction>(txn)?;
+    let scope = scope_for::<E, DatabaseTransaction>(txn).await?;
     let data = reload::<E>(txn, key).await?;
     let change = CapturedChange {
         model: E::SYNC_ID,

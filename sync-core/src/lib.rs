@@ -27,6 +27,7 @@
 mod capture;
 mod coalesce;
 mod commits;
+mod connection;
 mod entry;
 mod error;
 mod follow_loop;
@@ -53,6 +54,7 @@ pub mod hooks {
 }
 
 pub use commits::CommitWatcher;
+pub use connection::{SyncConnection, SyncTransaction};
 pub use entry::{ChainError, ChangeOp, LogEntry, verify_chain};
 pub use error::{LogError, OpenError};
 pub use follow_loop::{

@@ -538,6 +538,8 @@ async fn rows_of<E: Syncable, C: ConnectionTrait>(db: &C) -> Result<ModelRows, D
 #[derive(Clone, Default)]
 pub struct Registry {
     models: BTreeMap<&'static str, Arc<dyn ModelOps>>,
+    /// Synced models by table name: the tables a `SyncTransaction` guards.
+    tables: BTreeMap<&'static str, &'static str>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -570,6 +572,10 @@ impl Registry {
             return Err(DuplicateSyncId(E::SYNC_ID));
         }
         self.models.insert(E::SYNC_ID, Arc::new(Typed::<E>::new()));
+        if E::ENABLED {
+            self.tables
+                .insert(crate::capture::table_of::<E>(), E::SYNC_ID);
+        }
         Ok(self)
     }
 
@@ -604,7 +610,16 @@ impl Registry {
         self.models
             .entry(conflict)
             .or_insert_with(|| Arc::new(Typed::<crate::tables::conflict::Entity>::new()));
+        self.tables.insert(
+            crate::capture::table_of::<crate::tables::conflict::Entity>(),
+            conflict,
+        );
         self
+    }
+
+    /// The sync id of the synced model stored in `table`, if any.
+    pub(crate) fn model_of_table(&self, table: &str) -> Option<&'static str> {
+        self.tables.get(table).copied()
     }
 
     pub(crate) fn get(&self, sync_id: &str) -> Option<&Arc<dyn ModelOps>> {
