@@ -445,6 +445,16 @@ impl SyncConnection {
                 _ => false,
             };
             let out = stmt.run_on(&txn).await?;
+            // One model's write touches one row. More means the armed write was not this
+            // statement (a hook whose write never ran, then a bulk statement): refused.
+            let rows = match &out {
+                Out::Exec(r) => r.rows_affected(),
+                Out::One(r) => u64::from(r.is_some()),
+                Out::All(r) => r.len() as u64,
+            };
+            if rows > 1 {
+                return Err(refused_write(write.model, write.table, false));
+            }
             let hlc = || library.context.clock.now();
             let change = if !out.touched() {
                 None
