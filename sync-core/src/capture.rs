@@ -7,6 +7,10 @@
 //! before it commits. A closure that fails rolls back, and its
 //! buffer is dropped with it: a rolled-back write leaves no entry.
 //!
+//! The connection handle's `SyncTransaction` owns a scope the same way, found by asking
+//! the connection (`connection::probe`); a lone write on a `SyncConnection` is armed here
+//! and recorded by the handle with its statement (see `connection.rs`).
+//!
 //! A write to a synced model outside such a scope, or through a connection other than the
 //! transaction the scope belongs to, is refused by `before_save`/`before_delete` before it
 //! reaches the database. That is the rule that keeps writes from escaping the log.
@@ -154,13 +158,12 @@ impl CaptureScope {
         self.buffer().changes.len()
     }
 
-    /// Forgets the changes after `mark` (their savepoint was rolled back).
+    /// Forgets the changes after `mark` (their savepoint was rolled back). Pending saves
+    /// stay: one from before the savepoint (`update_without_returning`) must still be read
+    /// back at drain, and one from inside it reads back the rolled-back row's state as it
+    /// is now, or nothing if it is gone — over-reporting, never losing.
     pub(crate) fn truncate(&self, mark: usize) {
-        let mut buffer = self.buffer();
-        buffer.changes.truncate(mark);
-        buffer.pending_saves.clear();
-        buffer.pending_deletes.clear();
-        drop(buffer);
+        self.buffer().changes.truncate(mark);
         self.disarm();
     }
 

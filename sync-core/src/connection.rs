@@ -25,7 +25,8 @@
 //! over `C: ConnectionTrait`, not `'static`, and sync-core forbids `unsafe`): it asks the
 //! connection (`probe`). The handle's types answer the probe statement without touching
 //! the database, through a thread-local that the hook reads in the same poll; any other
-//! connection runs it (a `SELECT 1`) and is then refused, as before.
+//! connection is refused, as before (its type's name already rules it out, so it is
+//! not asked; were it asked, it would run a `SELECT 1` and give no answer).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -61,6 +62,13 @@ thread_local! {
 /// Asks `db` which capture scope it writes into: `Some` for the handle's types, `None` for
 /// any other connection.
 pub(crate) async fn probe<C: ConnectionTrait>(db: &C) -> Option<Target> {
+    // Only the handle's types can answer: spare other connections the round trip (and a
+    // wait for a pooled connection) before their hook is refused. The type's name only
+    // narrows the probe; the answer below is what decides.
+    let name = std::any::type_name::<C>();
+    if !(name.contains("SyncTransaction") || name.contains("SyncConnection")) {
+        return None;
+    }
     PROBED.with(|p| p.borrow_mut().take());
     let answer = db.execute_unprepared(PROBE_SQL).await;
     // The handle answers without awaiting anything, so its answer was set on this thread

@@ -454,7 +454,11 @@ impl Library {
     /// to record) rolls everything back.
     ///
     /// Pass the transaction `work` receives to every write: the hooks refuse writes to
-    /// synced models made through any other connection.
+    /// synced models made through any other connection, and statements that write a
+    /// synced table without hooks (`Entity::insert_many(..).exec`, raw SQL) are refused
+    /// (use `SyncTransaction::insert_many`, `update_many`, `delete_many`). The same as
+    /// `self.connection().transaction(…)`; the handle (`Library::connection`) is the
+    /// recommended way.
     ///
     /// ```no_run
     /// # use sea_orm::{ActiveModelTrait, DbErr};

@@ -430,7 +430,91 @@ async fn hookless_writes_are_refused(f: Fixture) -> Fixture {
     f
 }
 
+/// Writes on a follower's handle enter its outbox and reach the leader; a read-access
+/// follower's handle refuses them.
+async fn follower_writes_through_the_handle(f: Fixture) -> Fixture {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let writer =
+        crate::offline::member(&f.library, dir.path(), "writer", sync_core::Access::Write).await;
+    let conn = writer.connection();
+    let lone = new_tag("from follower")
+        .insert(&conn)
+        .await
+        .expect("lone insert");
+    let txn = conn.begin().await.expect("begin");
+    txn.insert_many([new_tag("bulk a"), new_tag("bulk b")])
+        .await
+        .expect("insert_many");
+    txn.commit().await.expect("commit");
+    let e = tag::Entity::insert_many([new_tag("escaping")])
+        .exec(&conn)
+        .await
+        .expect_err("hook-less write refused on a follower too");
+    assert!(refused(&e, "tag"), "{e}");
+    assert_eq!(writer.outbox_len().await.expect("outbox"), 3);
+    crate::offline::sync(&writer, &f.library).await;
+    assert_eq!(writer.outbox_len().await.expect("outbox"), 0);
+    let log = whole_log(&f.library).await;
+    assert_eq!(log.len(), 3);
+    assert!(log.iter().any(|e| e.record_id == lone.id.to_string()));
+    assert_eq!(
+        writer.dump().await.expect("dump"),
+        f.library.dump().await.expect("dump")
+    );
+
+    let reader =
+        crate::offline::member(&f.library, dir.path(), "reader", sync_core::Access::Read).await;
+    let e = new_tag("not allowed")
+        .insert(&reader.connection())
+        .await
+        .expect_err("read access refuses");
+    assert!(e.to_string().contains("read access"), "{e}");
+    let txn = reader.connection().begin().await.expect("begin");
+    let e = txn
+        .insert_many([new_tag("not allowed")])
+        .await
+        .expect_err("read access refuses");
+    assert!(e.to_string().contains("read access"), "{e}");
+    f
+}
+
+/// Lone writes from many tasks at once on clones of one handle: each is recorded once.
+async fn lone_writes_from_many_tasks(f: Fixture) -> Fixture {
+    let conn = f.library.connection();
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..8 {
+        let conn = conn.clone();
+        tasks.spawn(async move {
+            for i in 0..10 {
+                let tag = new_tag(&format!("t{task}-{i}")).insert(&conn).await?;
+                tag::ActiveModel {
+                    id: Unchanged(tag.id),
+                    color: Set(Some(format!("c{i}"))),
+                    ..Default::default()
+                }
+                .update(&conn)
+                .await?;
+            }
+            Ok::<_, DbErr>(())
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.expect("task").expect("writes");
+    }
+    let log = whole_log(&f.library).await;
+    assert_eq!(log.len(), 160);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let follower = caught_up_follower(&f.library, dir.path()).await;
+    assert_eq!(
+        follower.dump().await.expect("dump"),
+        f.library.dump().await.expect("dump")
+    );
+    f
+}
+
 crate::on_every_backend!(
+    follower_writes_through_the_handle,
+    lone_writes_from_many_tasks,
     lone_writes_are_recorded_and_replicate,
     transactions_commit_with_their_entries_or_leave_nothing,
     a_rolled_back_savepoint_leaves_no_entry,
