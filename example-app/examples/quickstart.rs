@@ -104,21 +104,16 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     Migrator::up(&db, None).await?;
     let leader = Library::open_or_create(db, "Notes", registry.clone()).await?;
 
-    // Writes to synced models go through `Library::transaction`, with the transaction it
-    // hands out: they and their log entries commit together.
-    leader
-        .transaction(|txn| {
-            Box::pin(async move {
-                note::ActiveModel {
-                    text: Set("hello".into()),
-                    ..Default::default()
-                }
-                .insert(txn)
-                .await?;
-                Ok::<_, DbErr>(())
-            })
-        })
-        .await?;
+    // Write through the library's connection handle, kept where an app keeps its
+    // `DatabaseConnection`: each write to a synced model commits with its log entry
+    // (`conn.begin()` / `conn.transaction(…)` group several).
+    let conn = leader.connection();
+    note::ActiveModel {
+        text: Set("hello".into()),
+        ..Default::default()
+    }
+    .insert(&conn)
+    .await?;
 
     // Serving over QUIC (a real leader listens on a known address, e.g. 0.0.0.0:7447).
     let key = leader.device_key().await?;

@@ -7,7 +7,7 @@ use anyhow::Result;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sea_orm::ActiveValue::{NotSet, Set, Unchanged};
-use sea_orm::{ActiveModelTrait, DatabaseTransaction, DbErr};
+use sea_orm::{ActiveModelTrait, ConnectionTrait, DbErr, TransactionSession, TransactionTrait};
 use serde::Serialize;
 use sync_core::Library;
 use uuid::Uuid;
@@ -27,6 +27,25 @@ pub struct LoadOptions {
     pub batch: u64,
     /// False: the same writes with capture switched off (`Library::unrecorded`).
     pub sync: bool,
+}
+
+/// How a load's synced writes reach the database (`bench capture` compares them).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WritePath {
+    /// `Library::unrecorded`: capture switched off.
+    Unsynced,
+    /// `Library::transaction`, writes on the SeaORM `DatabaseTransaction` it dereferences
+    /// to: the hooks find the task-local scope; statements are not guarded.
+    Transaction,
+    /// `Library::transaction`, writes on the `SyncTransaction` itself: hooks find the scope
+    /// by probing it, and every statement passes the hook-less write guard.
+    Guarded,
+    /// `Library::connection().begin()`, writes on the `SyncTransaction`, then `commit`.
+    Handle,
+    /// Lone writes on `Library::connection()`: each write its own transaction (the batch
+    /// size is ignored).
+    Lone,
 }
 
 /// What a load did and how long it took.
@@ -70,6 +89,20 @@ enum Op {
 
 /// Runs the load and reports.
 pub async fn load(library: &Library, options: &LoadOptions) -> Result<LoadReport> {
+    let path = if options.sync {
+        WritePath::Transaction
+    } else {
+        WritePath::Unsynced
+    };
+    load_via(library, options, path).await
+}
+
+/// Runs the load through `path` (`options.sync` is ignored) and reports.
+pub async fn load_via(
+    library: &Library,
+    options: &LoadOptions,
+    path: WritePath,
+) -> Result<LoadReport> {
     let started = Instant::now();
     let writers = options.concurrency.max(1);
     let mut tasks = tokio::task::JoinSet::new();
@@ -77,7 +110,7 @@ pub async fn load(library: &Library, options: &LoadOptions) -> Result<LoadReport
         let share = options.count / writers + u64::from(writer < options.count % writers);
         let library = library.clone();
         let options = options.clone();
-        tasks.spawn(async move { write_share(&library, &options, writer, share).await });
+        tasks.spawn(async move { write_share(&library, &options, path, writer, share).await });
     }
     let mut transactions = 0;
     while let Some(joined) = tasks.join_next().await {
@@ -92,13 +125,14 @@ pub async fn load(library: &Library, options: &LoadOptions) -> Result<LoadReport
         transactions,
         seconds,
         writes_per_second: options.count as f64 / seconds.max(f64::EPSILON),
-        synced: options.sync,
+        synced: path != WritePath::Unsynced,
     })
 }
 
 async fn write_share(
     library: &Library,
     options: &LoadOptions,
+    path: WritePath,
     writer: u64,
     share: u64,
 ) -> Result<u64> {
@@ -107,6 +141,7 @@ async fn write_share(
     let mut live: [Vec<Uuid>; 5] = Default::default();
     let mut done = 0;
     let mut transactions = 0;
+    let conn = library.connection();
     while done < share {
         let size = options.batch.max(1).min(share - done);
         let mut ops = Vec::with_capacity(size as usize);
@@ -124,14 +159,28 @@ async fn write_share(
             }
             ops.push((op, rng.random::<u32>()));
         }
-        if options.sync {
-            library
-                .transaction(move |txn| Box::pin(apply_all(txn, ops)))
-                .await?;
-        } else {
-            library
-                .unrecorded(move |txn| Box::pin(apply_all(txn, ops)))
-                .await?;
+        match path {
+            WritePath::Unsynced => {
+                library
+                    .unrecorded(move |txn| Box::pin(apply_all(&**txn, ops)))
+                    .await?
+            }
+            WritePath::Transaction => {
+                library
+                    .transaction(move |txn| Box::pin(apply_all(&**txn, ops)))
+                    .await?
+            }
+            WritePath::Guarded => {
+                library
+                    .transaction(move |txn| Box::pin(apply_all(txn, ops)))
+                    .await?
+            }
+            WritePath::Handle => {
+                let txn = conn.begin().await?;
+                apply_all(&txn, ops).await?;
+                txn.commit().await?;
+            }
+            WritePath::Lone => apply_all(&conn, ops).await?,
         }
         done += size;
         transactions += 1;
@@ -139,14 +188,14 @@ async fn write_share(
     Ok(transactions)
 }
 
-async fn apply_all(txn: &DatabaseTransaction, ops: Vec<(Op, u32)>) -> Result<(), DbErr> {
+async fn apply_all<C: ConnectionTrait>(txn: &C, ops: Vec<(Op, u32)>) -> Result<(), DbErr> {
     for (op, salt) in ops {
         apply(txn, op, salt).await?;
     }
     Ok(())
 }
 
-async fn apply(txn: &DatabaseTransaction, op: Op, salt: u32) -> Result<(), DbErr> {
+async fn apply<C: ConnectionTrait>(txn: &C, op: Op, salt: u32) -> Result<(), DbErr> {
     match op {
         Op::Insert(Kind::Location, id) => {
             location::ActiveModel {
@@ -253,7 +302,7 @@ async fn apply(txn: &DatabaseTransaction, op: Op, salt: u32) -> Result<(), DbErr
     Ok(())
 }
 
-async fn delete(txn: &DatabaseTransaction, kind: Kind, id: Uuid) -> Result<(), DbErr> {
+async fn delete<C: ConnectionTrait>(txn: &C, kind: Kind, id: Uuid) -> Result<(), DbErr> {
     match kind {
         Kind::Location => {
             location::ActiveModel {

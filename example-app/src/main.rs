@@ -312,7 +312,9 @@ enum Bench {
         rounds: u32,
     },
     /// Capture's cost: synced against unsynced writes of the same load, each in a fresh
-    /// database on the server of `--db` (or a temp SQLite file when `--db` is SQLite).
+    /// database on the server of `--db` (or a temp SQLite file when `--db` is SQLite);
+    /// synced through each write path (`Library::transaction` on its `DatabaseTransaction`,
+    /// the guarded `SyncTransaction`, the connection handle's `begin`, lone handle writes).
     Capture {
         #[arg(long, default_value_t = 4000)]
         count: u64,
@@ -789,13 +791,25 @@ async fn bench_capture(
     batches: &[u64],
     rounds: u32,
 ) -> Result<()> {
+    use example_app::load::{WritePath, load_via};
     let dir = tempfile_dir()?;
     let backend = url.split(':').next().unwrap_or("sqlite").to_owned();
     for &batch in batches {
-        let mut best = [f64::INFINITY; 2];
-        for _ in 0..rounds.max(1) {
-            // Alternate the order so that neither side always runs on a warmer machine.
-            for (slot, sync) in [(0, false), (1, true)] {
+        // Lone writes are one per transaction: compared only with a batch of one.
+        let mut paths = vec![
+            WritePath::Unsynced,
+            WritePath::Transaction,
+            WritePath::Guarded,
+            WritePath::Handle,
+        ];
+        if batch == 1 {
+            paths.push(WritePath::Lone);
+        }
+        let mut best = vec![f64::INFINITY; paths.len()];
+        for round in 0..rounds.max(1) {
+            // Rotate the order so that no path always runs on a warmer machine.
+            for i in 0..paths.len() {
+                let slot = (i + round as usize) % paths.len();
                 let fresh = fresh_database(url, dir.path()).await?;
                 let library = init(&fresh, "bench").await?;
                 let options = LoadOptions {
@@ -803,15 +817,30 @@ async fn bench_capture(
                     concurrency,
                     seed: 7,
                     batch,
-                    sync,
+                    sync: true,
                 };
-                let report = load(&library, &options).await?;
+                let report = load_via(&library, &options, paths[slot]).await?;
                 best[slot] = best[slot].min(report.seconds);
                 library.db().clone().close().await.ok();
                 drop_database(&fresh).await?;
             }
         }
-        let [unsynced, synced] = best;
+        let unsynced = best[0];
+        let synced = best[1];
+        let mut paths_json = serde_json::Map::new();
+        for (path, seconds) in paths.iter().zip(&best) {
+            paths_json.insert(
+                serde_json::to_value(path)?
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_owned(),
+                serde_json::json!({
+                    "seconds": seconds,
+                    "writes_per_second": count as f64 / seconds,
+                    "over_unsynced_time": seconds / unsynced,
+                }),
+            );
+        }
         print_json(&serde_json::json!({
             "bench": "capture",
             "backend": backend,
@@ -823,6 +852,7 @@ async fn bench_capture(
             "unsynced_writes_per_second": count as f64 / unsynced,
             "synced_writes_per_second": count as f64 / synced,
             "synced_over_unsynced_time": synced / unsynced,
+            "paths": paths_json,
         }))?;
     }
     Ok(())

@@ -7,6 +7,10 @@
 //! before it commits. A closure that fails rolls back, and its
 //! buffer is dropped with it: a rolled-back write leaves no entry.
 //!
+//! The connection handle's `SyncTransaction` owns a scope the same way, found by asking
+//! the connection (`connection::probe`); a lone write on a `SyncConnection` is armed here
+//! and recorded by the handle with its statement (see `connection.rs`).
+//!
 //! A write to a synced model outside such a scope, or through a connection other than the
 //! transaction the scope belongs to, is refused by `before_save`/`before_delete` before it
 //! reaches the database. That is the rule that keeps writes from escaping the log.
@@ -45,8 +49,11 @@ pub(crate) struct CaptureScope {
     /// are handed against it.
     txn_address: usize,
     /// False inside `Library::unrecorded`.
-    recording: bool,
+    pub(crate) recording: bool,
     buffer: Mutex<Buffer>,
+    /// The synced table a hook armed for its own next write statement: the guard of a
+    /// `SyncTransaction` lets that one statement through (see `connection.rs`).
+    armed: Mutex<Option<&'static str>>,
 }
 
 #[derive(Default)]
@@ -66,9 +73,12 @@ struct PendingSave {
     reload: ReloadFn,
 }
 
-type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-type ReloadFn =
-    for<'a> fn(&'a DatabaseTransaction, &'a str) -> BoxFuture<'a, Result<Option<String>, DbErr>>;
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(crate) type ReloadFn = for<'a> fn(
+    &'a DatabaseTransaction,
+    &'a CaptureContext,
+    &'a str,
+) -> BoxFuture<'a, Result<Option<String>, DbErr>>;
 
 /// A change noted by the hooks, not yet sequenced.
 #[derive(Debug, Clone)]
@@ -118,7 +128,48 @@ impl CaptureScope {
             txn_address: address_of(txn),
             recording,
             buffer: Mutex::new(Buffer::default()),
+            armed: Mutex::new(None),
         })
+    }
+
+    /// Lets the next write statement on `table` through the guard (a hook is writing).
+    pub(crate) fn arm(&self, table: &'static str) {
+        *self.armed.lock().unwrap_or_else(|p| p.into_inner()) = Some(table);
+    }
+
+    /// Forgets an armed write that did not happen (the hook's write ended).
+    pub(crate) fn disarm(&self) {
+        *self.armed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Takes the armed write if it is for `table`: true when a hook armed this statement.
+    pub(crate) fn take_armed(&self, table: &str) -> bool {
+        let mut armed = self.armed.lock().unwrap_or_else(|p| p.into_inner());
+        if armed.is_some_and(|t| t == table) {
+            *armed = None;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Adds a change to the buffer (the sync-aware bulk writes record here).
+    pub(crate) fn push(&self, change: CapturedChange) {
+        self.buffer().changes.push(change);
+    }
+
+    /// The number of changes recorded so far: a savepoint's mark.
+    pub(crate) fn mark(&self) -> usize {
+        self.buffer().changes.len()
+    }
+
+    /// Forgets the changes after `mark` (their savepoint was rolled back). Pending saves
+    /// stay: one from before the savepoint (`update_without_returning`) must still be read
+    /// back at drain, and one from inside it reads back the rolled-back row's state as it
+    /// is now, or nothing if it is gone — over-reporting, never losing.
+    pub(crate) fn truncate(&self, mark: usize) {
+        self.buffer().changes.truncate(mark);
+        self.disarm();
     }
 
     /// Runs `fut` with this scope installed for the hooks.
@@ -150,7 +201,7 @@ impl CaptureScope {
             if pending.changed.is_empty() {
                 continue;
             }
-            if let Some(data) = (pending.reload)(txn, &record_id).await? {
+            if let Some(data) = (pending.reload)(txn, &self.context, &record_id).await? {
                 changes.push(CapturedChange {
                     model,
                     record_id,
@@ -177,34 +228,69 @@ fn refuse(message: String) -> DbErr {
     DbErr::Custom(message)
 }
 
+/// Where a hook's write goes: into a capture scope's transaction, or (a lone write on a
+/// `SyncConnection`) into a transaction of its own that the handle opens for the statement.
+pub(crate) enum Target {
+    Scope(Arc<CaptureScope>),
+    Lone(Arc<crate::connection::Shared>),
+}
+
 /// The scope a hook of model `E` runs in, checked against the connection it was handed.
-fn scope_for<E: Syncable, C: ConnectionTrait>(db: &C) -> Result<Arc<CaptureScope>, DbErr> {
-    let scope = SCOPE.try_with(Arc::clone).map_err(|_| {
-        refuse(format!(
-            "write to synced model `{}` outside a sync transaction: run it inside \
-             `Library::transaction` (or `Library::unrecorded` for local-only maintenance) \
-             so that the change and its log entry commit together",
-            E::SYNC_ID
-        ))
-    })?;
-    if address_of(db) != scope.txn_address {
-        return Err(refuse(format!(
-            "write to synced model `{}` through a connection other than the transaction \
-             that `Library::transaction` handed out: pass that transaction to the write \
-             (nested transactions and other connections would commit the change apart \
-             from its log entry)",
-            E::SYNC_ID
-        )));
-    }
-    if scope.recording && scope.context.read_only {
+///
+/// A `Library::transaction` scope is found by the task-local and the transaction's address.
+/// Otherwise the connection is asked (`connection::probe`): a `SyncTransaction` answers
+/// with its scope, a `SyncConnection` with itself, and any other connection is refused.
+async fn target_for<E: Syncable, C: ConnectionTrait>(db: &C) -> Result<Target, DbErr> {
+    let task_scope = SCOPE.try_with(Arc::clone).ok();
+    let target = match task_scope {
+        Some(scope) if address_of(db) == scope.txn_address => Target::Scope(scope),
+        task_scope => match crate::connection::probe(db).await {
+            Some(target) => target,
+            None if task_scope.is_some() => {
+                return Err(refuse(format!(
+                    "write to synced model `{}` through a connection other than the \
+                     transaction that `Library::transaction` handed out: pass that \
+                     transaction to the write (other connections would commit the change \
+                     apart from its log entry)",
+                    E::SYNC_ID
+                )));
+            }
+            None => {
+                return Err(refuse(format!(
+                    "write to synced model `{}` outside a sync transaction: write through \
+                     the library's connection handle (`Library::connection`) or inside \
+                     `Library::transaction` (or `Library::unrecorded` for local-only \
+                     maintenance) so that the change and its log entry commit together",
+                    E::SYNC_ID
+                )));
+            }
+        },
+    };
+    let (recording, context) = match &target {
+        Target::Scope(scope) => (scope.recording, &scope.context),
+        Target::Lone(shared) => (true, &shared.library.context),
+    };
+    if recording && context.read_only {
         return Err(refuse(format!(
             "this device has read access to library {}: it cannot change synced model `{}`; \
              write on the leader, or join with an invite that grants write access",
-            scope.context.library_id,
+            context.library_id,
             E::SYNC_ID
         )));
     }
-    Ok(scope)
+    Ok(target)
+}
+
+/// The scope of a `Library::transaction` a hook runs in (the internal paths), checked
+/// against the connection it was handed.
+async fn scope_for<E: Syncable, C: ConnectionTrait>(db: &C) -> Result<Arc<CaptureScope>, DbErr> {
+    match target_for::<E, C>(db).await? {
+        Target::Scope(scope) => Ok(scope),
+        Target::Lone(_) => Err(refuse(format!(
+            "internal: `{}` recorded outside a sync transaction",
+            E::SYNC_ID
+        ))),
+    }
 }
 
 /// Adds a change to the current recorded scope's buffer: how the leader logs what it takes
@@ -241,12 +327,17 @@ pub(crate) fn rollback_to(mark: usize) -> Result<(), DbErr> {
     Ok(())
 }
 
+/// The table of model `E`, as its statements name it.
+pub(crate) fn table_of<E: Syncable>() -> &'static str {
+    sea_orm::EntityName::table_name(&E::default())
+}
+
 /// The record's synced fields as canonical JSON text, references to models with a sync
 /// key translated to that key (read in `db`, the write's transaction).
-fn synced_json<'a, E: Syncable, C: ConnectionTrait>(
+pub(crate) fn synced_json<'a, E: Syncable, C: ConnectionTrait>(
     model: &E::Model,
     db: &'a C,
-    scope: &'a CaptureScope,
+    context: &'a CaptureContext,
 ) -> impl Future<Output = Result<String, DbErr>> + Send + 'a {
     // Read the model before the first await: the future must not hold it (not `Sync`).
     let map = E::sync_json(model).map_err(|e| {
@@ -256,17 +347,17 @@ fn synced_json<'a, E: Syncable, C: ConnectionTrait>(
         ))
     });
     let record = E::record_key(model);
-    synced_text::<E, C>(map, record, db, scope)
+    synced_text::<E, C>(map, record, db, context)
 }
 
 async fn synced_text<E: Syncable, C: ConnectionTrait>(
     map: Result<serde_json::Map<String, serde_json::Value>, DbErr>,
     record: String,
     db: &C,
-    scope: &CaptureScope,
+    context: &CaptureContext,
 ) -> Result<String, DbErr> {
     let mut map = map?;
-    let refs = scope.context.registry.references(E::SYNC_ID);
+    let refs = context.registry.references(E::SYNC_ID);
     if !refs.is_empty() {
         crate::registry::references_out(db, refs, &mut map, &mut HashMap::new()).await?;
     }
@@ -297,7 +388,7 @@ async fn synced_text<E: Syncable, C: ConnectionTrait>(
 /// column's declared length (`String(StringLen::N(n))`, `Char(Some(n))`), which
 /// PostgreSQL and MySQL refuse and SQLite stores. Caught here, the writer learns it at
 /// once; caught on another device, the change would have to be set aside there.
-fn check_values<E: Syncable>(active: &E::ActiveModel) -> Result<(), DbErr> {
+pub(crate) fn check_values<E: Syncable>(active: &E::ActiveModel) -> Result<(), DbErr> {
     use sea_orm::sea_query::StringLen;
     use sea_orm::{ActiveModelTrait, ActiveValue, ColumnTrait, ColumnType, Iterable, Value};
     // What the values set now add up to: a record over the limit is refused before the
@@ -384,18 +475,18 @@ fn check_values<E: Syncable>(active: &E::ActiveModel) -> Result<(), DbErr> {
     Ok(())
 }
 
-fn reload<'a, E: Syncable>(
+pub(crate) fn reload<'a, E: Syncable>(
     txn: &'a DatabaseTransaction,
+    context: &'a CaptureContext,
     key: &'a str,
 ) -> BoxFuture<'a, Result<Option<String>, DbErr>> {
     Box::pin(async move {
-        let scope = scope_for::<E, DatabaseTransaction>(txn)?;
         let Some(query) = crate::syncable::find_by_key::<E>(key) else {
             return Ok(None);
         };
         match query.one(txn).await? {
             Some(model) if E::should_sync(&model) => {
-                Ok(Some(synced_json::<E, _>(&model, txn, &scope).await?))
+                Ok(Some(synced_json::<E, _>(&model, txn, context).await?))
             }
             _ => Ok(None),
         }
@@ -416,11 +507,15 @@ where
     if !E::ENABLED {
         return Ok(active);
     }
-    let scope = scope_for::<E, C>(db)?;
+    let target = target_for::<E, C>(db).await?;
     if insert {
         E::fill_key(&mut active);
     }
-    if !scope.recording {
+    let recording = match &target {
+        Target::Scope(scope) => scope.recording,
+        Target::Lone(_) => true,
+    };
+    if !recording {
         return Ok(active);
     }
     check_values::<E>(&active)?;
@@ -436,6 +531,26 @@ where
     } else {
         E::set_fields(&active)
     };
+    let scope = match target {
+        Target::Scope(scope) => scope,
+        Target::Lone(shared) => {
+            shared.arm_lone(crate::connection::LoneWrite {
+                table: table_of::<E>(),
+                model: E::SYNC_ID,
+                key,
+                changed,
+                schema_version: E::SCHEMA_VERSION,
+                reload: reload::<E>,
+                kind: if insert {
+                    crate::connection::LoneKind::Insert
+                } else {
+                    crate::connection::LoneKind::Update
+                },
+            });
+            return Ok(active);
+        }
+    };
+    scope.arm(table_of::<E>());
     scope.buffer().pending_saves.insert(
         (E::SYNC_ID, key),
         PendingSave {
@@ -456,7 +571,15 @@ where
     if !E::ENABLED {
         return Ok(model);
     }
-    let scope = scope_for::<E, C>(db)?;
+    let scope = match target_for::<E, C>(db).await? {
+        Target::Scope(scope) => scope,
+        // The handle recorded the lone write with its statement.
+        Target::Lone(shared) => {
+            shared.disarm_lone();
+            return Ok(model);
+        }
+    };
+    scope.disarm();
     if !scope.recording {
         return Ok(model);
     }
@@ -497,7 +620,7 @@ where
         model: E::SYNC_ID,
         record_id: key,
         op: ChangeOp::Upsert,
-        data: Some(synced_json::<E, C>(&model, db, &scope).await?),
+        data: Some(synced_json::<E, C>(&model, db, &scope.context).await?),
         changed,
         hlc: scope.context.clock.now(),
         schema_version: E::SCHEMA_VERSION,
@@ -517,10 +640,27 @@ where
     if !E::ENABLED {
         return Ok(active);
     }
-    let scope = scope_for::<E, C>(db)?;
+    let scope = match target_for::<E, C>(db).await? {
+        Target::Scope(scope) => scope,
+        Target::Lone(shared) => {
+            if let Some(key) = E::active_key(&active) {
+                shared.arm_lone(crate::connection::LoneWrite {
+                    table: table_of::<E>(),
+                    model: E::SYNC_ID,
+                    key,
+                    changed: Vec::new(),
+                    schema_version: E::SCHEMA_VERSION,
+                    reload: reload::<E>,
+                    kind: crate::connection::LoneKind::Delete,
+                });
+            }
+            return Ok(active);
+        }
+    };
     if !scope.recording {
         return Ok(active);
     }
+    scope.arm(table_of::<E>());
     let Some(key) = E::active_key(&active) else {
         return Ok(active);
     };
@@ -545,7 +685,14 @@ where
     if !E::ENABLED {
         return Ok(active);
     }
-    let scope = scope_for::<E, C>(db)?;
+    let scope = match target_for::<E, C>(db).await? {
+        Target::Scope(scope) => scope,
+        Target::Lone(shared) => {
+            shared.disarm_lone();
+            return Ok(active);
+        }
+    };
+    scope.disarm();
     if !scope.recording {
         return Ok(active);
     }
@@ -580,8 +727,8 @@ pub(crate) async fn record_again<E: Syncable>(
     txn: &DatabaseTransaction,
     key: &str,
 ) -> Result<bool, DbErr> {
-    let scope = scope_for::<E, DatabaseTransaction>(txn)?;
-    let data = reload::<E>(txn, key).await?;
+    let scope = scope_for::<E, DatabaseTransaction>(txn).await?;
+    let data = reload::<E>(txn, &scope.context, key).await?;
     let change = CapturedChange {
         model: E::SYNC_ID,
         record_id: key.to_owned(),

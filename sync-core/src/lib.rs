@@ -28,6 +28,7 @@ mod adopt;
 mod capture;
 mod coalesce;
 mod commits;
+mod connection;
 mod entry;
 mod error;
 mod follow_loop;
@@ -55,6 +56,7 @@ pub mod hooks {
 
 pub use adopt::seed_key;
 pub use commits::CommitWatcher;
+pub use connection::{SyncConnection, SyncTransaction};
 pub use entry::{ChainError, ChangeOp, LogEntry, verify_chain};
 pub use error::{LogError, OpenError};
 pub use follow_loop::{

@@ -15,7 +15,8 @@ use sea_orm::{
 };
 use serde::Serialize;
 
-use crate::capture::{CaptureContext, CaptureScope, CapturedChange};
+use crate::capture::{CaptureContext, CapturedChange};
+use crate::connection::SyncTransaction;
 use crate::entry::{ChangeOp, LogEntry};
 use crate::error::{LogError, OpenError};
 use crate::registry::Registry;
@@ -456,7 +457,11 @@ impl Library {
     /// to record) rolls everything back.
     ///
     /// Pass the transaction `work` receives to every write: the hooks refuse writes to
-    /// synced models made through any other connection.
+    /// synced models made through any other connection, and statements that write a
+    /// synced table without hooks (`Entity::insert_many(..).exec`, raw SQL) are refused
+    /// (use `SyncTransaction::insert_many`, `update_many`, `delete_many`). The same as
+    /// `self.connection().transaction(…)`; the handle (`Library::connection`) is the
+    /// recommended way.
     ///
     /// ```no_run
     /// # use sea_orm::{ActiveModelTrait, DbErr};
@@ -472,7 +477,7 @@ impl Library {
     /// ```
     pub async fn transaction<T, E, F>(&self, work: F) -> Result<T, E>
     where
-        F: for<'c> FnOnce(&'c DatabaseTransaction) -> TxnFuture<'c, T, E>,
+        F: for<'c> FnOnce(&'c SyncTransaction) -> TxnFuture<'c, T, E>,
         E: From<DbErr>,
     {
         self.run(work, true).await
@@ -482,7 +487,7 @@ impl Library {
     /// (rebuilding a cache column, say). Followers will not see these writes.
     pub async fn unrecorded<T, E, F>(&self, work: F) -> Result<T, E>
     where
-        F: for<'c> FnOnce(&'c DatabaseTransaction) -> TxnFuture<'c, T, E>,
+        F: for<'c> FnOnce(&'c SyncTransaction) -> TxnFuture<'c, T, E>,
         E: From<DbErr>,
     {
         self.run(work, false).await
@@ -490,31 +495,17 @@ impl Library {
 
     async fn run<T, E, F>(&self, work: F, recording: bool) -> Result<T, E>
     where
-        F: for<'c> FnOnce(&'c DatabaseTransaction) -> TxnFuture<'c, T, E>,
+        F: for<'c> FnOnce(&'c SyncTransaction) -> TxnFuture<'c, T, E>,
         E: From<DbErr>,
     {
-        let txn = self.begin_write().await?;
-        let scope = CaptureScope::new(Arc::clone(&self.context), &txn, recording);
+        let txn = SyncTransaction::begin_for(self, recording).await?;
+        let scope = txn.scope();
         let outcome = scope.run(work(&txn)).await;
+        let txn = txn.into_inner();
         match outcome {
             Ok(value) => {
                 let changes = scope.drain(&txn).await?;
-                let appended = self.append(&txn, changes).await?;
-                txn.commit().await?;
-                match appended {
-                    Appended::Nothing => {}
-                    Appended::Sequenced(tip) => self.advance_tip(tip),
-                    // The write has committed, whatever happens next: a failure to number
-                    // its entries now leaves them for the next sequencer run (any write or
-                    // log read of this library), so it must not look like a failed write.
-                    Appended::Outbox => self.outbox_news.send_modify(|n| *n = n.wrapping_add(1)),
-                    Appended::Pending => {
-                        if let Some(kick) = &self.kick {
-                            // Full means a run is already due, which will take these too.
-                            let _ = kick.try_send(());
-                        }
-                    }
-                }
+                self.commit_changes(*txn, changes).await?;
                 Ok(value)
             }
             Err(e) => {
@@ -526,6 +517,32 @@ impl Library {
                 Err(e)
             }
         }
+    }
+
+    /// Appends a transaction's captured changes and commits it, then tells whoever waits
+    /// for them (`run`, and the connection handle's transactions and lone writes).
+    pub(crate) async fn commit_changes(
+        &self,
+        txn: DatabaseTransaction,
+        changes: Vec<CapturedChange>,
+    ) -> Result<(), DbErr> {
+        let appended = self.append(&txn, changes).await?;
+        txn.commit().await?;
+        match appended {
+            Appended::Nothing => {}
+            Appended::Sequenced(tip) => self.advance_tip(tip),
+            // The write has committed, whatever happens next: a failure to number
+            // its entries now leaves them for the next sequencer run (any write or
+            // log read of this library), so it must not look like a failed write.
+            Appended::Outbox => self.outbox_news.send_modify(|n| *n = n.wrapping_add(1)),
+            Appended::Pending => {
+                if let Some(kick) = &self.kick {
+                    // Full means a run is already due, which will take these too.
+                    let _ = kick.try_send(());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A transaction that will write. SQLite: it takes the write lock at BEGIN. A deferred

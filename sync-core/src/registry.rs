@@ -962,6 +962,8 @@ pub(crate) async fn references_in<C: ConnectionTrait>(
 #[derive(Clone, Default)]
 pub struct Registry {
     models: BTreeMap<&'static str, Arc<dyn ModelOps>>,
+    /// Synced models by table name: the tables a `SyncTransaction` guards.
+    tables: BTreeMap<&'static str, &'static str>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -994,6 +996,10 @@ impl Registry {
             return Err(DuplicateSyncId(E::SYNC_ID));
         }
         self.models.insert(E::SYNC_ID, Arc::new(Typed::<E>::new()));
+        if E::ENABLED {
+            self.tables
+                .insert(crate::capture::table_of::<E>(), E::SYNC_ID);
+        }
         Ok(self)
     }
 
@@ -1028,6 +1034,10 @@ impl Registry {
         self.models
             .entry(conflict)
             .or_insert_with(|| Arc::new(Typed::<crate::tables::conflict::Entity>::new()));
+        self.tables.insert(
+            crate::capture::table_of::<crate::tables::conflict::Entity>(),
+            conflict,
+        );
         self
     }
 
@@ -1082,6 +1092,11 @@ impl Registry {
     /// The references of a model (see `resolved`).
     pub(crate) fn references(&self, sync_id: &str) -> &[ForeignRef] {
         self.get(sync_id).map_or(&[], |m| m.references())
+    }
+
+    /// The sync id of the synced model stored in `table`, if any.
+    pub(crate) fn model_of_table(&self, table: &str) -> Option<&'static str> {
+        self.tables.get(table).copied()
     }
 
     pub(crate) fn get(&self, sync_id: &str) -> Option<&Arc<dyn ModelOps>> {

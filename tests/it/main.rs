@@ -12,6 +12,7 @@ mod derive;
 mod follow_state;
 mod follower;
 mod foreign_keys;
+mod handle;
 mod int_keys;
 mod offline;
 mod ordering;
