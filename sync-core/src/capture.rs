@@ -67,8 +67,11 @@ struct PendingSave {
 }
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-type ReloadFn =
-    for<'a> fn(&'a DatabaseTransaction, &'a str) -> BoxFuture<'a, Result<Option<String>, DbErr>>;
+type ReloadFn = for<'a> fn(
+    &'a DatabaseTransaction,
+    &'a CaptureScope,
+    &'a str,
+) -> BoxFuture<'a, Result<Option<String>, DbErr>>;
 
 /// A change noted by the hooks, not yet sequenced.
 #[derive(Debug, Clone)]
@@ -150,7 +153,7 @@ impl CaptureScope {
             if pending.changed.is_empty() {
                 continue;
             }
-            if let Some(data) = (pending.reload)(txn, &record_id).await? {
+            if let Some(data) = (pending.reload)(txn, self, &record_id).await? {
                 changes.push(CapturedChange {
                     model,
                     record_id,
@@ -386,16 +389,16 @@ fn check_values<E: Syncable>(active: &E::ActiveModel) -> Result<(), DbErr> {
 
 fn reload<'a, E: Syncable>(
     txn: &'a DatabaseTransaction,
+    scope: &'a CaptureScope,
     key: &'a str,
 ) -> BoxFuture<'a, Result<Option<String>, DbErr>> {
     Box::pin(async move {
-        let scope = scope_for::<E, DatabaseTransaction>(txn)?;
         let Some(query) = crate::syncable::find_by_key::<E>(key) else {
             return Ok(None);
         };
         match query.one(txn).await? {
             Some(model) if E::should_sync(&model) => {
-                Ok(Some(synced_json::<E, _>(&model, txn, &scope).await?))
+                Ok(Some(synced_json::<E, _>(&model, txn, scope).await?))
             }
             _ => Ok(None),
         }
@@ -581,7 +584,7 @@ pub(crate) async fn record_again<E: Syncable>(
     key: &str,
 ) -> Result<bool, DbErr> {
     let scope = scope_for::<E, DatabaseTransaction>(txn)?;
-    let data = reload::<E>(txn, key).await?;
+    let data = reload::<E>(txn, &scope, key).await?;
     let change = CapturedChange {
         model: E::SYNC_ID,
         record_id: key.to_owned(),

@@ -595,3 +595,82 @@ async fn a_reference_to_a_missing_record_is_named_not_nulled() {
         "nothing stored"
     );
 }
+
+/// A pushed change that refers to a record the leader does not have (one the follower
+/// keeps unrecorded) is set aside on the leader, with the reason, not stored with a NULL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_reference_to_a_record_the_leader_lacks_is_rejected() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = |name: &str| format!("sqlite://{}?mode=rwc", dir.path().join(name).display());
+    let leader = Library::create(database(&url("leader.db")).await, "ints", registry())
+        .await
+        .expect("leader");
+    let follower_db = database(&url("follower.db")).await;
+    let device = Library::device_key_of(&follower_db)
+        .await
+        .expect("device key");
+    let invite = leader
+        .invite(Access::Write, std::time::Duration::from_secs(600))
+        .await
+        .expect("invite");
+    leader
+        .redeem_invite(&invite.secret, Access::Write, device.device_id(), Some("f"))
+        .await
+        .expect("redeem");
+    let follower = Library::join(
+        follower_db,
+        leader.id(),
+        leader.device_id(),
+        "ints",
+        Access::Write,
+        registry(),
+    )
+    .await
+    .expect("join");
+    let shelf_here = follower
+        .unrecorded(|txn| {
+            Box::pin(async move {
+                let s = shelf::ActiveModel {
+                    name: Set("only here".into()),
+                    ..Default::default()
+                }
+                .insert(txn)
+                .await?;
+                Ok::<_, DbErr>(s.id)
+            })
+        })
+        .await
+        .expect("a shelf of this device's own");
+    let b = follower
+        .transaction(move |txn| {
+            Box::pin(async move {
+                let b = book::ActiveModel {
+                    title: Set("on a shelf the leader lacks".into()),
+                    shelf_id: Set(Some(shelf_here)),
+                    ..Default::default()
+                }
+                .insert(txn)
+                .await?;
+                Ok::<_, DbErr>(b.sync_key)
+            })
+        })
+        .await
+        .expect("follower writes");
+    let pushed = follower
+        .push_outbox(&InProcess::new(leader.clone()))
+        .await
+        .expect("push");
+    assert_eq!((pushed.acknowledged, pushed.rejected), (1, 1));
+    let rejected = leader.rejected().await.expect("rejected");
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0].record_id, b.to_string());
+    assert!(
+        rejected[0].reason.contains("does not have"),
+        "{}",
+        rejected[0].reason
+    );
+    assert!(
+        book_by_key(leader.db(), b).await.is_none(),
+        "nothing stored"
+    );
+}
