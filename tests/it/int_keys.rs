@@ -90,11 +90,47 @@ pub mod label {
     }
 }
 
+/// A join table: its composite key's members are references, and it syncs by its own
+/// sync key.
+pub mod shelf_book {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, sync_core::Syncable)]
+    #[sea_orm(table_name = "int_shelf_book")]
+    #[sync(id = "shelf_book")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub shelf_id: i32,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub book_id: i64,
+        #[sync(key)]
+        #[sea_orm(unique)]
+        pub sync_key: Uuid,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {
+        #[sea_orm(
+            belongs_to = "super::shelf::Entity",
+            from = "Column::ShelfId",
+            to = "super::shelf::Column::Id"
+        )]
+        Shelf,
+        #[sea_orm(
+            belongs_to = "super::book::Entity",
+            from = "Column::BookId",
+            to = "super::book::Column::Id"
+        )]
+        Book,
+    }
+}
+
 fn registry() -> Registry {
     Registry::new()
         .register::<shelf::Entity>()
         .and_then(|r| r.register::<book::Entity>())
         .and_then(|r| r.register::<label::Entity>())
+        .and_then(|r| r.register::<shelf_book::Entity>())
         .expect("distinct sync ids")
 }
 
@@ -113,6 +149,9 @@ async fn database(url: &str) -> DatabaseConnection {
     db.execute(&schema.create_table_from_entity(label::Entity))
         .await
         .expect("label table");
+    db.execute(&schema.create_table_from_entity(shelf_book::Entity))
+        .await
+        .expect("join table");
     db
 }
 
@@ -135,8 +174,8 @@ fn the_integer_key_is_local_and_the_sync_key_identifies_the_record() {
     assert_eq!(active.sync_key, Set(key));
 }
 
-/// Each book as `(title, its shelf's name)` and each label as `(text, its shelf's name)`,
-/// by sync key, read through this device's own integer ids.
+/// Each synced book as `(title, its shelf's name)` and each label as `(text, its shelf's
+/// name)`, by sync key, read through this device's own integer ids.
 async fn view(db: &DatabaseConnection) -> BTreeMap<Uuid, (String, Option<String>)> {
     let shelves: BTreeMap<i32, shelf::Model> = shelf::Entity::find()
         .all(db)
@@ -153,6 +192,10 @@ async fn view(db: &DatabaseConnection) -> BTreeMap<Uuid, (String, Option<String>
     };
     let mut out = BTreeMap::new();
     for b in book::Entity::find().all(db).await.expect("books") {
+        if b.title.starts_with("local ") {
+            // The follower's own unrecorded rows, there to offset its ids.
+            continue;
+        }
         out.insert(b.sync_key, (b.title, b.shelf_id.map(name)));
     }
     for l in label::Entity::find().all(db).await.expect("labels") {
@@ -254,6 +297,13 @@ async fn both_ways(backend: Backend) {
                     }
                     .insert(txn)
                     .await?;
+                    book::ActiveModel {
+                        title: Set(format!("local {n}")),
+                        shelf_id: Set(None),
+                        ..Default::default()
+                    }
+                    .insert(txn)
+                    .await?;
                 }
                 Ok::<_, DbErr>(())
             })
@@ -288,6 +338,13 @@ async fn both_ways(backend: Backend) {
                 let l1 = label::ActiveModel {
                     text: Set("fiction".into()),
                     shelf_id: Set(a.id),
+                    ..Default::default()
+                }
+                .insert(txn)
+                .await?;
+                shelf_book::ActiveModel {
+                    shelf_id: Set(a.id),
+                    book_id: Set(b1.id),
                     ..Default::default()
                 }
                 .insert(txn)
@@ -327,6 +384,21 @@ async fn both_ways(backend: Backend) {
         .expect("the book arrived");
     assert_eq!(mine.shelf_id, Some(follower_a));
     assert_eq!(view(follower.db()).await, view(leader.db()).await);
+    let link = shelf_book::Entity::find()
+        .one(follower.db())
+        .await
+        .expect("read")
+        .expect("the join row arrived");
+    assert_eq!(
+        (link.shelf_id, link.book_id),
+        (follower_a, mine.id),
+        "both members point at the follower's own ids"
+    );
+    assert_ne!(
+        mine.id,
+        book_by_key(leader.db(), b1).await.expect("b1").id,
+        "the book has another id on each device"
+    );
     assert_eq!(
         book_by_key(follower.db(), b2)
             .await
@@ -400,6 +472,9 @@ async fn both_ways(backend: Backend) {
                     .into_active_model();
                 lab.shelf_id = Set(leader_c);
                 lab.update(txn).await?;
+                for link in shelf_book::Entity::find().all(txn).await? {
+                    link.into_active_model().delete(txn).await?;
+                }
                 let one = book::Entity::find()
                     .filter(book::Column::SyncKey.eq(b1))
                     .one(txn)
@@ -419,6 +494,14 @@ async fn both_ways(backend: Backend) {
         .expect("leader edits");
     follower.catch_up(&transport, 1_000).await.expect("pull");
     assert!(book_by_key(follower.db(), b1).await.is_none());
+    assert!(
+        shelf_book::Entity::find()
+            .one(follower.db())
+            .await
+            .expect("read")
+            .is_none(),
+        "the join row's delete reached the follower"
+    );
     assert!(
         shelf::Entity::find()
             .filter(shelf::Column::SyncKey.eq(a))
