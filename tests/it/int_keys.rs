@@ -125,12 +125,37 @@ pub mod shelf_book {
     }
 }
 
+/// A tree: a reference to a record of the same model.
+pub mod category {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, sync_core::Syncable)]
+    #[sea_orm(table_name = "int_category")]
+    #[sync(id = "category")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i32,
+        #[sync(key)]
+        #[sea_orm(unique)]
+        pub sync_key: Uuid,
+        pub name: String,
+        pub parent_id: Option<i32>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {
+        #[sea_orm(belongs_to = "Entity", from = "Column::ParentId", to = "Column::Id")]
+        Parent,
+    }
+}
+
 fn registry() -> Registry {
     Registry::new()
         .register::<shelf::Entity>()
         .and_then(|r| r.register::<book::Entity>())
         .and_then(|r| r.register::<label::Entity>())
         .and_then(|r| r.register::<shelf_book::Entity>())
+        .and_then(|r| r.register::<category::Entity>())
         .expect("distinct sync ids")
 }
 
@@ -152,6 +177,9 @@ async fn database(url: &str) -> DatabaseConnection {
     db.execute(&schema.create_table_from_entity(shelf_book::Entity))
         .await
         .expect("join table");
+    db.execute(&schema.create_table_from_entity(category::Entity))
+        .await
+        .expect("category table");
     db
 }
 
@@ -756,4 +784,75 @@ async fn a_pushed_reference_to_a_record_the_leader_lacks_is_rejected() {
         book_by_key(leader.db(), b).await.is_none(),
         "nothing stored"
     );
+}
+
+/// A tree written in one transaction (a child right after its parent, in one run of
+/// entries) arrives with every child under its own parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_of_one_model_applies_in_one_run() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = |name: &str| format!("sqlite://{}?mode=rwc", dir.path().join(name).display());
+    let leader = Library::create(database(&url("leader.db")).await, "ints", registry())
+        .await
+        .expect("leader");
+    let follower = Library::join(
+        database(&url("follower.db")).await,
+        leader.id(),
+        leader.device_id(),
+        "ints",
+        Access::Read,
+        registry(),
+    )
+    .await
+    .expect("join");
+    leader
+        .transaction(|txn| {
+            Box::pin(async move {
+                let mut parent = None;
+                for depth in 0..4 {
+                    let node = category::ActiveModel {
+                        name: Set(format!("depth {depth}")),
+                        parent_id: Set(parent),
+                        ..Default::default()
+                    }
+                    .insert(txn)
+                    .await?;
+                    parent = Some(node.id);
+                }
+                Ok::<_, DbErr>(())
+            })
+        })
+        .await
+        .expect("leader writes");
+    follower
+        .catch_up(&InProcess::new(leader.clone()), 1_000)
+        .await
+        .expect("pull");
+    let paths = |rows: Vec<category::Model>| {
+        let by_id: BTreeMap<i32, category::Model> =
+            rows.iter().map(|c| (c.id, c.clone())).collect();
+        rows.iter()
+            .map(|c| {
+                let parent = c.parent_id.map(|p| by_id[&p].name.clone());
+                (c.name.clone(), parent)
+            })
+            .collect::<Vec<_>>()
+    };
+    let here = paths(
+        category::Entity::find()
+            .all(follower.db())
+            .await
+            .expect("read"),
+    );
+    assert_eq!(here.len(), 4);
+    assert_eq!(
+        here,
+        paths(
+            category::Entity::find()
+                .all(leader.db())
+                .await
+                .expect("read")
+        )
+    );
+    assert_eq!(here[3], ("depth 3".to_owned(), Some("depth 2".to_owned())));
 }
