@@ -667,9 +667,17 @@ where
         } else {
             run_updates == whole_record
         };
+        // A record that refers to one of its own model written earlier in this run (a
+        // tree) goes in the next statement: a statement's subqueries and the check before
+        // it see only rows already written.
+        let refers_into_run = refs.iter().zip(&parents).any(|(r, key)| {
+            r.parent == E::SYNC_ID
+                && key.is_some_and(|key| run_keys.contains(key.to_string().as_str()))
+        });
         if !run.is_empty()
             && (!same_updates
                 || run.len() >= statement_rows
+                || refers_into_run
                 || run_keys.contains(entry.record_id.as_str()))
         {
             if !emit_run(

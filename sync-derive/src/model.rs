@@ -168,6 +168,22 @@ impl SyncModel {
             (None, None) => Merge::LastWriteWins,
         };
 
+        // With a sync key, the primary key is local anyway: saying so is no mistake.
+        let has_sync_key = named.named.iter().any(|field| {
+            field.attrs.iter().any(|attr| {
+                let mut key = false;
+                if attr.path().is_ident("sync") {
+                    let _ = attr.parse_nested_meta(|meta| {
+                        key |= meta.path.is_ident("key");
+                        if meta.input.peek(syn::Token![=]) {
+                            let _: Expr = meta.value()?.parse()?;
+                        }
+                        Ok(())
+                    });
+                }
+                key
+            })
+        });
         let mut fields = Vec::new();
         for field in &named.named {
             let Some(ident) = field.ident.clone() else {
@@ -234,10 +250,12 @@ impl SyncModel {
                         path,
                         "the sync key cannot be local: it identifies the record on every device",
                     );
-                } else if primary_key {
+                } else if primary_key && !has_sync_key {
                     errors.spanned(
                         path,
-                        "the primary key cannot be local: it identifies the record on every device",
+                        "the primary key cannot be local: it identifies the record on every \
+                         device (or give the model a `#[sync(key)]` field, and the primary key \
+                         is local)",
                     );
                 } else if field_merge != FieldMerge::LastWriteWins {
                     errors.spanned(path, "a local field does not sync, so it has no merge rule");

@@ -90,11 +90,72 @@ pub mod label {
     }
 }
 
+/// A join table: its composite key's members are references, and it syncs by its own
+/// sync key.
+pub mod shelf_book {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, sync_core::Syncable)]
+    #[sea_orm(table_name = "int_shelf_book")]
+    #[sync(id = "shelf_book")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub shelf_id: i32,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub book_id: i64,
+        #[sync(key)]
+        #[sea_orm(unique)]
+        pub sync_key: Uuid,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {
+        #[sea_orm(
+            belongs_to = "super::shelf::Entity",
+            from = "Column::ShelfId",
+            to = "super::shelf::Column::Id"
+        )]
+        Shelf,
+        #[sea_orm(
+            belongs_to = "super::book::Entity",
+            from = "Column::BookId",
+            to = "super::book::Column::Id"
+        )]
+        Book,
+    }
+}
+
+/// A tree: a reference to a record of the same model.
+pub mod category {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, sync_core::Syncable)]
+    #[sea_orm(table_name = "int_category")]
+    #[sync(id = "category")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i32,
+        #[sync(key)]
+        #[sea_orm(unique)]
+        pub sync_key: Uuid,
+        pub name: String,
+        pub parent_id: Option<i32>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {
+        #[sea_orm(belongs_to = "Entity", from = "Column::ParentId", to = "Column::Id")]
+        Parent,
+    }
+}
+
 fn registry() -> Registry {
     Registry::new()
         .register::<shelf::Entity>()
         .and_then(|r| r.register::<book::Entity>())
         .and_then(|r| r.register::<label::Entity>())
+        .and_then(|r| r.register::<shelf_book::Entity>())
+        .and_then(|r| r.register::<category::Entity>())
         .expect("distinct sync ids")
 }
 
@@ -113,6 +174,12 @@ async fn database(url: &str) -> DatabaseConnection {
     db.execute(&schema.create_table_from_entity(label::Entity))
         .await
         .expect("label table");
+    db.execute(&schema.create_table_from_entity(shelf_book::Entity))
+        .await
+        .expect("join table");
+    db.execute(&schema.create_table_from_entity(category::Entity))
+        .await
+        .expect("category table");
     db
 }
 
@@ -135,8 +202,8 @@ fn the_integer_key_is_local_and_the_sync_key_identifies_the_record() {
     assert_eq!(active.sync_key, Set(key));
 }
 
-/// Each book as `(title, its shelf's name)` and each label as `(text, its shelf's name)`,
-/// by sync key, read through this device's own integer ids.
+/// Each synced book as `(title, its shelf's name)` and each label as `(text, its shelf's
+/// name)`, by sync key, read through this device's own integer ids.
 async fn view(db: &DatabaseConnection) -> BTreeMap<Uuid, (String, Option<String>)> {
     let shelves: BTreeMap<i32, shelf::Model> = shelf::Entity::find()
         .all(db)
@@ -153,6 +220,10 @@ async fn view(db: &DatabaseConnection) -> BTreeMap<Uuid, (String, Option<String>
     };
     let mut out = BTreeMap::new();
     for b in book::Entity::find().all(db).await.expect("books") {
+        if b.title.starts_with("local ") {
+            // The follower's own unrecorded rows, there to offset its ids.
+            continue;
+        }
         out.insert(b.sync_key, (b.title, b.shelf_id.map(name)));
     }
     for l in label::Entity::find().all(db).await.expect("labels") {
@@ -254,6 +325,13 @@ async fn both_ways(backend: Backend) {
                     }
                     .insert(txn)
                     .await?;
+                    book::ActiveModel {
+                        title: Set(format!("local {n}")),
+                        shelf_id: Set(None),
+                        ..Default::default()
+                    }
+                    .insert(txn)
+                    .await?;
                 }
                 Ok::<_, DbErr>(())
             })
@@ -288,6 +366,13 @@ async fn both_ways(backend: Backend) {
                 let l1 = label::ActiveModel {
                     text: Set("fiction".into()),
                     shelf_id: Set(a.id),
+                    ..Default::default()
+                }
+                .insert(txn)
+                .await?;
+                shelf_book::ActiveModel {
+                    shelf_id: Set(a.id),
+                    book_id: Set(b1.id),
                     ..Default::default()
                 }
                 .insert(txn)
@@ -327,6 +412,21 @@ async fn both_ways(backend: Backend) {
         .expect("the book arrived");
     assert_eq!(mine.shelf_id, Some(follower_a));
     assert_eq!(view(follower.db()).await, view(leader.db()).await);
+    let link = shelf_book::Entity::find()
+        .one(follower.db())
+        .await
+        .expect("read")
+        .expect("the join row arrived");
+    assert_eq!(
+        (link.shelf_id, link.book_id),
+        (follower_a, mine.id),
+        "both members point at the follower's own ids"
+    );
+    assert_ne!(
+        mine.id,
+        book_by_key(leader.db(), b1).await.expect("b1").id,
+        "the book has another id on each device"
+    );
     assert_eq!(
         book_by_key(follower.db(), b2)
             .await
@@ -400,6 +500,9 @@ async fn both_ways(backend: Backend) {
                     .into_active_model();
                 lab.shelf_id = Set(leader_c);
                 lab.update(txn).await?;
+                for link in shelf_book::Entity::find().all(txn).await? {
+                    link.into_active_model().delete(txn).await?;
+                }
                 let one = book::Entity::find()
                     .filter(book::Column::SyncKey.eq(b1))
                     .one(txn)
@@ -419,6 +522,14 @@ async fn both_ways(backend: Backend) {
         .expect("leader edits");
     follower.catch_up(&transport, 1_000).await.expect("pull");
     assert!(book_by_key(follower.db(), b1).await.is_none());
+    assert!(
+        shelf_book::Entity::find()
+            .one(follower.db())
+            .await
+            .expect("read")
+            .is_none(),
+        "the join row's delete reached the follower"
+    );
     assert!(
         shelf::Entity::find()
             .filter(shelf::Column::SyncKey.eq(a))
@@ -594,4 +705,154 @@ async fn a_reference_to_a_missing_record_is_named_not_nulled() {
         book_by_key(follower.db(), b).await.is_none(),
         "nothing stored"
     );
+}
+
+/// A pushed change that refers to a record the leader does not have (one the follower
+/// keeps unrecorded) is set aside on the leader, with the reason, not stored with a NULL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_reference_to_a_record_the_leader_lacks_is_rejected() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = |name: &str| format!("sqlite://{}?mode=rwc", dir.path().join(name).display());
+    let leader = Library::create(database(&url("leader.db")).await, "ints", registry())
+        .await
+        .expect("leader");
+    let follower_db = database(&url("follower.db")).await;
+    let device = Library::device_key_of(&follower_db)
+        .await
+        .expect("device key");
+    let invite = leader
+        .invite(Access::Write, std::time::Duration::from_secs(600))
+        .await
+        .expect("invite");
+    leader
+        .redeem_invite(&invite.secret, Access::Write, device.device_id(), Some("f"))
+        .await
+        .expect("redeem");
+    let follower = Library::join(
+        follower_db,
+        leader.id(),
+        leader.device_id(),
+        "ints",
+        Access::Write,
+        registry(),
+    )
+    .await
+    .expect("join");
+    let shelf_here = follower
+        .unrecorded(|txn| {
+            Box::pin(async move {
+                let s = shelf::ActiveModel {
+                    name: Set("only here".into()),
+                    ..Default::default()
+                }
+                .insert(txn)
+                .await?;
+                Ok::<_, DbErr>(s.id)
+            })
+        })
+        .await
+        .expect("a shelf of this device's own");
+    let b = follower
+        .transaction(move |txn| {
+            Box::pin(async move {
+                let b = book::ActiveModel {
+                    title: Set("on a shelf the leader lacks".into()),
+                    shelf_id: Set(Some(shelf_here)),
+                    ..Default::default()
+                }
+                .insert(txn)
+                .await?;
+                Ok::<_, DbErr>(b.sync_key)
+            })
+        })
+        .await
+        .expect("follower writes");
+    let pushed = follower
+        .push_outbox(&InProcess::new(leader.clone()))
+        .await
+        .expect("push");
+    assert_eq!((pushed.acknowledged, pushed.rejected), (1, 1));
+    let rejected = leader.rejected().await.expect("rejected");
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0].record_id, b.to_string());
+    assert!(
+        rejected[0].reason.contains("does not have"),
+        "{}",
+        rejected[0].reason
+    );
+    assert!(
+        book_by_key(leader.db(), b).await.is_none(),
+        "nothing stored"
+    );
+}
+
+/// A tree written in one transaction (a child right after its parent, in one run of
+/// entries) arrives with every child under its own parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_of_one_model_applies_in_one_run() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = |name: &str| format!("sqlite://{}?mode=rwc", dir.path().join(name).display());
+    let leader = Library::create(database(&url("leader.db")).await, "ints", registry())
+        .await
+        .expect("leader");
+    let follower = Library::join(
+        database(&url("follower.db")).await,
+        leader.id(),
+        leader.device_id(),
+        "ints",
+        Access::Read,
+        registry(),
+    )
+    .await
+    .expect("join");
+    leader
+        .transaction(|txn| {
+            Box::pin(async move {
+                let mut parent = None;
+                for depth in 0..4 {
+                    let node = category::ActiveModel {
+                        name: Set(format!("depth {depth}")),
+                        parent_id: Set(parent),
+                        ..Default::default()
+                    }
+                    .insert(txn)
+                    .await?;
+                    parent = Some(node.id);
+                }
+                Ok::<_, DbErr>(())
+            })
+        })
+        .await
+        .expect("leader writes");
+    follower
+        .catch_up(&InProcess::new(leader.clone()), 1_000)
+        .await
+        .expect("pull");
+    let paths = |rows: Vec<category::Model>| {
+        let by_id: BTreeMap<i32, category::Model> =
+            rows.iter().map(|c| (c.id, c.clone())).collect();
+        rows.iter()
+            .map(|c| {
+                let parent = c.parent_id.map(|p| by_id[&p].name.clone());
+                (c.name.clone(), parent)
+            })
+            .collect::<Vec<_>>()
+    };
+    let here = paths(
+        category::Entity::find()
+            .all(follower.db())
+            .await
+            .expect("read"),
+    );
+    assert_eq!(here.len(), 4);
+    assert_eq!(
+        here,
+        paths(
+            category::Entity::find()
+                .all(leader.db())
+                .await
+                .expect("read")
+        )
+    );
+    assert_eq!(here[3], ("depth 3".to_owned(), Some("depth 2".to_owned())));
 }
