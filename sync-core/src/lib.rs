@@ -27,6 +27,7 @@
 mod capture;
 mod coalesce;
 mod commits;
+mod decide;
 mod entry;
 mod error;
 mod follow_loop;
@@ -34,6 +35,7 @@ mod follower;
 mod hlc;
 mod identity;
 mod ids;
+mod in_process;
 mod library;
 mod members;
 mod merge;
@@ -42,6 +44,7 @@ mod parked;
 mod protocol;
 mod push;
 mod registry;
+mod roles;
 mod serve;
 mod syncable;
 mod tables;
@@ -62,16 +65,18 @@ pub use follower::{APPLY_GROUP_ENTRIES, Applied, ApplyError, PULLS_AHEAD, Positi
 pub use hlc::{Hlc, HlcClock, WallClock};
 pub use identity::{BadFingerprint, DeviceKey, KeyError, KeyFingerprint};
 pub use ids::{DeviceId, LibraryId, Seq};
+pub use in_process::InProcess;
 pub use library::{Drift, DriftKind, LatestSeq, Library, Role, Status, TxnFuture};
 pub use members::{Access, Admission, Invite, InviteError, Member, MemberError};
 pub use parked::{ParkError, Parked, Retried};
 pub use protocol::{
-    Divergence, InProcess, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PUSH_BYTES_MAX,
+    Divergence, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PUSH_BYTES_MAX,
     PUSH_CHANGES_MAX, PullError, PullRequest, PullResponse, PulledItem, PushError, PushRequest,
     PushResponse, PushedChange, RECORD_BYTES_MAX, Refused, RejectedChange, Transport,
 };
 pub use push::{Conflict, PushOutcome, Rejected, Resolution, ResolveError};
 pub use registry::{DuplicateSyncId, ModelRows, Registry};
+pub use roles::{FollowerView, LeaderView, WrongRole};
 pub use sync_derive::Syncable;
 pub use syncable::{FieldMerge, FieldSpec, MergeRule, Syncable};
 

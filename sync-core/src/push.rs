@@ -26,15 +26,16 @@ use sea_orm::{
 use serde::Serialize;
 
 use crate::capture::{self, CapturedChange};
+use crate::decide::take;
 use crate::follower::SyncError;
 use crate::library::{changed_text, draft_from_pending, entry_from_row};
-use crate::merge::{self, Concurrent, Fields, ModelRules, Pushed};
+use crate::merge::{Concurrent, Fields, ModelRules};
 use crate::protocol::{
     PROTOCOL_VERSION, PUSH_BYTES_MAX, PUSH_CHANGES_MAX, PushError, PushRequest, PushResponse,
     PushedChange, RejectedChange, Transport,
 };
 use crate::tables::{conflict, library, log, outbox, pending, pushed, rejected, taken};
-use crate::{Access, Admission, ChangeOp, DeviceId, Hlc, Library, LogEntry, Role, Seq};
+use crate::{Access, Admission, ChangeOp, DeviceId, Hlc, Library, LogEntry, Seq};
 
 /// What one `push_outbox` did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -198,11 +199,10 @@ impl Library {
         skip_all,
         fields(library = %self.id(), device = %self.device_id(), outbox_through, latest)
     )]
-    pub async fn push_outbox(&self, transport: &dyn Transport) -> Result<PushOutcome, SyncError> {
-        if self.role() != Role::Follower {
-            // The leader's writes are in its log already: it has no outbox.
-            return Ok(PushOutcome::default());
-        }
+    pub(crate) async fn push_outbox(
+        &self,
+        transport: &dyn Transport,
+    ) -> Result<PushOutcome, SyncError> {
         let last = outbox::Entity::find()
             .filter(outbox::Column::LibraryId.eq(self.id().to_string()))
             .order_by_desc(outbox::Column::Id)
@@ -349,7 +349,10 @@ impl Library {
             latest
         )
     )]
-    pub async fn serve_push(&self, request: &PushRequest) -> Result<PushResponse, PushError> {
+    pub(crate) async fn serve_push(
+        &self,
+        request: &PushRequest,
+    ) -> Result<PushResponse, PushError> {
         let started = std::time::Instant::now();
         let outcome = self.serve_push_checked(request).await;
         if let Ok(response) = &outcome {
@@ -360,15 +363,7 @@ impl Library {
     }
 
     async fn serve_push_checked(&self, request: &PushRequest) -> Result<PushResponse, PushError> {
-        if request.protocol_version != PROTOCOL_VERSION {
-            return Err(PushError::VersionMismatch {
-                ours: PROTOCOL_VERSION,
-                theirs: request.protocol_version,
-            });
-        }
-        if request.library_id != self.id() || self.role() != Role::Leader {
-            return Err(PushError::NotLeader(request.library_id));
-        }
+        take::check_envelope(request, self.id())?;
         let device = request.device_id;
         let refuse = |reason: &str| PushError::NotWriter {
             device,
@@ -381,24 +376,9 @@ impl Library {
             Admission::Revoked(_) => return Err(refuse("it was revoked")),
             Admission::NotMember => return Err(refuse("it is not a member")),
         }
-        if request.changes.len() > PUSH_CHANGES_MAX {
-            return Err(PushError::Transport(format!(
-                "a push carries at most {PUSH_CHANGES_MAX} changes, this one {}",
-                request.changes.len()
-            )));
-        }
-        if let Some(pair) = request.changes.windows(2).find(|w| w[0].id >= w[1].id) {
-            return Err(PushError::BadChange {
-                id: pair[1].id,
-                model: pair[1].model.clone(),
-                reason: "outbox ids must ascend within a push".into(),
-            });
-        }
-        for change in &request.changes {
-            // A change this leader's app cannot read is not rejected (nothing is wrong with
-            // it): the push waits until the older app is updated.
-            self.check_pushed_model(change)?;
-        }
+        take::check_changes(&request.changes, &|model| {
+            self.registry.get(model).map(|ops| ops.schema_version())
+        })?;
         let this = self.clone();
         let request = request.clone();
         let taken = self
@@ -412,26 +392,6 @@ impl Library {
             rejected: taken.rejected,
             latest_seq: self.latest_seq().await?,
         })
-    }
-
-    /// Refuses a change of a model this build does not know or of another schema version.
-    fn check_pushed_model(&self, change: &PushedChange) -> Result<(), PushError> {
-        let bad = |reason: String| PushError::BadChange {
-            id: change.id,
-            model: change.model.clone(),
-            reason,
-        };
-        let ops = self.registry.get(&change.model).ok_or_else(|| {
-            bad("the leader's app does not know this model: update the leader's app".into())
-        })?;
-        if change.schema_version != ops.schema_version() {
-            return Err(bad(format!(
-                "schema version {} on the follower, {} on the leader: update the older app",
-                change.schema_version,
-                ops.schema_version()
-            )));
-        }
-        Ok(())
     }
 
     async fn take_push(
@@ -460,9 +420,7 @@ impl Library {
                 .map_or(0, |m| m.through);
         for change in &request.changes {
             let key = change.change_id.to_string();
-            if legacy_mark >= change.id as i64
-                && change.change_id == legacy_change_id(request.device_id, change.id as i64)
-            {
+            if take::taken_before_identities(change, request.device_id, legacy_mark) {
                 // Written and taken before this build: its acknowledgement was lost.
                 outcome.already_taken += 1;
                 continue;
@@ -671,64 +629,37 @@ impl Library {
         let ops = self.registry.get(&change.model).cloned().ok_or_else(|| {
             bad("the leader's app does not know this model: update the leader's app".into())
         })?;
-        if let Some(text) = &change.data
-            && text.len() > crate::RECORD_BYTES_MAX
-        {
-            return Err(bad(format!(
-                "{} bytes of synced data; a record may hold at most {} \
-                 (`sync_core::RECORD_BYTES_MAX`)",
-                text.len(),
-                crate::RECORD_BYTES_MAX
-            )));
+        let checked = take::check_change(change, self.context.clock.drift_limit()).map_err(bad)?;
+        if checked.capped {
+            tracing::warn!(%device, pushed = %change.hlc, limit = %checked.hlc, "a pushed change's clock is far ahead; capped");
         }
-        let data: Option<Fields> = match (&change.op, &change.data) {
-            (ChangeOp::Upsert, Some(text)) => Some(
-                serde_json::from_str(text)
-                    .map_err(|e| bad(format!("data is not a JSON object: {e}")))?,
-            ),
-            (ChangeOp::Upsert, None) => return Err(bad("an upsert without data".into())),
-            (ChangeOp::Delete, _) => None,
-        };
-        // A device whose clock runs far ahead must not win every later merge, nor drag
-        // every clock forward: its timestamp is capped at the leader's clock plus a drift.
-        let limit = self.context.clock.drift_limit();
-        let hlc = if change.hlc > limit {
-            tracing::warn!(%device, pushed = %change.hlc, %limit, "a pushed change's clock is far ahead; capped");
-            limit
-        } else {
-            change.hlc
-        };
-        self.context.clock.observe(hlc);
-        if ops.filtered()
+        self.context.clock.observe(checked.hlc);
+        // Load what the decision needs, decide, then execute.
+        let local = ops.filtered()
             && !ops
                 .local_only(txn, vec![change.record_id.clone()])
                 .await?
-                .is_empty()
-        {
-            // The leader's row is local (its filter excludes it): to every other device
-            // the record is gone, and a pushed change never overwrites it. A pushed upsert
-            // is answered with that delete, so that its author converges.
-            if change.op == ChangeOp::Upsert {
-                capture::record(CapturedChange::delete(
-                    ops.sync_id(),
-                    change.record_id.clone(),
-                    self.context.clock.now(),
-                    change.schema_version,
-                    Some(device),
-                ))?;
+                .is_empty();
+        let loaded = if local {
+            take::Loaded {
+                local,
+                ..take::Loaded::default()
             }
-            return Ok(());
-        }
-        let current = ops.current(txn, &change.record_id).await?;
-        let concurrent = concurrent_entries(
-            txn,
-            self,
-            &change.model,
-            &change.record_id,
-            change.base,
-            device,
-        )
-        .await?;
+        } else {
+            take::Loaded {
+                local,
+                current: ops.current(txn, &change.record_id).await?,
+                concurrent: concurrent_entries(
+                    txn,
+                    self,
+                    &change.model,
+                    &change.record_id,
+                    change.base,
+                    device,
+                )
+                .await?,
+            }
+        };
         let custom =
             |local: &Fields, remote: &Fields| ops.merge_custom(&change.record_id, local, remote);
         let rules = ModelRules {
@@ -737,15 +668,21 @@ impl Library {
             key_field: ops.key_field(),
             custom: &custom,
         };
-        let pushed = Pushed {
-            op: change.op,
-            data: data.as_ref(),
-            changed: &change.changed,
-            hlc,
-            device,
+        let decision = match take::plan(&rules, change, &checked, device, &loaded).map_err(bad)? {
+            take::Plan::LocalRow { answer_with_delete } => {
+                if answer_with_delete {
+                    capture::record(CapturedChange::delete(
+                        ops.sync_id(),
+                        change.record_id.clone(),
+                        self.context.clock.now(),
+                        change.schema_version,
+                        Some(device),
+                    ))?;
+                }
+                return Ok(());
+            }
+            take::Plan::Merge(decision) => decision,
         };
-        let decision =
-            merge::decide(&rules, current.as_ref(), &pushed, &concurrent).map_err(bad)?;
         if let Some(write) = decision.write {
             let data = write
                 .data
@@ -1004,15 +941,6 @@ fn rejection_reason(e: &PushError) -> Option<String> {
     }
 }
 
-/// The identity of an outbox row written by a build that made none: derived from the
-/// device and the outbox id, so that every push of that row carries the same one.
-fn legacy_change_id(device: DeviceId, outbox_id: i64) -> uuid::Uuid {
-    let digest = blake3::hash(format!("{device}/{outbox_id}").as_bytes());
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest.as_bytes()[..16]);
-    uuid::Builder::from_custom_bytes(bytes).into_uuid()
-}
-
 fn pushed_change(row: outbox::Model, device: DeviceId) -> Result<PushedChange, PushError> {
     let corrupt = |what: &str| {
         PushError::Db(DbErr::Custom(format!(
@@ -1022,7 +950,7 @@ fn pushed_change(row: outbox::Model, device: DeviceId) -> Result<PushedChange, P
     };
     let change_id = match &row.change_id {
         Some(text) => text.parse().map_err(|_| corrupt("change id"))?,
-        None => legacy_change_id(device, row.id),
+        None => take::legacy_change_id(device, row.id),
     };
     Ok(PushedChange {
         id: row.id as u64,

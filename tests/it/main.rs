@@ -16,6 +16,7 @@ mod offline;
 mod ordering;
 mod quic;
 mod robust;
+mod roles;
 mod set_aside;
 mod simulation;
 mod startup;
