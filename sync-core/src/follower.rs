@@ -326,7 +326,7 @@ impl Library {
     }
 
     /// The records among `items` whose rows here are local to this device (their model's
-    /// filter excludes them), which apply passes over. On a write-role follower an upsert
+    /// filter excludes them), which apply passes over. On a follower with write access an upsert
     /// that would have re-created such a record elsewhere is answered with a delete in the
     /// outbox: the record stays gone on the other devices and local here.
     async fn local_rows(

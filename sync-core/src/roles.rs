@@ -11,9 +11,9 @@ use sea_orm::DbErr;
 use crate::follow_loop::{Follow, FollowConfig};
 use crate::follower::{Applied, ApplyError, Position, SyncError};
 use crate::members::{Invite, InviteError, MemberError};
+use crate::outbox::PushOutcome;
 use crate::parked::{ParkError, Retried};
 use crate::protocol::{PullError, PullRequest, PullResponse, PushError, PushRequest, PushResponse};
-use crate::push::PushOutcome;
 use crate::{Access, DeviceId, Library, LibraryId, Role, Seq, Transport};
 
 /// An operation for one role was asked of a library this device holds in the other.

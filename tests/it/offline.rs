@@ -118,7 +118,7 @@ pub(crate) async fn entries_of(leader: &Library, record_id: &str) -> Vec<sync_co
         .collect()
 }
 
-/// A leader and two write-role followers, synced with a few shared records.
+/// A leader and two followers with write access, synced with a few shared records.
 pub(crate) struct Three {
     pub(crate) leader: crate::support::Fixture,
     pub(crate) a: Library,
@@ -544,7 +544,7 @@ async fn a_push_repeated_after_a_lost_acknowledgement_is_logged_once() {
     t.leader.finish().await;
 }
 
-/// A read-role follower cannot change synced models, and the leader refuses its pushes.
+/// A follower with read access cannot change synced models, and the leader refuses its pushes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_role_follower_cannot_write() {
     let Some(leader) = fixture(Backend::Sqlite, "offline::read_role").await else {
@@ -866,7 +866,7 @@ async fn random_offline_edits_converge(steps: Vec<Step>) {
 
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig { cases: 16, .. proptest::prelude::ProptestConfig::default() })]
-    /// Random offline edits on a leader and two write-role followers, synced in random
+    /// Random offline edits on a leader and two followers with write access, synced in random
     /// order: every device ends with the same data, and nothing is sequenced twice.
     #[test]
     fn random_offline_edits_in_any_sync_order_converge(steps in proptest::collection::vec(step(), 1..40)) {

@@ -518,8 +518,8 @@ async fn a_postgres_leader_announces_other_processes_commits() {
     fixture.finish().await;
 }
 
-/// A write-role follower's offline writes reach the leader over QUIC as soon as its live
-/// loop runs; a read-role follower's push is refused with the reason, and a device cannot
+/// A follower with write access's offline writes reach the leader over QUIC as soon as its live
+/// loop runs; a follower with read access's push is refused with the reason, and a device cannot
 /// push for another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_follower_pushes_live_and_others_are_refused() {
@@ -562,7 +562,7 @@ async fn a_write_follower_pushes_live_and_others_are_refused() {
         writer.dump().await.expect("dump")
     );
 
-    // A read-role member may pull but not push.
+    // A member with read access may pull but not push.
     let token = token(&leader, Access::Read).await;
     let reader = net::join(&sqlite_url(dir.path(), "reader.db"), &token, Some("reader"))
         .await

@@ -77,7 +77,7 @@ impl Shown {
     }
 }
 
-/// A write-role follower on its own SQLite file, admitted by `leader`.
+/// A follower with write access on its own SQLite file, admitted by `leader`.
 async fn follower_of(leader: &Library, dir: &std::path::Path) -> Library {
     let url = format!("sqlite://{}?mode=rwc", dir.join("follower.db").display());
     let db = example_app::connect(&url).await.expect("connect");

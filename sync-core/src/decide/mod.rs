@@ -1,7 +1,7 @@
 //! The protocol's decisions, without I/O: each function here takes what the shell loaded
 //! (and the time, where time matters) and returns what to do. Nothing in this module
 //! holds a database connection, a socket, a task or a clock of its own; `follower.rs`,
-//! `push.rs` and `follow_loop.rs` are the async shells that load, call these, and execute
+//! `take.rs` and `follow_loop.rs` are the async shells that load, call these, and execute
 //! the answer (quinn-proto's split: a state machine driven by a thin shell).
 //!
 //! - `absorb`: how a follower absorbs pulled responses (continuity, chain, known models

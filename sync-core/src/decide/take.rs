@@ -1,4 +1,4 @@
-//! The leader's plan for a push: pure. The shell (`push.rs`, `take_push`) loads what a
+//! The leader's plan for a push: pure. The shell (`take.rs`, `take_push`) loads what a
 //! change is decided on — whether its identity was taken, whether the leader's row is
 //! local, the current record, the entries concurrent with it — and executes the plan:
 //! writes the outcome, logs it, records a conflict or a rejection.
@@ -152,14 +152,14 @@ pub(crate) fn plan(
 }
 
 /// Whether a change of an outbox row written before change identities existed was taken
-/// by then (at or below the device's mark in `sync_pushed`, under the identity derived
+/// by then (at or below the device's acknowledged outbox id in `sync_pushed`, under the identity derived
 /// from the device and the outbox id).
 pub(crate) fn taken_before_identities(
     change: &PushedChange,
     device: DeviceId,
-    legacy_mark: i64,
+    acknowledged: i64,
 ) -> bool {
-    legacy_mark >= change.id as i64
+    acknowledged >= change.id as i64
         && change.change_id == legacy_change_id(device, change.id as i64)
 }
 
@@ -365,7 +365,7 @@ mod tests {
         assert!(!taken_before_identities(&old, device(1), 6));
         // Another device's row 7 has another identity.
         assert!(!taken_before_identities(&old, device(2), 7));
-        // A change with an identity of its own is never taken by the mark.
+        // A change with an identity of its own is never taken by the acknowledged outbox id.
         assert!(!taken_before_identities(
             &change(7, ChangeOp::Delete, None, 1),
             device(1),

@@ -1,16 +1,7 @@
-//! Offline writes: a follower's outbox, the push that empties it, the leader's side that
-//! sequences (and merges) what it receives, and the conflicts a manual merge leaves.
-//!
-//! On a write-role follower, `Library::append` stores a transaction's changes in
-//! `sync_outbox`, in the same transaction as the write, each with the follower's position
-//! as its base. `push_outbox` sends the oldest changes to the leader; the leader takes them
-//! in one transaction — merging each against what the follower had not seen (see
-//! `merge.rs`), writing the result to its own tables and appending it to the log, and
-//! recording the identity of every change it took — and acknowledges the request. Only
-//! then does the follower delete those outbox rows. Each change carries an identity (UUID
-//! v7) made when it was written: a push repeated after a lost acknowledgement, or by a
-//! database restored from a backup or copied to another machine, is recognised change by
-//! change, and nothing is logged twice or mistaken for another change.
+//! The leader's side of a push: it takes the changes it has not taken yet, in one
+//! transaction — merging each against what the follower had not seen (the plan is
+//! `decide::take`'s, the merge `merge.rs`'s), writing the result to its own tables and
+//! appending it to the log, and recording the identity of every change it took.
 //!
 //! A change the leader's database cannot store (a value its backend refuses, a
 //! constraint) is *rejected*: set aside with its reason on the leader and on its author,
@@ -19,52 +10,21 @@
 
 use sea_orm::ActiveValue::Set;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, DbErr,
-    EntityTrait, IntoActiveModel, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
-    TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
 };
 use serde::Serialize;
 
+use crate::backend;
 use crate::capture::{self, CapturedChange};
 use crate::decide::take;
-use crate::follower::SyncError;
-use crate::library::{changed_text, draft_from_pending, entry_from_row};
+use crate::library::{draft_from_pending, entry_from_row};
 use crate::merge::{Concurrent, Fields, ModelRules};
 use crate::protocol::{
-    PROTOCOL_VERSION, PUSH_BYTES_MAX, PUSH_CHANGES_MAX, PushError, PushRequest, PushResponse,
-    PushedChange, RejectedChange, Transport,
+    PROTOCOL_VERSION, PushError, PushRequest, PushResponse, PushedChange, RejectedChange,
 };
-use crate::tables::{conflict, library, log, outbox, pending, pushed, rejected, taken};
+use crate::tables::{conflict, log, pending, pushed, rejected, taken};
 use crate::{Access, Admission, ChangeOp, DeviceId, Hlc, Library, LogEntry, Seq};
-
-/// What one `push_outbox` did.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct PushOutcome {
-    /// Outbox changes the leader acknowledged (and that left the outbox).
-    pub acknowledged: u64,
-    /// Of those, changes the leader could not store: set aside, listed by
-    /// `Library::rejected`.
-    pub rejected: u64,
-    /// The leader's latest seq after the last push.
-    pub latest_seq: Seq,
-}
-
-/// An open conflict, as `Library::conflicts` lists it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Conflict {
-    /// Its id, for `Library::resolve`.
-    pub id: String,
-    /// The record's model.
-    pub model: String,
-    /// The record's key.
-    pub record_id: String,
-    /// The value the library kept (the conflicting synced fields).
-    pub local: serde_json::Value,
-    /// The concurrent value set aside.
-    pub remote: serde_json::Value,
-    /// The device that wrote the value set aside.
-    pub remote_device: String,
-}
 
 /// A change the leader could not store, as `Library::rejected` lists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -87,256 +47,7 @@ pub struct Rejected {
     pub rejected_at_ms: i64,
 }
 
-/// How to settle a conflict.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Resolution {
-    /// Keep the value the library kept.
-    TakeLocal,
-    /// Take the value that was set aside.
-    TakeRemote,
-    /// Set these synced fields (a JSON object).
-    Value(serde_json::Map<String, serde_json::Value>),
-}
-
-/// Why a conflict could not be resolved.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ResolveError {
-    /// No open conflict has this id (resolved already, here or elsewhere).
-    #[error("no open conflict has id `{0}`; `Library::conflicts` lists the open ones")]
-    NotFound(String),
-    /// The conflict names a model this app does not know.
-    #[error("conflict `{id}` is about model `{model}`, which this app does not know")]
-    UnknownModel {
-        /// The conflict.
-        id: String,
-        /// Its model.
-        model: String,
-    },
-    /// The value does not fit the model.
-    #[error("the value does not fit `{model}`: {reason}")]
-    BadValue {
-        /// The model.
-        model: String,
-        /// What does not fit.
-        reason: String,
-    },
-    /// The database failed, or the write was refused (a read-role device, say).
-    #[error(transparent)]
-    Db(#[from] DbErr),
-}
-
 impl Library {
-    /// Stores a follower transaction's changes in the outbox, based on the follower's
-    /// current position. Runs inside that transaction.
-    pub(crate) async fn append_outbox(
-        &self,
-        txn: &DatabaseTransaction,
-        changes: Vec<CapturedChange>,
-    ) -> Result<(), DbErr> {
-        if txn.get_database_backend() != DbBackend::Sqlite {
-            // Outbox ids must ascend in commit order: the leader acknowledges "everything up
-            // to id N", so an id taken before N that commits after N would be skipped. With
-            // concurrent writers (PostgreSQL, MySQL), appends take turns on the library's
-            // row until commit; SQLite has one writer anyway.
-            library::Entity::find_by_id(self.id().to_string())
-                .lock_exclusive()
-                .one(txn)
-                .await?;
-        }
-        let position = self.position_in(txn).await?.seq;
-        let mut rows = Vec::with_capacity(changes.len());
-        for c in changes {
-            // A record with unpushed changes keeps their base: a pull since then may have
-            // overwritten this device's earlier edit locally, and this write was made on top
-            // of that; the leader must still see the earlier edit's concurrent entries as
-            // concurrent with this one.
-            let pending = outbox::Entity::find()
-                .filter(outbox::Column::LibraryId.eq(self.id().to_string()))
-                .filter(outbox::Column::Model.eq(c.model))
-                .filter(outbox::Column::RecordId.eq(c.record_id.as_str()))
-                .order_by_asc(outbox::Column::BaseSeq)
-                .one(txn)
-                .await?;
-            let base = pending.map_or(position, |p| Seq(p.base_seq as u64));
-            rows.push(outbox::ActiveModel {
-                library_id: Set(self.id().to_string()),
-                model: Set(c.model.to_owned()),
-                record_id: Set(c.record_id),
-                op: Set(c.op.as_str().to_owned()),
-                data: Set(c.data),
-                changed: Set(changed_text(&c.changed)),
-                hlc: Set(c.hlc.as_u64() as i64),
-                schema_version: Set(c.schema_version as i32),
-                base_seq: Set(base.0 as i64),
-                change_id: Set(Some(uuid::Uuid::now_v7().to_string())),
-                ..Default::default()
-            });
-        }
-        // One row per statement: the ids must follow write order on every backend.
-        for row in rows {
-            outbox::Entity::insert(row)
-                .exec_without_returning(txn)
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// Changes waiting in this follower's outbox.
-    pub async fn outbox_len(&self) -> Result<u64, DbErr> {
-        outbox::Entity::find()
-            .filter(outbox::Column::LibraryId.eq(self.id().to_string()))
-            .count(&self.db)
-            .await
-    }
-
-    /// Sends the outbox to the leader until it is empty (as of the start: writes made
-    /// meanwhile go with the next call). Each acknowledged batch leaves the outbox in its
-    /// own transaction; an interruption resends at most the unacknowledged batch, which the
-    /// leader recognises.
-    #[tracing::instrument(
-        name = "push",
-        skip_all,
-        fields(library = %self.id(), device = %self.device_id(), outbox_through, latest)
-    )]
-    pub(crate) async fn push_outbox(
-        &self,
-        transport: &dyn Transport,
-    ) -> Result<PushOutcome, SyncError> {
-        let last = outbox::Entity::find()
-            .filter(outbox::Column::LibraryId.eq(self.id().to_string()))
-            .order_by_desc(outbox::Column::Id)
-            .one(&self.db)
-            .await
-            .map_err(PushError::from)?;
-        let Some(last) = last else {
-            return Ok(PushOutcome::default());
-        };
-        let mut outcome = PushOutcome::default();
-        loop {
-            let rows = outbox::Entity::find()
-                .filter(outbox::Column::LibraryId.eq(self.id().to_string()))
-                .filter(outbox::Column::Id.lte(last.id))
-                .order_by_asc(outbox::Column::Id)
-                .limit(PUSH_CHANGES_MAX as u64)
-                .all(&self.db)
-                .await
-                .map_err(PushError::from)?;
-            if rows.is_empty() {
-                return Ok(outcome);
-            }
-            let mut bytes = 0;
-            let changes = rows
-                .into_iter()
-                .take_while(|row| {
-                    let first = bytes == 0;
-                    bytes += row.data.as_ref().map_or(0, String::len) + row.record_id.len() + 64;
-                    first || bytes <= PUSH_BYTES_MAX
-                })
-                .map(|row| pushed_change(row, self.device_id()))
-                .collect::<Result<Vec<_>, _>>()?;
-            let sent: Vec<i64> = changes.iter().map(|c| c.id as i64).collect();
-            // Which outbox row carried which change: a rejected one is read back from it.
-            let row_of: std::collections::HashMap<uuid::Uuid, i64> =
-                changes.iter().map(|c| (c.change_id, c.id as i64)).collect();
-            tracing::Span::current().record("outbox_through", changes.last().map_or(0, |c| c.id));
-            let started = std::time::Instant::now();
-            let response = transport
-                .push(PushRequest {
-                    protocol_version: PROTOCOL_VERSION,
-                    library_id: self.id(),
-                    device_id: self.device_id(),
-                    changes,
-                })
-                .await?;
-            crate::metrics::record_push(self.id(), started);
-            tracing::Span::current().record("latest", response.latest_seq.0);
-            if response.protocol_version != PROTOCOL_VERSION {
-                return Err(PushError::VersionMismatch {
-                    ours: PROTOCOL_VERSION,
-                    theirs: response.protocol_version,
-                }
-                .into());
-            }
-            if response.library_id != self.id() {
-                return Err(PushError::Transport(format!(
-                    "the leader acknowledged for library {}, not {}",
-                    response.library_id,
-                    self.id()
-                ))
-                .into());
-            }
-            let mut rejected_rows = Vec::with_capacity(response.rejected.len());
-            for r in &response.rejected {
-                let Some(row) = row_of.get(&r.change_id) else {
-                    return Err(PushError::Transport(format!(
-                        "the leader rejected change {}, which this push did not carry",
-                        r.change_id
-                    ))
-                    .into());
-                };
-                tracing::warn!(
-                    library = %self.id(),
-                    change = %r.change_id,
-                    model = %r.model,
-                    record = %r.record_id,
-                    reason = %r.reason,
-                    "the leader rejected a change of this device; set aside (`Library::rejected`)"
-                );
-                rejected_rows.push((*row, r.change_id.to_string(), r.reason.clone()));
-            }
-            // The whole request is taken: its rows leave the outbox, and the rejected ones
-            // are kept where the app can list them, in one transaction.
-            let library_id = self.id().to_string();
-            let device_id = self.device_id().to_string();
-            let removed = self
-                .db
-                .transaction::<_, u64, DbErr>(move |txn| {
-                    Box::pin(async move {
-                        for (row, change_id, reason) in rejected_rows {
-                            // Listed once, also when an acknowledgement was lost before.
-                            let known = rejected::Entity::find_by_id(change_id.clone())
-                                .one(txn)
-                                .await?;
-                            let Some(sent) = outbox::Entity::find_by_id(row).one(txn).await? else {
-                                continue;
-                            };
-                            if known.is_none() {
-                                rejected::Entity::insert(rejected::ActiveModel {
-                                    change_id: Set(change_id),
-                                    library_id: Set(library_id.clone()),
-                                    device_id: Set(device_id.clone()),
-                                    model: Set(sent.model),
-                                    record_id: Set(sent.record_id),
-                                    op: Set(sent.op),
-                                    data: Set(sent.data),
-                                    reason: Set(reason),
-                                    rejected_at_ms: Set(chrono::Utc::now().timestamp_millis()),
-                                })
-                                .exec_without_returning(txn)
-                                .await?;
-                            }
-                        }
-                        let removed = outbox::Entity::delete_many()
-                            .filter(outbox::Column::LibraryId.eq(library_id))
-                            .filter(outbox::Column::Id.is_in(sent))
-                            .exec(txn)
-                            .await?;
-                        Ok(removed.rows_affected)
-                    })
-                })
-                .await
-                .map_err(|e| match e {
-                    sea_orm::TransactionError::Connection(e)
-                    | sea_orm::TransactionError::Transaction(e) => PushError::from(e),
-                })?;
-            outcome.acknowledged += removed;
-            crate::metrics::record_acknowledged(self.id(), removed);
-            outcome.rejected += response.rejected.len() as u64;
-            outcome.latest_seq = response.latest_seq;
-        }
-    }
-
     /// The leader's side of a push: takes the changes it has not taken yet, in one
     /// transaction, and acknowledges the last outbox id taken.
     #[tracing::instrument(
@@ -399,28 +110,22 @@ impl Library {
         txn: &DatabaseTransaction,
         request: &PushRequest,
     ) -> Result<Taken, PushError> {
-        if txn.get_database_backend() == DbBackend::Postgres {
-            // Pushes take turns on PostgreSQL: two devices creating one id must see each
-            // other's entry, and a record that does not exist yet has no row to lock. (MySQL
-            // appends lock the library's row after the records, as local writes do, so it is
-            // not taken first there: that order could deadlock; InnoDB's gap locks keep two
-            // creates of one id apart.)
-            library::Entity::find_by_id(self.id().to_string())
-                .lock_exclusive()
-                .one(txn)
-                .await?;
+        if backend::of_connection(txn).push_takes_turns {
+            // Two devices creating one id must see each other's entry (`backend/` says
+            // why per backend).
+            backend::take_turns(txn, self.id()).await?;
         }
         let mut outcome = Taken::default();
         let mut newly_rejected = 0u64;
-        // Outbox rows written before change identities were taken up to a per-device mark.
-        let legacy_mark =
+        // Outbox rows written before change identities were taken up to the outbox id acknowledged per device.
+        let acknowledged =
             pushed::Entity::find_by_id((self.id().to_string(), request.device_id.to_string()))
                 .one(txn)
                 .await?
                 .map_or(0, |m| m.through);
         for change in &request.changes {
             let key = change.change_id.to_string();
-            if take::taken_before_identities(change, request.device_id, legacy_mark) {
+            if take::taken_before_identities(change, request.device_id, acknowledged) {
                 // Written and taken before this build: its acknowledgement was lost.
                 outcome.already_taken += 1;
                 continue;
@@ -741,104 +446,6 @@ impl Library {
         }
         Ok(())
     }
-
-    /// The open conflicts of this library, oldest first.
-    pub async fn conflicts(&self) -> Result<Vec<Conflict>, DbErr> {
-        let rows = conflict::Entity::find()
-            .order_by_asc(conflict::Column::Id)
-            .all(&self.db)
-            .await?;
-        rows.into_iter()
-            .map(|row| {
-                let parse = |text: &str| {
-                    serde_json::from_str(text).map_err(|e| {
-                        DbErr::Json(format!("conflict `{}` holds bad JSON: {e}", row.id))
-                    })
-                };
-                Ok(Conflict {
-                    local: parse(&row.local)?,
-                    remote: parse(&row.remote)?,
-                    id: row.id,
-                    model: row.model,
-                    record_id: row.record_id,
-                    remote_device: row.remote_device,
-                })
-            })
-            .collect()
-    }
-
-    /// Open conflicts, counted.
-    pub async fn conflict_count(&self) -> Result<u64, DbErr> {
-        conflict::Entity::find().count(&self.db).await
-    }
-
-    /// Settles a conflict: writes the chosen value to the record (unless it keeps the local
-    /// one) and closes the conflict, in one recorded transaction — on a follower that is an
-    /// outbox change like any other, and it reaches every device.
-    pub async fn resolve(&self, id: &str, resolution: Resolution) -> Result<(), ResolveError> {
-        let row = conflict::Entity::find_by_id(id.to_owned())
-            .one(&self.db)
-            .await?
-            .ok_or_else(|| ResolveError::NotFound(id.to_owned()))?;
-        let ops =
-            self.registry
-                .get(&row.model)
-                .cloned()
-                .ok_or_else(|| ResolveError::UnknownModel {
-                    id: row.id.clone(),
-                    model: row.model.clone(),
-                })?;
-        let values: Option<Fields> = match resolution {
-            Resolution::TakeLocal => None,
-            Resolution::TakeRemote => {
-                Some(
-                    serde_json::from_str(&row.remote).map_err(|e| ResolveError::BadValue {
-                        model: row.model.clone(),
-                        reason: e.to_string(),
-                    })?,
-                )
-            }
-            Resolution::Value(map) => Some(map),
-        };
-        if let Some(values) = &values {
-            let synced = ops.fields();
-            if let Some(unknown) = values
-                .keys()
-                .find(|k| !synced.iter().any(|f| f.synced && f.name == k.as_str()))
-            {
-                return Err(ResolveError::BadValue {
-                    model: row.model.clone(),
-                    reason: format!("`{unknown}` is not a synced field"),
-                });
-            }
-        }
-        let id = id.to_owned();
-        self.transaction(move |txn| {
-            Box::pin(async move {
-                // Deleted through the hooks, so the closing is a change that syncs.
-                let open = conflict::Entity::find_by_id(id.clone())
-                    .one(txn)
-                    .await?
-                    .ok_or_else(|| ResolveError::NotFound(id.clone()))?;
-                if let Some(values) = values {
-                    ops.set_fields(txn, &open.record_id, &values)
-                        .await
-                        .map_err(|e| match e {
-                            crate::registry::ApplyFailure::Db(e) => ResolveError::Db(e),
-                            crate::registry::ApplyFailure::BadPayload(reason) => {
-                                ResolveError::BadValue {
-                                    model: open.model.clone(),
-                                    reason,
-                                }
-                            }
-                        })?;
-                }
-                open.into_active_model().delete(txn).await?;
-                Ok(())
-            })
-        })
-        .await
-    }
 }
 
 /// Entries of `model`/`record_id` by devices other than `device`, after `base`: those the
@@ -866,7 +473,7 @@ async fn concurrent_entries(
         .into_iter()
         .map(|row| entry_from_row(row).map(|e| concurrent(&e)))
         .collect::<Result<Vec<_>, _>>()?;
-    if txn.get_database_backend() == DbBackend::Postgres {
+    if backend::of_connection(txn).pending_entries {
         let waiting = pending::Entity::find()
             .filter(pending::Column::LibraryId.eq(library_id))
             .filter(pending::Column::Model.eq(model))
@@ -897,7 +504,7 @@ async fn last_hlc(
         .one(txn)
         .await?
         .map_or(0, |row| row.hlc as u64);
-    let waiting = if txn.get_database_backend() == DbBackend::Postgres {
+    let waiting = if backend::of_connection(txn).pending_entries {
         pending::Entity::find()
             .filter(pending::Column::LibraryId.eq(library.to_string()))
             .filter(pending::Column::Model.eq(model))
@@ -939,29 +546,4 @@ fn rejection_reason(e: &PushError) -> Option<String> {
         PushError::Db(db) if crate::error::is_data_error(db) => Some(db.to_string()),
         _ => None,
     }
-}
-
-fn pushed_change(row: outbox::Model, device: DeviceId) -> Result<PushedChange, PushError> {
-    let corrupt = |what: &str| {
-        PushError::Db(DbErr::Custom(format!(
-            "outbox row {} holds a bad {what}",
-            row.id
-        )))
-    };
-    let change_id = match &row.change_id {
-        Some(text) => text.parse().map_err(|_| corrupt("change id"))?,
-        None => take::legacy_change_id(device, row.id),
-    };
-    Ok(PushedChange {
-        id: row.id as u64,
-        change_id,
-        op: ChangeOp::parse(&row.op).ok_or_else(|| corrupt("op"))?,
-        changed: serde_json::from_str(&row.changed).map_err(|_| corrupt("changed list"))?,
-        hlc: Hlc::from_u64(row.hlc as u64),
-        schema_version: row.schema_version as u32,
-        base: Seq(row.base_seq as u64),
-        model: row.model,
-        record_id: row.record_id,
-        data: row.data,
-    })
 }
