@@ -100,7 +100,7 @@ pub enum FollowState {
         reason: String,
     },
     /// A pulled entry cannot be stored on this device: retried with backoff (a fix of the
-    /// cause, or `Library::park(seq)`, gets past it).
+    /// cause, or `FollowerView::park(seq)`, gets past it).
     Stuck {
         /// The entry.
         seq: Seq,

@@ -106,8 +106,8 @@ pub enum ApplyError {
     #[error(
         "entry {seq} (`{model}` record {record_id}) cannot be stored on this device: {reason}; \
          fix the cause (a schema change, say) and sync again, or set the entry aside with \
-         `Library::park({seq})`: the entries after it then go on, later entries of the same \
-         record wait behind it, and `Library::retry_parked` applies them once the cause is fixed"
+         `FollowerView::park({seq})`: the entries after it then go on, later entries of the same \
+         record wait behind it, and `FollowerView::retry_parked` applies them once the cause is fixed"
     )]
     Stuck {
         /// The entry.

@@ -290,11 +290,11 @@ pub enum InviteError {
     /// The leader has no invite with this secret.
     #[error(
         "the leader of library {0} knows no such invite: the token was altered or made by \
-         another leader; ask the leader for a new one (`Library::invite`)"
+         another leader; ask the leader for a new one (`LeaderView::invite`)"
     )]
     Unknown(LibraryId),
     /// The invite expired.
-    #[error("this invite expired at {0}; ask the leader for a new one (`Library::invite`)")]
+    #[error("this invite expired at {0}; ask the leader for a new one (`LeaderView::invite`)")]
     Expired(String),
     /// The invite admitted a device already.
     #[error(

@@ -4,13 +4,13 @@
 //! When this device's database refuses a pulled entry (a value it cannot store, a
 //! constraint), the follower stops at it with `ApplyError::Stuck`, which names the seq,
 //! the model, the record and the database's reason (`pinpoint` finds the entry when a
-//! transaction of many fails). Nothing is skipped on its own. `Library::park(seq)` records
+//! transaction of many fails). Nothing is skipped on its own. `FollowerView::park(seq)` records
 //! the operator's decision; the next apply that reaches that seq stores the entry in
 //! `sync_parked` instead of applying it, and moves on. Later entries of the same record
 //! are parked behind it (applied out of order they would be overwritten by the parked one
 //! on retry), so every record still sees its own entries in log order.
-//! `Library::retry_parked` applies the parked entries in seq order once the cause is fixed;
-//! `Library::drop_parked` forgets one for good.
+//! `FollowerView::retry_parked` applies the parked entries in seq order once the cause is fixed;
+//! `FollowerView::drop_parked` forgets one for good.
 
 use std::collections::{HashMap, HashSet};
 
@@ -146,7 +146,7 @@ pub struct Parked {
     pub reason: String,
 }
 
-/// What `Library::retry_parked` did.
+/// What `FollowerView::retry_parked` did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Retried {
     /// Parked entries applied now (and no longer parked).

@@ -397,7 +397,7 @@ async fn admitted(library: &Library, device: DeviceId) -> Result<Access, (Refusa
             Refusal::NotMember,
             format!(
                 "device {device} is not a member of library {}: ask its leader for an invite \
-                 (`Library::invite`), then join with its token (`Client::join`)",
+                 (`LeaderView::invite`), then join with its token (`Client::join`)",
                 library.id()
             ),
         )),

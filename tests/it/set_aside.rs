@@ -296,7 +296,7 @@ async fn an_entry_a_follower_cannot_store_stops_it_until_parked() {
             "{text}"
         );
         assert!(
-            text.contains("UNIQUE") && text.contains("Library::park"),
+            text.contains("UNIQUE") && text.contains("FollowerView::park"),
             "{text}"
         );
         assert!(
