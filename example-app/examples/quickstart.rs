@@ -136,6 +136,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
             // The leader invites; the token travels to the new device as text
             // (`token.encode()`, then `JoinToken::decode`), and it joins with it.
             let invite = leader
+                .leader()?
                 .invite(Access::Write, Duration::from_secs(600))
                 .await?;
             let token = JoinToken::new(&invite, &address, key.fingerprint());
@@ -158,7 +159,9 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
         key.fingerprint(),
         follower.id(),
     ));
-    let follow = follower.start_following(transport, FollowConfig::default());
+    let follow = follower
+        .follower()?
+        .start_following(transport, FollowConfig::default());
 
     let latest = leader.latest_seq().await?;
     follow

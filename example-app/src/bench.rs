@@ -91,7 +91,7 @@ pub async fn live(writes: u64) -> Result<serde_json::Value> {
         poll_interval: Duration::from_secs(3_600),
         ..FollowConfig::default()
     };
-    let follow = follower.start_following(transport, config);
+    let follow = follower.follower()?.start_following(transport, config);
     let mut applied = follow.subscribe();
     let mut latencies = Vec::with_capacity(writes as usize);
     for i in 0..writes {
@@ -131,7 +131,10 @@ pub async fn catchup(count: u64, batch: u32) -> Result<serde_json::Value> {
     let quic_follower = follower_in(dir.path(), &leader, "quic.db").await?;
     let transport = net::transport(&quic_follower, None).await?;
     let started = Instant::now();
-    quic_follower.catch_up(transport.as_ref(), batch).await?;
+    quic_follower
+        .follower()?
+        .catch_up(transport.as_ref(), batch)
+        .await?;
     let quic_seconds = started.elapsed().as_secs_f64();
 
     let local_url = format!(
@@ -141,7 +144,8 @@ pub async fn catchup(count: u64, batch: u32) -> Result<serde_json::Value> {
     let local_follower = in_process_follower(&local_url, &leader).await?;
     let started = Instant::now();
     local_follower
-        .catch_up(&InProcess::new(leader.clone()), batch)
+        .follower()?
+        .catch_up(&InProcess::new(leader.leader()?), batch)
         .await?;
     let in_process_seconds = started.elapsed().as_secs_f64();
     if leader.dump().await? != quic_follower.dump().await? {
@@ -151,7 +155,7 @@ pub async fn catchup(count: u64, batch: u32) -> Result<serde_json::Value> {
     // Bytes per change: the first full response, framed as sent and as plain JSON.
     let mut request = PullRequest::after(leader.id(), Seq::ZERO);
     request.limit = batch;
-    let response = leader.serve_pull(&request).await?;
+    let response = leader.leader()?.serve_pull(&request).await?;
     let entries = response.items.len().max(1) as f64;
     let framed = frame::encode(&frame::Response::Pulled(response.clone()))?.len() as f64;
     let plain = serde_json::to_vec(&frame::Response::Pulled(response))?.len() as f64;
@@ -443,12 +447,13 @@ pub async fn fanout_followers(dir: &std::path::Path, join_concurrency: usize) ->
                 let url = format!("sqlite://{}?mode=rwc", file.display());
                 let library = net::join(&url, &token, Some(&format!("f{n}"))).await?;
                 let transport = net::transport(&library, None).await?;
-                Ok::<_, anyhow::Error>((library, transport))
+                let follower = library.follower()?;
+                Ok::<_, anyhow::Error>((library, follower, transport))
             }
             .await;
             match joined {
-                Ok((library, transport)) => {
-                    let follow = library.start_following(transport, FollowConfig::default());
+                Ok((library, follower, transport)) => {
+                    let follow = follower.start_following(transport, FollowConfig::default());
                     Some((library, follow))
                 }
                 Err(e) => {

@@ -562,7 +562,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Skip { seq } => {
             let library = open(&cli.db).await?;
-            library.park(sync_core::Seq(seq)).await?;
+            library.follower()?.park(sync_core::Seq(seq)).await?;
             say!("entry {seq} will be parked when it is pulled next");
         }
         Command::Parked { json } => {
@@ -586,7 +586,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::RetryParked => {
             let library = open(&cli.db).await?;
-            let retried = library.retry_parked().await?;
+            let retried = library.follower()?.retry_parked().await?;
             say!(
                 "{} applied, {} still parked{}",
                 retried.applied,
@@ -598,7 +598,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::DropParked { seq } => {
             let library = open(&cli.db).await?;
-            if !library.drop_parked(sync_core::Seq(seq)).await? {
+            if !library.follower()?.drop_parked(sync_core::Seq(seq)).await? {
                 anyhow::bail!("no entry {seq} is parked");
             }
             say!("dropped parked entry {seq}");
@@ -615,7 +615,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             shutdown_signal().await?;
             server.shutdown().await;
             // Followers' positions are written about once a second; keep the last ones.
-            library.flush_peer_positions().await?;
+            library.leader()?.flush_peer_positions().await?;
             note!("stopped serving");
         }
         Command::Invite { role, ttl, address } => {
@@ -659,7 +659,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 say!("in sync at seq {}", position?.seq);
             } else {
-                let follow = library.start_following(transport, FollowConfig::default());
+                let follow = library
+                    .follower()?
+                    .start_following(transport, FollowConfig::default());
                 note!("following; Ctrl-C stops");
                 let mut events = follow.subscribe();
                 let signal = shutdown_signal();
@@ -719,7 +721,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let device = device_id
                 .parse()
                 .with_context(|| format!("`{device_id}` is not a device id (see `devices`)"))?;
-            library.revoke(device).await?;
+            library.leader()?.revoke(device).await?;
             say!("revoked {device_id}");
         }
         Command::Demo => demo().await?,
@@ -892,7 +894,9 @@ async fn demo() -> Result<()> {
         follower.device_id()
     );
     let transport = net::transport(&follower, None).await?;
-    let follow = follower.start_following(transport, FollowConfig::default());
+    let follow = follower
+        .follower()?
+        .start_following(transport, FollowConfig::default());
     let mut events = follow.subscribe();
 
     let disk = ops::put(
@@ -1065,7 +1069,8 @@ async fn bench_apply(count: u64, batch: u32, rounds: u32) -> Result<()> {
         in_process_follower(&fresh_database("sqlite", dir.path()).await?, &leader).await?;
     let started = std::time::Instant::now();
     follower
-        .catch_up(&sync_core::InProcess::new(leader.clone()), batch)
+        .follower()?
+        .catch_up(&sync_core::InProcess::new(leader.leader()?), batch)
         .await?;
     let apply_seconds = started.elapsed().as_secs_f64();
     let rss_after_sync = peak_rss_kib();
@@ -1079,7 +1084,7 @@ async fn bench_apply(count: u64, batch: u32, rounds: u32) -> Result<()> {
     while at.seq.0 < count {
         let mut request = sync_core::PullRequest::from_position(leader.id(), at);
         request.limit = batch;
-        let response = leader.serve_pull(&request).await?;
+        let response = leader.leader()?.serve_pull(&request).await?;
         let through = response.end(at);
         if through.seq == at.seq {
             bail!("the leader served nothing after seq {}", at.seq);
@@ -1105,7 +1110,7 @@ async fn bench_apply(count: u64, batch: u32, rounds: u32) -> Result<()> {
             in_process_follower(&fresh_database("sqlite", dir.path()).await?, &leader).await?;
         let batches = responses.clone();
         let started = std::time::Instant::now();
-        let applied = follower.apply_all(Seq::ZERO, batches).await?;
+        let applied = follower.follower()?.apply_all(Seq::ZERO, batches).await?;
         let applying = started.elapsed().as_secs_f64();
         if applied.position.seq != after {
             bail!("applied up to {} of {after}", applied.position.seq);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use sea_orm_migration::MigratorTrait;
-use sync_core::{Access, Library, OpenError, Position, Role};
+use sync_core::{Access, Library, OpenError, Position, Role, SyncError};
 use sync_transport::{Client, ClientConfig, JoinToken, QuicTransport, Server, ServerConfig};
 
 use crate::{Migrator, connect, registry};
@@ -79,7 +79,7 @@ pub async fn invite(
             anyhow!("no address to advertise: run `serve --listen HOST:PORT` first, or pass `--address HOST:PORT`")
         })?,
     };
-    let invite = library.invite(access, ttl).await?;
+    let invite = library.leader()?.invite(access, ttl).await?;
     let key = library.device_key().await?;
     Ok(JoinToken::new(&invite, &address, key.fingerprint()).encode())
 }
@@ -173,23 +173,26 @@ pub async fn sync_once(
     mut progress: impl FnMut(u64, u64),
 ) -> Result<Position> {
     let outcome = async {
-        // This device's own writes first, so the pull brings back how the leader took them.
-        // A failed push still lets the pull run; it is reported after.
-        let pushed = if library.is_read_only() {
-            Ok(())
-        } else {
-            library.push_outbox(transport).await.map(|_| ())
-        };
-        let position = library
-            .catch_up_with(transport, 1_000, |applied, target| {
+        // `sync_round` pushes this device's own writes first, so the pull brings back how
+        // the leader took them; a failed push still lets the pull run.
+        let round = library
+            .follower()?
+            .sync_round(transport, 1_000, |applied, target| {
                 progress(applied.position.seq.0, target.0);
             })
-            .await?;
-        library
-            .set_local_setting(LEADER_LATEST, &transport.leader_latest_seq().0.to_string())
-            .await?;
-        pushed.context("pushing this device's changes failed; they stay in its outbox")?;
-        Ok::<_, anyhow::Error>(position)
+            .await;
+        if !matches!(round, Err(SyncError::Pull(_) | SyncError::Apply(_))) {
+            // The pull went through (the push may have failed).
+            library
+                .set_local_setting(LEADER_LATEST, &transport.leader_latest_seq().0.to_string())
+                .await?;
+        }
+        match round {
+            Ok((position, _)) => Ok::<_, anyhow::Error>(position),
+            Err(e @ SyncError::Push(_)) => Err(anyhow::Error::new(e)
+                .context("pushing this device's changes failed; they stay in its outbox")),
+            Err(e) => Err(e.into()),
+        }
     }
     .await;
     let error = outcome.as_ref().err().map(|e| format!("{e:#}"));

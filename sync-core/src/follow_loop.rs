@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use crate::decide::follow::Backoff;
 use crate::follower::{ApplyError, SyncError};
 use crate::protocol::{PullError, PushError, Refused};
 use crate::{Library, Seq, Transport};
@@ -99,7 +100,7 @@ pub enum FollowState {
         reason: String,
     },
     /// A pulled entry cannot be stored on this device: retried with backoff (a fix of the
-    /// cause, or `Library::park(seq)`, gets past it).
+    /// cause, or `FollowerView::park(seq)`, gets past it).
     Stuck {
         /// The entry.
         seq: Seq,
@@ -243,7 +244,11 @@ pub struct Follow {
 
 impl Library {
     /// Starts this follower's pull loop over `transport`.
-    pub fn start_following(&self, transport: Arc<dyn Transport>, config: FollowConfig) -> Follow {
+    pub(crate) fn start_following(
+        &self,
+        transport: Arc<dyn Transport>,
+        config: FollowConfig,
+    ) -> Follow {
         let (commands, receiver) = mpsc::channel(COMMANDS_MAX);
         let (status_tx, status) = watch::channel(FollowStatus::default());
         let (events, _) = broadcast::channel(EVENTS_MAX);
@@ -331,26 +336,24 @@ struct LoopState {
 
 impl LoopState {
     async fn run(self, mut commands: mpsc::Receiver<Command>) {
-        let mut failures: u32 = 0;
+        let mut backoff = Backoff::new(&self.config);
         let mut outbox = self.library.watch_outbox();
         loop {
             outbox.mark_unchanged();
-            let mut retries = true;
-            match self.round().await {
+            let outcome = match self.round().await {
                 Ok(()) => {
-                    failures = 0;
                     self.status.send_modify(|s| {
                         s.state = FollowState::InSync;
                         s.retrying = true;
                     });
+                    Ok(())
                 }
                 Err(error) => {
-                    failures = failures.saturating_add(1);
                     crate::metrics::record_follow_error(self.library.id());
                     let state = FollowState::of(&error);
                     // A refused push does not stop the pulls: the follower keeps receiving
                     // the library (and tries the push again) while its own changes wait.
-                    retries = state.retries() || matches!(error, SyncError::Push(_));
+                    let retries = state.retries() || matches!(error, SyncError::Push(_));
                     let message = match &error {
                         SyncError::Push(e) => format!("push: {e}"),
                         other => other.to_string(),
@@ -369,29 +372,21 @@ impl LoopState {
                         s.state = state;
                         s.retrying = retries;
                     });
+                    Err(retries)
                 }
-            }
-            // Decided after the pull: a failure retries soon, not a poll interval later.
-            let delay = if failures == 0 {
-                self.config.poll_interval
-            } else {
-                let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(16));
-                let delay = self
-                    .config
-                    .retry_delay_min
-                    .saturating_mul(factor)
-                    .min(self.config.retry_delay_max);
-                // Jitter: followers that lost one leader together do not all come back
-                // in the same instant.
-                delay.mul_f64(rand::random_range(0.5..1.0))
             };
+            // Decided after the pull: a failure retries soon, not a poll interval later.
+            let now = tokio::time::Instant::now();
+            let wake = backoff.round_ended(outcome, now.into_std(), rand::random_range(0.5..1.0));
+            let retries = wake.at.is_some();
+            let at = wake.at.map_or(now, tokio::time::Instant::from_std);
             let next = tokio::select! {
                 command = commands.recv() => command,
-                () = tokio::time::sleep(delay), if retries => Some(Command::SyncNow),
+                () = tokio::time::sleep_until(at), if retries => Some(Command::SyncNow),
                 // The leader announced news: pull at once (unless backing off).
-                () = self.transport.news(), if failures == 0 => Some(Command::SyncNow),
+                () = self.transport.news(), if wake.on_news => Some(Command::SyncNow),
                 // A local write entered the outbox: push it.
-                Ok(()) = outbox.changed(), if failures == 0 => Some(Command::SyncNow),
+                Ok(()) = outbox.changed(), if wake.on_news => Some(Command::SyncNow),
             };
             match next {
                 Some(Command::SyncNow) => {}
@@ -405,23 +400,26 @@ impl LoopState {
         }
     }
 
-    /// One round: push this follower's own changes first (so that the pull brings back
-    /// how the leader sequenced them), then pull until caught up.
+    /// One round (`Library::sync_round`: push this follower's own changes, then pull
+    /// until caught up), then the counts the status shows.
     async fn round(&self) -> Result<(), SyncError> {
-        // A push that fails (the leader away, or a change it refuses) must not stop the
-        // pulls: the follower keeps receiving the library while its own changes wait.
-        let pushed = if self.library.is_read_only() {
-            Ok(())
-        } else {
-            match self.library.push_outbox(self.transport.as_ref()).await {
-                Ok(pushed) => {
-                    tracing::debug!(library = %self.library.id(), ?pushed, "pushed");
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            }
-        };
-        let pulled = self.pull_until_caught_up().await;
+        let round = self
+            .library
+            .sync_round(
+                self.transport.as_ref(),
+                self.config.batch_len_max,
+                |applied, latest| self.pulled(applied, latest),
+            )
+            .await;
+        if let Ok((position, latest)) = &round {
+            // Also when nothing was applied: the status shows the leader's latest seq.
+            self.status.send_modify(|s| {
+                s.position = position.seq;
+                s.latest_seq = *latest;
+                s.lag = latest.0.saturating_sub(position.seq.0);
+                s.last_error = None;
+            });
+        }
         // A count that fails keeps the status and the gauges at their last true values.
         let id = self.library.id();
         let counts = (
@@ -444,38 +442,24 @@ impl LoopState {
             s.parked = parked.unwrap_or(s.parked);
             s.rejected = rejected.unwrap_or(s.rejected);
         });
-        pulled.and(pushed)
+        round.map(|_| ())
     }
 
-    async fn pull_until_caught_up(&self) -> Result<(), SyncError> {
-        let mut previous = None;
-        loop {
-            let (applied, latest) = self
-                .library
-                .pull_once(self.transport.as_ref(), self.config.batch_len_max)
-                .await?;
-            let position = applied.position.seq;
-            tracing::debug!(library = %self.library.id(), %position, %latest, "pulled");
-            self.status.send_modify(|s| {
-                s.position = position;
-                s.latest_seq = latest;
-                s.lag = latest.0.saturating_sub(position.0);
-                s.last_error = None;
+    /// After each transaction of a round: the status moves, listeners hear what changed.
+    fn pulled(&self, applied: &crate::Applied, latest: Seq) {
+        let position = applied.position.seq;
+        tracing::debug!(library = %self.library.id(), %position, %latest, "pulled");
+        self.status.send_modify(|s| {
+            s.position = position;
+            s.latest_seq = latest;
+            s.lag = latest.0.saturating_sub(position.0);
+        });
+        if !applied.records.is_empty() {
+            // No subscribers is fine.
+            let _ = self.events.send(ChangesApplied {
+                records: applied.records.clone(),
+                position,
             });
-            if !applied.records.is_empty() {
-                // No subscribers is fine.
-                let _ = self.events.send(ChangesApplied {
-                    records: applied.records,
-                    position,
-                });
-            }
-            if position >= latest {
-                return Ok(());
-            }
-            if previous == Some(position) {
-                return Err(PullError::Stalled { position, latest }.into());
-            }
-            previous = Some(position);
         }
     }
 }

@@ -5,6 +5,7 @@ use sea_orm::ActiveValue::Set;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, TransactionTrait};
 use serde::Serialize;
 
+use crate::decide::{absorb, follow};
 use crate::entry::ChainError;
 use crate::error::OpenError;
 use crate::library::{LOCAL_DEFAULT_LIBRARY, ensure_device_id, set_local_value};
@@ -105,8 +106,8 @@ pub enum ApplyError {
     #[error(
         "entry {seq} (`{model}` record {record_id}) cannot be stored on this device: {reason}; \
          fix the cause (a schema change, say) and sync again, or set the entry aside with \
-         `Library::park({seq})`: the entries after it then go on, later entries of the same \
-         record wait behind it, and `Library::retry_parked` applies them once the cause is fixed"
+         `FollowerView::park({seq})`: the entries after it then go on, later entries of the same \
+         record wait behind it, and `FollowerView::retry_parked` applies them once the cause is fixed"
     )]
     Stuck {
         /// The entry.
@@ -264,7 +265,11 @@ impl Library {
     /// Checking the entries and building their statements runs on a blocking thread beside
     /// the transaction, which executes each statement as it arrives; whatever fails rolls
     /// the whole transaction back.
-    pub async fn apply(&self, after: Seq, response: PullResponse) -> Result<Applied, ApplyError> {
+    pub(crate) async fn apply(
+        &self,
+        after: Seq,
+        response: PullResponse,
+    ) -> Result<Applied, ApplyError> {
         self.apply_all(after, std::iter::once(response)).await
     }
 
@@ -280,7 +285,7 @@ impl Library {
     /// at its first `None`: a source that answers `None` while nothing has arrived (a
     /// channel's `try_recv`) never makes this wait, nor hold the database's write lock,
     /// for the network.
-    pub async fn apply_all<I>(&self, after: Seq, responses: I) -> Result<Applied, ApplyError>
+    pub(crate) async fn apply_all<I>(&self, after: Seq, responses: I) -> Result<Applied, ApplyError>
     where
         I: IntoIterator<Item = PullResponse>,
         I::IntoIter: Send,
@@ -313,23 +318,38 @@ impl Library {
     }
 
     fn check_response(&self, response: &PullResponse) -> Result<(), ApplyError> {
-        if response.protocol_version != PROTOCOL_VERSION {
-            return Err(ApplyError::VersionMismatch {
+        absorb::check_response(self.id(), response).map_err(|r| self.refused(r))
+    }
+
+    /// The error for a refusal of the absorb plan.
+    fn refused(&self, refusal: absorb::Refusal) -> ApplyError {
+        match refusal {
+            absorb::Refusal::VersionMismatch { theirs } => ApplyError::VersionMismatch {
                 ours: PROTOCOL_VERSION,
-                theirs: response.protocol_version,
-            });
-        }
-        if response.library_id != self.id() {
-            return Err(ApplyError::WrongLibrary {
+                theirs,
+            },
+            absorb::Refusal::WrongLibrary { found } => ApplyError::WrongLibrary {
                 expected: self.id(),
-                found: response.library_id,
-            });
+                found,
+            },
+            absorb::Refusal::Chain(e) => ApplyError::Chain(e),
+            absorb::Refusal::UnknownModel { seq, model } => ApplyError::UnknownModel { seq, model },
+            absorb::Refusal::SchemaMismatch {
+                seq,
+                model,
+                ours,
+                theirs,
+            } => ApplyError::SchemaMismatch {
+                seq,
+                model,
+                ours,
+                theirs,
+            },
         }
-        Ok(())
     }
 
     /// The records among `items` whose rows here are local to this device (their model's
-    /// filter excludes them), which apply passes over. On a write-role follower an upsert
+    /// filter excludes them), which apply passes over. On a follower with write access an upsert
     /// that would have re-created such a record elsewhere is answered with a delete in the
     /// outbox: the record stays gone on the other devices and local here.
     async fn local_rows(
@@ -572,8 +592,9 @@ impl Library {
         Ok(applied)
     }
 
-    /// Checks one response's items against `applied.position` and turns them into
-    /// statements; `applied` then holds the position the response reaches.
+    /// Absorbs one response's items from `applied.position` (the plan is
+    /// `decide::absorb`'s) and turns the plan into statements; `applied` then holds the
+    /// position the response reaches.
     fn prepare_batch(
         &self,
         applied: &mut Applied,
@@ -583,68 +604,43 @@ impl Library {
         emit: &mut dyn FnMut(crate::registry::Step) -> bool,
         writer_gone: &dyn Fn() -> bool,
     ) -> Result<(), ApplyError> {
-        let mut expected = applied.position.seq.next();
-        let mut checksum = applied.position.checksum;
-        let mut run: Vec<&crate::LogEntry> = Vec::new();
-        for item in &items {
-            match item {
-                PulledItem::Skipped {
-                    through,
-                    checksum: at,
-                } => {
-                    // Seqs are stored as i64: a run past that is no continuation either.
-                    if *through < expected || through.0 > i64::MAX as u64 {
-                        return Err(ChainError::Gap {
-                            expected,
-                            found: *through,
-                        }
-                        .into());
-                    }
-                    checksum = *at;
-                    expected = through.next();
-                }
-                PulledItem::Entry(entry) => {
-                    if writer_gone() {
-                        // The writer has failed (its error is the one reported) or the
-                        // runtime is shutting down: nothing built now would run.
-                        return Err(ApplyError::Interrupted);
-                    }
-                    crate::verify_chain(
-                        Seq(expected.0 - 1),
-                        checksum,
-                        std::slice::from_ref(entry),
-                    )?;
-                    checksum = entry.checksum;
-                    expected = expected.next();
-                    if let Some(reason) = parking.parks(entry) {
-                        // Set aside, not applied: the position still moves past it.
-                        if !emit(park_statement(backend, self.id(), entry, &reason)?.into()) {
-                            return Err(ApplyError::Interrupted);
-                        }
-                        continue;
-                    }
-                    if !local.is_empty()
-                        && local.contains(&(entry.model.clone(), entry.record_id.clone()))
-                    {
-                        // This device's row is local (its filter excludes it): entries
-                        // from elsewhere never touch it.
-                        continue;
-                    }
-                    self.check_entry(entry)?;
-                    self.context.clock.observe(entry.hlc);
-                    applied.entries += 1;
-                    if run.first().is_some_and(|first| first.model != entry.model) {
-                        self.prepare_run(backend, &run, emit)?;
-                        run.clear();
-                    }
-                    run.push(entry);
-                }
+        let schema_version = |model: &str| self.registry.get(model).map(|ops| ops.schema_version());
+        let is_local = |entry: &crate::LogEntry| {
+            !local.is_empty() && local.contains(&(entry.model.clone(), entry.record_id.clone()))
+        };
+        let mut parks = |entry: &crate::LogEntry| parking.parks(entry);
+        let plan = absorb::absorb(
+            applied.position,
+            &items,
+            absorb::Here {
+                schema_version: &schema_version,
+                is_local: &is_local,
+                parks: &mut parks,
+            },
+        );
+        if let Some(hlc) = plan.observed {
+            self.context.clock.observe(hlc);
+        }
+        for (entry, reason) in &plan.parked {
+            // Set aside, not applied: the position still moves past it.
+            if writer_gone() || !emit(park_statement(backend, self.id(), entry, reason)?.into()) {
+                return Err(ApplyError::Interrupted);
             }
         }
-        if !run.is_empty() {
-            self.prepare_run(backend, &run, emit)?;
+        for run in &plan.runs {
+            if writer_gone() {
+                // The writer has failed (its error is the one reported) or the runtime
+                // is shutting down: nothing built now would run.
+                return Err(ApplyError::Interrupted);
+            }
+            self.prepare_run(backend, run, emit)?;
         }
-        drop(run);
+        if let Some(refusal) = plan.refusal {
+            return Err(self.refused(refusal));
+        }
+        applied.entries += plan.entries;
+        applied.position = plan.position;
+        drop(plan);
         // The entries are done with: their names move into the listeners' list.
         applied
             .records
@@ -652,29 +648,6 @@ impl Library {
                 PulledItem::Entry(entry) => Some((entry.model, entry.record_id)),
                 PulledItem::Skipped { .. } => None,
             }));
-        applied.position = Position {
-            seq: Seq(expected.0 - 1),
-            checksum,
-        };
-        Ok(())
-    }
-
-    /// Refuses an entry this build cannot apply: an unknown model or another schema version.
-    fn check_entry(&self, entry: &crate::LogEntry) -> Result<(), ApplyError> {
-        let Some(ops) = self.registry.get(&entry.model) else {
-            return Err(ApplyError::UnknownModel {
-                seq: entry.seq,
-                model: entry.model.clone(),
-            });
-        };
-        if ops.schema_version() != entry.schema_version {
-            return Err(ApplyError::SchemaMismatch {
-                seq: entry.seq,
-                model: entry.model.clone(),
-                ours: ops.schema_version(),
-                theirs: entry.schema_version,
-            });
-        }
         Ok(())
     }
 
@@ -710,14 +683,11 @@ impl Library {
         skip_all,
         fields(library = %self.id(), device = %self.device_id(), after, latest)
     )]
-    pub async fn pull_once(
+    pub(crate) async fn pull_once(
         &self,
         transport: &dyn Transport,
         limit: u32,
     ) -> Result<(Applied, Seq), SyncError> {
-        if self.role() != Role::Follower {
-            return Err(PullError::NotFollower(self.id()).into());
-        }
         let position = self.position().await.map_err(ApplyError::from)?;
         let mut request = PullRequest::from_position(self.id(), position);
         request.limit = limit;
@@ -739,7 +709,7 @@ impl Library {
     /// Pulls and applies until the position reaches the leader's latest seq as of the
     /// first answer. Each batch commits on its own, so an interruption resumes from the
     /// last applied batch, not from zero.
-    pub async fn catch_up(
+    pub(crate) async fn catch_up(
         &self,
         transport: &dyn Transport,
         limit: u32,
@@ -762,12 +732,47 @@ impl Library {
         skip_all,
         fields(library = %self.id(), device = %self.device_id(), after, latest)
     )]
-    pub async fn catch_up_with(
+    pub(crate) async fn catch_up_with(
         &self,
         transport: &dyn Transport,
         limit: u32,
         progress: impl FnMut(&Applied, Seq),
     ) -> Result<Position, SyncError> {
+        let (position, _) = self.catch_up_to(transport, limit, progress).await?;
+        Ok(position)
+    }
+
+    /// One sync round, the one place that orders it: this follower's own changes are
+    /// pushed first (so that the pull brings back how the leader took them), then it pulls
+    /// until caught up. A failed push does not stop the pull (the follower keeps receiving
+    /// the library while its changes wait in the outbox); the pull's error is reported
+    /// first, then the push's. Returns the position and the leader's latest seq as of
+    /// the first answer.
+    pub(crate) async fn sync_round(
+        &self,
+        transport: &dyn Transport,
+        limit: u32,
+        progress: impl FnMut(&Applied, Seq),
+    ) -> Result<(Position, Seq), SyncError> {
+        let pushed = if self.is_read_only() {
+            Ok(())
+        } else {
+            self.push_outbox(transport).await.map(|pushed| {
+                tracing::debug!(library = %self.id(), ?pushed, "pushed");
+            })
+        };
+        let caught_up = self.catch_up_to(transport, limit, progress).await?;
+        pushed?;
+        Ok(caught_up)
+    }
+
+    /// `catch_up_with`, also returning the leader's latest seq as of the first answer.
+    async fn catch_up_to(
+        &self,
+        transport: &dyn Transport,
+        limit: u32,
+        progress: impl FnMut(&Applied, Seq),
+    ) -> Result<(Position, Seq), SyncError> {
         match self.catch_up_inner(transport, limit, progress).await {
             Err(SyncError::Apply(e @ ApplyError::Db(_))) => {
                 let at = self.position().await.map_err(ApplyError::from)?;
@@ -782,10 +787,7 @@ impl Library {
         transport: &dyn Transport,
         limit: u32,
         mut progress: impl FnMut(&Applied, Seq),
-    ) -> Result<Position, SyncError> {
-        if self.role() != Role::Follower {
-            return Err(PullError::NotFollower(self.id()).into());
-        }
+    ) -> Result<(Position, Seq), SyncError> {
         let request = |after: Position| {
             let mut request = PullRequest::from_position(self.id(), after);
             request.limit = limit;
@@ -800,30 +802,30 @@ impl Library {
             .record("latest", target.0);
         crate::metrics::record_lag(self.id(), start.seq, target);
         if first.through(start.seq) == start.seq && target <= start.seq {
-            return Ok(start);
+            return Ok((start, target));
         }
         let (arrived, mut to_apply) = tokio::sync::mpsc::channel::<PullResponse>(PULLS_AHEAD);
         let pulling = async move {
-            let (mut from, mut response, mut stalled) = (start, first, false);
+            let (mut from, mut response) = (start, first);
+            let mut stall = follow::Stall::new(start.seq);
             loop {
                 let through = response.end(from);
-                if through.seq > from.seq {
-                    stalled = false;
-                    if arrived.send(response).await.is_err() || through.seq >= target {
-                        // Done, or the applying side has stopped (its error decides).
-                        return Ok(());
+                if through.seq > from.seq
+                    && (arrived.send(response).await.is_err() || through.seq >= target)
+                {
+                    // Done, or the applying side has stopped (its error decides).
+                    return Ok(());
+                }
+                from = through;
+                match stall.pulled(through.seq, target) {
+                    follow::Next::Done => return Ok(()),
+                    follow::Next::Again => {}
+                    follow::Next::Stalled => {
+                        return Err(SyncError::from(PullError::Stalled {
+                            position: from.seq,
+                            latest: target,
+                        }));
                     }
-                    from = through;
-                } else if stalled {
-                    // Nothing new twice although the leader claims more: an entry may not
-                    // be visible to its reader yet (MySQL) the first time, but a leader
-                    // answering nothing again would keep this loop spinning.
-                    return Err(SyncError::from(PullError::Stalled {
-                        position: from.seq,
-                        latest: target,
-                    }));
-                } else {
-                    stalled = true;
                 }
                 response = transport.pull(request(from)).await?;
                 self.check_response(&response)?;
@@ -872,7 +874,7 @@ impl Library {
             }
             .into());
         }
-        Ok(position)
+        Ok((position, target))
     }
 }
 

@@ -25,10 +25,13 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod adopt;
+mod backend;
 mod capture;
 mod coalesce;
 mod commits;
+mod conflicts;
 mod connection;
+mod decide;
 mod entry;
 mod error;
 mod follow_loop;
@@ -36,17 +39,20 @@ mod follower;
 mod hlc;
 mod identity;
 mod ids;
+mod in_process;
 mod library;
 mod members;
 mod merge;
 pub mod metrics;
+mod outbox;
 mod parked;
 mod protocol;
-mod push;
 mod registry;
+mod roles;
 mod serve;
 mod syncable;
 mod tables;
+mod take;
 
 /// The hooks `#[derive(Syncable)]` wires into `ActiveModelBehavior`. Call them from your own
 /// `impl ActiveModelBehavior` when the model says `#[sync(custom_behavior)]`.
@@ -56,6 +62,7 @@ pub mod hooks {
 
 pub use adopt::seed_key;
 pub use commits::CommitWatcher;
+pub use conflicts::{Conflict, Resolution, ResolveError};
 pub use connection::{SyncConnection, SyncTransaction};
 pub use entry::{ChainError, ChangeOp, LogEntry, verify_chain};
 pub use error::{LogError, OpenError};
@@ -66,18 +73,21 @@ pub use follower::{APPLY_GROUP_ENTRIES, Applied, ApplyError, PULLS_AHEAD, Positi
 pub use hlc::{Hlc, HlcClock, WallClock};
 pub use identity::{BadFingerprint, DeviceKey, KeyError, KeyFingerprint};
 pub use ids::{DeviceId, LibraryId, Seq};
+pub use in_process::InProcess;
 pub use library::{Drift, DriftKind, LatestSeq, Library, Role, Status, TxnFuture};
 pub use members::{Access, Admission, Invite, InviteError, Member, MemberError};
+pub use outbox::PushOutcome;
 pub use parked::{ParkError, Parked, Retried};
 pub use protocol::{
-    Divergence, InProcess, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PUSH_BYTES_MAX,
+    Divergence, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PUSH_BYTES_MAX,
     PUSH_CHANGES_MAX, PullError, PullRequest, PullResponse, PulledItem, PushError, PushRequest,
     PushResponse, PushedChange, RECORD_BYTES_MAX, Refused, RejectedChange, Transport,
 };
-pub use push::{Conflict, PushOutcome, Rejected, Resolution, ResolveError};
 pub use registry::{DuplicateSyncId, ModelRows, Registry};
+pub use roles::{FollowerView, LeaderView, WrongRole};
 pub use sync_derive::Syncable;
 pub use syncable::{FieldMerge, FieldSpec, MergeRule, Syncable, find_by_key, key_column};
+pub use take::Rejected;
 
 /// Items the derive's generated code names. Not part of the public API.
 #[doc(hidden)]

@@ -7,14 +7,14 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
-use sea_orm::sea_query::OnConflict;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
-    DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqliteTransactionMode,
-    TransactionOptions, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqliteTransactionMode, TransactionOptions,
+    TransactionTrait,
 };
 use serde::Serialize;
 
+use crate::backend::postgres::Sequencer;
 use crate::capture::{CaptureContext, CapturedChange};
 use crate::connection::SyncTransaction;
 use crate::entry::{ChangeOp, LogEntry};
@@ -26,22 +26,7 @@ use crate::{DeviceId, DeviceKey, Hlc, HlcClock, LibraryId, Seq};
 /// Rows per INSERT when appending to the log. Measured on PostgreSQL (BENCHMARKS.md):
 /// statements of 8–32 rows are cheapest per row, and past ~60 rows (660 bound values) a
 /// statement suddenly costs tens of milliseconds. 16 rows keep well inside the fast range.
-const LOG_INSERT_ROWS_MAX: usize = 16;
-
-/// Pending entries numbered per sequencer transaction: bounds its memory and lock time.
-const SEQUENCE_BATCH_MAX: u64 = 2_000;
-
-/// How long the background sequencer waits after a kick before it runs, so that one run
-/// takes the entries of every writer that commits meanwhile. It adds at most this much to
-/// the time from commit to a numbered entry.
-const SEQUENCE_COALESCE_MS: u64 = 2;
-
-/// Ids per `DELETE … WHERE id IN (…)` when clearing sequenced pending entries.
-const PENDING_DELETE_IDS_MAX: usize = 500;
-
-/// Claims of the next seq before giving up. Each failed claim means another writer
-/// committed in between, so this bounds a pathological storm, not ordinary contention.
-const CLAIM_ATTEMPTS_MAX: usize = 10_000;
+pub(crate) const LOG_INSERT_ROWS_MAX: usize = 16;
 
 const LOCAL_DEVICE_KEY: &str = "device_key";
 pub(crate) const LOCAL_DEFAULT_LIBRARY: &str = "default_library";
@@ -51,9 +36,9 @@ pub type TxnFuture<'c, T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send 
 
 /// The last committed entry of the log, as this handle knows it.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-struct Tip {
-    seq: Seq,
-    checksum: u64,
+pub(crate) struct Tip {
+    pub(crate) seq: Seq,
+    pub(crate) checksum: u64,
 }
 
 /// A library's latest seq, watched: see `Library::watch_latest_seq`.
@@ -110,100 +95,8 @@ pub struct Library {
     pub(crate) pull_reads: Arc<crate::serve::PullReads>,
 }
 
-/// Numbers the entries PostgreSQL writers leave in `sync_pending` (see `Library::append`).
-#[derive(Debug)]
-struct Sequencer {
-    pub(crate) db: DatabaseConnection,
-    library_id: LibraryId,
-    tip: Arc<watch::Sender<Tip>>,
-    /// One run at a time per handle: the background task and readers take turns.
-    running: tokio::sync::Mutex<()>,
-}
-
-impl Sequencer {
-    /// Moves committed pending entries (PostgreSQL) into the log, numbered in the order the
-    /// sequencer sees them commit.
-    ///
-    /// Runs serialise on the library's row (`FOR UPDATE`), across handles and processes.
-    /// A pending row becomes visible only when its transaction commits, so every run
-    /// numbers only committed entries, after all the entries earlier runs numbered: a
-    /// reader that has seen seq N never later finds an entry below N, and a transaction
-    /// that commits late simply gets later seqs.
-    async fn run(&self) -> Result<(), DbErr> {
-        // One run per handle at a time; a writer that waited here usually finds its entries
-        // already numbered by the run it waited for.
-        let _single_flight = self.running.lock().await;
-        // Nearly every reader's run, and many writers', find nothing to number. A plain
-        // read says so without the library's row lock and a commit (each `FOR UPDATE`
-        // writes WAL), so a crowd of followers pulling does not queue here. An entry
-        // committed after this read is one a later run numbers, as if it came later.
-        let waiting = pending::Entity::find()
-            .filter(pending::Column::LibraryId.eq(self.library_id.to_string()))
-            .one(&self.db)
-            .await?;
-        if waiting.is_none() {
-            return Ok(());
-        }
-        loop {
-            let txn = self.db.begin().await?;
-            let library_key = self.library_id.to_string();
-            library::Entity::find_by_id(library_key.clone())
-                .lock_exclusive()
-                .one(&txn)
-                .await?;
-            let waiting = pending::Entity::find()
-                .filter(pending::Column::LibraryId.eq(library_key))
-                .order_by_asc(pending::Column::Id)
-                .limit(SEQUENCE_BATCH_MAX)
-                .all(&txn)
-                .await?;
-            if waiting.is_empty() {
-                txn.commit().await?;
-                return Ok(());
-            }
-            let full_batch = waiting.len() as u64 == SEQUENCE_BATCH_MAX;
-            let ids: Vec<i64> = waiting.iter().map(|p| p.id).collect();
-            let drafts = waiting
-                .into_iter()
-                .map(draft_from_pending)
-                .collect::<Result<Vec<_>, _>>()?;
-            let tip = committed_tip(&txn, self.library_id, false).await?;
-            let (rows, last) = Library::number(&drafts, tip);
-            let mut rows = rows.into_iter().peekable();
-            while rows.peek().is_some() {
-                let chunk: Vec<_> = rows.by_ref().take(LOG_INSERT_ROWS_MAX).collect();
-                log::Entity::insert_many(chunk)
-                    .exec_without_returning(&txn)
-                    .await?;
-            }
-            for chunk in ids.chunks(PENDING_DELETE_IDS_MAX) {
-                pending::Entity::delete_many()
-                    .filter(pending::Column::Id.is_in(chunk.iter().copied()))
-                    .exec(&txn)
-                    .await?;
-            }
-            // Delivered at commit: leaders serving this library from other processes
-            // learn of the new entries at once (see `Library::watch_commits`).
-            txn.execute_raw(sea_orm::Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                "SELECT pg_notify($1, $2)",
-                [
-                    crate::commits::NOTIFY_CHANNEL.into(),
-                    self.library_id.to_string().into(),
-                ],
-            ))
-            .await?;
-            txn.commit().await?;
-            advance(&self.tip, last);
-            if !full_batch {
-                return Ok(());
-            }
-        }
-    }
-}
-
 /// Moves a cached tip forward, never back, and tells its watchers.
-fn advance(tip: &watch::Sender<Tip>, committed: Tip) {
+pub(crate) fn advance(tip: &watch::Sender<Tip>, committed: Tip) {
     tip.send_if_modified(|tip| {
         let newer = committed.seq > tip.seq;
         if newer {
@@ -213,21 +106,8 @@ fn advance(tip: &watch::Sender<Tip>, committed: Tip) {
     });
 }
 
-/// Runs the sequencer whenever a writer kicks it, until every handle is gone.
-async fn sequence_in_background(sequencer: Arc<Sequencer>, mut kicks: mpsc::Receiver<()>) {
-    while kicks.recv().await.is_some() {
-        // Let the commits that land meanwhile join this run: one sequencer transaction
-        // (and one WAL flush) then numbers many writers' entries.
-        tokio::time::sleep(std::time::Duration::from_millis(SEQUENCE_COALESCE_MS)).await;
-        if let Err(e) = sequencer.run().await {
-            // The entries stay pending; the next kick or read numbers them.
-            tracing::warn!(library = %sequencer.library_id, %e, "sequencing failed; will retry");
-        }
-    }
-}
-
 /// What `append` did with a transaction's changes.
-enum Appended {
+pub(crate) enum Appended {
     /// There were none.
     Nothing,
     /// Numbered into the log, up to this tip.
@@ -354,15 +234,8 @@ impl Library {
             })
             .unwrap_or_default();
         let tip = Arc::new(watch::Sender::new(tip));
-        let (sequencer, kick) = if db.get_database_backend() == DbBackend::Postgres {
-            let sequencer = Arc::new(Sequencer {
-                db: db.clone(),
-                library_id,
-                tip: Arc::clone(&tip),
-                running: tokio::sync::Mutex::new(()),
-            });
-            let (kick, kicks) = mpsc::channel(1);
-            tokio::spawn(sequence_in_background(Arc::clone(&sequencer), kicks));
+        let (sequencer, kick) = if crate::backend::of_connection(&db).sequences_in_background {
+            let (sequencer, kick) = Sequencer::start(db.clone(), library_id, Arc::clone(&tip));
             (Some(sequencer), Some(kick))
         } else {
             (None, None)
@@ -599,57 +472,12 @@ impl Library {
             return Ok(Appended::Outbox);
         }
         let drafts: Vec<LogEntry> = changes.into_iter().map(|c| self.draft(c)).collect();
-        let backend = txn.get_database_backend();
-        if backend == DbBackend::Postgres {
-            // Writers never wait for each other: the entries wait, unnumbered, for the
-            // sequencer, which runs once this transaction has committed.
-            let mut rows = drafts.iter().map(pending_row).peekable();
-            while rows.peek().is_some() {
-                let chunk: Vec<_> = rows.by_ref().take(LOG_INSERT_ROWS_MAX).collect();
-                pending::Entity::insert_many(chunk)
-                    .exec_without_returning(txn)
-                    .await?;
-            }
-            return Ok(Appended::Pending);
-        }
-        let mut tip = if backend == DbBackend::MySql {
-            // InnoDB: writers racing for one key deadlock on next-key locks, so on MySQL a
-            // library's appends take turns on the library's row instead of claiming.
-            library::Entity::find_by_id(self.context.library_id.to_string())
-                .lock_exclusive()
-                .one(txn)
-                .await?;
-            committed_tip(txn, self.context.library_id, true).await?
-        } else {
-            self.cached_tip()
-        };
-        for _ in 0..CLAIM_ATTEMPTS_MAX {
-            let (rows, last) = Self::number(&drafts, tip);
-            let mut rows = rows.into_iter().peekable();
-            if backend != DbBackend::MySql
-                && let Some(first) = rows.next()
-                && !claim(txn, first).await?
-            {
-                tip = committed_tip(txn, self.context.library_id, true).await?;
-                continue;
-            }
-            while rows.peek().is_some() {
-                let chunk: Vec<_> = rows.by_ref().take(LOG_INSERT_ROWS_MAX).collect();
-                log::Entity::insert_many(chunk)
-                    .exec_without_returning(txn)
-                    .await?;
-            }
-            return Ok(Appended::Sequenced(last));
-        }
-        Err(DbErr::Custom(format!(
-            "could not claim a seq in library {} after {CLAIM_ATTEMPTS_MAX} attempts: other writers keep winning",
-            self.context.library_id
-        )))
+        crate::backend::append(txn, self.context.library_id, self.cached_tip(), &drafts).await
     }
 
     /// Numbers `drafts` after `tip` and chains their checksums; returns the rows and the
     /// new tip.
-    fn number(drafts: &[LogEntry], tip: Tip) -> (Vec<log::ActiveModel>, Tip) {
+    pub(crate) fn number(drafts: &[LogEntry], tip: Tip) -> (Vec<log::ActiveModel>, Tip) {
         let mut seq = tip.seq;
         let mut checksum = tip.checksum;
         let rows = drafts
@@ -849,31 +677,11 @@ impl Library {
     }
 }
 
-/// Inserts the first entry of an append if its seq is free; false if another writer holds
-/// it. `ON CONFLICT DO NOTHING` (PostgreSQL, SQLite): its affected-row count says whether
-/// the row went in, and unlike a failed insert it does not abort a PostgreSQL transaction.
-/// Not used on MySQL, where sqlx's `CLIENT_FOUND_ROWS` would count the other writer's row.
-async fn claim(txn: &DatabaseTransaction, first: log::ActiveModel) -> Result<bool, DbErr> {
-    let insert = log::Entity::insert(first)
-        .on_conflict(
-            OnConflict::columns([log::Column::LibraryId, log::Column::Seq])
-                .do_nothing()
-                .to_owned(),
-        )
-        .exec_without_returning(txn)
-        .await;
-    match insert {
-        Ok(affected) => Ok(affected == 1),
-        Err(DbErr::RecordNotInserted) => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 /// The last committed entry of a library's log: its seq and checksum (zero when empty).
 ///
 /// The row lock (`FOR UPDATE`) matters on MySQL, whose repeatable-read snapshot would
 /// otherwise hide an entry committed since the transaction began; a locking read sees it.
-async fn committed_tip<C: ConnectionTrait>(
+pub(crate) async fn committed_tip<C: ConnectionTrait>(
     db: &C,
     library_id: LibraryId,
     lock: bool,
@@ -948,7 +756,7 @@ fn entry_row(entry: &LogEntry) -> log::ActiveModel {
     }
 }
 
-fn pending_row(draft: &LogEntry) -> pending::ActiveModel {
+pub(crate) fn pending_row(draft: &LogEntry) -> pending::ActiveModel {
     pending::ActiveModel {
         id: sea_orm::ActiveValue::NotSet,
         library_id: Set(draft.library_id.to_string()),

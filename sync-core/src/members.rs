@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::coalesce::Coalescer;
 use crate::library::{InsertInto, begin_write, get_local_value, set_local_value};
 use crate::tables::{device, invite, peer};
-use crate::{DeviceId, Library, LibraryId, Role, Seq};
+use crate::{DeviceId, Library, LibraryId, Seq};
 
 /// How long the leader gathers followers' positions before it writes them, all in one
 /// transaction. A thousand followers pulling would otherwise each take SQLite's write lock
@@ -264,9 +264,6 @@ impl std::fmt::Debug for Invite {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MemberError {
-    /// Only the leader admits and revokes devices.
-    #[error("only the leader of library {0} manages its devices; run this on the leader")]
-    NotLeader(LibraryId),
     /// An invite grants read or write.
     #[error("an invite grants `read` or `write`, not `{0}`")]
     BadAccess(Access),
@@ -293,11 +290,11 @@ pub enum InviteError {
     /// The leader has no invite with this secret.
     #[error(
         "the leader of library {0} knows no such invite: the token was altered or made by \
-         another leader; ask the leader for a new one (`Library::invite`)"
+         another leader; ask the leader for a new one (`LeaderView::invite`)"
     )]
     Unknown(LibraryId),
     /// The invite expired.
-    #[error("this invite expired at {0}; ask the leader for a new one (`Library::invite`)")]
+    #[error("this invite expired at {0}; ask the leader for a new one (`LeaderView::invite`)")]
     Expired(String),
     /// The invite admitted a device already.
     #[error(
@@ -327,14 +324,6 @@ impl From<DbErr> for InviteError {
 }
 
 impl Library {
-    fn require_leader(&self) -> Result<(), MemberError> {
-        if self.role() == Role::Leader {
-            Ok(())
-        } else {
-            Err(MemberError::NotLeader(self.id()))
-        }
-    }
-
     /// Whether `device` may sync this library now. Checks asked for at the same time are
     /// read together, each from a read that began after it was asked: a revocation
     /// committed before the call is always seen.
@@ -403,8 +392,11 @@ impl Library {
     }
 
     /// Issues an invite granting `access` for `ttl` (leader only).
-    pub async fn invite(&self, access: Access, ttl: Duration) -> Result<Invite, MemberError> {
-        self.require_leader()?;
+    pub(crate) async fn invite(
+        &self,
+        access: Access,
+        ttl: Duration,
+    ) -> Result<Invite, MemberError> {
         if access == Access::Leader {
             return Err(MemberError::BadAccess(access));
         }
@@ -434,14 +426,13 @@ impl Library {
     /// Admits `device` with the invite holding `secret`, once (leader only). `claimed` is
     /// the access the joining device's token states; it must be what the leader issued.
     /// A device revoked earlier is admitted again: the leader invited it anew.
-    pub async fn redeem_invite(
+    pub(crate) async fn redeem_invite(
         &self,
         secret: &[u8; 32],
         claimed: Access,
         device: DeviceId,
         name: Option<&str>,
     ) -> Result<Access, InviteError> {
-        self.require_leader()?;
         let hash = secret_hash(secret);
         let now_ms = chrono::Utc::now().timestamp_millis();
         // It reads the invite, then writes: the write lock is taken first (SQLite), or a
@@ -498,8 +489,7 @@ impl Library {
     }
 
     /// Revokes `device` (leader only): it is refused from now on, on live connections too.
-    pub async fn revoke(&self, device: DeviceId) -> Result<(), MemberError> {
-        self.require_leader()?;
+    pub(crate) async fn revoke(&self, device: DeviceId) -> Result<(), MemberError> {
         if device == self.device_id() {
             return Err(MemberError::IsLeader(device));
         }
@@ -528,7 +518,11 @@ impl Library {
     /// notes the position: a background task writes every follower's newest position in
     /// one transaction at most once per `PEER_POSITIONS_FLUSH_MS`, off the request path.
     /// `members` shows noted positions at once; `flush_peer_positions` writes them now.
-    pub async fn record_peer_position(&self, device: DeviceId, position: Seq) -> Result<(), DbErr> {
+    pub(crate) async fn record_peer_position(
+        &self,
+        device: DeviceId,
+        position: Seq,
+    ) -> Result<(), DbErr> {
         let now_ms = chrono::Utc::now().timestamp_millis();
         if self.peer_positions.note(device, position, now_ms) {
             tokio::spawn(write_peer_positions(
@@ -542,7 +536,7 @@ impl Library {
 
     /// Writes the followers' positions noted so far now (a leader shutting down calls it
     /// so that `status` in another process sees where each follower stood).
-    pub async fn flush_peer_positions(&self) -> Result<(), DbErr> {
+    pub(crate) async fn flush_peer_positions(&self) -> Result<(), DbErr> {
         self.peer_positions.write(&self.db, self.id()).await
     }
 

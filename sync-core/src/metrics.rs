@@ -74,7 +74,7 @@ pub const PUSH_CHANGES_TAKEN: &str = "sync_push_changes_taken_total";
 /// `set_aside` for a change of an accepted push that the leader could not store (recorded
 /// in `Library::rejected`; counted once, when first taken).
 pub const PUSH_CHANGES_REJECTED: &str = "sync_push_changes_rejected_total";
-/// Gauge, follower, `library`: pulled entries parked (`Library::park`) instead of applied,
+/// Gauge, follower, `library`: pulled entries parked (`FollowerView::park`) instead of applied,
 /// and parking requests not reached yet, as of the follow loop's last round.
 pub const PARKED_ENTRIES: &str = "sync_parked_entries";
 /// Histogram, leader, `library`: the leader's side of one push (checks, merging and

@@ -4,13 +4,13 @@
 //! When this device's database refuses a pulled entry (a value it cannot store, a
 //! constraint), the follower stops at it with `ApplyError::Stuck`, which names the seq,
 //! the model, the record and the database's reason (`pinpoint` finds the entry when a
-//! transaction of many fails). Nothing is skipped on its own. `Library::park(seq)` records
+//! transaction of many fails). Nothing is skipped on its own. `FollowerView::park(seq)` records
 //! the operator's decision; the next apply that reaches that seq stores the entry in
 //! `sync_parked` instead of applying it, and moves on. Later entries of the same record
 //! are parked behind it (applied out of order they would be overwritten by the parked one
 //! on retry), so every record still sees its own entries in log order.
-//! `Library::retry_parked` applies the parked entries in seq order once the cause is fixed;
-//! `Library::drop_parked` forgets one for good.
+//! `FollowerView::retry_parked` applies the parked entries in seq order once the cause is fixed;
+//! `FollowerView::drop_parked` forgets one for good.
 
 use std::collections::{HashMap, HashSet};
 
@@ -146,7 +146,7 @@ pub struct Parked {
     pub reason: String,
 }
 
-/// What `Library::retry_parked` did.
+/// What `FollowerView::retry_parked` did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Retried {
     /// Parked entries applied now (and no longer parked).
@@ -171,9 +171,6 @@ pub enum ParkError {
         /// The follower's position.
         position: Seq,
     },
-    /// Only followers park.
-    #[error("this device leads library {0}; only its followers park pulled entries")]
-    NotFollower(LibraryId),
     /// The database failed.
     #[error("database error: {0}")]
     Db(#[from] DbErr),
@@ -183,10 +180,7 @@ impl crate::Library {
     /// Sets the entry at `seq` aside: the next apply that reaches it stores it as parked
     /// instead of applying it, and later entries of the same record wait behind it. For an
     /// entry this device cannot store (`ApplyError::Stuck`), once a person has decided so.
-    pub async fn park(&self, seq: Seq) -> Result<(), ParkError> {
-        if self.role() != crate::Role::Follower {
-            return Err(ParkError::NotFollower(self.id()));
-        }
+    pub(crate) async fn park(&self, seq: Seq) -> Result<(), ParkError> {
         let position = self.position().await?.seq;
         if seq <= position {
             return Err(ParkError::Applied { seq, position });
@@ -239,7 +233,7 @@ impl crate::Library {
 
     /// Forgets the parked entry (or request) at `seq` for good: the record keeps what it
     /// has on this device. Returns whether there was one.
-    pub async fn drop_parked(&self, seq: Seq) -> Result<bool, DbErr> {
+    pub(crate) async fn drop_parked(&self, seq: Seq) -> Result<bool, DbErr> {
         let result = parked::Entity::delete_many()
             .filter(parked::Column::LibraryId.eq(self.id().to_string()))
             .filter(parked::Column::Seq.eq(seq.0 as i64))
@@ -251,7 +245,7 @@ impl crate::Library {
     /// Applies the parked entries that have arrived, in seq order, each on its own (a
     /// savepoint), in one transaction: those that now apply leave the parking; one that
     /// still fails stays, and so do the later entries of its record.
-    pub async fn retry_parked(&self) -> Result<Retried, ApplyError> {
+    pub(crate) async fn retry_parked(&self) -> Result<Retried, ApplyError> {
         let txn = self.begin_write().await?;
         let rows = parked::Entity::find()
             .filter(parked::Column::LibraryId.eq(self.id().to_string()))

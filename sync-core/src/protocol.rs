@@ -197,9 +197,6 @@ pub enum PullError {
     /// The request names a library this leader does not lead.
     #[error("this device does not lead library {0}")]
     NotLeader(LibraryId),
-    /// `pull_once`/`catch_up` was called on the library's leader.
-    #[error("this device leads library {0}; only its followers pull")]
-    NotFollower(LibraryId),
     /// The leader claims entries up to `latest` but sends none after `position`.
     #[error(
         "the leader reports entries up to seq {latest} but sent none after seq {position}; its log may be damaged"
@@ -396,7 +393,7 @@ pub enum PushError {
 }
 
 /// Carries pull requests to a leader. sync-transport implements it over QUIC;
-/// `InProcess` calls a leader `Library` directly.
+/// `InProcess` (`in_process.rs`) calls a leader `Library` directly.
 #[async_trait::async_trait]
 pub trait Transport: Send + Sync {
     /// Sends `request` and waits for the answer.
@@ -416,38 +413,5 @@ pub trait Transport: Send + Sync {
     /// for its next poll. Transports without announcements never complete.
     async fn news(&self) {
         std::future::pending::<()>().await;
-    }
-}
-
-/// A transport to a leader in the same process (tests, benchmarks, embedding).
-#[derive(Clone, Debug)]
-pub struct InProcess {
-    leader: crate::Library,
-}
-
-impl InProcess {
-    /// Pulls from `leader`.
-    pub fn new(leader: crate::Library) -> InProcess {
-        InProcess { leader }
-    }
-}
-
-#[async_trait::async_trait]
-impl Transport for InProcess {
-    async fn pull(&self, request: PullRequest) -> Result<PullResponse, PullError> {
-        // On a task of its own, as a leader elsewhere would serve: the leader's reading then
-        // runs beside the follower's applying (catch-up fetches ahead) on another thread.
-        let leader = self.leader.clone();
-        match tokio::spawn(async move { leader.serve_pull(&request).await }).await {
-            Ok(served) => served,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => Err(PullError::Transport(
-                "the in-process leader stopped (the runtime is shutting down)".into(),
-            )),
-        }
-    }
-
-    async fn push(&self, request: PushRequest) -> Result<PushResponse, PushError> {
-        self.leader.serve_push(&request).await
     }
 }

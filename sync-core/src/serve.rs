@@ -10,7 +10,7 @@ use crate::protocol::{
     Divergence, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PullError, PullRequest,
     PullResponse, PulledItem,
 };
-use crate::{ChangeOp, Library, LogEntry, LogError, MergeRule, Registry, Role, Seq};
+use crate::{ChangeOp, Library, LogEntry, LogError, MergeRule, Registry, Seq};
 
 /// A range of the log after a seq, at most so many entries, and the latest seq read after
 /// it; or why the read failed. Shared by every pull that asked for it in one round.
@@ -37,14 +37,17 @@ impl Library {
         skip_all,
         fields(library = %self.id(), after = request.after.0, through)
     )]
-    pub async fn serve_pull(&self, request: &PullRequest) -> Result<PullResponse, PullError> {
+    pub(crate) async fn serve_pull(
+        &self,
+        request: &PullRequest,
+    ) -> Result<PullResponse, PullError> {
         if request.protocol_version != PROTOCOL_VERSION {
             return Err(PullError::VersionMismatch {
                 ours: PROTOCOL_VERSION,
                 theirs: request.protocol_version,
             });
         }
-        if request.library_id != self.id() || self.role != Role::Leader {
+        if request.library_id != self.id() {
             return Err(PullError::NotLeader(request.library_id));
         }
         let limit = request.limit.clamp(1, PULL_ENTRIES_MAX);

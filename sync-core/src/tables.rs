@@ -239,7 +239,7 @@ pub mod conflict {
     use serde::{Deserialize, Serialize};
 
     /// An open conflict: a synced model of sync-core's own, so every device sees it and any
-    /// write-role device can resolve it (a resolution deletes the row and writes the record,
+    /// device with write access can resolve it (a resolution deletes the row and writes the record,
     /// both ordinary changes).
     #[derive(
         Clone,

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sync_core::{
-    Access, Admission, CommitWatcher, DeviceId, DeviceKey, KeyFingerprint, Library, LibraryId,
-    PROTOCOL_VERSION, PullError, Role,
+    Access, Admission, CommitWatcher, DeviceId, DeviceKey, KeyFingerprint, LeaderView, Library,
+    LibraryId, PROTOCOL_VERSION, PullError,
 };
 use tokio::task::JoinSet;
 
@@ -60,7 +60,7 @@ pub struct Server {
 }
 
 struct Shared {
-    libraries: HashMap<LibraryId, Library>,
+    libraries: HashMap<LibraryId, LeaderView>,
     config: ServerConfig,
     /// When serving began: sessions recheck membership on one grid from here.
     started: tokio::time::Instant,
@@ -76,13 +76,10 @@ impl Server {
     ) -> Result<Server, TransportError> {
         let mut served = HashMap::new();
         for library in libraries {
-            if library.role() != Role::Leader {
-                return Err(TransportError::Config(format!(
-                    "this device follows library {}; only its leader serves it",
-                    library.id()
-                )));
-            }
-            served.insert(library.id(), library);
+            let leader = library
+                .leader()
+                .map_err(|e| TransportError::Config(e.to_string()))?;
+            served.insert(library.id(), leader);
         }
         let mut transport = quinn::TransportConfig::default();
         transport
@@ -114,7 +111,10 @@ impl Server {
             .and_then(|socket| quinn::Endpoint::new(endpoint_config, Some(quic), socket, runtime))
             .map_err(|e| TransportError::Config(format!("cannot listen on {addr}: {e}")))?;
         let local_addr = endpoint.local_addr().map_err(TransportError::Io)?;
-        let watchers = served.values().map(Library::watch_commits).collect();
+        let watchers = served
+            .values()
+            .map(|leader| leader.watch_commits())
+            .collect();
         for id in served.keys() {
             // Shown as 0 from the start rather than absent until the first session.
             metrics::gauge!(sync_core::metrics::CONNECTED_FOLLOWERS, "library" => id.to_string())
@@ -397,7 +397,7 @@ async fn admitted(library: &Library, device: DeviceId) -> Result<Access, (Refusa
             Refusal::NotMember,
             format!(
                 "device {device} is not a member of library {}: ask its leader for an invite \
-                 (`Library::invite`), then join with its token (`Client::join`)",
+                 (`LeaderView::invite`), then join with its token (`Client::join`)",
                 library.id()
             ),
         )),
@@ -421,7 +421,7 @@ async fn admitted(library: &Library, device: DeviceId) -> Result<Access, (Refusa
 async fn join(
     connection: &quinn::Connection,
     mut send: quinn::SendStream,
-    library: &Library,
+    library: &LeaderView,
     device: DeviceId,
     secret: &str,
     access: Access,
@@ -461,7 +461,7 @@ async fn join(
 async fn session(
     connection: quinn::Connection,
     mut control: quinn::SendStream,
-    library: Library,
+    library: LeaderView,
     device: DeviceId,
     fingerprint: KeyFingerprint,
     shared: Arc<Shared>,
@@ -550,7 +550,7 @@ async fn still_member(
 async fn answer(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    library: Library,
+    library: LeaderView,
     device: DeviceId,
     last_recorded: Arc<std::sync::Mutex<Option<Instant>>>,
     timeout: Duration,
@@ -718,7 +718,7 @@ fn log_refusal(device: DeviceId, what: &str, refusal: &Response) {
 /// Records where a follower stands, at most once a second per session: status needs it,
 /// a write per pull would cost the leader's database more than it is worth.
 async fn record_position(
-    library: &Library,
+    library: &LeaderView,
     device: DeviceId,
     after: sync_core::Seq,
     last: &std::sync::Mutex<Option<Instant>>,

@@ -48,6 +48,8 @@ async fn invites_redeemed_at_once_while_the_leader_writes_all_admit(fixture: Fix
     for _ in 0..REDEEMERS {
         invites.push(
             leader
+                .leader()
+                .expect("the leader")
                 .invite(Access::Read, Duration::from_secs(600))
                 .await
                 .expect("invite"),
@@ -60,6 +62,8 @@ async fn invites_redeemed_at_once_while_the_leader_writes_all_admit(fixture: Fix
         let device = DeviceKey::generate().expect("key").device_id();
         redeems.spawn(async move {
             leader
+                .leader()
+                .expect("the leader")
                 .redeem_invite(&invite.secret, Access::Read, device, None)
                 .await
                 .map_err(|e| e.to_string())
@@ -90,11 +94,15 @@ async fn followers_positions_are_noted_then_written_together(fixture: Fixture) -
     let mut devices = Vec::new();
     for _ in 0..REDEEMERS {
         let invite = leader
+            .leader()
+            .expect("the leader")
             .invite(Access::Read, Duration::from_secs(600))
             .await
             .expect("invite");
         let device = DeviceKey::generate().expect("key").device_id();
         leader
+            .leader()
+            .expect("the leader")
             .redeem_invite(&invite.secret, Access::Read, device, None)
             .await
             .expect("redeem");
@@ -102,11 +110,15 @@ async fn followers_positions_are_noted_then_written_together(fixture: Fixture) -
     }
     for (n, device) in devices.iter().enumerate() {
         leader
+            .leader()
+            .expect("the leader")
             .record_peer_position(*device, Seq(n as u64))
             .await
             .expect("record");
         // A newer position replaces the older one.
         leader
+            .leader()
+            .expect("the leader")
             .record_peer_position(*device, Seq(n as u64 + 1))
             .await
             .expect("record");
@@ -122,7 +134,12 @@ async fn followers_positions_are_noted_then_written_together(fixture: Fixture) -
         }
     };
     expect(leader.members().await.expect("members"));
-    leader.flush_peer_positions().await.expect("flush");
+    leader
+        .leader()
+        .expect("the leader")
+        .flush_peer_positions()
+        .await
+        .expect("flush");
     let other = Library::open(
         connect(&fixture.url).await.expect("connect"),
         leader.id(),
@@ -171,7 +188,10 @@ async fn a_crowd_joins_and_follows_over_quic_while_the_leader_writes(fixture: Fi
                 retry_delay_max: Duration::from_millis(200),
                 ..FollowConfig::default()
             };
-            let follow = follower.start_following(transport, config);
+            let follow = follower
+                .follower()
+                .expect("a follower")
+                .start_following(transport, config);
             Ok::<_, String>((follower, follow))
         });
     }

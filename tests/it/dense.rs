@@ -169,7 +169,9 @@ async fn leader_to_follower(backend: Backend) {
         .expect("edit through the library");
 
     follower
-        .catch_up(&InProcess::new(leader.clone()), 1_000)
+        .follower()
+        .expect("a follower")
+        .catch_up(&InProcess::new(leader.leader().expect("the leader")), 1_000)
         .await
         .expect("pull");
 

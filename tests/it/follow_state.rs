@@ -63,11 +63,14 @@ async fn an_unreachable_leader_is_offline_and_retried() {
         return;
     };
     let transport = Arc::new(Scripted {
-        inner: InProcess::new(t.leader.library.clone()),
+        inner: InProcess::new(t.leader.library.leader().expect("the leader")),
         pulls: AtomicUsize::new(0),
         fail: |_| Err(PullError::Transport("connection refused".into())),
     });
-    let follow = t.a.start_following(Arc::clone(&transport) as _, quick());
+    let follow =
+        t.a.follower()
+            .expect("a follower")
+            .start_following(Arc::clone(&transport) as _, quick());
     let status = follow
         .wait_for(DEADLINE, |s| matches!(s.state, FollowState::Offline { .. }))
         .await
@@ -89,14 +92,17 @@ async fn a_leader_of_another_protocol_version_is_refused_and_not_retried() {
     };
     put(&t.leader.library, "tag", json!({"name": "x"})).await;
     let transport = Arc::new(Scripted {
-        inner: InProcess::new(t.leader.library.clone()),
+        inner: InProcess::new(t.leader.library.leader().expect("the leader")),
         pulls: AtomicUsize::new(0),
         fail: |mut response| {
             response.protocol_version += 1;
             Ok(response)
         },
     });
-    let follow = t.a.start_following(Arc::clone(&transport) as _, quick());
+    let follow =
+        t.a.follower()
+            .expect("a follower")
+            .start_following(Arc::clone(&transport) as _, quick());
     let status = follow
         .wait_for(DEADLINE, |s| matches!(s.state, FollowState::Refused { .. }))
         .await
@@ -143,7 +149,10 @@ async fn an_entry_this_device_cannot_store_is_stuck_until_parked() {
     put(l, "tag", json!({"name": "same"})).await;
     let second = put(l, "tag", json!({"name": "same"})).await;
     let seq = entries_of(l, &id_of(&second)).await[0].seq;
-    let follow = a.start_following(Arc::new(InProcess::new(l.clone())), quick());
+    let follow = a.follower().expect("a follower").start_following(
+        Arc::new(InProcess::new(l.leader().expect("the leader"))),
+        quick(),
+    );
     let status = follow
         .wait_for(DEADLINE, |s| matches!(s.state, FollowState::Stuck { .. }))
         .await
@@ -162,7 +171,11 @@ async fn an_entry_this_device_cannot_store_is_stuck_until_parked() {
         other => panic!("{other:?}"),
     }
     assert!(status.state.retries());
-    a.park(seq).await.expect("park");
+    a.follower()
+        .expect("a follower")
+        .park(seq)
+        .await
+        .expect("park");
     follow.sync_now();
     let status = follow
         .wait_for(DEADLINE, |s| s.state == FollowState::InSync)

@@ -104,7 +104,12 @@ impl Transport for Flaky {
 async fn converge(leader: &Library, follower: &Library, transport: &dyn Transport, limit: u32) {
     let target = leader.latest_seq().await.expect("latest");
     for _ in 0..10_000 {
-        match follower.catch_up(transport, limit).await {
+        match follower
+            .follower()
+            .expect("a follower")
+            .catch_up(transport, limit)
+            .await
+        {
             Ok(position) if position.seq >= target => break,
             Ok(_) => continue,
             Err(SyncError::Apply(ApplyError::Chain(_))) => continue,
@@ -132,7 +137,7 @@ async fn follower_converges_on(backend: Backend, test: &str) {
     converge(
         &f.library,
         &follower,
-        &InProcess::new(f.library.clone()),
+        &InProcess::new(f.library.leader().expect("the leader")),
         17,
     )
     .await;
@@ -141,7 +146,7 @@ async fn follower_converges_on(backend: Backend, test: &str) {
     converge(
         &f.library,
         &follower,
-        &InProcess::new(f.library.clone()),
+        &InProcess::new(f.library.leader().expect("the leader")),
         1000,
     )
     .await;
@@ -178,7 +183,7 @@ proptest::proptest! {
             let dir = tempfile::tempdir().expect("dir");
             let follower = follower_of(&f.library, Backend::Sqlite, dir.path()).await.expect("follower");
             write_load(&f.library, count, seed).await;
-            let flaky = Flaky::new(InProcess::new(f.library.clone()), every);
+            let flaky = Flaky::new(InProcess::new(f.library.leader().expect("the leader")), every);
             converge(&f.library, &follower, &flaky, limit).await;
             f.finish().await;
         });
@@ -193,7 +198,7 @@ proptest::proptest! {
             let dir = tempfile::tempdir().expect("dir");
             let Some((follower, url)) = follower_with_url(&f.library, Backend::Postgres, dir.path()).await else { return };
             write_load(&f.library, count, seed).await;
-            let flaky = Flaky::new(InProcess::new(f.library.clone()), every);
+            let flaky = Flaky::new(InProcess::new(f.library.leader().expect("the leader")), every);
             converge(&f.library, &follower, &flaky, limit).await;
             let _ = follower.db().clone().close().await;
             let _ = example_app::drop_database(&url).await;
@@ -214,6 +219,8 @@ async fn refusal_setup(test: &str) -> Option<(Fixture, Library, tempfile::TempDi
     }
     let response = f
         .library
+        .leader()
+        .expect("the leader")
         .serve_pull(&PullRequest::after(f.library.id(), Seq::ZERO))
         .await
         .expect("pull");
@@ -246,6 +253,8 @@ async fn assert_refused_and_unmoved(
     check: impl Fn(&ApplyError) -> bool,
 ) {
     let err = follower
+        .follower()
+        .expect("a follower")
         .apply(Seq::ZERO, response.clone())
         .await
         .expect_err("must be refused");
@@ -334,6 +343,8 @@ async fn refusal_late_in_a_large_batch_applies_nothing() {
         .expect("write");
     let mut response = f
         .library
+        .leader()
+        .expect("the leader")
         .serve_pull(&PullRequest::after(f.library.id(), Seq::ZERO))
         .await
         .expect("pull");
@@ -349,10 +360,17 @@ async fn refusal_late_in_a_large_batch_applies_nothing() {
     // The same batch intact applies whole.
     let response = f
         .library
+        .leader()
+        .expect("the leader")
         .serve_pull(&PullRequest::after(f.library.id(), Seq::ZERO))
         .await
         .expect("pull");
-    let applied = follower.apply(Seq::ZERO, response).await.expect("apply");
+    let applied = follower
+        .follower()
+        .expect("a follower")
+        .apply(Seq::ZERO, response)
+        .await
+        .expect("apply");
     assert_eq!(applied.position.seq, Seq(600));
     assert_eq!(
         follower.dump().await.expect("dump"),
@@ -434,6 +452,8 @@ async fn responses_applied_together_commit_together() {
     let mut spoilt = intact.clone();
     spoil_last(&mut spoilt[2]);
     let err = follower
+        .follower()
+        .expect("a follower")
         .apply_all(Seq::ZERO, spoilt)
         .await
         .expect_err("entry 30 does not fit");
@@ -449,6 +469,8 @@ async fn responses_applied_together_commit_together() {
     );
 
     let err = follower
+        .follower()
+        .expect("a follower")
         .apply_all(Seq::ZERO, [intact[0].clone(), intact[2].clone()])
         .await
         .expect_err("a gap");
@@ -458,7 +480,12 @@ async fn responses_applied_together_commit_together() {
     );
     assert_eq!(tags_on(&follower).await, 0);
 
-    let applied = follower.apply_all(Seq::ZERO, intact).await.expect("apply");
+    let applied = follower
+        .follower()
+        .expect("a follower")
+        .apply_all(Seq::ZERO, intact)
+        .await
+        .expect("apply");
     assert_eq!(applied.position.seq, Seq(30));
     assert_eq!(applied.entries, 30);
     assert_eq!(applied.records.len(), 30);
@@ -484,6 +511,8 @@ async fn a_refusal_keeps_the_transactions_before_it() {
     let mut responses = fabricated(&template, &[half, half, 10]);
     spoil_last(&mut responses[2]);
     let err = follower
+        .follower()
+        .expect("a follower")
         .apply_all(Seq::ZERO, responses)
         .await
         .expect_err("the last entry does not fit");
@@ -528,6 +557,8 @@ async fn schema_mismatch_and_protocol_version_are_refused() {
     request.protocol_version = PROTOCOL_VERSION + 1;
     let err = f
         .library
+        .leader()
+        .expect("the leader")
         .serve_pull(&request)
         .await
         .expect_err("leader refuses");
@@ -555,8 +586,19 @@ async fn selective_sync_pulls_only_the_models_asked_for() {
     let latest = f.library.latest_seq().await.expect("latest");
     let mut request = PullRequest::after(f.library.id(), Seq::ZERO);
     request.models = Some(vec!["tag".into()]);
-    let response = f.library.serve_pull(&request).await.expect("pull");
-    let applied = follower.apply(Seq::ZERO, response).await.expect("apply");
+    let response = f
+        .library
+        .leader()
+        .expect("the leader")
+        .serve_pull(&request)
+        .await
+        .expect("pull");
+    let applied = follower
+        .follower()
+        .expect("a follower")
+        .apply(Seq::ZERO, response)
+        .await
+        .expect("apply");
     assert_eq!(
         applied.position.seq, latest,
         "skipped entries still move the position"
@@ -595,6 +637,8 @@ async fn superseded_changes_are_collapsed_without_changing_the_outcome() {
     }
     let response = f
         .library
+        .leader()
+        .expect("the leader")
         .serve_pull(&PullRequest::after(f.library.id(), Seq::ZERO))
         .await
         .expect("pull");
@@ -607,7 +651,12 @@ async fn superseded_changes_are_collapsed_without_changing_the_outcome() {
         entries, 1,
         "twenty whole-record upserts of one record collapse into the last"
     );
-    follower.apply(Seq::ZERO, response).await.expect("apply");
+    follower
+        .follower()
+        .expect("a follower")
+        .apply(Seq::ZERO, response)
+        .await
+        .expect("apply");
     assert_eq!(
         follower.dump().await.expect("dump"),
         f.library.dump().await.expect("dump")
@@ -632,8 +681,13 @@ async fn local_fields_keep_the_followers_values_and_applies_are_not_recorded() {
     .await
     .expect("put");
     let id: Uuid = stored["id"].as_str().expect("id").parse().expect("uuid");
-    let transport = InProcess::new(f.library.clone());
-    follower.catch_up(&transport, 100).await.expect("sync");
+    let transport = InProcess::new(f.library.leader().expect("the leader"));
+    follower
+        .follower()
+        .expect("a follower")
+        .catch_up(&transport, 100)
+        .await
+        .expect("sync");
     let mine = volume::Entity::find_by_id(id)
         .one(follower.db())
         .await
@@ -664,7 +718,12 @@ async fn local_fields_keep_the_followers_values_and_applies_are_not_recorded() {
     )
     .await
     .expect("put");
-    follower.catch_up(&transport, 100).await.expect("sync");
+    follower
+        .follower()
+        .expect("a follower")
+        .catch_up(&transport, 100)
+        .await
+        .expect("sync");
     let mine = volume::Entity::find_by_id(id)
         .one(follower.db())
         .await
@@ -699,8 +758,8 @@ async fn the_pull_loop_reports_status_and_applied_changes() {
         poll_interval: Duration::from_millis(20),
         ..Default::default()
     };
-    let follow = follower.start_following(
-        std::sync::Arc::new(InProcess::new(f.library.clone())),
+    let follow = follower.follower().expect("a follower").start_following(
+        std::sync::Arc::new(InProcess::new(f.library.leader().expect("the leader"))),
         config,
     );
     let mut events = follow.subscribe();
@@ -746,9 +805,14 @@ async fn a_multi_model_backfill_interrupted_midway_resumes_without_losing_a_mode
         .await
         .expect("follower");
     write_load(&f.library, 150, 77).await;
-    let transport = InProcess::new(f.library.clone());
+    let transport = InProcess::new(f.library.leader().expect("the leader"));
     for _ in 0..2 {
-        follower.pull_once(&transport, 10).await.expect("batch");
+        follower
+            .follower()
+            .expect("a follower")
+            .pull_once(&transport, 10)
+            .await
+            .expect("batch");
     }
     let position = follower.position().await.expect("position");
     assert!(position.seq.0 > 0 && position.seq < f.library.latest_seq().await.expect("latest"));
@@ -760,8 +824,19 @@ async fn a_multi_model_backfill_interrupted_midway_resumes_without_losing_a_mode
         .expect("replay");
     let mut request = PullRequest::after(f.library.id(), Seq::ZERO);
     request.limit = position.seq.0 as u32;
-    let prefix = f.library.serve_pull(&request).await.expect("prefix");
-    replay.apply(Seq::ZERO, prefix).await.expect("apply prefix");
+    let prefix = f
+        .library
+        .leader()
+        .expect("the leader")
+        .serve_pull(&request)
+        .await
+        .expect("prefix");
+    replay
+        .follower()
+        .expect("a follower")
+        .apply(Seq::ZERO, prefix)
+        .await
+        .expect("apply prefix");
     assert_eq!(
         follower.dump().await.expect("dump"),
         replay.dump().await.expect("dump")

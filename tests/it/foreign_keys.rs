@@ -207,7 +207,9 @@ async fn parents_and_children_apply_in_an_order_the_database_accepts() {
 
     // Everything in one pull, then entry by entry on a second follower: both accepted.
     follower
-        .catch_up(&InProcess::new(leader.clone()), 1_000)
+        .follower()
+        .expect("a follower")
+        .catch_up(&InProcess::new(leader.leader().expect("the leader")), 1_000)
         .await
         .expect("one batch applies");
     assert_eq!(follower.position().await.expect("position").seq, Seq(7));
@@ -226,7 +228,9 @@ async fn parents_and_children_apply_in_an_order_the_database_accepts() {
     .await
     .expect("join");
     one_by_one
-        .catch_up(&InProcess::new(leader.clone()), 1)
+        .follower()
+        .expect("a follower")
+        .catch_up(&InProcess::new(leader.leader().expect("the leader")), 1)
         .await
         .expect("entry by entry applies");
     assert_eq!(

@@ -64,7 +64,9 @@ async fn caught_up_follower(leader: &Library, dir: &std::path::Path) -> Library 
     .await
     .expect("join");
     follower
-        .catch_up(&InProcess::new(leader.clone()), 1_000)
+        .follower()
+        .expect("a follower")
+        .catch_up(&InProcess::new(leader.leader().expect("the leader")), 1_000)
         .await
         .expect("catch up");
     follower

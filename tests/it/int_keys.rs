@@ -295,10 +295,14 @@ async fn both_ways(backend: Backend) {
         .await
         .expect("device key");
     let invite = leader
+        .leader()
+        .expect("the leader")
         .invite(Access::Write, std::time::Duration::from_secs(600))
         .await
         .expect("invite");
     leader
+        .leader()
+        .expect("the leader")
         .redeem_invite(&invite.secret, Access::Write, device.device_id(), Some("f"))
         .await
         .expect("redeem");
@@ -312,7 +316,7 @@ async fn both_ways(backend: Backend) {
     )
     .await
     .expect("join");
-    let transport = InProcess::new(leader.clone());
+    let transport = InProcess::new(leader.leader().expect("the leader"));
 
     // Rows of the follower's own, never synced, so that its ids run ahead of the leader's.
     follower
@@ -398,7 +402,12 @@ async fn both_ways(backend: Backend) {
         "the log holds the referenced shelf's sync key, and no integer id"
     );
 
-    follower.catch_up(&transport, 1_000).await.expect("pull");
+    follower
+        .follower()
+        .expect("a follower")
+        .catch_up(&transport, 1_000)
+        .await
+        .expect("pull");
     let (leader_a, follower_a) = (
         shelf_id(leader.db(), a).await,
         shelf_id(follower.db(), a).await,
@@ -472,11 +481,21 @@ async fn both_ways(backend: Backend) {
         })
         .await
         .expect("follower writes offline");
-    let pushed = follower.push_outbox(&transport).await.expect("push");
+    let pushed = follower
+        .follower()
+        .expect("a follower")
+        .push_outbox(&transport)
+        .await
+        .expect("push");
     assert_eq!(pushed.acknowledged, 4);
     let rejected = leader.rejected().await.expect("rejected");
     assert!(rejected.is_empty(), "nothing set aside: {rejected:?}");
-    follower.catch_up(&transport, 1_000).await.expect("pull");
+    follower
+        .follower()
+        .expect("a follower")
+        .catch_up(&transport, 1_000)
+        .await
+        .expect("pull");
     let leader_c = shelf_id(leader.db(), c).await;
     assert_ne!(leader_c, shelf_id(follower.db(), c).await);
     assert_eq!(
@@ -520,7 +539,12 @@ async fn both_ways(backend: Backend) {
         })
         .await
         .expect("leader edits");
-    follower.catch_up(&transport, 1_000).await.expect("pull");
+    follower
+        .follower()
+        .expect("a follower")
+        .catch_up(&transport, 1_000)
+        .await
+        .expect("pull");
     assert!(book_by_key(follower.db(), b1).await.is_none());
     assert!(
         shelf_book::Entity::find()
@@ -682,9 +706,16 @@ async fn a_reference_to_a_missing_record_is_named_not_nulled() {
         .await
         .expect("leader writes");
     // The shelf's entry (seq 1) is set aside on the follower before it arrives.
-    follower.park(sync_core::Seq(1)).await.expect("park");
+    follower
+        .follower()
+        .expect("a follower")
+        .park(sync_core::Seq(1))
+        .await
+        .expect("park");
     let err = follower
-        .catch_up(&InProcess::new(leader.clone()), 1_000)
+        .follower()
+        .expect("a follower")
+        .catch_up(&InProcess::new(leader.leader().expect("the leader")), 1_000)
         .await
         .expect_err("the book's shelf is missing here");
     match err {
@@ -721,10 +752,14 @@ async fn a_pushed_reference_to_a_record_the_leader_lacks_is_rejected() {
         .await
         .expect("device key");
     let invite = leader
+        .leader()
+        .expect("the leader")
         .invite(Access::Write, std::time::Duration::from_secs(600))
         .await
         .expect("invite");
     leader
+        .leader()
+        .expect("the leader")
         .redeem_invite(&invite.secret, Access::Write, device.device_id(), Some("f"))
         .await
         .expect("redeem");
@@ -768,7 +803,9 @@ async fn a_pushed_reference_to_a_record_the_leader_lacks_is_rejected() {
         .await
         .expect("follower writes");
     let pushed = follower
-        .push_outbox(&InProcess::new(leader.clone()))
+        .follower()
+        .expect("a follower")
+        .push_outbox(&InProcess::new(leader.leader().expect("the leader")))
         .await
         .expect("push");
     assert_eq!((pushed.acknowledged, pushed.rejected), (1, 1));
@@ -825,7 +862,9 @@ async fn a_tree_of_one_model_applies_in_one_run() {
         .await
         .expect("leader writes");
     follower
-        .catch_up(&InProcess::new(leader.clone()), 1_000)
+        .follower()
+        .expect("a follower")
+        .catch_up(&InProcess::new(leader.leader().expect("the leader")), 1_000)
         .await
         .expect("pull");
     let paths = |rows: Vec<category::Model>| {

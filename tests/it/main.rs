@@ -18,6 +18,7 @@ mod offline;
 mod ordering;
 mod quic;
 mod robust;
+mod roles;
 mod seeds;
 mod set_aside;
 mod simulation;

@@ -29,10 +29,14 @@ pub(crate) async fn member(
     Migrator::up(&db, None).await.expect("migrate");
     let key = Library::device_key_of(&db).await.expect("device key");
     let invite = leader
+        .leader()
+        .expect("the leader")
         .invite(access, Duration::from_secs(600))
         .await
         .expect("invite");
     leader
+        .leader()
+        .expect("the leader")
         .redeem_invite(&invite.secret, access, key.device_id(), Some(name))
         .await
         .expect("redeem");
@@ -50,9 +54,19 @@ pub(crate) async fn member(
 
 /// One sync round of `device`: push its outbox, then pull until caught up.
 pub(crate) async fn sync(device: &Library, leader: &Library) {
-    let transport = InProcess::new(leader.clone());
-    device.push_outbox(&transport).await.expect("push");
-    device.catch_up(&transport, 1_000).await.expect("pull");
+    let transport = InProcess::new(leader.leader().expect("the leader"));
+    device
+        .follower()
+        .expect("a follower")
+        .push_outbox(&transport)
+        .await
+        .expect("push");
+    device
+        .follower()
+        .expect("a follower")
+        .catch_up(&transport, 1_000)
+        .await
+        .expect("pull");
 }
 
 pub(crate) async fn put(library: &Library, model: &str, value: Value) -> Value {
@@ -104,7 +118,7 @@ pub(crate) async fn entries_of(leader: &Library, record_id: &str) -> Vec<sync_co
         .collect()
 }
 
-/// A leader and two write-role followers, synced with a few shared records.
+/// A leader and two followers with write access, synced with a few shared records.
 pub(crate) struct Three {
     pub(crate) leader: crate::support::Fixture,
     pub(crate) a: Library,
@@ -494,17 +508,26 @@ async fn a_push_repeated_after_a_lost_acknowledgement_is_logged_once() {
     let tag = put(&t.a, "tag", json!({"name": "once"})).await;
     put(&t.a, "tag", json!({"id": id_of(&tag), "name": "twice"})).await;
     let transport = LosesFirstAck {
-        inner: InProcess::new(leader.clone()),
+        inner: InProcess::new(leader.leader().expect("the leader")),
         lost: AtomicBool::new(false),
     };
-    let first = t.a.push_outbox(&transport).await;
+    let first =
+        t.a.follower()
+            .expect("a follower")
+            .push_outbox(&transport)
+            .await;
     assert!(first.is_err(), "the acknowledgement was lost");
     assert_eq!(
         t.a.outbox_len().await.expect("outbox"),
         2,
         "kept until acknowledged"
     );
-    let second = t.a.push_outbox(&transport).await.expect("push again");
+    let second =
+        t.a.follower()
+            .expect("a follower")
+            .push_outbox(&transport)
+            .await
+            .expect("push again");
     assert_eq!(second.acknowledged, 2);
     assert_eq!(t.a.outbox_len().await.expect("outbox"), 0);
     assert_eq!(
@@ -512,12 +535,16 @@ async fn a_push_repeated_after_a_lost_acknowledgement_is_logged_once() {
         2,
         "nothing logged twice"
     );
-    t.a.catch_up(&transport, 100).await.expect("pull");
+    t.a.follower()
+        .expect("a follower")
+        .catch_up(&transport, 100)
+        .await
+        .expect("pull");
     assert_converged(&[leader, &t.a]).await;
     t.leader.finish().await;
 }
 
-/// A read-role follower cannot change synced models, and the leader refuses its pushes.
+/// A follower with read access cannot change synced models, and the leader refuses its pushes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_role_follower_cannot_write() {
     let Some(leader) = fixture(Backend::Sqlite, "offline::read_role").await else {
@@ -537,7 +564,12 @@ async fn a_read_role_follower_cannot_write() {
         device_id: reader.device_id(),
         changes: Vec::new(),
     };
-    let refused = leader.library.serve_push(&push).await;
+    let refused = leader
+        .library
+        .leader()
+        .expect("the leader")
+        .serve_push(&push)
+        .await;
     assert!(
         matches!(refused, Err(PushError::NotWriter { .. })),
         "{refused:?}"
@@ -604,10 +636,14 @@ async fn counter_library(dir: &std::path::Path, name: &str, leader: Option<&Libr
         Some(leader) => {
             let key = Library::device_key_of(&db).await.expect("key");
             let invite = leader
+                .leader()
+                .expect("the leader")
                 .invite(Access::Write, Duration::from_secs(60))
                 .await
                 .expect("invite");
             leader
+                .leader()
+                .expect("the leader")
                 .redeem_invite(&invite.secret, Access::Write, key.device_id(), None)
                 .await
                 .expect("redeem");
@@ -729,13 +765,23 @@ async fn random_offline_edits_converge(steps: Vec<Step>) {
     t.pull_both().await;
     let mut acknowledged = [0u64; 3];
     let mut added = std::collections::BTreeSet::new();
-    let transport = InProcess::new(leader.clone());
+    let transport = InProcess::new(leader.leader().expect("the leader"));
     let round = |device: usize| {
         let library = devices[device].clone();
         let transport = transport.clone();
         async move {
-            let pushed = library.push_outbox(&transport).await.expect("push");
-            library.catch_up(&transport, 7).await.expect("pull");
+            let pushed = library
+                .follower()
+                .expect("a follower")
+                .push_outbox(&transport)
+                .await
+                .expect("push");
+            library
+                .follower()
+                .expect("a follower")
+                .catch_up(&transport, 7)
+                .await
+                .expect("pull");
             pushed.acknowledged
         }
     };
@@ -779,7 +825,12 @@ async fn random_offline_edits_converge(steps: Vec<Step>) {
             }
             Step::Sync(d) => acknowledged[d] += round(d).await,
             Step::Pull(d) => {
-                devices[d].catch_up(&transport, 7).await.expect("pull");
+                devices[d]
+                    .follower()
+                    .expect("a follower")
+                    .catch_up(&transport, 7)
+                    .await
+                    .expect("pull");
             }
         }
     }
@@ -815,7 +866,7 @@ async fn random_offline_edits_converge(steps: Vec<Step>) {
 
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig { cases: 16, .. proptest::prelude::ProptestConfig::default() })]
-    /// Random offline edits on a leader and two write-role followers, synced in random
+    /// Random offline edits on a leader and two followers with write access, synced in random
     /// order: every device ends with the same data, and nothing is sequenced twice.
     #[test]
     fn random_offline_edits_in_any_sync_order_converge(steps in proptest::collection::vec(step(), 1..40)) {
@@ -843,11 +894,15 @@ async fn concurrent_follower_writers_lose_nothing(backend: Backend, test: &str) 
     let key = Library::device_key_of(&db).await.expect("key");
     let invite = leader
         .library
+        .leader()
+        .expect("the leader")
         .invite(Access::Write, Duration::from_secs(60))
         .await
         .expect("invite");
     leader
         .library
+        .leader()
+        .expect("the leader")
         .redeem_invite(&invite.secret, Access::Write, key.device_id(), None)
         .await
         .expect("redeem");
@@ -867,11 +922,16 @@ async fn concurrent_follower_writers_lose_nothing(backend: Backend, test: &str) 
     let done = std::sync::Arc::new(AtomicBool::new(false));
     let pusher = {
         let follower = follower.clone();
-        let transport = InProcess::new(leader.library.clone());
+        let transport = InProcess::new(leader.library.leader().expect("the leader"));
         let done = std::sync::Arc::clone(&done);
         tokio::spawn(async move {
             while !done.load(Ordering::SeqCst) {
-                follower.push_outbox(&transport).await.expect("push");
+                follower
+                    .follower()
+                    .expect("a follower")
+                    .push_outbox(&transport)
+                    .await
+                    .expect("push");
                 tokio::task::yield_now().await;
             }
         })
@@ -955,7 +1015,9 @@ async fn an_edit_made_after_pulling_over_an_unpushed_one_keeps_both() {
     .await;
     sync(&t.b, leader).await;
     // a pulls without pushing: its "f" is overwritten locally by b's tags.
-    t.a.catch_up(&InProcess::new(leader.clone()), 100)
+    t.a.follower()
+        .expect("a follower")
+        .catch_up(&InProcess::new(leader.leader().expect("the leader")), 100)
         .await
         .expect("pull");
     put(
@@ -991,8 +1053,8 @@ async fn a_refused_push_does_not_stop_the_pulls() {
         ))
         .await
         .expect("outbox row");
-    let follow = t.a.start_following(
-        std::sync::Arc::new(InProcess::new(leader.clone())),
+    let follow = t.a.follower().expect("a follower").start_following(
+        std::sync::Arc::new(InProcess::new(leader.leader().expect("the leader"))),
         sync_core::FollowConfig {
             poll_interval: Duration::from_millis(50),
             retry_delay_min: Duration::from_millis(10),
@@ -1041,6 +1103,8 @@ async fn a_restarted_follower_writes_after_what_it_pulled() {
     let ahead = sync_core::Hlc::new(chrono::Utc::now().timestamp_millis() as u64 + 120_000, 0);
     let id = uuid::Uuid::now_v7().to_string();
     let pushed = leader
+        .leader()
+        .expect("the leader")
         .serve_push(&PushRequest {
             protocol_version: sync_core::PROTOCOL_VERSION,
             library_id: leader.id(),

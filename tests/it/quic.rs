@@ -107,7 +107,10 @@ async fn a_follower_joins_and_applies_live_writes_including_another_process_s() 
     let follower = joined_follower(&leader, dir.path(), "f.db").await;
     assert_eq!(follower.access().await.expect("access"), Access::Write);
     let transport = net::transport(&follower, None).await.expect("transport");
-    let follow = follower.start_following(transport, live_config());
+    let follow = follower
+        .follower()
+        .expect("a follower")
+        .start_following(transport, live_config());
 
     // A write through this handle: announced at commit.
     let latest = put_tag(&leader.library, "live").await;
@@ -195,7 +198,10 @@ async fn a_revoked_device_is_cut_off_on_its_live_connection() {
     let follower = joined_follower(&leader, dir.path(), "f.db").await;
     let transport = net::transport(&follower, None).await.expect("transport");
     let session = transport.session().await.expect("session");
-    let follow = follower.start_following(Arc::clone(&transport) as _, live_config());
+    let follow = follower
+        .follower()
+        .expect("a follower")
+        .start_following(Arc::clone(&transport) as _, live_config());
     let latest = put_tag(&leader.library, "before revoke").await;
     follow
         .wait_for(DEADLINE, |s| s.position >= latest)
@@ -207,7 +213,12 @@ async fn a_revoked_device_is_cut_off_on_its_live_connection() {
     let other = Library::open_default(connect(&leader.url).await.expect("connect"), registry())
         .await
         .expect("open");
-    other.revoke(follower.device_id()).await.expect("revoke");
+    other
+        .leader()
+        .expect("the leader")
+        .revoke(follower.device_id())
+        .await
+        .expect("revoke");
     put_tag(&leader.library, "after revoke").await;
     let status = follow
         .wait_for(DEADLINE, |s| {
@@ -271,6 +282,8 @@ async fn tokens_are_refused_when_used_twice_altered_or_expired() {
     // Expired at the leader, whatever the token claims.
     let invite = leader
         .library
+        .leader()
+        .expect("the leader")
         .invite(Access::Read, Duration::ZERO)
         .await
         .expect("invite");
@@ -399,7 +412,10 @@ async fn a_live_follower_survives_a_leader_restart() {
     let leader = leader(dir.path(), ServerConfig::default()).await;
     let follower = joined_follower(&leader, dir.path(), "f.db").await;
     let transport = net::transport(&follower, None).await.expect("transport");
-    let follow = follower.start_following(transport, live_config());
+    let follow = follower
+        .follower()
+        .expect("a follower")
+        .start_following(transport, live_config());
     let latest = put_tag(&leader.library, "first").await;
     follow
         .wait_for(DEADLINE, |s| s.position >= latest)
@@ -477,7 +493,10 @@ async fn a_postgres_leader_announces_other_processes_commits() {
         .await
         .expect("join");
     let transport = net::transport(&follower, None).await.expect("transport");
-    let follow = follower.start_following(transport, live_config());
+    let follow = follower
+        .follower()
+        .expect("a follower")
+        .start_following(transport, live_config());
 
     let other = Library::open_default(connect(&fixture.url).await.expect("connect"), registry())
         .await
@@ -499,8 +518,8 @@ async fn a_postgres_leader_announces_other_processes_commits() {
     fixture.finish().await;
 }
 
-/// A write-role follower's offline writes reach the leader over QUIC as soon as its live
-/// loop runs; a read-role follower's push is refused with the reason, and a device cannot
+/// A follower with write access's offline writes reach the leader over QUIC as soon as its live
+/// loop runs; a follower with read access's push is refused with the reason, and a device cannot
 /// push for another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_follower_pushes_live_and_others_are_refused() {
@@ -512,7 +531,10 @@ async fn a_write_follower_pushes_live_and_others_are_refused() {
     put_tag(&writer, "written offline").await;
     assert_eq!(writer.outbox_len().await.expect("outbox"), 1);
     let transport = net::transport(&writer, None).await.expect("transport");
-    let follow = writer.start_following(transport.clone(), live_config());
+    let follow = writer
+        .follower()
+        .expect("a follower")
+        .start_following(transport.clone(), live_config());
     let mut latest = leader.library.watch_latest_seq();
     tokio::time::timeout(DEADLINE, async {
         while latest.get() < Seq(1) {
@@ -540,7 +562,7 @@ async fn a_write_follower_pushes_live_and_others_are_refused() {
         writer.dump().await.expect("dump")
     );
 
-    // A read-role member may pull but not push.
+    // A member with read access may pull but not push.
     let token = token(&leader, Access::Read).await;
     let reader = net::join(&sqlite_url(dir.path(), "reader.db"), &token, Some("reader"))
         .await

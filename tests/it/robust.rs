@@ -122,7 +122,12 @@ async fn a_leader_restored_from_an_older_copy_refuses_followers_ahead_of_it() {
     let transport = example_app::net::transport(&follower, None)
         .await
         .expect("transport");
-    let position = follower.catch_up(&*transport, 1_000).await.expect("sync");
+    let position = follower
+        .follower()
+        .expect("a follower")
+        .catch_up(&*transport, 1_000)
+        .await
+        .expect("sync");
     assert_eq!(position.seq, latest);
     server.shutdown().await;
 
@@ -141,7 +146,11 @@ async fn a_leader_restored_from_an_older_copy_refuses_followers_ahead_of_it() {
     let transport = example_app::net::transport(&follower, Some(&address))
         .await
         .expect("transport");
-    let refused = follower.catch_up(&*transport, 1_000).await;
+    let refused = follower
+        .follower()
+        .expect("a follower")
+        .catch_up(&*transport, 1_000)
+        .await;
     let Err(SyncError::Pull(PullError::HistoryDiverged(divergence))) = refused else {
         panic!("a follower ahead of its leader must be refused, typed: {refused:?}");
     };
@@ -160,7 +169,11 @@ async fn a_leader_restored_from_an_older_copy_refuses_followers_ahead_of_it() {
     // that seq, still refused as one (not a checksum mismatch half-way through a batch).
     let grown = put_tags(&restored, 4).await;
     assert!(grown > latest);
-    let refused = follower.catch_up(&*transport, 1_000).await;
+    let refused = follower
+        .follower()
+        .expect("a follower")
+        .catch_up(&*transport, 1_000)
+        .await;
     let Err(SyncError::Pull(PullError::HistoryDiverged(divergence))) = refused else {
         panic!("another history at the follower's position must be refused: {refused:?}");
     };
@@ -177,8 +190,8 @@ async fn a_leader_restored_from_an_older_copy_refuses_followers_ahead_of_it() {
     );
 
     // In process as well, and the follow loop shows it as its last error.
-    let follow = follower.start_following(
-        Arc::new(InProcess::new(restored.clone())),
+    let follow = follower.follower().expect("a follower").start_following(
+        Arc::new(InProcess::new(restored.leader().expect("the leader"))),
         sync_core::FollowConfig::default(),
     );
     let status = follow
@@ -198,7 +211,12 @@ async fn a_leader_restored_from_an_older_copy_refuses_followers_ahead_of_it() {
             .await
             .expect("fresh follower");
     let reached = fresh
-        .catch_up(&InProcess::new(restored.clone()), 1_000)
+        .follower()
+        .expect("a follower")
+        .catch_up(
+            &InProcess::new(restored.leader().expect("the leader")),
+            1_000,
+        )
         .await
         .expect("sync from zero");
     assert_eq!(reached.seq, grown);
@@ -246,7 +264,12 @@ async fn join_stores_its_settings_with_the_library_and_can_be_made_again() {
         Some("leader.local:7447".to_owned())
     );
     let position = follower
-        .catch_up(&InProcess::new(f.library.clone()), 1_000)
+        .follower()
+        .expect("a follower")
+        .catch_up(
+            &InProcess::new(f.library.leader().expect("the leader")),
+            1_000,
+        )
         .await
         .expect("sync");
     assert_eq!(position.seq, latest);

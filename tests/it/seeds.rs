@@ -61,10 +61,14 @@ async fn join(
 ) -> Result<Library, OpenError> {
     let key = Library::device_key_of(&db).await.expect("device key");
     let invite = leader
+        .leader()
+        .expect("the leader")
         .invite(access, Duration::from_secs(600))
         .await
         .expect("invite");
     leader
+        .leader()
+        .expect("the leader")
         .redeem_invite(&invite.secret, access, key.device_id(), Some(name))
         .await
         .expect("redeem");

@@ -164,16 +164,27 @@ async fn a_change_the_leader_cannot_store_is_set_aside_and_the_rest_goes_on() {
     let before = put(&a, "tag", json!({"name": "before"})).await;
     let refused = put(&a, "tag", json!({"name": "taken"})).await;
     let after = put(&a, "tag", json!({"name": "after"})).await;
-    let transport = InProcess::new(l.clone());
+    let transport = InProcess::new(l.leader().expect("the leader"));
     // The first answer is lost: the leader has taken (and rejected) the changes, the
     // follower does not know. Pushed again, the rejection is reported again.
     let losing = LosesFirstAnswer {
-        inner: InProcess::new(l.clone()),
+        inner: InProcess::new(l.leader().expect("the leader")),
         lost: std::sync::atomic::AtomicBool::new(false),
     };
-    assert!(a.push_outbox(&losing).await.is_err());
+    assert!(
+        a.follower()
+            .expect("a follower")
+            .push_outbox(&losing)
+            .await
+            .is_err()
+    );
     assert_eq!(a.outbox_len().await.expect("outbox"), 3);
-    let pushed = a.push_outbox(&losing).await.expect("push");
+    let pushed = a
+        .follower()
+        .expect("a follower")
+        .push_outbox(&losing)
+        .await
+        .expect("push");
     assert_eq!((pushed.acknowledged, pushed.rejected), (3, 1));
     assert_eq!(a.outbox_len().await.expect("outbox"), 0, "nothing wedged");
     assert!(get(l, "tag", &id_of(&before)).await.is_some());
@@ -195,7 +206,11 @@ async fn a_change_the_leader_cannot_store_is_set_aside_and_the_rest_goes_on() {
         );
     }
     // The author pulls the leader's state of the record: it no longer holds it.
-    a.catch_up(&transport, 1_000).await.expect("pull");
+    a.follower()
+        .expect("a follower")
+        .catch_up(&transport, 1_000)
+        .await
+        .expect("pull");
     assert!(get(&a, "tag", &id_of(&refused)).await.is_none());
     sync(&b, l).await;
     assert_converged(&[l, &a, &b]).await;
@@ -260,12 +275,17 @@ async fn an_entry_a_follower_cannot_store_stops_it_until_parked() {
     let first = put(l, "tag", json!({"name": "same"})).await;
     let second = put(l, "tag", json!({"name": "same"})).await;
     let after = put(l, "tag", json!({"name": "after"})).await;
-    let transport = InProcess::new(l.clone());
+    let transport = InProcess::new(l.leader().expect("the leader"));
     let stuck_seq = entries_of(l, &id_of(&second)).await[0].seq;
 
     for _ in 0..2 {
         // It stays stuck at the same entry, however often it tries.
-        let error = a.catch_up(&transport, 1_000).await.expect_err("stuck");
+        let error = a
+            .follower()
+            .expect("a follower")
+            .catch_up(&transport, 1_000)
+            .await
+            .expect_err("stuck");
         let text = error.to_string();
         assert!(
             matches!(
@@ -276,7 +296,7 @@ async fn an_entry_a_follower_cannot_store_stops_it_until_parked() {
             "{text}"
         );
         assert!(
-            text.contains("UNIQUE") && text.contains("Library::park"),
+            text.contains("UNIQUE") && text.contains("FollowerView::park"),
             "{text}"
         );
         assert!(
@@ -286,9 +306,17 @@ async fn an_entry_a_follower_cannot_store_stops_it_until_parked() {
         assert!(get(&a, "tag", &id_of(&after)).await.is_none());
     }
 
-    a.park(stuck_seq).await.expect("park");
+    a.follower()
+        .expect("a follower")
+        .park(stuck_seq)
+        .await
+        .expect("park");
     assert!(
-        a.park(sync_core::Seq(1)).await.is_err(),
+        a.follower()
+            .expect("a follower")
+            .park(sync_core::Seq(1))
+            .await
+            .is_err(),
         "applied entries cannot be parked"
     );
     put(
@@ -297,7 +325,11 @@ async fn an_entry_a_follower_cannot_store_stops_it_until_parked() {
         json!({"id": id_of(&second), "name": "same", "color": "red"}),
     )
     .await;
-    a.catch_up(&transport, 1_000).await.expect("goes on");
+    a.follower()
+        .expect("a follower")
+        .catch_up(&transport, 1_000)
+        .await
+        .expect("goes on");
     assert!(get(&a, "tag", &id_of(&after)).await.is_some());
     assert!(get(&a, "tag", &id_of(&second)).await.is_none());
     let parked = a.parked().await.expect("parked");
@@ -313,14 +345,28 @@ async fn an_entry_a_follower_cannot_store_stops_it_until_parked() {
     );
 
     // Still refused: nothing leaves the parking.
-    let retried = a.retry_parked().await.expect("retry");
+    let retried = a
+        .follower()
+        .expect("a follower")
+        .retry_parked()
+        .await
+        .expect("retry");
     assert_eq!((retried.applied, retried.still_parked), (0, 2));
     assert!(retried.first_failure.unwrap_or_default().contains("UNIQUE"));
 
     // The cause fixed (the first tag renamed on the leader), both apply in order.
     put(l, "tag", json!({"id": id_of(&first), "name": "renamed"})).await;
-    a.catch_up(&transport, 1_000).await.expect("pull");
-    let retried = a.retry_parked().await.expect("retry");
+    a.follower()
+        .expect("a follower")
+        .catch_up(&transport, 1_000)
+        .await
+        .expect("pull");
+    let retried = a
+        .follower()
+        .expect("a follower")
+        .retry_parked()
+        .await
+        .expect("retry");
     assert_eq!((retried.applied, retried.still_parked), (2, 0));
     assert_eq!(a.parked_count().await.expect("count"), 0);
     assert_eq!(
@@ -354,17 +400,21 @@ async fn a_mysql_follower_stops_at_a_value_too_long_and_goes_on_once_parked() {
         .expect("migrate");
     let key = Library::device_key_of(&db).await.expect("key");
     let invite = l
+        .leader()
+        .expect("the leader")
         .invite(sync_core::Access::Read, std::time::Duration::from_secs(60))
         .await
         .expect("invite");
-    l.redeem_invite(
-        &invite.secret,
-        sync_core::Access::Read,
-        key.device_id(),
-        Some("m"),
-    )
-    .await
-    .expect("redeem");
+    l.leader()
+        .expect("the leader")
+        .redeem_invite(
+            &invite.secret,
+            sync_core::Access::Read,
+            key.device_id(),
+            Some("m"),
+        )
+        .await
+        .expect("redeem");
     let m = Library::join(
         db,
         l.id(),
@@ -377,8 +427,13 @@ async fn a_mysql_follower_stops_at_a_value_too_long_and_goes_on_once_parked() {
     .expect("join");
     let long = put(l, "tag", json!({"name": "x".repeat(300)})).await;
     let next = put(l, "tag", json!({"name": "short"})).await;
-    let transport = InProcess::new(l.clone());
-    let error = m.catch_up(&transport, 1_000).await.expect_err("stuck");
+    let transport = InProcess::new(l.leader().expect("the leader"));
+    let error = m
+        .follower()
+        .expect("a follower")
+        .catch_up(&transport, 1_000)
+        .await
+        .expect_err("stuck");
     let seq = match &error {
         sync_core::SyncError::Apply(sync_core::ApplyError::Stuck { seq, record_id, .. }) => {
             assert_eq!(*record_id, id_of(&long));
@@ -386,8 +441,16 @@ async fn a_mysql_follower_stops_at_a_value_too_long_and_goes_on_once_parked() {
         }
         other => panic!("{other}"),
     };
-    m.park(seq).await.expect("park");
-    m.catch_up(&transport, 1_000).await.expect("goes on");
+    m.follower()
+        .expect("a follower")
+        .park(seq)
+        .await
+        .expect("park");
+    m.follower()
+        .expect("a follower")
+        .catch_up(&transport, 1_000)
+        .await
+        .expect("goes on");
     assert!(get(&m, "tag", &id_of(&next)).await.is_some());
     assert_eq!(m.parked_count().await.expect("parked"), 1);
     let _ = m.db().clone().close().await;

@@ -85,6 +85,8 @@ async fn default_pool_case() {
         ClientConfig::default(),
     );
     let invite = leader
+        .leader()
+        .expect("the leader")
         .invite(Access::Write, Duration::from_secs(600))
         .await
         .expect("invite");
@@ -106,7 +108,7 @@ async fn default_pool_case() {
         key.fingerprint(),
         follower.id(),
     ));
-    let follow = follower.start_following(
+    let follow = follower.follower().expect("a follower").start_following(
         transport,
         FollowConfig {
             retry_delay_min: Duration::from_millis(20),

@@ -77,17 +77,21 @@ impl Shown {
     }
 }
 
-/// A write-role follower on its own SQLite file, admitted by `leader`.
+/// A follower with write access on its own SQLite file, admitted by `leader`.
 async fn follower_of(leader: &Library, dir: &std::path::Path) -> Library {
     let url = format!("sqlite://{}?mode=rwc", dir.join("follower.db").display());
     let db = example_app::connect(&url).await.expect("connect");
     Migrator::up(&db, None).await.expect("migrate");
     let key = Library::device_key_of(&db).await.expect("device key");
     let invite = leader
+        .leader()
+        .expect("the leader")
         .invite(Access::Write, Duration::from_secs(600))
         .await
         .expect("invite");
     leader
+        .leader()
+        .expect("the leader")
         .redeem_invite(&invite.secret, Access::Write, key.device_id(), None)
         .await
         .expect("redeem");
@@ -128,10 +132,15 @@ fn pulls_applies_pushes_and_refusals_record_the_named_metrics() {
                     .await
                     .expect("put");
             }
-            let transport = InProcess::new(leader.library.clone());
+            let transport = InProcess::new(leader.library.leader().expect("the leader"));
 
             // One entry of three: behind by two.
-            follower.pull_once(&transport, 1).await.expect("pull");
+            follower
+                .follower()
+                .expect("a follower")
+                .pull_once(&transport, 1)
+                .await
+                .expect("pull");
             let shown = Shown::take(&snapshotter);
             assert_eq!(shown.gauge(names::PULL_LAG_SEQ, &by_library), 2.0);
             assert!(shown.gauge(names::PULL_LAG_SECONDS, &by_library) >= 0.0);
@@ -146,8 +155,18 @@ fn pulls_applies_pushes_and_refusals_record_the_named_metrics() {
             ops::put(&follower, "tag", r#"{"name":"mine"}"#)
                 .await
                 .expect("follower put");
-            follower.push_outbox(&transport).await.expect("push");
-            follower.catch_up(&transport, 1_000).await.expect("pull");
+            follower
+                .follower()
+                .expect("a follower")
+                .push_outbox(&transport)
+                .await
+                .expect("push");
+            follower
+                .follower()
+                .expect("a follower")
+                .catch_up(&transport, 1_000)
+                .await
+                .expect("pull");
             let shown = Shown::take(&snapshotter);
             assert_eq!(shown.gauge(names::PULL_LAG_SEQ, &by_library), 0.0);
             assert_eq!(shown.gauge(names::PULL_LAG_SECONDS, &by_library), 0.0);
@@ -177,7 +196,12 @@ fn pulls_applies_pushes_and_refusals_record_the_named_metrics() {
                 changes: Vec::new(),
             };
             outsider.changes = vec![pushed(1), pushed(2)];
-            let refused = leader.library.serve_push(&outsider).await;
+            let refused = leader
+                .library
+                .leader()
+                .expect("the leader")
+                .serve_push(&outsider)
+                .await;
             assert!(
                 matches!(refused, Err(PushError::NotWriter { .. })),
                 "{refused:?}"
@@ -197,7 +221,7 @@ fn pulls_applies_pushes_and_refusals_record_the_named_metrics() {
             );
 
             // A leader that cannot be reached: the follow loop's failed rounds count.
-            let follow = follower.start_following(
+            let follow = follower.follower().expect("a follower").start_following(
                 std::sync::Arc::new(Unreachable),
                 sync_core::FollowConfig::default(),
             );

@@ -81,7 +81,8 @@ struct SimTransport {
 
 impl SimTransport {
     async fn leader(&self) -> Option<InProcess> {
-        self.network.leader.lock().await.clone().map(InProcess::new)
+        let leader = self.network.leader.lock().await.clone()?;
+        leader.leader().ok().map(InProcess::new)
     }
 }
 
@@ -159,9 +160,13 @@ pub async fn run(seed: u64, steps: usize, template: &Path, dir: &Path) -> Result
         let key = Library::device_key_of(&db).await?;
         let access = device.access;
         let invite = leader
+            .leader()
+            .expect("the leader")
             .invite(access, std::time::Duration::from_secs(3_600))
             .await?;
         leader
+            .leader()
+            .expect("the leader")
             .redeem_invite(&invite.secret, access, key.device_id(), Some(device.name))
             .await?;
         let follower = Library::join(
@@ -360,9 +365,17 @@ async fn put(library: &Library, id: &str, name: &str) -> Result<serde_json::Valu
 /// One follow-loop round by hand: push the outbox, then pull until caught up.
 async fn sync_round(library: &Library, transport: &dyn Transport) -> Result<()> {
     if !library.is_read_only() {
-        library.push_outbox(transport).await?;
+        library
+            .follower()
+            .expect("a follower")
+            .push_outbox(transport)
+            .await?;
     }
-    library.catch_up(transport, 1_000).await?;
+    library
+        .follower()
+        .expect("a follower")
+        .catch_up(transport, 1_000)
+        .await?;
     Ok(())
 }
 

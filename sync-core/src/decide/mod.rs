@@ -1,0 +1,19 @@
+//! The protocol's decisions, without I/O: each function here takes what the shell loaded
+//! (and the time, where time matters) and returns what to do. Nothing in this module
+//! holds a database connection, a socket, a task or a clock of its own; `follower.rs`,
+//! `take.rs` and `follow_loop.rs` are the async shells that load, call these, and execute
+//! the answer (quinn-proto's split: a state machine driven by a thin shell).
+//!
+//! - `absorb`: how a follower absorbs pulled responses (continuity, chain, known models
+//!   and schema versions → runs per model, parked entries, the new position, or a
+//!   refusal).
+//! - `take`: the leader's plan for one pushed change (already taken, rejected, answered
+//!   for a local row, or merged by `merge::decide`).
+//! - `follow`: the follow loop's backoff and stall detection.
+//!
+//! `merge.rs` (the merge decision) and `serve::select` (selective sync, collapsing) are
+//! pure too and stay where they are.
+
+pub(crate) mod absorb;
+pub(crate) mod follow;
+pub(crate) mod take;

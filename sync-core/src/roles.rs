@@ -1,0 +1,228 @@
+//! Role views: the operations only a library's leader, or only its followers, can do are
+//! reached through [`Library::leader`] and [`Library::follower`]. The role is checked
+//! there, once, and a call for the wrong role gets one answer, [`WrongRole`]. A view
+//! derefs to its [`Library`] for everything both roles do.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sea_orm::DbErr;
+
+use crate::follow_loop::{Follow, FollowConfig};
+use crate::follower::{Applied, ApplyError, Position, SyncError};
+use crate::members::{Invite, InviteError, MemberError};
+use crate::outbox::PushOutcome;
+use crate::parked::{ParkError, Retried};
+use crate::protocol::{PullError, PullRequest, PullResponse, PushError, PushRequest, PushResponse};
+use crate::{Access, DeviceId, Library, LibraryId, Role, Seq, Transport};
+
+/// An operation for one role was asked of a library this device holds in the other.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}", match wanted {
+    Role::Leader => format!(
+        "this device follows library {library}; `Library::leader` operations (serving, \
+         invites, revocations) are for the device that leads it"
+    ),
+    Role::Follower => format!(
+        "this device leads library {library}; `Library::follower` operations (pulling, \
+         pushing, following, parking) are for the devices that follow it"
+    ),
+})]
+pub struct WrongRole {
+    /// The library.
+    pub library: LibraryId,
+    /// The role the operation needs.
+    pub wanted: Role,
+}
+
+impl Library {
+    /// This library as its leader: serving pulls and pushes, invites, revocations.
+    /// [`WrongRole`] on a follower.
+    pub fn leader(&self) -> Result<LeaderView, WrongRole> {
+        match self.role() {
+            Role::Leader => Ok(LeaderView(self.clone())),
+            Role::Follower => Err(WrongRole {
+                library: self.id(),
+                wanted: Role::Leader,
+            }),
+        }
+    }
+
+    /// This library as a follower: pulling, applying, pushing the outbox, the follow loop,
+    /// parking. [`WrongRole`] on the leader.
+    pub fn follower(&self) -> Result<FollowerView, WrongRole> {
+        match self.role() {
+            Role::Follower => Ok(FollowerView(self.clone())),
+            Role::Leader => Err(WrongRole {
+                library: self.id(),
+                wanted: Role::Follower,
+            }),
+        }
+    }
+}
+
+/// A library this device leads ([`Library::leader`]).
+#[derive(Clone, Debug)]
+pub struct LeaderView(Library);
+
+/// A library this device follows ([`Library::follower`]).
+#[derive(Clone, Debug)]
+pub struct FollowerView(Library);
+
+impl std::ops::Deref for LeaderView {
+    type Target = Library;
+    fn deref(&self) -> &Library {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for FollowerView {
+    type Target = Library;
+    fn deref(&self) -> &Library {
+        &self.0
+    }
+}
+
+impl LeaderView {
+    /// The library.
+    pub fn library(&self) -> &Library {
+        &self.0
+    }
+
+    /// Answers a follower's pull: the entries after its position, if its history is the
+    /// leader's (`PullError::HistoryDiverged` otherwise), bounded, collapsed.
+    pub async fn serve_pull(&self, request: &PullRequest) -> Result<PullResponse, PullError> {
+        self.0.serve_pull(request).await
+    }
+
+    /// Takes a write member's push: each change once by identity, merged, logged; a change
+    /// the leader cannot store is set aside and listed in the answer.
+    pub async fn serve_push(&self, request: &PushRequest) -> Result<PushResponse, PushError> {
+        self.0.serve_push(request).await
+    }
+
+    /// Issues a one-time invite with `access`, valid for `ttl`.
+    pub async fn invite(&self, access: Access, ttl: Duration) -> Result<Invite, MemberError> {
+        self.0.invite(access, ttl).await
+    }
+
+    /// Redeems an invite's secret for `device`: admits it with the access issued, once.
+    pub async fn redeem_invite(
+        &self,
+        secret: &[u8; 32],
+        claimed: Access,
+        device: DeviceId,
+        name: Option<&str>,
+    ) -> Result<Access, InviteError> {
+        self.0.redeem_invite(secret, claimed, device, name).await
+    }
+
+    /// Revokes a member: nothing more is served to it.
+    pub async fn revoke(&self, device: DeviceId) -> Result<(), MemberError> {
+        self.0.revoke(device).await
+    }
+
+    /// Notes a follower's position (in memory; written in the background at most once a
+    /// second).
+    pub async fn record_peer_position(&self, device: DeviceId, position: Seq) -> Result<(), DbErr> {
+        self.0.record_peer_position(device, position).await
+    }
+
+    /// Writes every noted follower position now.
+    pub async fn flush_peer_positions(&self) -> Result<(), DbErr> {
+        self.0.flush_peer_positions().await
+    }
+}
+
+impl FollowerView {
+    /// The library.
+    pub fn library(&self) -> &Library {
+        &self.0
+    }
+
+    /// Applies a pull response that answers a request from `after`, with the new position,
+    /// in one transaction: all of it or none of it, exactly once.
+    pub async fn apply(&self, after: Seq, response: PullResponse) -> Result<Applied, ApplyError> {
+        self.0.apply(after, response).await
+    }
+
+    /// Applies consecutive pull responses, the first answering a request from `after`;
+    /// responses share a transaction up to `APPLY_GROUP_ENTRIES` entries.
+    pub async fn apply_all<I>(&self, after: Seq, responses: I) -> Result<Applied, ApplyError>
+    where
+        I: IntoIterator<Item = PullResponse>,
+        I::IntoIter: Send,
+    {
+        self.0.apply_all(after, responses).await
+    }
+
+    /// Pulls one batch of at most `limit` entries and applies it. Returns what was applied
+    /// and the leader's latest seq.
+    pub async fn pull_once(
+        &self,
+        transport: &dyn Transport,
+        limit: u32,
+    ) -> Result<(Applied, Seq), SyncError> {
+        self.0.pull_once(transport, limit).await
+    }
+
+    /// Pulls and applies until the position reaches the leader's latest seq as of the
+    /// first answer.
+    pub async fn catch_up(
+        &self,
+        transport: &dyn Transport,
+        limit: u32,
+    ) -> Result<Position, SyncError> {
+        self.0.catch_up(transport, limit).await
+    }
+
+    /// [`FollowerView::catch_up`], calling `progress(applied, target)` after each
+    /// transaction.
+    pub async fn catch_up_with(
+        &self,
+        transport: &dyn Transport,
+        limit: u32,
+        progress: impl FnMut(&Applied, Seq),
+    ) -> Result<Position, SyncError> {
+        self.0.catch_up_with(transport, limit, progress).await
+    }
+
+    /// Sends the outbox to the leader until it is empty (as of the start).
+    pub async fn push_outbox(&self, transport: &dyn Transport) -> Result<PushOutcome, SyncError> {
+        self.0.push_outbox(transport).await
+    }
+
+    /// One sync round: push the outbox (unless read-only), then pull until caught up,
+    /// calling `progress(applied, target)` after each transaction. A failed push does not
+    /// stop the pull; the pull's error comes first, then the push's. Returns the position
+    /// and the leader's latest seq as of the first answer.
+    pub async fn sync_round(
+        &self,
+        transport: &dyn Transport,
+        limit: u32,
+        progress: impl FnMut(&Applied, Seq),
+    ) -> Result<(Position, Seq), SyncError> {
+        self.0.sync_round(transport, limit, progress).await
+    }
+
+    /// Starts this follower's follow loop over `transport`.
+    pub fn start_following(&self, transport: Arc<dyn Transport>, config: FollowConfig) -> Follow {
+        self.0.start_following(transport, config)
+    }
+
+    /// Sets the entry at `seq` aside (`ApplyError::Stuck` names it): the next apply that
+    /// reaches it parks it, and later entries of its record wait behind it.
+    pub async fn park(&self, seq: Seq) -> Result<(), ParkError> {
+        self.0.park(seq).await
+    }
+
+    /// Applies the parked entries again, in seq order.
+    pub async fn retry_parked(&self) -> Result<Retried, ApplyError> {
+        self.0.retry_parked().await
+    }
+
+    /// Forgets a parked entry for good. Returns whether it was parked.
+    pub async fn drop_parked(&self, seq: Seq) -> Result<bool, DbErr> {
+        self.0.drop_parked(seq).await
+    }
+}
