@@ -240,7 +240,7 @@ pub(crate) fn rollback_to(mark: usize) -> Result<(), DbErr> {
 }
 
 fn synced_json<E: Syncable>(model: &E::Model) -> Result<String, DbErr> {
-    let map = E::sync_json(model).map_err(|e| {
+    let map = crate::canonical::sync_json::<E>(model).map_err(|e| {
         DbErr::Json(format!(
             "cannot serialise synced fields of `{}`: {e}",
             E::SYNC_ID
@@ -396,6 +396,7 @@ where
     if !scope.recording {
         return Ok(active);
     }
+    crate::canonical::canonicalise_active::<E>(&mut active).map_err(refuse)?;
     check_values::<E>(&active)?;
     let Some(key) = E::active_key(&active) else {
         return Err(refuse(format!(

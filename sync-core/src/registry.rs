@@ -220,7 +220,7 @@ where
                 return Ok(None);
             };
             match E::find_by_id(pk).lock_exclusive().one(txn).await? {
-                Some(model) if E::should_sync(&model) => E::sync_json(&model)
+                Some(model) if E::should_sync(&model) => crate::canonical::sync_json::<E>(&model)
                     .map(Some)
                     .map_err(|e| DbErr::Json(format!("`{}`: {e}", E::SYNC_ID))),
                 _ => Ok(None),
@@ -522,7 +522,7 @@ async fn rows_of<E: Syncable, C: ConnectionTrait>(db: &C) -> Result<ModelRows, D
         if !E::should_sync(&model) {
             continue;
         }
-        let fields = E::sync_json(&model).map_err(|e| {
+        let fields = crate::canonical::sync_json::<E>(&model).map_err(|e| {
             DbErr::Json(format!(
                 "cannot serialise synced fields of `{}`: {e}",
                 E::SYNC_ID
