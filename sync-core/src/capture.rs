@@ -340,7 +340,7 @@ pub(crate) fn synced_json<'a, E: Syncable, C: ConnectionTrait>(
     context: &'a CaptureContext,
 ) -> impl Future<Output = Result<String, DbErr>> + Send + 'a {
     // Read the model before the first await: the future must not hold it (not `Sync`).
-    let map = E::sync_json(model).map_err(|e| {
+    let map = crate::canonical::sync_json::<E>(model).map_err(|e| {
         DbErr::Json(format!(
             "cannot serialise synced fields of `{}`: {e}",
             E::SYNC_ID
@@ -518,6 +518,7 @@ where
     if !recording {
         return Ok(active);
     }
+    crate::canonical::canonicalise_active::<E>(&mut active).map_err(refuse)?;
     check_values::<E>(&active)?;
     let Some(key) = E::active_key(&active) else {
         return Err(refuse(format!(

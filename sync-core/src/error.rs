@@ -68,6 +68,14 @@ pub enum LogError {
         /// What is wrong with it.
         reason: String,
     },
+    /// `Library::audit` on a follower: it keeps no log to compare its tables with.
+    #[error(
+        "this device follows library {0}: it keeps no log, so it cannot audit its tables; \
+         run `Library::audit` on the leader, and on this device record the records you know \
+         were written past the hooks with `Library::repair` (or `Library::record_again`), \
+         which puts their current state in the outbox"
+    )]
+    FollowerKeepsNoLog(LibraryId),
 }
 
 /// Whether a database error is about the data a statement carried: a value the database
@@ -142,6 +150,7 @@ impl LogError {
                 seq: *seq,
                 reason: reason.clone(),
             },
+            LogError::FollowerKeepsNoLog(library) => LogError::FollowerKeepsNoLog(*library),
         }
     }
 }

@@ -26,6 +26,7 @@
 
 mod adopt;
 mod backend;
+mod canonical;
 mod capture;
 mod coalesce;
 mod commits;

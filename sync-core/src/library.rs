@@ -613,7 +613,14 @@ impl Library {
     /// those written by a path that skips SeaORM's hooks (`Entity::insert(..).exec`,
     /// `insert_many`, `update_many`, `delete_many`, `delete_by_id`, raw SQL). `repair`
     /// records them.
+    ///
+    /// Leader only: a follower keeps no log to compare with, and is refused with
+    /// `LogError::FollowerKeepsNoLog` rather than told every row is unlogged. A write-role
+    /// follower repairs records it knows about with `repair` (their state goes to its outbox).
     pub async fn audit(&self) -> Result<Vec<Drift>, LogError> {
+        if self.role != Role::Leader {
+            return Err(LogError::FollowerKeepsNoLog(self.context.library_id));
+        }
         // The last logged data of every record, read page by page.
         let mut logged: HashMap<(String, String), Option<String>> = HashMap::new();
         let mut after = Seq::ZERO;
@@ -654,7 +661,9 @@ impl Library {
         Ok(drift)
     }
 
-    /// Records every drifted record's current state (see `audit`), in one transaction.
+    /// Records every drifted record's current state (see `audit`), in one transaction. On a
+    /// write-role follower the changes go to its outbox and reach the leader with the next
+    /// push (a record gone from the table is recorded as a delete, whatever the drift's kind).
     pub async fn repair(&self, drift: &[Drift]) -> Result<usize, DbErr> {
         let mut targets = Vec::with_capacity(drift.len());
         for d in drift {

@@ -339,7 +339,7 @@ where
             };
             match query.lock_exclusive().one(txn).await? {
                 Some(model) if E::should_sync(&model) => {
-                    let mut fields = E::sync_json(&model)
+                    let mut fields = crate::canonical::sync_json::<E>(&model)
                         .map_err(|e| DbErr::Json(format!("`{}`: {e}", E::SYNC_ID)))?;
                     references_out(txn, &self.refs, &mut fields, &mut HashMap::new()).await?;
                     Ok(Some(fields))
@@ -861,7 +861,7 @@ async fn rows_of<E: Syncable, C: ConnectionTrait>(
         if !E::should_sync(&model) {
             continue;
         }
-        let mut fields = E::sync_json(&model).map_err(|e| {
+        let mut fields = crate::canonical::sync_json::<E>(&model).map_err(|e| {
             DbErr::Json(format!(
                 "cannot serialise synced fields of `{}`: {e}",
                 E::SYNC_ID

@@ -5,6 +5,7 @@
 //! its own database); otherwise they print `SKIPPED …` on stderr.
 #![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
+mod all_types;
 mod capture;
 mod crowd;
 mod dense;

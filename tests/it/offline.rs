@@ -1143,3 +1143,69 @@ async fn a_restarted_follower_writes_after_what_it_pulled() {
     assert_eq!(get(leader, "tag", &id).await.expect("tag")["name"], "after");
     t.leader.finish().await;
 }
+
+/// A follower keeps no log: `audit` says so (instead of listing every row as unlogged), and
+/// `repair` of records it wrote past the hooks (`update_many`, `delete_many`) puts their
+/// current state in its outbox, which reaches the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_follower_repairs_what_it_wrote_past_the_hooks() {
+    use example_app::models::tag;
+    use sea_orm::sea_query::Expr;
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+    use sync_core::{Drift, DriftKind, LogError};
+
+    let test = "offline::a_write_follower_repairs_what_it_wrote_past_the_hooks";
+    let Some(leader) = fixture(Backend::Sqlite, test).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let follower = member(&leader.library, dir.path(), "f", Access::Write).await;
+    let kept = id_of(&put(&follower, "tag", json!({"name": "kept"})).await);
+    let gone = id_of(&put(&follower, "tag", json!({"name": "gone"})).await);
+    sync(&follower, &leader.library).await;
+    let uuid = |id: &str| uuid::Uuid::parse_str(id).expect("uuid");
+    tag::Entity::update_many()
+        .col_expr(tag::Column::Name, Expr::value("renamed"))
+        .filter(tag::Column::Id.eq(uuid(&kept)))
+        .exec(follower.db())
+        .await
+        .expect("update_many");
+    tag::Entity::delete_many()
+        .filter(tag::Column::Id.eq(uuid(&gone)))
+        .exec(follower.db())
+        .await
+        .expect("delete_many");
+
+    let refused = follower.audit().await.expect_err("a follower keeps no log");
+    assert!(
+        matches!(refused, LogError::FollowerKeepsNoLog(id) if id == leader.library.id()),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("Library::repair"), "{refused}");
+
+    let drift = [
+        Drift {
+            model: "tag".into(),
+            record_id: kept.clone(),
+            kind: DriftKind::Unlogged,
+        },
+        Drift {
+            model: "tag".into(),
+            record_id: gone.clone(),
+            kind: DriftKind::Vanished,
+        },
+    ];
+    assert_eq!(follower.repair(&drift).await.expect("repair"), 2);
+    assert_eq!(follower.outbox_len().await.expect("outbox"), 2);
+    sync(&follower, &leader.library).await;
+    assert_converged(&[&leader.library, &follower]).await;
+    assert_eq!(
+        get(&leader.library, "tag", &kept)
+            .await
+            .map(|t| t["name"].clone()),
+        Some(json!("renamed"))
+    );
+    assert_eq!(get(&leader.library, "tag", &gone).await, None);
+    assert!(leader.library.audit().await.expect("audit").is_empty());
+    leader.finish().await;
+}
