@@ -80,10 +80,32 @@ pub struct Outcome {
 /// a run's cost otherwise).
 pub async fn template(dir: &Path) -> Result<PathBuf> {
     let path = dir.join("template.db");
-    let db = example_app::connect(&format!("sqlite://{}?mode=rwc", path.display())).await?;
+    let db = connect(&format!("sqlite://{}?mode=rwc", path.display())).await?;
     models::Migrator::up(&db, None).await?;
     db.close().await?;
     Ok(path)
+}
+
+/// Opens a device's SQLite database as the example app does (WAL), but with
+/// `synchronous=OFF`: a commit is not flushed to the disk. That keeps the simulation's
+/// crash honest because a crash here drops the device's handles and connections (the
+/// process, not the machine, dies): what was committed is in the OS page cache and stays.
+/// The simulator never models losing the page cache (a power cut).
+async fn connect(url: &str) -> Result<sea_orm::DatabaseConnection> {
+    let mut options = sea_orm::ConnectOptions::new(url.to_owned());
+    options
+        .sqlx_logging(false)
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .max_connections(8);
+    options.map_sqlx_sqlite_opts(|o| {
+        o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+            .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Off)
+            .busy_timeout(std::time::Duration::from_secs(10))
+    });
+    sea_orm::Database::connect(options)
+        .await
+        .with_context(|| format!("cannot open database {url}"))
 }
 
 fn registry() -> Result<sync_core::Registry> {
@@ -273,7 +295,7 @@ pub async fn run(seed: u64, steps: usize, template: &Path, dir: &Path) -> Result
     ]);
     let leader_skew = skew(&mut rng);
     let leader_url = copy_template(template, dir, "leader")?;
-    let leader_db = example_app::connect(&leader_url).await?;
+    let leader_db = connect(&leader_url).await?;
     let leader = Library::create(leader_db, "sim", registry()?).await?;
     set_clock(&leader, &time, leader_skew);
     let mut sim = Sim {
@@ -361,7 +383,7 @@ impl Sim {
     async fn join(&mut self, name: &str, access: Access) -> Result<()> {
         let leader = leader_of(self)?;
         let url = copy_template(&self.template, &self.dir, name)?;
-        let db = example_app::connect(&url).await?;
+        let db = connect(&url).await?;
         let key = Library::device_key_of(&db).await?;
         let invite = leader
             .invite(access, std::time::Duration::from_secs(3_600))
@@ -460,10 +482,20 @@ impl Sim {
         let roll = self.rng.random_range(0..10);
         let check = match model {
             "tag" | "volume" => {
-                let exists = example_app::ops::get(&library, model, &id).await?.is_some();
-                if roll < 2 && exists {
+                let current = example_app::ops::get(&library, model, &id).await?;
+                let private = current
+                    .as_ref()
+                    .and_then(|c| c.get("name"))
+                    .and_then(|n| n.as_str())
+                    .is_some_and(|n| model == "tag" && n.starts_with('.'));
+                if roll < 2 && current.is_some() {
                     example_app::ops::delete(&library, model, &id).await?;
-                    Check::Delete
+                    if private {
+                        // A row local to this device: its delete is local too.
+                        Check::Private
+                    } else {
+                        Check::Delete
+                    }
                 } else if roll == 2 && model == "tag" && id == self.reference.records(model)[0] {
                     // Into the private form, or back: the filter flips. (Only on the first
                     // tag: a row private on one device makes every other device's write of
@@ -978,7 +1010,7 @@ fn set_clock(library: &Library, time: &Arc<AtomicU64>, skew_ms: i64) {
 }
 
 async fn reopen(device: &Device, library: LibraryId, time: &Arc<AtomicU64>) -> Result<Library> {
-    let db = example_app::connect(&device.url).await?;
+    let db = connect(&device.url).await?;
     let reopened = Library::open(db, library, registry()?).await?;
     set_clock(&reopened, time, device.skew_ms);
     Ok(reopened)
