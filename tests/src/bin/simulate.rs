@@ -64,6 +64,14 @@ fn run() -> Result<bool> {
                     failed.push(seed);
                 }
             }
+            let done = seed - first + 1;
+            if done % 250 == 0 && done < seeds {
+                eprintln!(
+                    "{done} of {seeds} seeds run, {} failed, {:.0} s",
+                    failed.len(),
+                    started.elapsed().as_secs_f64()
+                );
+            }
         }
         anyhow::Ok((passed, failed))
     })?;
