@@ -65,7 +65,7 @@ fn run() -> Result<bool> {
                 }
             }
             let done = seed - first + 1;
-            if done % 250 == 0 && done < seeds {
+            if done.is_multiple_of(250) && done < seeds {
                 eprintln!(
                     "{done} of {seeds} seeds run, {} failed, {:.0} s",
                     failed.len(),
