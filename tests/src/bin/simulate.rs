@@ -53,11 +53,24 @@ fn run() -> Result<bool> {
         for seed in first..first.saturating_add(seeds) {
             let run_dir = tempfile::tempdir_in(dir.path())?;
             match sync_tests::sim::run(seed, steps, &template, run_dir.path()).await {
-                Ok(_) => passed += 1,
+                Ok(outcome) => {
+                    if seeds == 1 {
+                        println!("seed {seed}: {outcome:?}");
+                    }
+                    passed += 1
+                }
                 Err(e) => {
                     eprintln!("seed {seed} failed: {e:#}");
                     failed.push(seed);
                 }
+            }
+            let done = seed - first + 1;
+            if done.is_multiple_of(250) && done < seeds {
+                eprintln!(
+                    "{done} of {seeds} seeds run, {} failed, {:.0} s",
+                    failed.len(),
+                    started.elapsed().as_secs_f64()
+                );
             }
         }
         anyhow::Ok((passed, failed))
