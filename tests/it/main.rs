@@ -22,3 +22,4 @@ mod simulation;
 mod startup;
 mod support;
 mod telemetry;
+mod web;
