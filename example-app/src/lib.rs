@@ -11,6 +11,7 @@ pub mod migrator;
 pub mod models;
 pub mod net;
 pub mod ops;
+pub mod web;
 
 pub use database::{connect, drop_database, fresh_database};
 pub use migrator::Migrator;

@@ -26,3 +26,4 @@ mod simulation;
 mod startup;
 mod support;
 mod telemetry;
+mod web;

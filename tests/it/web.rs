@@ -1,0 +1,215 @@
+//! The example web app (`example_app::web`, an axum blog with integer keys, a relation, the
+//! dense entity format, a seed migration and plain SeaORM calls in its handlers), run as two
+//! instances that sync over QUIC, driven over HTTP as its users would.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use example_app::web::{Blog, SEED_AUTHOR};
+use serde_json::{Value, json};
+use sync_core::Access;
+
+/// Everything the test does: a hang fails it instead of stalling the run.
+const WHOLE_TEST: Duration = Duration::from_secs(180);
+/// How long a change may take to reach the other instance.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    fn new(addr: SocketAddr) -> Api {
+        Api {
+            http: reqwest::Client::new(),
+            base: format!("http://{addr}"),
+        }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Value {
+        let response = request.send().await.expect("request");
+        let status = response.status();
+        let body: Value = response.json().await.expect("JSON body");
+        assert!(status.is_success(), "{status}: {body}");
+        body
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(&body))
+            .await
+    }
+
+    async fn put(&self, path: &str, body: Value) -> Value {
+        self.send(self.http.put(format!("{}{path}", self.base)).json(&body))
+            .await
+    }
+
+    async fn delete(&self, path: &str) -> Value {
+        self.send(self.http.delete(format!("{}{path}", self.base)))
+            .await
+    }
+
+    /// Author name → this instance's integer id.
+    async fn author_ids(&self) -> BTreeMap<String, i64> {
+        self.get("/authors")
+            .await
+            .as_array()
+            .expect("authors")
+            .iter()
+            .map(|a| {
+                (
+                    a["name"].as_str().expect("name").to_owned(),
+                    a["id"].as_i64().expect("id"),
+                )
+            })
+            .collect()
+    }
+
+    /// Every post as (title, author name, author id).
+    async fn posts(&self) -> Vec<(String, String, i64)> {
+        let mut posts: Vec<_> = self
+            .get("/posts")
+            .await
+            .as_array()
+            .expect("posts")
+            .iter()
+            .map(|p| {
+                (
+                    p["title"].as_str().expect("title").to_owned(),
+                    p["author"]
+                        .as_str()
+                        .unwrap_or("(missing author)")
+                        .to_owned(),
+                    p["author_id"].as_i64().expect("author_id"),
+                )
+            })
+            .collect();
+        posts.sort();
+        posts
+    }
+}
+
+/// Polls `check` until it holds, for at most `DEADLINE`.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {DEADLINE:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_blog_syncs_between_two_instances_over_http() {
+    tokio::time::timeout(WHOLE_TEST, blog_case())
+        .await
+        .expect("the test did not finish in time");
+}
+
+async fn blog_case() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = |file: &str| format!("sqlite://{}?mode=rwc", dir.path().join(file).display());
+    let leader = Blog::leader(&url("leader.db")).await.expect("leader");
+    let l = Api::new(leader.http);
+    l.post("/authors", json!({"name": "Ada"})).await;
+
+    let token = leader.invite(Access::Write).await.expect("invite");
+    let follower = Blog::follower(&url("follower.db"), &token)
+        .await
+        .expect("follower");
+    let f = Api::new(follower.http);
+    eventually("Ada reaches the follower", || async {
+        f.author_ids().await.contains_key("Ada")
+    })
+    .await;
+
+    // Both write an author before they hear of each other's: each gets the next integer id
+    // on its own device, so the two records have each other's ids on the other device.
+    let cy = f.post("/authors", json!({"name": "Cy"})).await["id"].clone();
+    let dee = l.post("/authors", json!({"name": "Dee"})).await["id"].clone();
+    assert_eq!(cy, dee, "the premise: the same integer id on both devices");
+    f.post("/posts", json!({"author_id": cy, "title": "by Cy"}))
+        .await;
+    l.post("/posts", json!({"author_id": dee, "title": "by Dee"}))
+        .await;
+
+    eventually("both posts on both instances", || async {
+        l.posts().await.len() == 2 && f.posts().await.len() == 2
+    })
+    .await;
+    for api in [&l, &f] {
+        let ids = api.author_ids().await;
+        // The seed is one record everywhere: once on each device.
+        assert_eq!(
+            ids.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["Ada", SEED_AUTHOR, "Cy", "Dee"]
+        );
+        // Every post names its author, by this device's integer id.
+        let posts = api.posts().await;
+        assert_eq!(
+            posts,
+            vec![
+                ("by Cy".to_owned(), "Cy".to_owned(), ids["Cy"]),
+                ("by Dee".to_owned(), "Dee".to_owned(), ids["Dee"]),
+            ]
+        );
+    }
+    assert_ne!(
+        l.author_ids().await["Cy"],
+        f.author_ids().await["Cy"],
+        "the same author has another integer id on each device"
+    );
+
+    // An edit on the follower reaches the leader.
+    let cy_post = f
+        .get("/posts")
+        .await
+        .as_array()
+        .expect("posts")
+        .iter()
+        .find(|p| p["title"] == "by Cy")
+        .expect("Cy's post")["id"]
+        .clone();
+    f.put(
+        &format!("/posts/{cy_post}"),
+        json!({"title": "by Cy, edited"}),
+    )
+    .await;
+    eventually("the edit reaches the leader", || async {
+        l.posts().await.iter().any(|p| p.0 == "by Cy, edited")
+    })
+    .await;
+
+    // A `delete_many` in a handler on the leader removes Dee's posts everywhere.
+    let dee_on_leader = l.author_ids().await["Dee"];
+    let deleted = l.delete(&format!("/posts?author_id={dee_on_leader}")).await;
+    assert_eq!(deleted["deleted"], 1);
+    eventually("the delete reaches the follower", || async {
+        f.posts().await.iter().all(|p| p.1 != "Dee")
+    })
+    .await;
+    let titles = |posts: Vec<(String, String, i64)>| {
+        posts
+            .into_iter()
+            .map(|(title, author, _)| (title, author))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(titles(l.posts().await), titles(f.posts().await));
+
+    follower.stop().await;
+    leader.stop().await;
+}
