@@ -425,6 +425,98 @@ fn synced_writes(library: &Library, sql: &str) -> Vec<(&'static str, String)> {
         .collect()
 }
 
+/// `DELETE FROM t …` as the `SELECT * FROM t …` that reads the rows it would delete,
+/// locking them where the backend has row locks; `None` for any other statement, and for a
+/// `DELETE` whose form it does not know (`RETURNING`, `USING`, several tables).
+fn select_of_delete(stmt: &Statement) -> Option<Statement> {
+    let sql = stmt.sql.trim_start();
+    let rest = sql
+        .get(..11)
+        .filter(|head| head.eq_ignore_ascii_case("DELETE FROM"))
+        .map(|_| &sql[11..])?;
+    let upper = rest.to_ascii_uppercase();
+    if [" RETURNING ", " USING ", ";"]
+        .iter()
+        .any(|word| upper.contains(word))
+    {
+        return None;
+    }
+    let mut select = format!("SELECT * FROM{rest}");
+    if stmt.db_backend != DbBackend::Sqlite {
+        select.push_str(" FOR UPDATE");
+    }
+    Some(Statement {
+        sql: select,
+        values: stmt.values.clone(),
+        db_backend: stmt.db_backend,
+    })
+}
+
+/// The synced model a plain `DELETE` statement removes rows of, if it is one the handle can
+/// capture (see `captured_delete`).
+fn plain_delete(library: &Library, stmt: &Statement) -> Option<&'static str> {
+    let writes = synced_writes(library, &stmt.sql);
+    match writes.as_slice() {
+        [(model, _)] if select_of_delete(stmt).is_some() => Some(*model),
+        _ => None,
+    }
+}
+
+/// Runs a plain `DELETE` of synced model `model` (SeaORM's `delete_many().exec`,
+/// `delete_by_id`) in `txn`, and returns it with a delete for every row it removed whose
+/// filter lets it sync. The rows are read first, with the statement's own condition (and
+/// row locks where the backend has them); if the `DELETE` then removes another number of
+/// rows (a row inserted between the two on PostgreSQL), it is undone and refused, so no row
+/// is ever deleted without its entry.
+async fn captured_delete(
+    library: &Library,
+    txn: &DatabaseTransaction,
+    model: &'static str,
+    stmt: Statement,
+) -> Result<(ExecResult, Vec<CapturedChange>), DbErr> {
+    if library.context.read_only {
+        return Err(DbErr::Custom(format!(
+            "this device has read access to library {}: it cannot change synced model \
+             `{model}`; write on the leader, or join with an invite that grants write access",
+            library.context.library_id
+        )));
+    }
+    let ops = library
+        .registry
+        .get(model)
+        .cloned()
+        .ok_or_else(|| DbErr::Custom(format!("`{model}` is not a synced model of this app")))?;
+    let Some(select) = select_of_delete(&stmt) else {
+        return Err(refused_write(model, model, false));
+    };
+    let savepoint = txn.begin().await?;
+    let (read, keys) = ops.keys_where(&savepoint, select).await?;
+    let result = savepoint.execute_raw(stmt).await?;
+    if result.rows_affected() != read {
+        savepoint.rollback().await?;
+        return Err(DbErr::Custom(format!(
+            "a `DELETE` of synced model `{model}` would remove {} rows where {read} were read \
+             just before it (another transaction inserted one meanwhile): nothing was \
+             deleted; run it again",
+            result.rows_affected()
+        )));
+    }
+    savepoint.commit().await?;
+    let changes = keys
+        .into_iter()
+        .map(|key| {
+            CapturedChange::delete(
+                model,
+                key,
+                library.context.clock.now(),
+                ops.schema_version(),
+                None,
+            )
+        })
+        .collect();
+    Ok((result, changes))
+}
+
 impl SyncConnection {
     fn library(&self) -> &Library {
         &self.shared.library
@@ -439,7 +531,31 @@ impl SyncConnection {
             Some(write) if writes.len() == 1 && writes[0].1 == write.table => {
                 self.lone_write(write, stmt).await
             }
-            _ => Err(refused_write(writes[0].0, &writes[0].1, false)),
+            _ => match stmt {
+                Stmt::Exec(stmt) if plain_delete(self.library(), &stmt).is_some() => {
+                    self.lone_delete(writes[0].0, stmt).await.map(Out::Exec)
+                }
+                _ => Err(refused_write(writes[0].0, &writes[0].1, false)),
+            },
+        }
+    }
+
+    /// A plain `DELETE` of a synced model's rows on the handle: run with its entries in a
+    /// write transaction of its own (`captured_delete`).
+    async fn lone_delete(&self, model: &'static str, stmt: Statement) -> Result<ExecResult, DbErr> {
+        let library = self.library();
+        let txn = crate::library::begin_write(&library.db).await?;
+        match captured_delete(library, &txn, model, stmt).await {
+            Ok((result, changes)) => {
+                library.commit_changes(txn, changes).await?;
+                Ok(result)
+            }
+            Err(e) => {
+                if let Err(rollback) = txn.rollback().await {
+                    tracing::warn!(%rollback, "rollback after a failed delete failed");
+                }
+                Err(e)
+            }
         }
     }
 
@@ -923,8 +1039,22 @@ impl ConnectionTrait for SyncTransaction {
     }
 
     async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
-        self.guard(&stmt.sql, false)?;
-        self.inner.execute_raw(stmt).await
+        let refusal = match self.guard(&stmt.sql, false) {
+            Ok(()) => return self.inner.execute_raw(stmt).await,
+            Err(refusal) => refusal,
+        };
+        // A plain `DELETE` (SeaORM's `delete_many().exec`) is captured rather than refused.
+        let library = &self.shared.library;
+        match plain_delete(library, &stmt) {
+            Some(model) => {
+                let (result, changes) = captured_delete(library, &self.inner, model, stmt).await?;
+                for change in changes {
+                    self.scope.push(change);
+                }
+                Ok(result)
+            }
+            None => Err(refusal),
+        }
     }
 
     async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {

@@ -62,6 +62,14 @@ pub(crate) trait ModelOps: Send + Sync {
         emit: &mut dyn FnMut(Step) -> bool,
     ) -> Result<(), (Seq, ApplyFailure)>;
     fn key_field(&self) -> &'static str;
+    /// The rows `select` (a `SELECT * FROM` this model's table) reads, in `txn`: how many,
+    /// and the record keys of those the model's filter lets sync. How the handle captures
+    /// a plain `DELETE` statement (`connection.rs`).
+    fn keys_where<'a>(
+        &'a self,
+        txn: &'a DatabaseTransaction,
+        select: Statement,
+    ) -> BoxFuture<'a, Result<(u64, Vec<String>), DbErr>>;
     /// The record's synced fields, read with a row lock; `None` if it does not exist (or
     /// the model's filter excludes it).
     fn current<'a>(
@@ -327,6 +335,21 @@ where
     }
     fn key_field(&self) -> &'static str {
         E::KEY_FIELD
+    }
+    fn keys_where<'a>(
+        &'a self,
+        txn: &'a DatabaseTransaction,
+        select: Statement,
+    ) -> BoxFuture<'a, Result<(u64, Vec<String>), DbErr>> {
+        Box::pin(async move {
+            let rows = E::find().from_raw_sql(select).all(txn).await?;
+            let keys = rows
+                .iter()
+                .filter(|m| E::should_sync(m))
+                .map(E::record_key)
+                .collect();
+            Ok((rows.len() as u64, keys))
+        })
     }
     fn current<'a>(
         &'a self,
