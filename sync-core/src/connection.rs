@@ -370,7 +370,11 @@ pub(crate) fn written_tables(sql: &str) -> Vec<String> {
             _ => continue,
         };
         let before = at.checked_sub(1).map(|b| &toks[b]);
-        if keyword(before, "ON") || keyword(before, "DO") || keyword(before, "KEY") {
+        if keyword(before, "ON")
+            || keyword(before, "DO")
+            || keyword(before, "KEY")
+            || keyword(before, "OR")
+        {
             continue;
         }
         let mut next = at + 1;
