@@ -398,5 +398,8 @@ impl Blog {
         if let Some(server) = self.server.take() {
             server.shutdown().await;
         }
+        if let Err(e) = self.library.db().clone().close().await {
+            tracing::warn!(error = %e, "closing the blog's database failed");
+        }
     }
 }
