@@ -137,8 +137,10 @@ enum Command {
     },
     /// Prints a one-time join token for a new device (leader only).
     Invite {
-        #[arg(long, value_enum, default_value_t = InviteRole::Write)]
-        role: InviteRole,
+        /// What the new device may do: `read`, or `write` (push its own changes).
+        /// (`--role` is the old name, still accepted.)
+        #[arg(long, alias = "role", value_enum, default_value_t = InviteAccess::Write)]
+        access: InviteAccess,
         /// How long the token works: `90s`, `30m`, `24h`, `7d`.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: std::time::Duration,
@@ -230,7 +232,7 @@ enum Side {
 }
 
 #[derive(Copy, Clone, clap::ValueEnum)]
-enum InviteRole {
+enum InviteAccess {
     Read,
     Write,
 }
@@ -618,11 +620,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             library.leader()?.flush_peer_positions().await?;
             note!("stopped serving");
         }
-        Command::Invite { role, ttl, address } => {
+        Command::Invite {
+            access,
+            ttl,
+            address,
+        } => {
             let library = open(&cli.db).await?;
-            let access = match role {
-                InviteRole::Read => Access::Read,
-                InviteRole::Write => Access::Write,
+            let access = match access {
+                InviteAccess::Read => Access::Read,
+                InviteAccess::Write => Access::Write,
             };
             say!("{}", net::invite(&library, access, ttl, address).await?);
         }

@@ -332,7 +332,7 @@ fn two_processes_sync_over_quic_and_a_revoked_follower_is_told_why() {
     leader.ok(&["init"]);
     leader.ok(&["put", "tag", r#"{"name":"before serve"}"#]);
     let serving = Serving::start(&leader);
-    let token = leader.ok(&["invite", "--role", "write", "--ttl", "10m"]);
+    let token = leader.ok(&["invite", "--access", "write", "--ttl", "10m"]);
     assert_eq!(token.trim().lines().count(), 1, "the token alone: {token}");
     assert!(
         follower
@@ -443,7 +443,7 @@ fn a_follower_killed_during_a_push_converges_without_duplicates() {
     let follower = sqlite_cli(dir.path(), "follower.db");
     leader.ok(&["init"]);
     let serving = Serving::start(&leader);
-    let token = leader.ok(&["invite", "--role", "write"]);
+    let token = leader.ok(&["invite", "--role", "write"]); // the old name still works
     follower.ok(&["join", token.trim()]);
     // Offline work on the follower: it all waits in the outbox.
     follower.ok(&["load", "--count", "6000", "--batch", "50", "--seed", "7"]);
@@ -498,7 +498,7 @@ fn a_manual_conflict_is_listed_and_resolved_from_the_cli() {
     leader.ok(&["init"]);
     let serving = Serving::start(&leader);
     for follower in [&a, &b] {
-        let token = leader.ok(&["invite", "--role", "write"]);
+        let token = leader.ok(&["invite", "--access", "write"]);
         follower.ok(&["join", token.trim()]);
     }
     let location = json(&leader.ok(&["put", "location", r#"{"name":"Photos","path":"/p"}"#]));
@@ -581,7 +581,7 @@ fn a_follower_stuck_on_an_entry_goes_on_once_it_is_skipped() {
     let leader = sqlite_cli(dir.path(), "leader.db");
     leader.ok(&["init"]);
     let serving = Serving::start(&leader);
-    let token = leader.ok(&["invite", "--role", "read", "--ttl", "10m"]);
+    let token = leader.ok(&["invite", "--access", "read", "--ttl", "10m"]);
     follower.ok(&["join", token.trim()]);
     let long = "x".repeat(300);
     leader.ok(&["put", "tag", &format!(r#"{{"name":"{long}"}}"#)]);
@@ -700,7 +700,7 @@ fn serve_and_follow_show_their_metrics_over_http() {
     leader.ok(&["init"]);
     leader.ok(&["put", "tag", r#"{"name":"before"}"#]);
     let (serving, leader_metrics) = Serving::start_with_metrics(&leader);
-    let token = leader.ok(&["invite", "--role", "write"]);
+    let token = leader.ok(&["invite", "--access", "write"]);
     follower.ok(&["join", token.trim()]);
     // Written offline: the live follower pushes it first.
     follower.ok(&["put", "tag", r#"{"name":"offline"}"#]);
@@ -812,7 +812,7 @@ fn a_restored_or_copied_follower_loses_no_write() {
     let copy = sqlite_cli(dir.path(), "copy.db");
     leader.ok(&["init"]);
     let serving = Serving::start(&leader);
-    let token = leader.ok(&["invite", "--role", "write"]);
+    let token = leader.ok(&["invite", "--access", "write"]);
     follower.ok(&["join", token.trim()]);
     follower.ok(&["put", "tag", r#"{"name":"t1"}"#]);
     follower.ok(&["put", "tag", r#"{"name":"t2"}"#]);
@@ -890,7 +890,7 @@ fn tags_made_private_on_the_leader_and_on_a_follower_converge() {
         .to_owned();
     let serving = Serving::start(&leader);
     for device in [&a, &b] {
-        let token = leader.ok(&["invite", "--role", "write"]);
+        let token = leader.ok(&["invite", "--access", "write"]);
         device.ok(&["join", token.trim()]);
         device.ok(&["follow", "--once", "--leader", &serving.address]);
     }
