@@ -21,14 +21,15 @@
 //!   access they could never leave the device: the join is refused
 //!   ([`OpenError::RowsBeforeJoin`](crate::OpenError::RowsBeforeJoin)) and nothing is stored.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use sea_orm::DbErr;
 use uuid::Uuid;
 
 use crate::library::{get_local_value, set_local_value};
-use crate::registry::Registry;
-use crate::tables::local;
+use crate::registry::{ModelOps, ModelRows, Registry};
+use crate::tables::{local, log, pending};
 use crate::{Library, LibraryId, Seq};
 
 /// The namespace of seed keys (a fixed, random UUID).
@@ -79,57 +80,185 @@ pub(crate) async fn mark_for_adoption(
     set_local_value(txn, &adopt_key(library_id), "1").await
 }
 
-impl Library {
-    /// Brings rows that predate the library into it, once: a leader with an empty log
-    /// records every synced row as its initial state; a follower whose join found rows
-    /// of its own moves them into its outbox. Runs at every open; costs one read when
-    /// there is nothing to do.
-    pub(crate) async fn adopt_earlier_rows(&self) -> Result<usize, crate::LogError> {
-        if self.role() == crate::Role::Leader {
-            if self.latest_seq().await? != Seq::ZERO {
-                return Ok(0);
+/// The synced models, each after the models it refers to (its belongs-to relations), so
+/// that recorded rows apply in an order the database accepts. A cycle is broken anywhere.
+fn models_parents_first(registry: &Registry) -> Vec<Arc<dyn ModelOps>> {
+    let models: Vec<Arc<dyn ModelOps>> = registry.iter_synced().cloned().collect();
+    let mut order = Vec::with_capacity(models.len());
+    let mut state: HashMap<&'static str, bool> = HashMap::new(); // false: visiting
+    fn visit(
+        at: usize,
+        models: &[Arc<dyn ModelOps>],
+        state: &mut HashMap<&'static str, bool>,
+        order: &mut Vec<Arc<dyn ModelOps>>,
+    ) {
+        let model = &models[at];
+        if state.contains_key(model.sync_id()) {
+            return;
+        }
+        state.insert(model.sync_id(), false);
+        for (_, table, _) in model.belongs_to() {
+            if let Some(parent) = models
+                .iter()
+                .position(|m| m.table_name() == table && m.sync_id() != model.sync_id())
+            {
+                visit(parent, models, state, order);
             }
-            let drift = self.audit().await?;
-            return Ok(self.repair(&drift).await?);
         }
-        let key = adopt_key(self.id());
-        if get_local_value(self.db(), &key).await?.is_none() {
-            return Ok(0);
-        }
-        // The keys to adopt, read before the transaction; each is recorded as it is at
-        // commit (`record_again` reads the row in the transaction).
-        let mut targets = Vec::new();
-        for ops in self.registry().iter_synced() {
-            for (record_id, _) in ops.rows(self.db()).await? {
-                if !is_seed(&record_id) {
-                    targets.push((std::sync::Arc::clone(ops), record_id));
+        state.insert(model.sync_id(), true);
+        order.push(Arc::clone(model));
+    }
+    for at in 0..models.len() {
+        visit(at, &models, &mut state, &mut order);
+    }
+    order
+}
+
+/// The record ids of `rows` (of one model), each after the row of the same model it refers
+/// to (a tree), when that row is among them.
+fn rows_parents_first(ops: &dyn ModelOps, rows: ModelRows) -> Vec<String> {
+    let self_fields: Vec<&'static str> = ops
+        .belongs_to()
+        .into_iter()
+        .filter(|(_, table, _)| table == ops.table_name())
+        .filter_map(|(column, _, _)| {
+            ops.fields()
+                .iter()
+                .find(|f| f.synced && f.column == column)
+                .map(|f| f.name)
+        })
+        .collect();
+    if self_fields.is_empty() {
+        return rows.into_iter().map(|(id, _)| id).collect();
+    }
+    // A reference holds the parent's record id (its UUID key, or its sync key).
+    let parents: HashMap<String, Vec<String>> = rows
+        .iter()
+        .map(|(id, fields)| {
+            let of = self_fields
+                .iter()
+                .filter_map(|f| fields.get(*f).and_then(|v| v.as_str()).map(str::to_owned))
+                .collect();
+            (id.clone(), of)
+        })
+        .collect();
+    let mut done = HashSet::new();
+    let mut order = Vec::with_capacity(rows.len());
+    for (id, _) in &rows {
+        // Depth first, without recursion: a deep tree must not overflow the stack.
+        let mut stack = vec![(id.clone(), false)];
+        while let Some((at, expanded)) = stack.pop() {
+            if done.contains(&at) {
+                continue;
+            }
+            if expanded {
+                done.insert(at.clone());
+                order.push(at);
+                continue;
+            }
+            stack.push((at.clone(), true));
+            for parent in parents.get(&at).into_iter().flatten() {
+                if parents.contains_key(parent) && !done.contains(parent) && parent != &at {
+                    // A cycle re-expands at most once per row: `done` ends it.
+                    if !stack.iter().any(|(s, e)| s == parent && !*e) {
+                        stack.push((parent.clone(), false));
+                    }
                 }
             }
         }
-        let adopted = self
+    }
+    order
+}
+
+/// Removes the mark of `mark_for_adoption`, inside a join's transaction.
+pub(crate) async fn unmark_for_adoption(
+    txn: &sea_orm::DatabaseTransaction,
+    library_id: LibraryId,
+) -> Result<(), DbErr> {
+    use sea_orm::EntityTrait;
+    local::Entity::delete_by_id(adopt_key(library_id))
+        .exec(txn)
+        .await
+        .map(|_| ())
+}
+
+impl Library {
+    /// Brings rows that predate the library into it, once: a leader with an empty log
+    /// records every synced row as its initial state; a follower whose join found rows
+    /// of its own moves them into its outbox (not seeds). Parents are recorded before the
+    /// rows that refer to them. Runs at every open; costs one read when there is nothing
+    /// to do.
+    pub(crate) async fn adopt_earlier_rows(&self) -> Result<usize, crate::LogError> {
+        let leader = self.role() == crate::Role::Leader;
+        let key = adopt_key(self.id());
+        if leader {
+            if self.latest_seq().await? != Seq::ZERO {
+                return Ok(0);
+            }
+        } else if get_local_value(self.db(), &key).await?.is_none() {
+            return Ok(0);
+        }
+        // The records to record, read before the transaction; each is recorded as it is
+        // at commit (`record_again` reads the row in the transaction).
+        let mut targets = Vec::new();
+        for ops in models_parents_first(self.registry()) {
+            let rows = ops.rows(self.db()).await?;
+            for record_id in rows_parents_first(ops.as_ref(), rows) {
+                if leader || !is_seed(&record_id) {
+                    targets.push((Arc::clone(&ops), record_id));
+                }
+            }
+        }
+        if leader && targets.is_empty() {
+            return Ok(0);
+        }
+        let library_id = self.id();
+        let recorded = self
             .transaction(move |txn| {
                 Box::pin(async move {
-                    use sea_orm::EntityTrait;
-                    // Another handle may have adopted them meanwhile: the mark decides.
-                    if get_local_value(txn, &key).await?.is_none() {
-                        return Ok::<_, DbErr>(0);
+                    use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
+                    if leader {
+                        // One initial state, also when two processes open at once: the
+                        // second waits for the first here, then finds its entries.
+                        if txn.get_database_backend() != sea_orm::DbBackend::Sqlite {
+                            crate::backend::take_turns(txn, library_id).await?;
+                        }
+                        let logged = log::Entity::find()
+                            .filter(log::Column::LibraryId.eq(library_id.to_string()))
+                            .one(txn)
+                            .await?
+                            .is_some()
+                            || pending::Entity::find()
+                                .filter(pending::Column::LibraryId.eq(library_id.to_string()))
+                                .one(txn)
+                                .await?
+                                .is_some();
+                        if logged {
+                            return Ok::<_, DbErr>(0);
+                        }
+                    } else {
+                        // The mark decides, once: a handle that opened meanwhile removed it.
+                        let removed = local::Entity::delete_by_id(key).exec(txn).await?;
+                        if removed.rows_affected == 0 {
+                            return Ok(0);
+                        }
                     }
                     for (ops, record_id) in &targets {
                         ops.record_again(txn, record_id).await?;
                     }
-                    local::Entity::delete_by_id(key).exec(txn).await?;
                     Ok(targets.len())
                 })
             })
             .await?;
-        if adopted > 0 {
+        if recorded > 0 {
             tracing::info!(
                 library = %self.id(),
-                rows = adopted,
-                "rows this database held before joining were moved to the outbox"
+                rows = recorded,
+                "rows this database held before the library were recorded ({})",
+                if leader { "the initial state" } else { "moved to the outbox" }
             );
         }
-        Ok(adopted)
+        Ok(recorded)
     }
 }
 

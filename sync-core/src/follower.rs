@@ -236,6 +236,10 @@ impl Library {
         store_joined(&txn, library_id, name, leader, device_id, access, settings).await?;
         if adopt {
             crate::adopt::mark_for_adoption(&txn, library_id).await?;
+        } else if access == Access::Read {
+            // A write join stopped before its rows entered the outbox, joined again with
+            // read access: they can never be pushed now, and the mark would fail every open.
+            crate::adopt::unmark_for_adoption(&txn, library_id).await?;
         }
         txn.commit().await?;
         Library::open(db, library_id, registry).await

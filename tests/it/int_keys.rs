@@ -895,3 +895,77 @@ async fn a_tree_of_one_model_applies_in_one_run() {
     );
     assert_eq!(here[3], ("depth 3".to_owned(), Some("depth 2".to_owned())));
 }
+
+/// Rows a database held before its library (here written without hooks) are recorded as
+/// the library's initial state parents first, whatever their models' names and keys: a
+/// book before its shelf, or a child category before its parent, would stop a follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_that_predate_the_library_are_recorded_parents_first() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = |name: &str| format!("sqlite://{}?mode=rwc", dir.path().join(name).display());
+    let db = database(&url("leader.db")).await;
+    // Keys that sort children first.
+    let (low, high) = (Uuid::from_u128(1), Uuid::from_u128(u128::MAX));
+    let shelf = shelf::Entity::insert(shelf::ActiveModel {
+        sync_key: Set(high),
+        name: Set("top".to_owned()),
+        ..Default::default()
+    })
+    .exec(&db)
+    .await
+    .expect("shelf")
+    .last_insert_id;
+    book::Entity::insert(book::ActiveModel {
+        sync_key: Set(low),
+        title: Set("on the top shelf".to_owned()),
+        shelf_id: Set(Some(shelf)),
+        ..Default::default()
+    })
+    .exec(&db)
+    .await
+    .expect("book");
+    let root = category::Entity::insert(category::ActiveModel {
+        sync_key: Set(high),
+        name: Set("root".to_owned()),
+        parent_id: Set(None),
+        ..Default::default()
+    })
+    .exec(&db)
+    .await
+    .expect("root")
+    .last_insert_id;
+    category::Entity::insert(category::ActiveModel {
+        sync_key: Set(low),
+        name: Set("leaf".to_owned()),
+        parent_id: Set(Some(root)),
+        ..Default::default()
+    })
+    .exec(&db)
+    .await
+    .expect("leaf");
+
+    let leader = Library::create(db, "ints", registry())
+        .await
+        .expect("leader");
+    assert_eq!(leader.latest_seq().await.expect("seq"), sync_core::Seq(4));
+    let follower = Library::join(
+        database(&url("follower.db")).await,
+        leader.id(),
+        leader.device_id(),
+        "ints",
+        Access::Read,
+        registry(),
+    )
+    .await
+    .expect("join");
+    follower
+        .follower()
+        .expect("a follower")
+        .catch_up(&InProcess::new(leader.leader().expect("the leader")), 1_000)
+        .await
+        .expect("the initial state applies");
+    assert_eq!(
+        follower.dump().await.expect("dump"),
+        leader.dump().await.expect("dump")
+    );
+}
