@@ -38,6 +38,10 @@ const SEED_NAMESPACE: Uuid = Uuid::from_u128(0x6b1d_43f2_9e5a_4c8e_b0a7_2f35_81d
 /// The key of seed row `name` of model `sync_id`: a UUID v5, the same on every device and
 /// in every build. A migration that seeds a synced table gives each row such a key (its
 /// primary key, or its `#[sync(key)]` column), so that every device's copy is one record.
+///
+/// The library recognises seeds by their version alone: any UUID v5 key counts as a seed,
+/// and a joining device neither pushes such rows nor is refused for them. Do not key an
+/// app's own rows with UUID v5 (use v7, which the hooks fill in).
 pub fn seed_key(sync_id: &str, name: &str) -> Uuid {
     let mut text = String::with_capacity(sync_id.len() + 1 + name.len());
     text.push_str(sync_id);
