@@ -48,6 +48,19 @@ pub enum OpenError {
         /// How many rows of it.
         rows: usize,
     },
+    /// A model's sync key column (`#[sync(key)]`) has no unique index of its own: apply
+    /// upserts on it, and would fail on every entry.
+    #[error(
+        "the sync key column `{column}` of table `{table}` (synced model `{model}`) has no unique index: add `#[sea_orm(unique)]` to the field and a unique index in the migration (`sync_migrations::add_sync_key` makes one)"
+    )]
+    SyncKeyNotUnique {
+        /// The model's sync id.
+        model: String,
+        /// Its table.
+        table: String,
+        /// The sync key column.
+        column: String,
+    },
     /// Rows that predate the library could not be recorded.
     #[error("could not record the rows this database held before the library: {0}")]
     EarlierRows(#[from] LogError),

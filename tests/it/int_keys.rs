@@ -969,3 +969,86 @@ async fn rows_that_predate_the_library_are_recorded_parents_first() {
         leader.dump().await.expect("dump")
     );
 }
+
+/// A sync key whose column its app forgot to make unique.
+pub mod loose {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, sync_core::Syncable)]
+    #[sea_orm(table_name = "int_loose")]
+    #[sync(id = "loose")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i32,
+        #[sync(key)]
+        pub sync_key: Uuid,
+        pub name: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+}
+
+mod unique_index {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::sync_key_needs_a_unique_index(crate::support::Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        super::sync_key_needs_a_unique_index(crate::support::Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mysql() {
+        super::sync_key_needs_a_unique_index(crate::support::Backend::Mysql).await;
+    }
+}
+
+/// A library does not open on a sync key without a unique index (apply would fail on every
+/// entry, far from whoever can fix the schema), and opens once the index is there.
+async fn sync_key_needs_a_unique_index(backend: Backend) {
+    let test = format!("int_keys::unique_index::{backend:?}");
+    let Some(server) = server_url(backend, &test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let url = example_app::fresh_database(&server, dir.path())
+        .await
+        .expect("fresh database");
+    let db = example_app::connect(&url).await.expect("connect");
+    <sync_migrations::Migrator as sea_orm_migration::MigratorTrait>::up(&db, None)
+        .await
+        .expect("sync tables");
+    let schema = Schema::new(db.get_database_backend());
+    db.execute(&schema.create_table_from_entity(loose::Entity))
+        .await
+        .expect("table");
+    let registry = || {
+        Registry::new()
+            .register::<loose::Entity>()
+            .expect("one model")
+    };
+    match Library::create(db.clone(), "loose", registry()).await {
+        Err(sync_core::OpenError::SyncKeyNotUnique {
+            model,
+            table,
+            column,
+        }) => {
+            assert_eq!(
+                (model.as_str(), table.as_str(), column.as_str()),
+                ("loose", "int_loose", "sync_key")
+            );
+        }
+        other => panic!("expected SyncKeyNotUnique, got {other:?}"),
+    }
+    db.execute_unprepared("CREATE UNIQUE INDEX int_loose_sync_key ON int_loose (sync_key)")
+        .await
+        .expect("the index");
+    Library::open_or_create(db.clone(), "loose", registry())
+        .await
+        .expect("opens once the sync key is unique");
+    let _ = db.close().await;
+    let _ = example_app::drop_database(&url).await;
+}

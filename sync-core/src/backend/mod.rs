@@ -74,3 +74,45 @@ pub(crate) async fn take_turns(
         .await?;
     Ok(())
 }
+
+/// Whether `table` has a unique index (or constraint) on `column` alone: what a sync key
+/// needs, since apply upserts on it (`ON CONFLICT (column)`, MySQL's duplicate key).
+pub(crate) async fn has_unique_index<C: ConnectionTrait>(
+    db: &C,
+    table: &str,
+    column: &str,
+) -> Result<bool, DbErr> {
+    use sea_orm::Statement;
+    let backend = db.get_database_backend();
+    let (sql, values): (&str, Vec<sea_orm::Value>) = match backend {
+        DbBackend::Sqlite => (
+            "SELECT 1 FROM pragma_index_list(?) AS il \
+             WHERE il.\"unique\" = 1 \
+             AND (SELECT count(*) FROM pragma_index_info(il.name)) = 1 \
+             AND (SELECT ii.name FROM pragma_index_info(il.name) AS ii) = ?",
+            vec![table.into(), column.into()],
+        ),
+        DbBackend::Postgres => (
+            "SELECT 1 FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+             WHERE i.indrelid = to_regclass(quote_ident($1)) \
+             AND i.indisunique AND i.indnatts = 1 AND a.attname = $2",
+            vec![table.into(), column.into()],
+        ),
+        DbBackend::MySql => (
+            "SELECT 1 FROM information_schema.STATISTICS s \
+             WHERE s.TABLE_SCHEMA = DATABASE() AND s.TABLE_NAME = ? AND s.COLUMN_NAME = ? \
+             AND s.NON_UNIQUE = 0 \
+             AND (SELECT count(*) FROM information_schema.STATISTICS t \
+                  WHERE t.TABLE_SCHEMA = s.TABLE_SCHEMA AND t.TABLE_NAME = s.TABLE_NAME \
+                  AND t.INDEX_NAME = s.INDEX_NAME) = 1",
+            vec![table.into(), column.into()],
+        ),
+        // A backend this library does not know: its upserts will tell.
+        _ => return Ok(true),
+    };
+    let found = db
+        .query_one_raw(Statement::from_sql_and_values(backend, sql, values))
+        .await?;
+    Ok(found.is_some())
+}
