@@ -267,14 +267,14 @@ impl Library {
         // Apply upserts on a sync key: without a unique index there it would fail on every
         // entry, on a device that may be far from the one who can fix the schema.
         for ops in registry.iter_synced() {
-            if let Some(column) = ops.local_key_column() {
-                if !crate::backend::has_unique_index(&db, ops.table_name(), column).await? {
-                    return Err(OpenError::SyncKeyNotUnique {
-                        model: ops.sync_id().to_owned(),
-                        table: ops.table_name().to_owned(),
-                        column: column.to_owned(),
-                    });
-                }
+            if let Some(column) = ops.local_key_column()
+                && !crate::backend::has_unique_index(&db, ops.table_name(), column).await?
+            {
+                return Err(OpenError::SyncKeyNotUnique {
+                    model: ops.sync_id().to_owned(),
+                    table: ops.table_name().to_owned(),
+                    column: column.to_owned(),
+                });
             }
         }
         let context = Arc::new(CaptureContext {
