@@ -147,26 +147,27 @@ fn rows_parents_first(ops: &dyn ModelOps, rows: ModelRows) -> Vec<String> {
         })
         .collect();
     let mut done = HashSet::new();
+    // On the stack, not yet emitted: a parent found among them is a cycle, broken there.
+    let mut open = HashSet::new();
     let mut order = Vec::with_capacity(rows.len());
     for (id, _) in &rows {
         // Depth first, without recursion: a deep tree must not overflow the stack.
-        let mut stack = vec![(id.clone(), false)];
+        let mut stack = vec![(id.as_str(), false)];
         while let Some((at, expanded)) = stack.pop() {
-            if done.contains(&at) {
-                continue;
-            }
             if expanded {
-                done.insert(at.clone());
-                order.push(at);
+                open.remove(at);
+                if done.insert(at) {
+                    order.push(at.to_owned());
+                }
                 continue;
             }
-            stack.push((at.clone(), true));
-            for parent in parents.get(&at).into_iter().flatten() {
-                if parents.contains_key(parent) && !done.contains(parent) && parent != &at {
-                    // A cycle re-expands at most once per row: `done` ends it.
-                    if !stack.iter().any(|(s, e)| s == parent && !*e) {
-                        stack.push((parent.clone(), false));
-                    }
+            if done.contains(at) || !open.insert(at) {
+                continue;
+            }
+            stack.push((at, true));
+            for parent in parents.get(at).into_iter().flatten() {
+                if parents.contains_key(parent.as_str()) && !done.contains(parent.as_str()) {
+                    stack.push((parent.as_str(), false));
                 }
             }
         }

@@ -266,9 +266,16 @@ pub(crate) fn sync_json<E: Syncable>(
         let value = model.get(column);
         if let Ok(Some(canonical)) = canonical(column.def().get_column_type(), &value) {
             let target = canonical_model.get_or_insert_with(|| model.clone());
-            // The canonical value has the column's own type: setting it cannot fail, and
-            // if it did the stored value would be rendered as it is.
-            let _ = target.try_set(column, canonical);
+            // The canonical value has the column's own type: setting it cannot fail; if it
+            // did, the stored value is rendered as it is, and said so.
+            if let Err(e) = target.try_set(column, canonical) {
+                tracing::warn!(
+                    model = E::SYNC_ID,
+                    column = IdenStatic::as_str(&column),
+                    %e,
+                    "a canonical value could not be set; the stored value is used"
+                );
+            }
         }
     }
     E::sync_json(canonical_model.as_ref().unwrap_or(model))
