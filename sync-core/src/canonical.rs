@@ -19,7 +19,7 @@
 //! | `NaiveDate`, `NaiveDateTime` | years 1000 to 9999 (else refused); date-times truncated to microseconds |
 //! | `DateTime<Utc>`, `DateTime<Local>` | within 1970-01-01 00:00:01 ..= 2038-01-19 03:14:07 UTC (else refused); truncated to microseconds |
 //! | `DateTime<FixedOffset>` | as `DateTime<Utc>`, and the same instant at offset `+00:00` |
-//! | text, blobs, integers, booleans, UUIDs, string enums | as written (text: see `capture::check_values`) |
+//! | text, blobs, integers, booleans, UUIDs, string enums | as written (text: see `limits::check_values`) |
 
 use chrono::{Datelike, SubsecRound, Utc};
 use rust_decimal::{Decimal, RoundingStrategy};

@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, QuerySelect};
 
 use crate::entry::ChangeOp;
-use crate::protocol::RECORD_BYTES_MAX;
 use crate::{DeviceId, Hlc, HlcClock, LibraryId, Syncable};
 
 tokio::task_local! {
@@ -270,13 +269,8 @@ async fn target_for<E: Syncable, C: ConnectionTrait>(db: &C) -> Result<Target, D
         Target::Scope(scope) => (scope.recording, &scope.context),
         Target::Lone(shared) => (true, &shared.library.context),
     };
-    if recording && context.read_only {
-        return Err(refuse(format!(
-            "this device has read access to library {}: it cannot change synced model `{}`; \
-             write on the leader, or join with an invite that grants write access",
-            context.library_id,
-            E::SYNC_ID
-        )));
+    if recording {
+        crate::roles::refuse_read_access(context.read_only, context.library_id, E::SYNC_ID)?;
     }
     Ok(target)
 }
@@ -368,111 +362,8 @@ async fn synced_text<E: Syncable, C: ConnectionTrait>(
             E::SYNC_ID
         ))
     })?;
-    if text.len() > RECORD_BYTES_MAX {
-        return Err(refuse(format!(
-            "record `{}` of synced model `{}` holds {} bytes of synced data; a record may \
-             hold at most {RECORD_BYTES_MAX} (`sync_core::RECORD_BYTES_MAX`) so that every \
-             device can receive it: keep large content out of synced fields (a \
-             `#[sync(local)]` field, or a file the record names)",
-            record,
-            E::SYNC_ID,
-            text.len()
-        )));
-    }
+    crate::limits::check_record_size(E::SYNC_ID, &record, text.len())?;
     Ok(text)
-}
-
-/// Refuses, before they reach the database, values of synced fields that some backend a
-/// library may run on cannot store, where the model says enough to know: text with a NUL
-/// character (PostgreSQL refuses it in `text` and `jsonb`), and text longer than the
-/// column's declared length (`String(StringLen::N(n))`, `Char(Some(n))`), which
-/// PostgreSQL and MySQL refuse and SQLite stores. Caught here, the writer learns it at
-/// once; caught on another device, the change would have to be set aside there.
-pub(crate) fn check_values<E: Syncable>(active: &E::ActiveModel) -> Result<(), DbErr> {
-    use sea_orm::sea_query::StringLen;
-    use sea_orm::{ActiveModelTrait, ActiveValue, ColumnTrait, ColumnType, Iterable, Value};
-    // What the values set now add up to: a record over the limit is refused before the
-    // database sees it (after the write, `synced_json` checks the whole record).
-    let mut bytes = 0usize;
-    let too_large = |bytes: usize| {
-        refuse(format!(
-            "a write of synced model `{}` sets {bytes} bytes of synced data; a record may \
-             hold at most {RECORD_BYTES_MAX} (`sync_core::RECORD_BYTES_MAX`) so that every \
-             device can receive it: keep large content out of synced fields (a \
-             `#[sync(local)]` field, or a file the record names)",
-            E::SYNC_ID
-        ))
-    };
-    for column in E::Column::iter() {
-        let name = sea_orm::IdenStatic::as_str(&column);
-        let Some(field) = E::FIELDS.iter().find(|f| f.column == name) else {
-            continue;
-        };
-        if !field.synced {
-            continue;
-        }
-        let ActiveValue::Set(value) = active.get(column) else {
-            continue;
-        };
-        let text = match &value {
-            Value::String(Some(text)) => text.as_str(),
-            Value::Bytes(Some(blob)) => {
-                bytes += blob.len();
-                if bytes > RECORD_BYTES_MAX {
-                    return Err(too_large(bytes));
-                }
-                continue;
-            }
-            Value::Json(Some(json)) => {
-                let json = json.to_string();
-                bytes += json.len();
-                if bytes > RECORD_BYTES_MAX {
-                    return Err(too_large(bytes));
-                }
-                if json.contains("\\u0000") {
-                    return Err(refuse(format!(
-                        "field `{}` of synced model `{}` holds a NUL character (\\u0000) in \
-                         JSON, which PostgreSQL cannot store: remove it before saving",
-                        field.name,
-                        E::SYNC_ID
-                    )));
-                }
-                continue;
-            }
-            _ => continue,
-        };
-        bytes += text.len();
-        if bytes > RECORD_BYTES_MAX {
-            return Err(too_large(bytes));
-        }
-        if text.contains('\0') {
-            return Err(refuse(format!(
-                "field `{}` of synced model `{}` holds a NUL character, which PostgreSQL \
-                 cannot store in text: remove it before saving (store binary data in a \
-                 `Vec<u8>` field)",
-                field.name,
-                E::SYNC_ID
-            )));
-        }
-        let limit = match column.def().get_column_type() {
-            ColumnType::String(StringLen::N(n)) => Some(*n as usize),
-            ColumnType::Char(Some(n)) => Some(*n as usize),
-            _ => None,
-        };
-        if let Some(limit) = limit {
-            let length = text.chars().count();
-            if length > limit {
-                return Err(refuse(format!(
-                    "field `{}` of synced model `{}` is {length} characters long; its column \
-                     holds at most {limit}: shorten the value (PostgreSQL and MySQL refuse \
-                     it, so other devices could not store it)",
-                    field.name,
-                    E::SYNC_ID
-                )));
-            }
-        }
-    }
-    Ok(())
 }
 
 pub(crate) fn reload<'a, E: Syncable>(
@@ -519,7 +410,7 @@ where
         return Ok(active);
     }
     crate::canonical::canonicalise_active::<E>(&mut active).map_err(refuse)?;
-    check_values::<E>(&active)?;
+    crate::limits::check_values::<E>(&active)?;
     let Some(key) = E::active_key(&active) else {
         return Err(refuse(format!(
             "synced model `{}` written without a value for its key `{}`: set it before saving",

@@ -478,13 +478,7 @@ async fn captured_delete(
     model: &'static str,
     stmt: Statement,
 ) -> Result<(ExecResult, Vec<CapturedChange>), DbErr> {
-    if library.context.read_only {
-        return Err(DbErr::Custom(format!(
-            "this device has read access to library {}: it cannot change synced model \
-             `{model}`; write on the leader, or join with an invite that grants write access",
-            library.context.library_id
-        )));
-    }
+    crate::roles::refuse_read_access(library.context.read_only, library.context.library_id, model)?;
     let ops = library
         .registry
         .get(model)
@@ -880,14 +874,7 @@ impl SyncTransaction {
             return Ok(None);
         }
         let context = &self.scope.context;
-        if context.read_only {
-            return Err(DbErr::Custom(format!(
-                "this device has read access to library {}: it cannot change synced model \
-                 `{}`; write on the leader, or join with an invite that grants write access",
-                context.library_id,
-                E::SYNC_ID
-            )));
-        }
+        crate::roles::refuse_read_access(context.read_only, context.library_id, E::SYNC_ID)?;
         Ok(Some(&self.scope))
     }
 
@@ -922,7 +909,7 @@ impl SyncTransaction {
     {
         let scope = self.recording_scope::<E>()?;
         if scope.is_some() {
-            crate::capture::check_values::<E>(&values)?;
+            crate::limits::check_values::<E>(&values)?;
         }
         let key = key_column::<E>()?;
         let keys = self.locked_keys::<E>(key, filter).await?;

@@ -917,14 +917,14 @@ async fn store_joined(
     device::Entity::insert(device::ActiveModel {
         library_id: Set(library_id.to_string()),
         device_id: Set(this_device.to_string()),
-        role: Set(access.as_str().to_owned()),
+        access: Set(access.as_str().to_owned()),
         name: Set(None),
         added_at_ms: Set(now_ms),
         revoked_at_ms: Set(None),
     })
     .on_conflict(
         OnConflict::columns([device::Column::LibraryId, device::Column::DeviceId])
-            .update_columns([device::Column::Role, device::Column::RevokedAtMs])
+            .update_columns([device::Column::Access, device::Column::RevokedAtMs])
             .to_owned(),
     )
     .exec_without_returning(txn)

@@ -9,8 +9,7 @@ use tokio::sync::{mpsc, watch};
 
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqliteTransactionMode, TransactionOptions,
-    TransactionTrait,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect,
 };
 use serde::Serialize;
 
@@ -262,7 +261,7 @@ impl Library {
         let own = device::Entity::find_by_id((library_id.to_string(), device_id.to_string()))
             .one(&db)
             .await?;
-        let read_only = role == Role::Follower && own.is_none_or(|d| d.role == "read");
+        let read_only = role == Role::Follower && own.is_none_or(|d| d.access == "read");
         let registry = Arc::new(registry.with_internal_models().resolved());
         // Apply upserts on a sync key: without a unique index there it would fail on every
         // entry, on a device that may be far from the one who can fix the schema.
@@ -908,18 +907,7 @@ async fn set_local<C: ConnectionTrait>(db: &C, key: &str, value: &str) -> Result
         .map(|_| ())
 }
 
-/// Begins a transaction that will write (see `Library::begin_write`): on SQLite it takes
-/// the write lock at BEGIN, waiting its turn under busy_timeout. Every transaction that
-/// may write begins here. A deferred one that has read fails at its first write, at once
-/// and without retrying, with `SQLITE_BUSY` (code 5: another connection holds the write
-/// lock) or `SQLITE_BUSY_SNAPSHOT` (code 517: another connection committed since the read).
-pub(crate) async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
-    let options = TransactionOptions {
-        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-        ..TransactionOptions::default()
-    };
-    db.begin_with_options(options).await
-}
+pub(crate) use crate::crowd::begin_write;
 
 /// The database's default library, if it has one.
 async fn default_library_id(db: &DatabaseConnection) -> Result<Option<LibraryId>, OpenError> {
@@ -966,7 +954,7 @@ async fn new_library(db: &DatabaseConnection, name: &str) -> Result<LibraryId, O
     device::ActiveModel {
         library_id: Set(library_id.to_string()),
         device_id: Set(device_id.to_string()),
-        role: Set("leader".to_owned()),
+        access: Set("leader".to_owned()),
         name: Set(None),
         added_at_ms: Set(now_ms),
         revoked_at_ms: Set(None),

@@ -10,7 +10,7 @@ use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder};
 use serde::{Deserialize, Serialize};
 
-use crate::coalesce::Coalescer;
+use crate::crowd::Coalescer;
 use crate::library::{InsertInto, begin_write, get_local_value, set_local_value};
 use crate::tables::{device, invite, peer};
 use crate::{DeviceId, Library, LibraryId, Seq};
@@ -56,7 +56,7 @@ async fn read_admissions(
                     };
                     let admission = match row.revoked_at_ms {
                         Some(at) => Ok(Admission::Revoked(at)),
-                        None => parse_access(&row.role)
+                        None => parse_access(&row.access)
                             .map(Admission::Member)
                             .map_err(Arc::new),
                     };
@@ -379,7 +379,7 @@ impl Library {
             });
             members.push(Member {
                 device_id,
-                access: parse_access(&row.role)?,
+                access: parse_access(&row.access)?,
                 name: row.name,
                 added_at_ms: row.added_at_ms,
                 revoked_at_ms: row.revoked_at_ms,
@@ -407,7 +407,7 @@ impl Library {
         invite::ActiveModel {
             secret_hash: Set(secret_hash(&secret)),
             library_id: Set(self.id().to_string()),
-            role: Set(access.as_str().to_owned()),
+            access: Set(access.as_str().to_owned()),
             created_at_ms: Set(now_ms),
             expires_at_ms: Set(expires_at_ms),
             used_at_ms: Set(None),
@@ -443,7 +443,7 @@ impl Library {
             .one(&txn)
             .await?
             .ok_or(InviteError::Unknown(self.id()))?;
-        let issued = parse_access(&row.role)?;
+        let issued = parse_access(&row.access)?;
         if issued != claimed {
             return Err(InviteError::Altered { issued, claimed });
         }
@@ -467,7 +467,7 @@ impl Library {
         device::Entity::insert(device::ActiveModel {
             library_id: Set(self.id().to_string()),
             device_id: Set(device.to_string()),
-            role: Set(issued.as_str().to_owned()),
+            access: Set(issued.as_str().to_owned()),
             name: Set(name.map(str::to_owned)),
             added_at_ms: Set(now_ms),
             revoked_at_ms: Set(None),
@@ -475,7 +475,7 @@ impl Library {
         .on_conflict(
             OnConflict::columns([device::Column::LibraryId, device::Column::DeviceId])
                 .update_columns([
-                    device::Column::Role,
+                    device::Column::Access,
                     device::Column::Name,
                     device::Column::RevokedAtMs,
                 ])
@@ -573,7 +573,8 @@ pub(crate) fn local_setting_key(library_id: LibraryId, key: &str) -> String {
 }
 
 fn parse_access(text: &str) -> Result<Access, DbErr> {
-    Access::parse(text).ok_or_else(|| DbErr::Custom(format!("unknown device role `{text}`")))
+    Access::parse(text)
+        .ok_or_else(|| DbErr::Custom(format!("unknown access `{text}` in a membership row")))
 }
 
 fn secret_hash(secret: &[u8; 32]) -> String {

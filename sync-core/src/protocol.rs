@@ -16,11 +16,7 @@ pub const PULL_ENTRIES_MAX: u32 = 5_000;
 /// large): keeps frames well under the transport's frame limit.
 pub const PULL_BYTES_MAX: u32 = 4 * 1024 * 1024;
 
-/// Bytes of synced data (the JSON text of its synced fields) one record may hold. A write
-/// of a larger record is refused when it is made, and a pushed change larger than this is
-/// rejected: every entry in a log fits a pull response, and every pull response fits the
-/// transport's frame, so nothing in a log can be unservable.
-pub const RECORD_BYTES_MAX: usize = 4 * 1024 * 1024;
+pub use crate::limits::RECORD_BYTES_MAX;
 
 /// A follower asks for the entries after `after`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,6 +2,11 @@
 //! reached through [`Library::leader`] and [`Library::follower`]. The role is checked
 //! there, once, and a call for the wrong role gets one answer, [`WrongRole`]. A view
 //! derefs to its [`Library`] for everything both roles do.
+//!
+//! Access is checked here too: a member with read access changes no synced data. Its own
+//! writes are refused before they reach its database ([`refuse_read_access`], called by
+//! the hooks and by the connection handle's statements), and the leader takes pushes only
+//! from members with write access ([`may_push`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,11 +15,36 @@ use sea_orm::DbErr;
 
 use crate::follow_loop::{Follow, FollowConfig};
 use crate::follower::{Applied, ApplyError, Position, SyncError};
-use crate::members::{Invite, InviteError, MemberError};
+use crate::members::{Admission, Invite, InviteError, MemberError};
 use crate::outbox::PushOutcome;
 use crate::parked::{ParkError, Retried};
 use crate::protocol::{PullError, PullRequest, PullResponse, PushError, PushRequest, PushResponse};
 use crate::{Access, DeviceId, Library, LibraryId, Role, Seq, Transport};
+
+/// Refuses a write of synced model `model` on a device with read access to `library`.
+pub(crate) fn refuse_read_access(
+    read_only: bool,
+    library: LibraryId,
+    model: &str,
+) -> Result<(), DbErr> {
+    if read_only {
+        return Err(DbErr::Custom(format!(
+            "this device has read access to library {library}: it cannot change synced model \
+             `{model}`; write on the leader, or join with an invite that grants write access"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a device the leader admitted as `admission` may push; if not, why.
+pub(crate) fn may_push(admission: Admission) -> Result<(), &'static str> {
+    match admission {
+        Admission::Member(Access::Write | Access::Leader) => Ok(()),
+        Admission::Member(Access::Read) => Err("it has read access only"),
+        Admission::Revoked(_) => Err("it was revoked"),
+        Admission::NotMember => Err("it is not a member"),
+    }
+}
 
 /// An operation for one role was asked of a library this device holds in the other.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, thiserror::Error)]

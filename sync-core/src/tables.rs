@@ -88,7 +88,9 @@ pub mod device {
         pub library_id: String,
         #[sea_orm(primary_key, auto_increment = false)]
         pub device_id: String,
-        pub role: String,
+        /// The member's access (`leader`, `write`, `read`); the column keeps its first name.
+        #[sea_orm(column_name = "role")]
+        pub access: String,
         pub name: Option<String>,
         pub added_at_ms: i64,
         pub revoked_at_ms: Option<i64>,
@@ -149,7 +151,9 @@ pub mod invite {
         #[sea_orm(primary_key, auto_increment = false)]
         pub secret_hash: String,
         pub library_id: String,
-        pub role: String,
+        /// The access the invite grants; the column keeps its first name.
+        #[sea_orm(column_name = "role")]
+        pub access: String,
         pub created_at_ms: i64,
         pub expires_at_ms: i64,
         pub used_at_ms: Option<i64>,
@@ -225,7 +229,9 @@ pub mod pushed {
         pub library_id: String,
         #[sea_orm(primary_key, auto_increment = false)]
         pub device_id: String,
-        pub through: i64,
+        /// The last outbox id acknowledged; the column keeps its first name.
+        #[sea_orm(column_name = "through")]
+        pub acknowledged: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

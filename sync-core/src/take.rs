@@ -24,7 +24,7 @@ use crate::protocol::{
     PROTOCOL_VERSION, PushError, PushRequest, PushResponse, PushedChange, RejectedChange,
 };
 use crate::tables::{conflict, log, pending, pushed, rejected, taken};
-use crate::{Access, Admission, ChangeOp, DeviceId, Hlc, Library, LogEntry, Seq};
+use crate::{ChangeOp, DeviceId, Hlc, Library, LogEntry, Seq};
 
 /// A change the leader could not store, as `Library::rejected` lists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -81,12 +81,7 @@ impl Library {
             library: self.id(),
             reason: reason.to_owned(),
         };
-        match self.admission(device).await? {
-            Admission::Member(Access::Write | Access::Leader) => {}
-            Admission::Member(Access::Read) => return Err(refuse("it has read access only")),
-            Admission::Revoked(_) => return Err(refuse("it was revoked")),
-            Admission::NotMember => return Err(refuse("it is not a member")),
-        }
+        crate::roles::may_push(self.admission(device).await?).map_err(refuse)?;
         take::check_changes(&request.changes, &|model| {
             self.registry.get(model).map(|ops| ops.schema_version())
         })?;
@@ -122,7 +117,7 @@ impl Library {
             pushed::Entity::find_by_id((self.id().to_string(), request.device_id.to_string()))
                 .one(txn)
                 .await?
-                .map_or(0, |m| m.through);
+                .map_or(0, |m| m.acknowledged);
         for change in &request.changes {
             let key = change.change_id.to_string();
             if take::taken_before_identities(change, request.device_id, acknowledged) {

@@ -10,10 +10,11 @@
 //! - `take`: the leader's plan for one pushed change (already taken, rejected, answered
 //!   for a local row, or merged by `merge::decide`).
 //! - `follow`: the follow loop's backoff and stall detection.
+//! - `collapse`: which entries of a range a follower needs (selective sync, collapsing).
 //!
-//! `merge.rs` (the merge decision) and `serve::select` (selective sync, collapsing) are
-//! pure too and stay where they are.
+//! `merge.rs` (the merge decision) is pure too and stays where it is.
 
 pub(crate) mod absorb;
+pub(crate) mod collapse;
 pub(crate) mod follow;
 pub(crate) mod take;

@@ -1,4 +1,9 @@
-//! Reads that many callers ask for at once, made once: how the leader answers a crowd.
+//! A crowd is load, not failure: how the leader answers many devices at once.
+//!
+//! Two rules. Every transaction that may write begins with [`begin_write`], so on SQLite
+//! it waits its turn for the write lock instead of failing (`SQLITE_BUSY`) when another
+//! connection wrote between its read and its write. And reads that many callers ask for
+//! at once are made once ([`Coalescer`]).
 //!
 //! A thousand followers learn of a new entry together and pull together, each asking for
 //! the same range of the log and for its own admission. Asked one by one, every question
@@ -13,7 +18,24 @@ use std::future::Future;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use sea_orm::{
+    DatabaseConnection, DatabaseTransaction, DbErr, SqliteTransactionMode, TransactionOptions,
+    TransactionTrait,
+};
 use tokio::sync::oneshot;
+
+/// Begins a transaction that will write (see `Library::begin_write`): on SQLite it takes
+/// the write lock at BEGIN, waiting its turn under busy_timeout. Every transaction that
+/// may write begins here. A deferred one that has read fails at its first write, at once
+/// and without retrying, with `SQLITE_BUSY` (code 5: another connection holds the write
+/// lock) or `SQLITE_BUSY_SNAPSHOT` (code 517: another connection committed since the read).
+pub(crate) async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
+    let options = TransactionOptions {
+        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+        ..TransactionOptions::default()
+    };
+    db.begin_with_options(options).await
+}
 
 /// Keys waiting for the next round, and whether a round task runs.
 #[derive(Debug)]
