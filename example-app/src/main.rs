@@ -144,9 +144,12 @@ enum Command {
         /// How long the token works: `90s`, `30m`, `24h`, `7d`.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: std::time::Duration,
-        /// The leader address the token advertises (default: where `serve` last listened).
+        /// The leader address the token advertises; give it several times (or a
+        /// comma-separated list) for a leader serving from several processes, in the
+        /// order to try them (default: every `serve` running for this library now, else
+        /// where `serve` last listened).
         #[arg(long)]
-        address: Option<String>,
+        address: Vec<String>,
     },
     /// Sets up a fresh database as a follower of the library a token invites to.
     Join {
@@ -157,7 +160,8 @@ enum Command {
     },
     /// Follows the leader: live until SIGINT/SIGTERM, or `--once`.
     Follow {
-        /// The leader's address, when it changed since `join` (its key stays pinned).
+        /// The leader's address, when it changed since `join` (its key stays pinned);
+        /// several, comma-separated, for a leader serving from several processes.
         #[arg(long)]
         leader: Option<String>,
         /// Pull until this device has the leader's latest seq as of now, then exit.
@@ -610,12 +614,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             // Installed first: the server records from the moment it binds.
             let metrics = metrics.map(example_app::exporter::install).transpose()?;
             let server = net::serve(&library, listen).await?;
+            // Other `serve` processes on this database serve the same library; `invite`
+            // names every registered one.
+            let registration = net::Registration::start(&library, &server).await?;
             say!("listening on {}", server.local_addr());
             if let Some(addr) = metrics {
                 say!("metrics on {addr}");
             }
             shutdown_signal().await?;
             server.shutdown().await;
+            registration.end().await?;
             // Followers' positions are written about once a second; keep the last ones.
             library.leader()?.flush_peer_positions().await?;
             note!("stopped serving");
@@ -630,7 +638,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 InviteAccess::Read => Access::Read,
                 InviteAccess::Write => Access::Write,
             };
-            say!("{}", net::invite(&library, access, ttl, address).await?);
+            say!("{}", net::invite_at(&library, access, ttl, address).await?);
         }
         Command::Join { token, name } => {
             let library = net::join(&cli.db, &token, name.as_deref()).await?;
@@ -665,6 +673,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 say!("in sync at seq {}", position?.seq);
             } else {
+                let mut connected = transport.watch_connected();
                 let follow = library
                     .follower()?
                     .start_following(transport, FollowConfig::default());
@@ -676,6 +685,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 loop {
                     tokio::select! {
                         result = &mut signal => { result?; break; }
+                        Ok(()) = connected.changed() => {
+                            let address = connected.borrow_and_update().clone();
+                            if let Some(address) = address {
+                                // Which of the leader's addresses serves it now.
+                                let line = say_line(format_args!("connected to {address}"));
+                                if let Err(e) = line {
+                                    printed = Err(e);
+                                    break;
+                                }
+                            }
+                        }
                         event = events.recv() => match event {
                             Ok(applied) => {
                                 let line = say_line(format_args!(
