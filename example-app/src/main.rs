@@ -295,6 +295,28 @@ enum Bench {
         #[arg(long, default_value_t = 16)]
         join_concurrency: usize,
     },
+    /// Several `serve` processes on one PostgreSQL database (`--db postgres://…`, on
+    /// which a fresh database is made and dropped per run), one run per process count:
+    /// live followers spread over the processes, each write timed from commit to applied
+    /// on every follower, the followers each process served and its CPU; then pull
+    /// throughput, pullers reading the whole log through every process at once.
+    Scaleout {
+        /// Server process counts, one run each.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+        processes: Vec<usize>,
+        /// Live followers (each its own SQLite file, in this process).
+        #[arg(long, default_value_t = 12)]
+        followers: usize,
+        /// Live writes timed from commit to applied on every follower.
+        #[arg(long, default_value_t = 50)]
+        writes: u64,
+        /// Entries in the log the pullers read.
+        #[arg(long, default_value_t = 20_000)]
+        entries: u64,
+        /// Concurrent pullers (pull only, nothing applied).
+        #[arg(long, default_value_t = 12)]
+        pullers: usize,
+    },
     /// The followers' side of `fanout` (started by it).
     #[command(hide = true)]
     FanoutFollowers {
@@ -789,6 +811,31 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 join_concurrency,
             };
             print_json(&example_app::bench::fanout(&options).await?)?;
+        }
+        Command::Bench {
+            which:
+                Bench::Scaleout {
+                    processes,
+                    followers,
+                    writes,
+                    entries,
+                    pullers,
+                },
+        } => {
+            if !cli.db.starts_with("postgres") {
+                anyhow::bail!(
+                    "bench scaleout needs a PostgreSQL server: pass --db postgres://USER@HOST/DB"
+                );
+            }
+            let options = example_app::bench::ScaleoutOptions {
+                server: cli.db.clone(),
+                processes,
+                followers,
+                writes,
+                entries,
+                pullers,
+            };
+            print_json(&example_app::bench::scaleout(&options).await?)?;
         }
         Command::Bench {
             which:

@@ -226,7 +226,8 @@ mod tests {
             "expires_at_ms": one.expires_at_ms,
         });
         let json = serde_json::to_vec(&earlier).unwrap();
-        let check = &blake3::hash(&json).as_bytes()[..8];
+        let hash = blake3::hash(&json);
+        let check = &hash.as_bytes()[..8];
         let text = format!(
             "{PREFIX}{}.{}",
             URL_SAFE_NO_PAD.encode(&json),
