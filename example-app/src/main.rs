@@ -696,6 +696,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 say!("in sync at seq {}", position?.seq);
             } else {
                 let mut connected = transport.watch_connected();
+                let known = transport.addresses_known();
                 let follow = library
                     .follower()?
                     .start_following(transport, FollowConfig::default());
@@ -710,7 +711,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         Ok(()) = connected.changed() => {
                             let address = connected.borrow_and_update().clone();
                             if let Some(address) = address {
-                                // Which of the leader's addresses serves it now.
+                                // Which of the leader's addresses serves it now; the next
+                                // `follow` tries it first (not a dead one it moved from).
+                                net::remember_first_address(&library, &known, &address).await?;
                                 let line = say_line(format_args!("connected to {address}"));
                                 if let Err(e) = line {
                                     printed = Err(e);

@@ -137,6 +137,24 @@ pub fn split_addresses(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Stores the leader's addresses `known` with `address` (the one a session is open with)
+/// first, so that the next start tries it first rather than one that was lost.
+pub async fn remember_first_address(
+    library: &Library,
+    known: &[String],
+    address: &str,
+) -> Result<()> {
+    let Some(at) = known.iter().position(|a| a == address) else {
+        return Ok(());
+    };
+    let mut order = known.to_vec();
+    order.rotate_left(at);
+    library
+        .set_local_setting(LEADER_ADDRESS, &order.join(","))
+        .await?;
+    Ok(())
+}
+
 /// The address to advertise for a server listening on `local`: a wildcard address
 /// (`0.0.0.0`, `::`) is replaced by this machine's address on its default route, which is
 /// what another device would dial (`invite --address` overrides it).

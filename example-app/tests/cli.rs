@@ -1496,6 +1496,24 @@ fn three_serve_processes_on_one_postgres_and_one_killed_under_load() {
     for s in serving {
         assert!(s.stop().success());
     }
+    // The next `follow` of a follower that moved tries where it moved to first.
+    for i in [0, 3] {
+        let stored = runtime.block_on(async {
+            let db = example_app::connect(&followers[i].0.db).await.unwrap();
+            let library = sync_core::Library::open_default(db, example_app::registry())
+                .await
+                .unwrap();
+            library
+                .local_setting(example_app::net::LEADER_ADDRESS)
+                .await
+                .unwrap()
+                .unwrap()
+        });
+        assert!(
+            stored.starts_with(moved[i].last().unwrap().as_str()) && stored.contains(&killed),
+            "follower {i} stored {stored}"
+        );
+    }
 
     // The same data everywhere, and every follower's offline writes are in it.
     let dump = json(&leader.ok(&["dump"]));
