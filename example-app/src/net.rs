@@ -111,16 +111,18 @@ fn now_ms() -> i64 {
 
 /// The addresses of the `serve` processes running for `library` now (their heartbeat is
 /// fresh), in a random rotation, so that the followers of successive invites start at
-/// different processes.
+/// different processes. Entries of processes that died are removed (a live process that
+/// missed its heartbeats writes its entry again at the next).
 pub async fn serving_addresses(library: &Library) -> Result<Vec<String>> {
     let fresh_after = now_ms() - SERVING_STALE.as_millis() as i64;
-    let mut live: Vec<String> = library
-        .local_settings_starting_with(SERVING_PREFIX)
-        .await?
-        .into_iter()
-        .filter(|(_, beat)| beat.parse::<i64>().is_ok_and(|beat| beat >= fresh_after))
-        .filter_map(|(key, _)| key.strip_prefix(SERVING_PREFIX).map(str::to_owned))
-        .collect();
+    let mut live = Vec::new();
+    for (key, beat) in library.local_settings_starting_with(SERVING_PREFIX).await? {
+        if beat.parse::<i64>().is_ok_and(|beat| beat >= fresh_after) {
+            live.extend(key.strip_prefix(SERVING_PREFIX).map(str::to_owned));
+        } else {
+            library.remove_local_setting(&key).await?;
+        }
+    }
     if !live.is_empty() {
         let turn = rand::random_range(0..live.len());
         live.rotate_left(turn);

@@ -192,3 +192,48 @@ crate::on_every_backend!(
     writers_of_three_handles_leave_one_gap_free_log,
     processes_making_the_device_key_at_once_share_it,
 );
+
+/// `invite` names the addresses of the server processes alive now: a registered process
+/// is named, one whose heartbeat is stale (it died without removing its entry) is not,
+/// and its entry is removed; one that stopped cleanly removed its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invites_name_the_live_server_processes_only() {
+    use example_app::net::{Registration, SERVING_PREFIX, serving_addresses};
+    let Some(f) = crate::support::fixture(
+        crate::support::Backend::Sqlite,
+        "scaleout::invites_name_the_live_server_processes_only",
+    )
+    .await
+    else {
+        return;
+    };
+    let library = f.library.clone();
+    let first = Registration::start_at(&library, "127.0.0.1:7001")
+        .await
+        .expect("register");
+    let second = Registration::start_at(&library, "127.0.0.1:7002")
+        .await
+        .expect("register");
+    let dead = format!("{SERVING_PREFIX}127.0.0.1:7003");
+    let long_ago = now_ms() - 60_000;
+    library
+        .set_local_setting(&dead, &long_ago.to_string())
+        .await
+        .expect("a dead process's entry");
+    let mut named = serving_addresses(&library).await.expect("addresses");
+    named.sort();
+    assert_eq!(named, ["127.0.0.1:7001", "127.0.0.1:7002"]);
+    assert_eq!(library.local_setting(&dead).await.expect("read"), None);
+    second.end().await.expect("stop");
+    assert_eq!(
+        serving_addresses(&library).await.expect("addresses"),
+        ["127.0.0.1:7001"]
+    );
+    let token = example_app::net::invite(&library, Access::Read, Duration::from_secs(60), None)
+        .await
+        .expect("invite");
+    let token = sync_transport::JoinToken::decode(&token).expect("token");
+    assert_eq!(token.addresses(), ["127.0.0.1:7001"]);
+    drop(first);
+    f.finish().await;
+}
