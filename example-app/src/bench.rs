@@ -579,3 +579,266 @@ pub async fn fanout_followers(dir: &std::path::Path, join_concurrency: usize) ->
     }
     Ok(())
 }
+
+/// What `bench scaleout` is asked to do.
+#[derive(Clone, Debug)]
+pub struct ScaleoutOptions {
+    /// The PostgreSQL server (a URL): a fresh database is made and dropped per run.
+    pub server: String,
+    /// Server process counts to compare, one run each (1, 2, 3).
+    pub processes: Vec<usize>,
+    /// Live followers (read access, each on its own SQLite file, in this process), spread
+    /// over the server processes.
+    pub followers: usize,
+    /// Live writes, one per transaction, timed from commit to applied on every follower.
+    pub writes: u64,
+    /// Entries in the log the pullers read.
+    pub entries: u64,
+    /// Concurrent pullers, spread over the server processes, each reading the whole log
+    /// (pull only: nothing is applied, so the servers and the database are what is timed).
+    pub pullers: usize,
+}
+
+/// CPU seconds (user + system) a process has used so far, from `/proc/PID/stat`.
+fn cpu_seconds_of(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// `example-app --db URL serve` processes, killed when dropped.
+struct ServeProcesses {
+    children: Vec<tokio::process::Child>,
+    addresses: Vec<String>,
+}
+
+impl ServeProcesses {
+    async fn start(url: &str, count: usize) -> Result<ServeProcesses> {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let mut children = Vec::with_capacity(count);
+        let mut addresses = Vec::with_capacity(count);
+        for _ in 0..count {
+            let mut child = tokio::process::Command::new(std::env::current_exe()?)
+                .args(["--db", url, "serve", "--listen", "127.0.0.1:0"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .context("cannot start a serve process")?;
+            let mut lines = BufReader::new(child.stdout.take().context("serve stdout")?).lines();
+            let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+                .await
+                .context("a serve process did not start in time")??
+                .unwrap_or_default();
+            let address = line
+                .strip_prefix("listening on ")
+                .with_context(|| format!("a serve process said {line:?}"))?
+                .to_owned();
+            children.push(child);
+            addresses.push(address);
+        }
+        Ok(ServeProcesses {
+            children,
+            addresses,
+        })
+    }
+
+    /// Each process's CPU seconds so far.
+    fn cpu(&self) -> Vec<Option<f64>> {
+        self.children
+            .iter()
+            .map(|c| c.id().and_then(cpu_seconds_of))
+            .collect()
+    }
+
+    /// The addresses starting at process `i % n` (a follower's order: its own first).
+    fn order_for(&self, i: usize) -> Vec<String> {
+        let mut order = self.addresses.clone();
+        let turn = i % order.len().max(1);
+        order.rotate_left(turn);
+        order
+    }
+}
+
+fn cpu_spent(after: &[Option<f64>], before: &[Option<f64>]) -> Vec<Option<f64>> {
+    after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| a.zip(*b).map(|(a, b)| a - b))
+        .collect()
+}
+
+/// Several `serve` processes on one PostgreSQL database (issue 13 part 5), one run per
+/// process count, side by side: live followers spread over the processes, each write
+/// timed from commit (in this process, a writer beside the servers) to applied on every
+/// follower; then pull throughput, many pullers reading the whole log at once through
+/// every process. Reports the followers each process served and its CPU.
+pub async fn scaleout(options: &ScaleoutOptions) -> Result<serde_json::Value> {
+    let mut runs = Vec::new();
+    for &processes in &options.processes {
+        runs.push(scaleout_run(options, processes.max(1)).await?);
+    }
+    Ok(json!({
+        "bench": "scaleout",
+        "followers": options.followers,
+        "writes": options.writes,
+        "entries": options.entries,
+        "pullers": options.pullers,
+        "runs": runs,
+    }))
+}
+
+async fn scaleout_run(options: &ScaleoutOptions, processes: usize) -> Result<serde_json::Value> {
+    let dir = tempfile::tempdir()?;
+    let url = crate::fresh_database(&options.server, dir.path()).await?;
+    if !url.starts_with("postgres") {
+        bail!("bench scaleout needs a PostgreSQL URL (--db postgres://…)");
+    }
+    let db = connect(&url).await?;
+    Migrator::up(&db, None).await?;
+    let leader = Library::create(db, "bench", registry()).await?;
+    write_tags(&leader, 10, 10).await?;
+    let servers = ServeProcesses::start(&url, processes).await?;
+    let pin = leader.device_key().await?.fingerprint();
+
+    // Live followers, follower i served first by process i % processes.
+    let config = FollowConfig {
+        // Live notices only: a poll must not explain a fast apply.
+        poll_interval: Duration::from_secs(3_600),
+        ..FollowConfig::default()
+    };
+    let mut follows = Vec::with_capacity(options.followers);
+    let mut served_by = vec![0usize; processes];
+    for i in 0..options.followers {
+        let token = net::invite_at(
+            &leader,
+            Access::Read,
+            Duration::from_secs(3_600),
+            servers.order_for(i),
+        )
+        .await?;
+        let file = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join(format!("f{i}.db")).display()
+        );
+        let follower = net::join(&file, &token, Some(&format!("f{i}"))).await?;
+        let transport = net::transport(&follower, None).await?;
+        let connected = transport.watch_connected();
+        let follow = follower
+            .follower()?
+            .start_following(transport, config.clone());
+        follows.push((follower, follow, connected));
+    }
+    let latest = leader.latest_seq().await?;
+    for (_, follow, _) in &follows {
+        follow
+            .wait_for(FANOUT_PHASE_TIMEOUT, |s| s.position >= latest)
+            .await
+            .context("a follower did not catch up")?;
+    }
+    for (_, _, connected) in &follows {
+        let address = connected.borrow().clone();
+        if let Some(p) = servers
+            .addresses
+            .iter()
+            .position(|a| Some(a) == address.as_ref())
+        {
+            served_by[p] += 1;
+        }
+    }
+
+    // Live writes: commit here, applied on every follower (through every process).
+    let cpu_before = servers.cpu();
+    let mut latencies = Vec::with_capacity(options.writes as usize);
+    let live_started = Instant::now();
+    for _ in 0..options.writes {
+        write_tags(&leader, 1, 1).await?;
+        let committed = Instant::now();
+        let target = leader.latest_seq().await?;
+        for (_, follow, _) in &follows {
+            follow
+                .wait_for(FANOUT_PHASE_TIMEOUT, |s| s.position >= target)
+                .await
+                .context("a follower did not apply a live write")?;
+        }
+        latencies.push(committed.elapsed().as_secs_f64() * 1e3);
+    }
+    let live_seconds = live_started.elapsed().as_secs_f64();
+    let cpu_live = cpu_spent(&servers.cpu(), &cpu_before);
+    for (follower, follow, _) in follows {
+        follow.stop().await;
+        follower.db().clone().close().await.ok();
+    }
+    latencies.sort_by(f64::total_cmp);
+
+    // Pull throughput: the log grows to `entries`, then every puller reads all of it.
+    write_tags(
+        &leader,
+        options.entries.saturating_sub(leader.latest_seq().await?.0),
+        500,
+    )
+    .await?;
+    let latest = leader.latest_seq().await?;
+    let mut sessions = Vec::with_capacity(options.pullers);
+    for i in 0..options.pullers {
+        let invite = leader
+            .leader()?
+            .invite(Access::Read, Duration::from_secs(600))
+            .await?;
+        let key = sync_core::DeviceKey::generate()?;
+        leader
+            .leader()?
+            .redeem_invite(&invite.secret, Access::Read, key.device_id(), None)
+            .await?;
+        let client = sync_transport::Client::new(key, sync_transport::ClientConfig::default());
+        let (tip, _) = tokio::sync::watch::channel(Seq::ZERO);
+        let address = &servers.addresses[i % processes];
+        sessions.push(client.connect(address, pin, leader.id(), tip).await?);
+    }
+    let cpu_before = servers.cpu();
+    let started = Instant::now();
+    let mut pulls = tokio::task::JoinSet::new();
+    for session in sessions {
+        let library_id = leader.id();
+        pulls.spawn(async move {
+            let mut position = sync_core::Position::default();
+            let mut entries = 0u64;
+            while position.seq < latest {
+                let response = session
+                    .pull(&PullRequest::from_position(library_id, position))
+                    .await?;
+                entries += response.through(position.seq).0 - position.seq.0;
+                position = response.end(position);
+            }
+            Ok::<_, anyhow::Error>(entries)
+        });
+    }
+    let mut pulled = 0u64;
+    while let Some(done) = pulls.join_next().await {
+        pulled += done.context("a puller panicked")??;
+    }
+    let pull_seconds = started.elapsed().as_secs_f64();
+    let cpu_pull = cpu_spent(&servers.cpu(), &cpu_before);
+    drop(servers);
+    leader.db().clone().close().await.ok();
+    crate::drop_database(&url).await?;
+
+    Ok(json!({
+        "processes": processes,
+        "followers_served_per_process": served_by,
+        "live_writes": options.writes,
+        "live_seconds": live_seconds,
+        "commit_to_applied_on_all_p50_ms": percentile(&latencies, 50.0),
+        "commit_to_applied_on_all_p99_ms": percentile(&latencies, 99.0),
+        "commit_to_applied_on_all_max_ms": latencies.last(),
+        "server_cpu_seconds_live": cpu_live,
+        "log_entries": latest.0,
+        "pullers": options.pullers,
+        "entries_pulled": pulled,
+        "pull_seconds": pull_seconds,
+        "pull_entries_per_second": pulled as f64 / pull_seconds.max(f64::EPSILON),
+        "server_cpu_seconds_pulling": cpu_pull,
+    }))
+}

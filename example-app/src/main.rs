@@ -144,9 +144,12 @@ enum Command {
         /// How long the token works: `90s`, `30m`, `24h`, `7d`.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: std::time::Duration,
-        /// The leader address the token advertises (default: where `serve` last listened).
+        /// The leader address the token advertises; give it several times (or a
+        /// comma-separated list) for a leader serving from several processes, in the
+        /// order to try them (default: every `serve` running for this library now, else
+        /// where `serve` last listened).
         #[arg(long)]
-        address: Option<String>,
+        address: Vec<String>,
     },
     /// Sets up a fresh database as a follower of the library a token invites to.
     Join {
@@ -157,7 +160,8 @@ enum Command {
     },
     /// Follows the leader: live until SIGINT/SIGTERM, or `--once`.
     Follow {
-        /// The leader's address, when it changed since `join` (its key stays pinned).
+        /// The leader's address, when it changed since `join` (its key stays pinned);
+        /// several, comma-separated, for a leader serving from several processes.
         #[arg(long)]
         leader: Option<String>,
         /// Pull until this device has the leader's latest seq as of now, then exit.
@@ -290,6 +294,28 @@ enum Bench {
         /// Followers joining at once.
         #[arg(long, default_value_t = 16)]
         join_concurrency: usize,
+    },
+    /// Several `serve` processes on one PostgreSQL database (`--db postgres://…`, on
+    /// which a fresh database is made and dropped per run), one run per process count:
+    /// live followers spread over the processes, each write timed from commit to applied
+    /// on every follower, the followers each process served and its CPU; then pull
+    /// throughput, pullers reading the whole log through every process at once.
+    Scaleout {
+        /// Server process counts, one run each.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+        processes: Vec<usize>,
+        /// Live followers (each its own SQLite file, in this process).
+        #[arg(long, default_value_t = 12)]
+        followers: usize,
+        /// Live writes timed from commit to applied on every follower.
+        #[arg(long, default_value_t = 50)]
+        writes: u64,
+        /// Entries in the log the pullers read.
+        #[arg(long, default_value_t = 20_000)]
+        entries: u64,
+        /// Concurrent pullers (pull only, nothing applied).
+        #[arg(long, default_value_t = 12)]
+        pullers: usize,
     },
     /// The followers' side of `fanout` (started by it).
     #[command(hide = true)]
@@ -610,12 +636,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             // Installed first: the server records from the moment it binds.
             let metrics = metrics.map(example_app::exporter::install).transpose()?;
             let server = net::serve(&library, listen).await?;
+            // Other `serve` processes on this database serve the same library; `invite`
+            // names every registered one.
+            let registration = net::Registration::start(&library, &server).await?;
             say!("listening on {}", server.local_addr());
             if let Some(addr) = metrics {
                 say!("metrics on {addr}");
             }
             shutdown_signal().await?;
             server.shutdown().await;
+            registration.end().await?;
             // Followers' positions are written about once a second; keep the last ones.
             library.leader()?.flush_peer_positions().await?;
             note!("stopped serving");
@@ -630,7 +660,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 InviteAccess::Read => Access::Read,
                 InviteAccess::Write => Access::Write,
             };
-            say!("{}", net::invite(&library, access, ttl, address).await?);
+            say!("{}", net::invite_at(&library, access, ttl, address).await?);
         }
         Command::Join { token, name } => {
             let library = net::join(&cli.db, &token, name.as_deref()).await?;
@@ -665,6 +695,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 say!("in sync at seq {}", position?.seq);
             } else {
+                let mut connected = transport.watch_connected();
+                let known = transport.addresses_known();
                 let follow = library
                     .follower()?
                     .start_following(transport, FollowConfig::default());
@@ -676,6 +708,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 loop {
                     tokio::select! {
                         result = &mut signal => { result?; break; }
+                        Ok(()) = connected.changed() => {
+                            let address = connected.borrow_and_update().clone();
+                            if let Some(address) = address {
+                                // Which of the leader's addresses serves it now; the next
+                                // `follow` tries it first (not a dead one it moved from).
+                                net::remember_first_address(&library, &known, &address).await?;
+                                let line = say_line(format_args!("connected to {address}"));
+                                if let Err(e) = line {
+                                    printed = Err(e);
+                                    break;
+                                }
+                            }
+                        }
                         event = events.recv() => match event {
                             Ok(applied) => {
                                 let line = say_line(format_args!(
@@ -769,6 +814,31 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 join_concurrency,
             };
             print_json(&example_app::bench::fanout(&options).await?)?;
+        }
+        Command::Bench {
+            which:
+                Bench::Scaleout {
+                    processes,
+                    followers,
+                    writes,
+                    entries,
+                    pullers,
+                },
+        } => {
+            if !cli.db.starts_with("postgres") {
+                anyhow::bail!(
+                    "bench scaleout needs a PostgreSQL server: pass --db postgres://USER@HOST/DB"
+                );
+            }
+            let options = example_app::bench::ScaleoutOptions {
+                server: cli.db.clone(),
+                processes,
+                followers,
+                writes,
+                entries,
+                pullers,
+            };
+            print_json(&example_app::bench::scaleout(&options).await?)?;
         }
         Command::Bench {
             which:

@@ -13,9 +13,19 @@ use sync_transport::{Client, ClientConfig, JoinToken, QuicTransport, Server, Ser
 
 use crate::{Migrator, connect, registry};
 
-/// Leader: where `serve` last listened (the address `invite` advertises by default).
+/// Leader: where `serve` last listened (what `invite` advertises when no `serve` is
+/// running now).
 pub const SERVE_ADDRESS: &str = "serve_address";
-/// Follower: where the leader was last reached.
+/// Leader: one setting per running `serve` process, `serving/ADDRESS` → the time of its
+/// latest heartbeat (ms since the epoch). Several processes serving one library from one
+/// PostgreSQL database each keep theirs; `invite` puts every live one in the token.
+pub const SERVING_PREFIX: &str = "serving/";
+/// How often a `serve` process renews its `serving/` setting.
+pub const SERVING_HEARTBEAT: Duration = Duration::from_secs(5);
+/// A `serving/` setting older than this is a process that died without removing it.
+pub const SERVING_STALE: Duration = Duration::from_secs(15);
+/// Follower: where the leader was last reached: one address, or several separated by
+/// commas (a leader serving from several processes), tried in turn.
 pub const LEADER_ADDRESS: &str = "leader_address";
 /// Follower: the leader's pinned key fingerprint.
 pub const LEADER_KEY: &str = "leader_key";
@@ -38,6 +48,113 @@ pub async fn serve(library: &Library, listen: SocketAddr) -> Result<Server> {
         .set_local_setting(SERVE_ADDRESS, &advertised(server.local_addr()).to_string())
         .await?;
     Ok(server)
+}
+
+/// A `serve` process's entry among the library's serving addresses (`SERVING_PREFIX`),
+/// renewed every `SERVING_HEARTBEAT` while it lives. `end` removes it; a process that
+/// dies without ending it is left out by `invite` once the entry is `SERVING_STALE`.
+#[derive(Debug)]
+pub struct Registration {
+    library: Library,
+    key: String,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl Registration {
+    /// Registers `server`'s advertised address for `library` and keeps it fresh.
+    pub async fn start(library: &Library, server: &Server) -> Result<Registration> {
+        Registration::start_at(library, &advertised(server.local_addr()).to_string()).await
+    }
+
+    /// Registers `address` for `library` and keeps it fresh.
+    pub async fn start_at(library: &Library, address: &str) -> Result<Registration> {
+        let key = format!("{SERVING_PREFIX}{address}");
+        library
+            .set_local_setting(&key, &now_ms().to_string())
+            .await?;
+        let heartbeat = tokio::spawn({
+            let library = library.clone();
+            let key = key.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(SERVING_HEARTBEAT).await;
+                    if let Err(e) = library.set_local_setting(&key, &now_ms().to_string()).await {
+                        tracing::warn!(%e, "renewing this server's address failed; will retry");
+                    }
+                }
+            }
+        });
+        Ok(Registration {
+            library: library.clone(),
+            key,
+            heartbeat,
+        })
+    }
+
+    /// Stops renewing and removes the entry (a process that stops serving).
+    pub async fn end(self) -> Result<()> {
+        self.heartbeat.abort();
+        self.library.remove_local_setting(&self.key).await?;
+        Ok(())
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The addresses of the `serve` processes running for `library` now (their heartbeat is
+/// fresh), in a random rotation, so that the followers of successive invites start at
+/// different processes. Entries of processes that died are removed (a live process that
+/// missed its heartbeats writes its entry again at the next).
+pub async fn serving_addresses(library: &Library) -> Result<Vec<String>> {
+    let fresh_after = now_ms() - SERVING_STALE.as_millis() as i64;
+    let mut live = Vec::new();
+    for (key, beat) in library.local_settings_starting_with(SERVING_PREFIX).await? {
+        if beat.parse::<i64>().is_ok_and(|beat| beat >= fresh_after) {
+            live.extend(key.strip_prefix(SERVING_PREFIX).map(str::to_owned));
+        } else {
+            library.remove_local_setting(&key).await?;
+        }
+    }
+    if !live.is_empty() {
+        let turn = rand::random_range(0..live.len());
+        live.rotate_left(turn);
+    }
+    Ok(live)
+}
+
+/// A stored `LEADER_ADDRESS` (one address or several, comma-separated) as a list.
+pub fn split_addresses(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Stores the leader's addresses `known` with `address` (the one a session is open with)
+/// first, so that the next start tries it first rather than one that was lost.
+pub async fn remember_first_address(
+    library: &Library,
+    known: &[String],
+    address: &str,
+) -> Result<()> {
+    let Some(at) = known.iter().position(|a| a == address) else {
+        return Ok(());
+    };
+    let mut order = known.to_vec();
+    order.rotate_left(at);
+    library
+        .set_local_setting(LEADER_ADDRESS, &order.join(","))
+        .await?;
+    Ok(())
 }
 
 /// The address to advertise for a server listening on `local`: a wildcard address
@@ -65,23 +182,41 @@ fn advertised(local: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Issues an invite and returns its token. `address` defaults to where `serve` last
-/// listened.
+/// Issues an invite and returns its token. `address` defaults to the addresses of every
+/// `serve` process running for the library now, else to where `serve` last listened.
 pub async fn invite(
     library: &Library,
     access: Access,
     ttl: Duration,
     address: Option<String>,
 ) -> Result<String> {
-    let address = match address {
-        Some(address) => address,
-        None => library.local_setting(SERVE_ADDRESS).await?.ok_or_else(|| {
-            anyhow!("no address to advertise: run `serve --listen HOST:PORT` first, or pass `--address HOST:PORT`")
-        })?,
-    };
+    invite_at(library, access, ttl, address.into_iter().collect()).await
+}
+
+/// `invite` with any number of addresses (each may be a comma-separated list), tried by
+/// the new device in this order; none: those of every `serve` process running for the
+/// library now, else where `serve` last listened.
+pub async fn invite_at(
+    library: &Library,
+    access: Access,
+    ttl: Duration,
+    addresses: Vec<String>,
+) -> Result<String> {
+    let mut addresses: Vec<String> = addresses.iter().flat_map(|a| split_addresses(a)).collect();
+    if addresses.is_empty() {
+        addresses = serving_addresses(library).await?;
+    }
+    if addresses.is_empty() {
+        addresses.extend(library.local_setting(SERVE_ADDRESS).await?);
+    }
+    if addresses.is_empty() {
+        bail!(
+            "no address to advertise: run `serve --listen HOST:PORT` first, or pass `--address HOST:PORT`"
+        );
+    }
     let invite = library.leader()?.invite(access, ttl).await?;
     let key = library.device_key().await?;
-    Ok(JoinToken::new(&invite, &address, key.fingerprint()).encode())
+    Ok(JoinToken::for_addresses(&invite, &addresses, key.fingerprint()).encode())
 }
 
 /// Sets up the database at `url` (which must hold no library yet, or one whose join was
@@ -124,7 +259,7 @@ pub async fn join(url: &str, token: &str, name: Option<&str>) -> Result<Library>
         &joined.library_name,
         joined.access,
         &[
-            (LEADER_ADDRESS, token.address.as_str()),
+            (LEADER_ADDRESS, token.addresses().join(",").as_str()),
             (LEADER_KEY, token.leader_key.as_str()),
         ],
         registry(),
@@ -133,8 +268,9 @@ pub async fn join(url: &str, token: &str, name: Option<&str>) -> Result<Library>
     Ok(library)
 }
 
-/// A QUIC transport to `library`'s leader, from what `join` stored. `leader` replaces the
-/// stored address (the leader moved); the key stays pinned.
+/// A QUIC transport to `library`'s leader, from what `join` stored. `leader` (one address,
+/// or several separated by commas) replaces the stored addresses (the leader moved); the
+/// key stays pinned.
 pub async fn transport(library: &Library, leader: Option<&str>) -> Result<Arc<QuicTransport>> {
     if library.role() != Role::Follower {
         bail!(
@@ -145,9 +281,11 @@ pub async fn transport(library: &Library, leader: Option<&str>) -> Result<Arc<Qu
     if let Some(address) = leader {
         library.set_local_setting(LEADER_ADDRESS, address).await?;
     }
-    let address = library
+    let addresses = library
         .local_setting(LEADER_ADDRESS)
         .await?
+        .map(|text| split_addresses(&text))
+        .filter(|addresses| !addresses.is_empty())
         .ok_or_else(|| anyhow!("no leader address stored: pass `--leader HOST:PORT`"))?;
     let pin = library
         .local_setting(LEADER_KEY)
@@ -157,9 +295,9 @@ pub async fn transport(library: &Library, leader: Option<&str>) -> Result<Arc<Qu
         .context("the stored leader key is damaged; join again")?;
     let key = library.device_key().await?;
     let client = Client::new(key, ClientConfig::default());
-    Ok(Arc::new(QuicTransport::new(
+    Ok(Arc::new(QuicTransport::with_addresses(
         client,
-        &address,
+        addresses,
         pin,
         library.id(),
     )))

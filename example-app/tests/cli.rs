@@ -1218,3 +1218,344 @@ fn a_join_interrupted_half_way_stores_nothing_or_can_be_made_again() {
     old.fails(&["join", token.trim()], "already holds library");
     drop(serving);
 }
+
+/// The lines a child prints, kept as they come, to be read at any time.
+fn collect_lines(
+    stdout: impl std::io::Read + Send + 'static,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    let kept = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let rx = lines_of(stdout);
+    let sink = std::sync::Arc::clone(&kept);
+    std::thread::spawn(move || {
+        while let Ok(line) = rx.recv() {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    kept
+}
+
+/// The addresses a live `follow` said it connected to, in order.
+fn connections(lines: &std::sync::Mutex<Vec<String>>) -> Vec<String> {
+    lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.strip_prefix("connected to "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits (within the deadline) until `done` holds for what `follow` said so far.
+fn wait_for_connections(
+    lines: &std::sync::Mutex<Vec<String>>,
+    what: &str,
+    done: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let start = std::time::Instant::now();
+    loop {
+        let seen = connections(lines);
+        if done(&seen) {
+            return seen;
+        }
+        assert!(start.elapsed() < DEADLINE, "{what}: connections {seen:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Spawns `example-app --db DB ARGS…` with its output discarded.
+fn spawn_quiet(cli: &Cli, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_example-app"))
+        .args(["--db", &cli.db])
+        .args(args)
+        .env_remove("EXAMPLE_APP_DB")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn example-app")
+}
+
+fn finished_ok(mut child: std::process::Child, what: &str) {
+    let status = wait_with_deadline(&mut child);
+    let mut stderr = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        use std::io::Read;
+        let _ = err.read_to_string(&mut stderr);
+    }
+    assert!(status.success(), "{what} failed: {stderr}");
+}
+
+/// Every row of `part` (a `dump`) is in `whole`, unchanged.
+fn rows_kept(part: &serde_json::Value, whole: &serde_json::Value) -> Result<usize, String> {
+    let mut kept = 0;
+    for (model, rows) in part.as_object().expect("dump") {
+        let all = whole[model].as_array().expect("model in dump");
+        for row in rows.as_array().expect("rows") {
+            if !all.contains(row) {
+                return Err(format!("{model} row lost or changed: {row}"));
+            }
+            kept += 1;
+        }
+    }
+    Ok(kept)
+}
+
+/// Issue 13 part 5: a library led from PostgreSQL served by three `serve` processes at
+/// once, followers spread over them; one process is killed (SIGKILL) while followers push
+/// through every process and the leader writes locally. Every follower converges, the log
+/// is gap-free and verifies, nothing is lost or taken twice, and the killed process's
+/// followers moved to another.
+#[test]
+fn three_serve_processes_on_one_postgres_and_one_killed_under_load() {
+    let Some(server) = std::env::var("SYNC_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED three_serve_processes_on_one_postgres_and_one_killed_under_load: \
+             SYNC_TEST_POSTGRES_URL is not set"
+        );
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let leader = Cli {
+        db: runtime
+            .block_on(example_app::fresh_database(&server, dir.path()))
+            .unwrap(),
+    };
+    leader.ok(&["init"]);
+    let mut serving: Vec<Serving> = (0..3).map(|_| Serving::start(&leader)).collect();
+    let addresses: Vec<String> = serving.iter().map(|s| s.address.clone()).collect();
+
+    // `invite` names every running `serve` process.
+    let token = leader.ok(&["invite"]);
+    let mut named = sync_transport::JoinToken::decode(token.trim())
+        .unwrap()
+        .addresses();
+    named.sort();
+    let mut sorted = addresses.clone();
+    sorted.sort();
+    assert_eq!(named, sorted, "the token names every serving process");
+
+    // Six write followers, two per process: follower i tries process i % 3 first.
+    const FOLLOWERS: usize = 6;
+    let mut followers = Vec::new();
+    for i in 0..FOLLOWERS {
+        let mut order = addresses.clone();
+        order.rotate_left(i % 3);
+        let mut args = vec!["invite"];
+        for a in &order {
+            args.extend(["--address", a.as_str()]);
+        }
+        let token = leader.ok(&args);
+        let follower = sqlite_cli(dir.path(), &format!("follower{i}.db"));
+        follower.ok(&["join", token.trim(), "--name", &format!("f{i}")]);
+        followers.push((follower, order[0].clone()));
+    }
+    // Offline writes on every follower, waiting in their outboxes.
+    let mut own = Vec::new();
+    let mut devices = Vec::new();
+    for (i, (follower, _)) in followers.iter().enumerate() {
+        let seed = (100 + i).to_string();
+        follower.ok(&["load", "--count", "700", "--batch", "20", "--seed", &seed]);
+        own.push(json(&follower.ok(&["dump"])));
+        let status = json(&follower.ok(&["status", "--json"]));
+        assert!(status["outbox"].as_u64().unwrap() > 500, "{status}");
+        devices.push(status["device_id"].as_str().unwrap().to_owned());
+    }
+    let queued_before: u64 = followers
+        .iter()
+        .map(|(f, _)| {
+            json(&f.ok(&["status", "--json"]))["outbox"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+
+    // The leader writes locally (another process on its database) all along.
+    let local_load = spawn_quiet(
+        &leader,
+        &[
+            "load",
+            "--count",
+            "1500",
+            "--batch",
+            "5",
+            "--concurrency",
+            "2",
+            "--seed",
+            "9",
+        ],
+    );
+    let mut following = Vec::new();
+    for (follower, _) in &followers {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_example-app"))
+            .args(["--db", &follower.db, "follow"])
+            .env_remove("EXAMPLE_APP_DB")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn follow");
+        let lines = collect_lines(child.stdout.take().expect("stdout"));
+        following.push((child, lines));
+    }
+    // Spread: each follower is served by the process its token names first.
+    for (i, (_, lines)) in following.iter().enumerate() {
+        let first = &followers[i].1;
+        let seen = wait_for_connections(lines, "first connection", |seen| !seen.is_empty());
+        assert_eq!(&seen[0], first, "follower {i} starts at its first address");
+    }
+
+    // Kill process 0 once one of its followers has had a push acknowledged.
+    let start = std::time::Instant::now();
+    let left = loop {
+        let left = json(&followers[0].0.ok(&["status", "--json"]))["outbox"]
+            .as_u64()
+            .unwrap();
+        if left < 700 {
+            break left;
+        }
+        assert!(start.elapsed() < DEADLINE, "follower 0 pushed nothing");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    println!("killing process 0 with {left} change(s) left in follower 0's outbox");
+    let killed = addresses[0].clone();
+    signal(&serving[0].child, "KILL");
+    wait_with_deadline(&mut serving[0].child);
+    drop(serving.remove(0));
+
+    // More writes after the kill: pushed by the killed process's followers (through
+    // another process) and made locally on the leader.
+    let mut after_kill = Vec::new();
+    for i in [0, 3] {
+        let seed = (200 + i).to_string();
+        after_kill.push(spawn_quiet(
+            &followers[i].0,
+            &["load", "--count", "150", "--batch", "10", "--seed", &seed],
+        ));
+    }
+    after_kill.push(spawn_quiet(
+        &leader,
+        &["load", "--count", "300", "--batch", "3", "--seed", "11"],
+    ));
+    // The followers of the killed process move to another.
+    let mut moved = vec![Vec::new(); FOLLOWERS];
+    for i in [0, 3] {
+        let seen = wait_for_connections(&following[i].1, "moved", |seen| {
+            seen.last().is_some_and(|a| *a != killed)
+        });
+        assert!(
+            addresses[1..].contains(seen.last().unwrap()),
+            "follower {i} moved to a serving process: {seen:?}"
+        );
+        moved[i] = seen;
+    }
+    finished_ok(local_load, "the leader's local load");
+    for child in after_kill {
+        finished_ok(child, "a load after the kill");
+    }
+
+    // Every follower converges: nothing left to push, at the leader's latest seq.
+    let start = std::time::Instant::now();
+    let latest = loop {
+        let outboxes: Vec<u64> = followers
+            .iter()
+            .map(|(f, _)| {
+                json(&f.ok(&["status", "--json"]))["outbox"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        if outboxes.iter().all(|&o| o == 0) {
+            let latest = json(&leader.ok(&["status", "--json"]))["latest_seq"]
+                .as_u64()
+                .unwrap();
+            let positions: Vec<u64> = followers
+                .iter()
+                .map(|(f, _)| {
+                    json(&f.ok(&["status", "--json"]))["position"]
+                        .as_u64()
+                        .unwrap()
+                })
+                .collect();
+            if positions.iter().all(|&p| p == latest) {
+                break latest;
+            }
+        }
+        assert!(
+            start.elapsed() < DEADLINE * 3,
+            "not converged: outboxes {outboxes:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    for (mut child, _) in following {
+        signal(&child, "TERM");
+        assert!(wait_with_deadline(&mut child).success());
+    }
+    for s in serving {
+        assert!(s.stop().success());
+    }
+    // The next `follow` of a follower that moved tries where it moved to first.
+    for i in [0, 3] {
+        let stored = runtime.block_on(async {
+            let db = example_app::connect(&followers[i].0.db).await.unwrap();
+            let library = sync_core::Library::open_default(db, example_app::registry())
+                .await
+                .unwrap();
+            library
+                .local_setting(example_app::net::LEADER_ADDRESS)
+                .await
+                .unwrap()
+                .unwrap()
+        });
+        assert!(
+            stored.starts_with(moved[i].last().unwrap().as_str()) && stored.contains(&killed),
+            "follower {i} stored {stored}"
+        );
+    }
+
+    // The same data everywhere, and every follower's offline writes are in it.
+    let dump = json(&leader.ok(&["dump"]));
+    for (i, (follower, _)) in followers.iter().enumerate() {
+        assert!(
+            json(&follower.ok(&["dump"])) == dump,
+            "follower {i} differs"
+        );
+        let kept = rows_kept(&own[i], &dump).unwrap_or_else(|e| panic!("follower {i}: {e}"));
+        assert!(kept > 0, "follower {i} wrote rows");
+    }
+    // Gap-free and verified, each pushed change taken once.
+    let entries: Vec<sync_core::LogEntry> = leader
+        .ok(&["log", "--from", "1", "--limit", "10000000"])
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("entry"))
+        .collect();
+    assert_eq!(entries.len() as u64, latest);
+    sync_core::verify_chain(sync_core::Seq::ZERO, 0, &entries).expect("the log verifies");
+    let mut changes = std::collections::HashSet::new();
+    let mut authored = 0u64;
+    for e in &entries {
+        if devices.contains(&e.device_id.to_string()) {
+            authored += 1;
+            assert!(
+                changes.insert((e.device_id, e.hlc, e.model.clone(), e.record_id.clone())),
+                "a pushed change was taken twice: seq {}",
+                e.seq
+            );
+        }
+    }
+    let queued_total = queued_before + 2 * 150;
+    assert!(
+        authored > 0 && authored <= queued_total,
+        "{authored} entries for {queued_total} pushed changes"
+    );
+    println!(
+        "{latest} entries, {authored} of them pushed ({queued_total} changes queued); \
+         killed {killed}; the followers of the killed process moved: {:?}",
+        [0, 3].map(|i| moved[i].clone())
+    );
+    runtime
+        .block_on(example_app::drop_database(&leader.db))
+        .unwrap();
+}

@@ -977,14 +977,27 @@ pub(crate) async fn ensure_device_key(db: &DatabaseConnection) -> Result<DeviceK
         return DeviceKey::from_pem(&pem).map_err(|e| OpenError::Corrupt(e.to_string()));
     }
     let key = DeviceKey::generate().map_err(|e| OpenError::Corrupt(e.to_string()))?;
-    let txn = begin_write(db).await?;
-    // Two processes making the key at once: the first one stored wins.
-    if let Some(pem) = get_local(&txn, LOCAL_DEVICE_KEY).await? {
-        return DeviceKey::from_pem(&pem).map_err(|e| OpenError::Corrupt(e.to_string()));
+    // Several processes making the key at once (server processes sharing one PostgreSQL
+    // database are one device): the first one stored wins, and every process reads that
+    // one back. Insert-if-absent as a statement of its own, then a fresh read: a read and
+    // an upsert in one transaction let a later process overwrite the key an earlier one
+    // had already committed and used (PostgreSQL's read committed), or miss it (MySQL's
+    // snapshot).
+    // (A plain insert: it fails on the key another process stored first, and that one is
+    // read back; `ON CONFLICT DO NOTHING` has no form MariaDB accepts.)
+    let stored = local::Entity::insert(local::ActiveModel {
+        key: Set(LOCAL_DEVICE_KEY.to_owned()),
+        value: Set(key.to_pem()),
+    })
+    .exec_without_returning(db)
+    .await;
+    match get_local(db, LOCAL_DEVICE_KEY).await? {
+        Some(pem) => DeviceKey::from_pem(&pem).map_err(|e| OpenError::Corrupt(e.to_string())),
+        None => Err(match stored {
+            Err(e) => e.into(),
+            Ok(_) => OpenError::Corrupt("the device key vanished as it was stored".into()),
+        }),
     }
-    set_local(&txn, LOCAL_DEVICE_KEY, &key.to_pem()).await?;
-    txn.commit().await?;
-    Ok(key)
 }
 
 fn is_missing_table(e: &DbErr) -> bool {

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use sea_orm::ActiveValue::Set;
 use sea_orm::sea_query::{Expr, OnConflict};
-use sea_orm::{ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder};
+use sea_orm::{
+    ColumnTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::crowd::Coalescer;
@@ -129,12 +131,13 @@ impl PeerPositions {
                 last_seen_ms: Set(seen_at_ms),
             })
             .collect();
+        let newer = newer_sighting_wins(db.get_database_backend());
         let txn = begin_write(db).await?;
         for chunk in rows.chunks(PEER_POSITIONS_ROWS_MAX) {
             peer::Entity::insert_many(chunk.iter().cloned())
                 .on_conflict(
                     OnConflict::columns([peer::Column::LibraryId, peer::Column::DeviceId])
-                        .update_columns([peer::Column::Position, peer::Column::LastSeenMs])
+                        .values(newer.clone())
                         .to_owned(),
                 )
                 .exec_without_returning(&txn)
@@ -142,6 +145,35 @@ impl PeerPositions {
         }
         txn.commit().await
     }
+}
+
+/// The update of a follower's stored position: a sighting replaces the stored one only
+/// if it is not older. Several server processes on one database each note and write the
+/// positions of their own sessions; a follower that moved from one process to another is
+/// written by both, and the process that saw it last must win whichever writes last.
+fn newer_sighting_wins(backend: DbBackend) -> Vec<(peer::Column, Expr)> {
+    let (position, seen) = match backend {
+        // MySQL evaluates the assignments left to right, each seeing the ones before it:
+        // the position is decided on the stored `last_seen_ms`, then that moves.
+        DbBackend::MySql => (
+            "IF(VALUES(last_seen_ms) >= last_seen_ms, VALUES(position), position)",
+            "GREATEST(last_seen_ms, VALUES(last_seen_ms))",
+        ),
+        DbBackend::Postgres => (
+            "CASE WHEN excluded.last_seen_ms >= sync_peer.last_seen_ms \
+             THEN excluded.position ELSE sync_peer.position END",
+            "GREATEST(sync_peer.last_seen_ms, excluded.last_seen_ms)",
+        ),
+        _ => (
+            "CASE WHEN excluded.last_seen_ms >= sync_peer.last_seen_ms \
+             THEN excluded.position ELSE sync_peer.position END",
+            "MAX(sync_peer.last_seen_ms, excluded.last_seen_ms)",
+        ),
+    };
+    vec![
+        (peer::Column::Position, Expr::cust(position)),
+        (peer::Column::LastSeenMs, Expr::cust(seen)),
+    ]
 }
 
 /// Writes gathered positions every `PEER_POSITIONS_FLUSH_MS` until a round finds nothing
@@ -560,6 +592,36 @@ impl Library {
     /// Stores a local setting (see `local_setting`).
     pub async fn set_local_setting(&self, key: &str, value: &str) -> Result<(), DbErr> {
         set_local_value(&self.db, &self.setting_key(key), value).await
+    }
+
+    /// Every local setting whose key starts with `prefix`, as `(key, value)` in key order:
+    /// for settings an app keeps one of per something, such as one per server process of
+    /// a leader that serves from several processes on one database.
+    pub async fn local_settings_starting_with(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, String)>, DbErr> {
+        let stored_prefix = self.setting_key(prefix);
+        let rows = crate::tables::local::Entity::find()
+            .filter(crate::tables::local::Column::Key.starts_with(&stored_prefix))
+            .order_by_asc(crate::tables::local::Column::Key)
+            .all(&self.db)
+            .await?;
+        let own = self.setting_key("");
+        Ok(rows
+            .into_iter()
+            // LIKE's wildcards (`_`, `%`) may match more than the prefix itself.
+            .filter(|row| row.key.starts_with(&stored_prefix))
+            .map(|row| (row.key[own.len()..].to_owned(), row.value))
+            .collect())
+    }
+
+    /// Removes a local setting; whether there was one.
+    pub async fn remove_local_setting(&self, key: &str) -> Result<bool, DbErr> {
+        let removed = crate::tables::local::Entity::delete_by_id(self.setting_key(key))
+            .exec(&self.db)
+            .await?;
+        Ok(removed.rows_affected > 0)
     }
 
     fn setting_key(&self, key: &str) -> String {

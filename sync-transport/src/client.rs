@@ -101,7 +101,20 @@ impl Client {
         let pin = token
             .fingerprint()
             .map_err(|e| TransportError::Config(e.to_string()))?;
-        let (endpoint, connection) = self.dial(&token.address, pin).await?;
+        // Any of the leader's server processes redeems the invite (they share its
+        // database): the first one that answers.
+        let mut dialled = Err(TransportError::Config("the token names no address".into()));
+        for address in token.addresses() {
+            dialled = self.dial(&address, pin).await;
+            match &dialled {
+                Ok(_) => break,
+                Err(e) if e.another_address_may_answer() => {
+                    tracing::debug!(%address, %e, "trying the leader's next address");
+                }
+                Err(_) => break,
+            }
+        }
+        let (endpoint, connection) = dialled?;
         let request = Request::Join {
             protocol_version: PROTOCOL_VERSION,
             library_id: token.library_id,
@@ -471,29 +484,84 @@ impl Session {
 
 /// `sync_core::Transport` over QUIC: one session at a time, opened on first use and again
 /// after it is lost; the follow loop's backoff paces the retries.
+///
+/// A leader may serve from several processes on one PostgreSQL database, each at its own
+/// address (`with_addresses`). The transport keeps a session with one of them; when it
+/// cannot open one there, or a session there is lost, it moves on to the next address
+/// (the one that was lost is tried last), so the followers of a process that dies move to
+/// the others, and a follower does not return to a dead address before every other one
+/// failed too.
 #[derive(Debug)]
 pub struct QuicTransport {
     client: Client,
-    address: Mutex<String>,
+    addresses: Mutex<Addresses>,
     pin: KeyFingerprint,
     library_id: LibraryId,
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
     latest: watch::Sender<Seq>,
     news: tokio::sync::Mutex<watch::Receiver<Seq>>,
+    /// The address of the open session, or the last one (none before the first).
+    connected: watch::Sender<Option<String>>,
 }
+
+/// The addresses a transport may reach its leader at, and which one it uses now.
+#[derive(Debug)]
+struct Addresses {
+    all: Vec<String>,
+    /// Index into `all` of the address to try first.
+    current: usize,
+}
+
+impl Addresses {
+    /// The addresses in the order to try them: the current one first.
+    fn in_turn(&self) -> Vec<(usize, String)> {
+        let n = self.all.len();
+        (0..n)
+            .map(|i| (self.current + i) % n)
+            .map(|i| (i, self.all[i].clone()))
+            .collect()
+    }
+}
+
+/// How long a connection of a transport with several addresses may be silent before it is
+/// given up for another address (at most; `ClientConfig::idle_timeout` if shorter). With
+/// keep-alives every second, five missed ones.
+pub const FAILOVER_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl QuicTransport {
     /// A transport to the leader of `library_id` at `address`, pinned to `pin`.
     pub fn new(client: Client, address: &str, pin: KeyFingerprint, library_id: LibraryId) -> Self {
+        QuicTransport::with_addresses(client, vec![address.to_owned()], pin, library_id)
+    }
+
+    /// A transport to the leader of `library_id`, which serves at each of `addresses`
+    /// (several processes on one database; tried in this order), pinned to `pin`.
+    ///
+    /// With more than one address, a connection silent for `FAILOVER_IDLE_TIMEOUT` is
+    /// given up, so that a follower of a process that died without closing (SIGKILL,
+    /// power loss) moves to another process within seconds rather than the idle timeout.
+    pub fn with_addresses(
+        mut client: Client,
+        addresses: Vec<String>,
+        pin: KeyFingerprint,
+        library_id: LibraryId,
+    ) -> Self {
+        if addresses.len() > 1 {
+            client.config.idle_timeout = client.config.idle_timeout.min(FAILOVER_IDLE_TIMEOUT);
+        }
         let (latest, news) = watch::channel(Seq::ZERO);
         QuicTransport {
             client,
-            address: Mutex::new(address.to_owned()),
+            addresses: Mutex::new(Addresses {
+                all: addresses,
+                current: 0,
+            }),
             pin,
             library_id,
             session: tokio::sync::Mutex::new(None),
             latest,
             news: tokio::sync::Mutex::new(news),
+            connected: watch::Sender::new(None),
         }
     }
 
@@ -510,19 +578,77 @@ impl QuicTransport {
         {
             return Ok(Arc::clone(session));
         }
-        *slot = None;
-        let address = self
-            .address
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let session = Arc::new(
-            self.client
+        if slot.take().is_some() {
+            // The session there was lost: try the others first.
+            self.move_on();
+        }
+        let in_turn = self.addresses().in_turn();
+        let mut last = Err(TransportError::Config("no leader address".into()));
+        for (index, address) in in_turn {
+            last = self
+                .client
                 .connect(&address, self.pin, self.library_id, self.latest.clone())
-                .await?,
-        );
+                .await;
+            match &last {
+                Ok(_) => {
+                    self.addresses().current = index;
+                    self.connected.send_if_modified(|connected| {
+                        let moved = connected.as_deref() != Some(address.as_str());
+                        *connected = Some(address.clone());
+                        moved
+                    });
+                    break;
+                }
+                Err(e) if e.another_address_may_answer() => {
+                    tracing::debug!(%address, %e, "trying the leader's next address");
+                }
+                // A refusal of this device: every process would say the same.
+                Err(_) => break,
+            }
+        }
+        let session = Arc::new(last?);
         *slot = Some(Arc::clone(&session));
         Ok(session)
+    }
+
+    /// The address this transport uses now (or tries first).
+    pub fn current_address(&self) -> String {
+        let addresses = self.addresses();
+        addresses.all[addresses.current].clone()
+    }
+
+    /// The address of each session it opens, as it opens them: it changes when the
+    /// transport moves to another of the leader's addresses.
+    pub fn watch_connected(&self) -> watch::Receiver<Option<String>> {
+        self.connected.subscribe()
+    }
+
+    /// Every address it may reach the leader at, in order.
+    pub fn addresses_known(&self) -> Vec<String> {
+        self.addresses().all.clone()
+    }
+
+    fn addresses(&self) -> std::sync::MutexGuard<'_, Addresses> {
+        self.addresses.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops `session` if it is lost, and moves on to the next address: once, however many
+    /// requests found it lost.
+    async fn forget_if_lost(&self, session: &Arc<Session>) {
+        if !session.is_closed() {
+            return;
+        }
+        let mut slot = self.session.lock().await;
+        if slot.as_ref().is_some_and(|open| Arc::ptr_eq(open, session)) {
+            *slot = None;
+            self.move_on();
+        }
+    }
+
+    /// The next address becomes the one to try first.
+    fn move_on(&self) {
+        let mut addresses = self.addresses();
+        addresses.current = (addresses.current + 1) % addresses.all.len().max(1);
     }
 
     /// Closes the session (the next request opens a new one).
@@ -580,9 +706,7 @@ impl Transport for QuicTransport {
         match session.pull(&request).await {
             Ok(response) => Ok(response),
             Err(e) => {
-                if session.is_closed() {
-                    self.session.lock().await.take();
-                }
+                self.forget_if_lost(&session).await;
                 Err(pull_error(e))
             }
         }
@@ -593,9 +717,7 @@ impl Transport for QuicTransport {
         match session.push(&request).await {
             Ok(response) => Ok(response),
             Err(e) => {
-                if session.is_closed() {
-                    self.session.lock().await.take();
-                }
+                self.forget_if_lost(&session).await;
                 Err(push_error(e))
             }
         }

@@ -16,7 +16,7 @@ mod server;
 mod tls;
 mod token;
 
-pub use client::{Client, ClientConfig, Joined, QuicTransport, Session};
+pub use client::{Client, ClientConfig, FAILOVER_IDLE_TIMEOUT, Joined, QuicTransport, Session};
 pub use frame::{FrameError, Refusal};
 pub use server::{Server, ServerConfig};
 pub use token::{JoinToken, TokenError};
@@ -89,6 +89,25 @@ pub enum TransportError {
 }
 
 impl TransportError {
+    /// Whether the leader may answer at another of its addresses (another server process
+    /// on its database): this one is not reachable, or is not the leader. A refusal of
+    /// this device is not such a failure: every process of the leader would refuse alike.
+    pub fn another_address_may_answer(&self) -> bool {
+        match self {
+            TransportError::Address(_)
+            | TransportError::Unreachable { .. }
+            | TransportError::WrongLeader { .. }
+            | TransportError::Lost(_)
+            | TransportError::Timeout(_)
+            | TransportError::Io(_) => true,
+            TransportError::Refused { code, .. } => *code == Refusal::Internal,
+            TransportError::Config(_)
+            | TransportError::HistoryDiverged(_)
+            | TransportError::Frame(_)
+            | TransportError::Protocol(_) => false,
+        }
+    }
+
     /// A copy of a refusal (the one kind kept and reported again).
     fn clone_refusal(&self) -> TransportError {
         match self {

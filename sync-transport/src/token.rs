@@ -16,8 +16,14 @@ const PREFIX: &str = "syncjoin1.";
 /// The terms of an invite, as a joining device reads them.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinToken {
-    /// Where the leader listens (`host:port`).
+    /// Where the leader listens (`host:port`): the first of `addresses` (what builds that
+    /// know one address only read).
     pub address: String,
+    /// Every address the leader serves on (`host:port`), when it serves from several
+    /// processes (several `Server`s on one PostgreSQL database), in the order to try
+    /// them; empty in tokens of one address and in tokens made by earlier builds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
     /// The leader's key fingerprint (64 hex digits), pinned by the follower.
     pub leader_key: String,
     /// The library.
@@ -34,7 +40,7 @@ impl std::fmt::Debug for JoinToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the secret.
         f.debug_struct("JoinToken")
-            .field("address", &self.address)
+            .field("addresses", &self.addresses())
             .field("leader_key", &self.leader_key)
             .field("library_id", &self.library_id)
             .field("access", &self.access)
@@ -65,8 +71,23 @@ pub enum TokenError {
 impl JoinToken {
     /// The token for `invite`, issued by the leader with key `leader_key` at `address`.
     pub fn new(invite: &Invite, address: &str, leader_key: KeyFingerprint) -> JoinToken {
+        JoinToken::for_addresses(invite, &[address.to_owned()], leader_key)
+    }
+
+    /// The token for `invite`, issued by the leader with key `leader_key`, which serves at
+    /// every one of `addresses` (tried in this order; at least one).
+    pub fn for_addresses(
+        invite: &Invite,
+        addresses: &[String],
+        leader_key: KeyFingerprint,
+    ) -> JoinToken {
         JoinToken {
-            address: address.to_owned(),
+            address: addresses.first().cloned().unwrap_or_default(),
+            addresses: if addresses.len() > 1 {
+                addresses.to_vec()
+            } else {
+                Vec::new()
+            },
             leader_key: leader_key.to_string(),
             library_id: invite.library_id,
             access: invite.access,
@@ -110,6 +131,9 @@ impl JoinToken {
             serde_json::from_slice(&json).map_err(|_| TokenError::Damaged("terms unreadable"))?;
         token.fingerprint()?;
         token.secret_bytes()?;
+        if token.addresses().iter().any(String::is_empty) {
+            return Err(TokenError::Damaged("no address"));
+        }
         if token.expires_at_ms <= chrono::Utc::now().timestamp_millis() {
             return Err(TokenError::Expired(
                 chrono::DateTime::from_timestamp_millis(token.expires_at_ms)
@@ -117,6 +141,15 @@ impl JoinToken {
             ));
         }
         Ok(token)
+    }
+
+    /// Every address the leader serves on, in the order to try them.
+    pub fn addresses(&self) -> Vec<String> {
+        if self.addresses.is_empty() {
+            vec![self.address.clone()]
+        } else {
+            self.addresses.clone()
+        }
     }
 
     /// The pinned leader key.
@@ -155,6 +188,7 @@ mod tests {
     fn token(expires_in_ms: i64) -> JoinToken {
         JoinToken {
             address: "127.0.0.1:7000".into(),
+            addresses: Vec::new(),
             leader_key: "ab".repeat(32),
             library_id: LibraryId::new_random(),
             access: Access::Write,
@@ -167,6 +201,42 @@ mod tests {
     fn a_token_round_trips() {
         let t = token(60_000);
         assert_eq!(JoinToken::decode(&t.encode()).unwrap(), t);
+    }
+
+    #[test]
+    fn a_token_of_several_addresses_round_trips_and_old_tokens_still_decode() {
+        let mut t = token(60_000);
+        t.addresses = vec!["127.0.0.1:7000".into(), "127.0.0.1:7001".into()];
+        let decoded = JoinToken::decode(&t.encode()).unwrap();
+        assert_eq!(decoded, t);
+        assert_eq!(decoded.addresses(), ["127.0.0.1:7000", "127.0.0.1:7001"]);
+        // A token of one address carries no list: what an earlier build made and reads.
+        let one = token(60_000);
+        let text = one.encode();
+        let (terms, _) = text[PREFIX.len()..].split_once('.').unwrap();
+        let json = String::from_utf8(URL_SAFE_NO_PAD.decode(terms).unwrap()).unwrap();
+        assert!(!json.contains("addresses"), "{json}");
+        // An earlier build's token (no `addresses` field) decodes, with its one address.
+        let earlier = serde_json::json!({
+            "address": "10.0.0.1:7447",
+            "leader_key": "ab".repeat(32),
+            "library_id": one.library_id,
+            "access": "read",
+            "secret": "cd".repeat(32),
+            "expires_at_ms": one.expires_at_ms,
+        });
+        let json = serde_json::to_vec(&earlier).unwrap();
+        let hash = blake3::hash(&json);
+        let check = &hash.as_bytes()[..8];
+        let text = format!(
+            "{PREFIX}{}.{}",
+            URL_SAFE_NO_PAD.encode(&json),
+            URL_SAFE_NO_PAD.encode(check)
+        );
+        assert_eq!(
+            JoinToken::decode(&text).unwrap().addresses(),
+            ["10.0.0.1:7447"]
+        );
     }
 
     #[test]

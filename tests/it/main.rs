@@ -20,6 +20,7 @@ mod ordering;
 mod quic;
 mod robust;
 mod roles;
+mod scaleout;
 mod seeds;
 mod set_aside;
 mod simulation;
