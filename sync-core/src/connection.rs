@@ -494,7 +494,15 @@ async fn captured_delete(
         return Err(refused_write(model, model, false));
     };
     let savepoint = txn.begin().await?;
-    let (read, keys) = ops.keys_where(&savepoint, select).await?;
+    let rows = ops.keys_where(&savepoint, select).await?;
+    let read = rows.len() as u64;
+    let mut changes = crate::cascade::on_delete(
+        &savepoint,
+        &library.context,
+        model,
+        rows.iter().map(|(key, _)| key.clone()).collect(),
+    )
+    .await?;
     let result = savepoint.execute_raw(stmt).await?;
     if result.rows_affected() != read {
         savepoint.rollback().await?;
@@ -506,18 +514,19 @@ async fn captured_delete(
         )));
     }
     savepoint.commit().await?;
-    let changes = keys
-        .into_iter()
-        .map(|key| {
-            CapturedChange::delete(
-                model,
-                key,
-                library.context.clock.now(),
-                ops.schema_version(),
-                None,
-            )
-        })
-        .collect();
+    changes.extend(
+        rows.into_iter()
+            .filter(|(_, syncs)| *syncs)
+            .map(|(key, _)| {
+                CapturedChange::delete(
+                    model,
+                    key,
+                    library.context.clock.now(),
+                    ops.schema_version(),
+                    None,
+                )
+            }),
+    );
     Ok((result, changes))
 }
 
@@ -568,11 +577,20 @@ impl SyncConnection {
         let library = self.library();
         let txn = crate::library::begin_write(&library.db).await?;
         let outcome = async {
-            let existed = match write.kind {
-                LoneKind::Delete => (write.reload)(&txn, &self.shared.library.context, &write.key)
-                    .await?
-                    .is_some(),
-                _ => false,
+            let (existed, cascade) = match write.kind {
+                LoneKind::Delete => (
+                    (write.reload)(&txn, &library.context, &write.key)
+                        .await?
+                        .is_some(),
+                    crate::cascade::on_delete(
+                        &txn,
+                        &library.context,
+                        write.model,
+                        vec![write.key.clone()],
+                    )
+                    .await?,
+                ),
+                _ => (false, Vec::new()),
             };
             let out = stmt.run_on(&txn).await?;
             // One model's write touches one row. More means the armed write was not this
@@ -625,14 +643,12 @@ impl SyncConnection {
                     None => None,
                 }
             };
-            Ok::<_, DbErr>((out, change))
+            Ok::<_, DbErr>((out, cascade.into_iter().chain(change).collect()))
         }
         .await;
         match outcome {
-            Ok((out, change)) => {
-                library
-                    .commit_changes(txn, change.into_iter().collect())
-                    .await?;
+            Ok((out, changes)) => {
+                library.commit_changes(txn, changes).await?;
                 Ok(out)
             }
             Err(e) => {
@@ -990,6 +1006,16 @@ impl SyncTransaction {
             .await?;
         let mut deleted = 0;
         for chunk in rows.chunks(BULK_KEYS_MAX) {
+            if let Some(scope) = scope {
+                // What the database's cascades will do, recorded before these deletes.
+                let keys = chunk.iter().map(E::record_key).collect();
+                for change in
+                    crate::cascade::on_delete(&*self.inner, &scope.context, E::SYNC_ID, keys)
+                        .await?
+                {
+                    scope.push(change);
+                }
+            }
             deleted += E::delete_many()
                 .filter(key.is_in(chunk.iter().map(|m| m.get(key))))
                 .exec(&*self.inner)

@@ -389,6 +389,19 @@ impl Library {
             take::Plan::Merge(decision) => decision,
         };
         if let Some(write) = decision.write {
+            if write.op == ChangeOp::Delete {
+                // What the leader's database will cascade goes into the log first.
+                for cascaded in crate::cascade::on_delete(
+                    txn,
+                    &self.context,
+                    ops.sync_id(),
+                    vec![change.record_id.clone()],
+                )
+                .await?
+                {
+                    capture::record(cascaded)?;
+                }
+            }
             let data = write
                 .data
                 .as_ref()
