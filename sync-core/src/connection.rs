@@ -774,9 +774,9 @@ where
 /// refused (see the module docs); use [`SyncTransaction::insert_many`], `update_many`,
 /// `delete_many` for bulk writes.
 ///
-/// It dereferences to the SeaORM `DatabaseTransaction` for code written against that type.
-/// Statements run on that directly are not guarded: hooks handed it are refused outside
-/// `Library::transaction` (inside, they record as before).
+/// It does not dereference to SeaORM's `DatabaseTransaction`: that would let any statement
+/// pass the guard unseen (`txn.deref().execute(..)`, `&*txn`). Code that must have one asks
+/// for it by name, [`SyncTransaction::unguarded`].
 pub struct SyncTransaction {
     /// Boxed, so that its address (which `Library::transaction`'s task-local scope
     /// compares against) stays put when the handle moves.
@@ -810,14 +810,6 @@ impl Drop for Savepoint {
     }
 }
 
-impl std::ops::Deref for SyncTransaction {
-    type Target = DatabaseTransaction;
-
-    fn deref(&self) -> &DatabaseTransaction {
-        &self.inner
-    }
-}
-
 impl SyncTransaction {
     /// Begins a write transaction of `library` with a capture scope of its own.
     pub(crate) async fn begin_for(
@@ -847,6 +839,18 @@ impl SyncTransaction {
             shared,
             savepoint: None,
         })
+    }
+
+    /// The SeaORM transaction inside, without the guard: the escape hatch for code that
+    /// must have a `&DatabaseTransaction`. Statements run on it are not checked: a write
+    /// to a synced table that runs no hooks (`Entity::insert(..).exec`, `update_many`,
+    /// `delete_many`, raw SQL) is not recorded and reaches no other device;
+    /// `Library::audit` finds it on the leader and `Library::repair` records it. Hooked
+    /// writes handed it (`model.insert(txn.unguarded())`) still record inside
+    /// `Library::transaction` and are refused elsewhere. Prefer the `SyncTransaction`
+    /// itself, which implements SeaORM's `ConnectionTrait`.
+    pub fn unguarded(&self) -> &DatabaseTransaction {
+        &self.inner
     }
 
     /// The capture scope (for `Library::run`, which installs it as the task-local too).

@@ -93,7 +93,9 @@ impl Library {
         let this = self.clone();
         let request = request.clone();
         let taken = self
-            .transaction(move |txn| Box::pin(async move { this.take_push(txn, &request).await }))
+            .transaction(move |txn| {
+                Box::pin(async move { this.take_push(txn.unguarded(), &request).await })
+            })
             .await?;
         Ok(PushResponse {
             protocol_version: PROTOCOL_VERSION,
