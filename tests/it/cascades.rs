@@ -524,3 +524,132 @@ async fn cascades(backend: Backend) {
         let _ = example_app::drop_database(&url).await;
     }
 }
+
+/// A model with a PostgreSQL enum column (`CREATE TYPE … AS ENUM`), deleted with its owner.
+pub mod feeling {
+    use sea_orm::entity::prelude::*;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(
+        Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum, Serialize, Deserialize,
+    )]
+    #[sea_orm(rs_type = "String", db_type = "Enum", enum_name = "cas_mood")]
+    pub enum Mood {
+        #[sea_orm(string_value = "calm")]
+        Calm,
+        #[sea_orm(string_value = "glad")]
+        Glad,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, sync_core::Syncable)]
+    #[sea_orm(table_name = "cas_feeling")]
+    #[sync(id = "cas_feeling")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub owner_id: i32,
+        pub mood: Mood,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {
+        #[sea_orm(
+            belongs_to = "super::owner::Entity",
+            from = "Column::OwnerId",
+            to = "super::owner::Column::Id",
+            on_delete = "Cascade"
+        )]
+        Owner,
+    }
+}
+
+/// On PostgreSQL, rows with a native enum column are read as SeaORM reads them (the enum
+/// cast to text) by a captured plain `DELETE` and by a cascade; `SELECT *` could not
+/// decode them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_enum_columns_are_read_by_captured_deletes_and_cascades() {
+    let test = "cascades::postgres_enum_columns_are_read_by_captured_deletes_and_cascades";
+    let Some(server) = server_url(Backend::Postgres, test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let url = example_app::fresh_database(&server, dir.path())
+        .await
+        .expect("fresh database");
+    let db = example_app::connect(&url).await.expect("connect");
+    <sync_migrations::Migrator as sea_orm_migration::MigratorTrait>::up(&db, None)
+        .await
+        .expect("migrate");
+    let schema = Schema::new(db.get_database_backend());
+    for mood in schema.create_enum_from_entity(feeling::Entity) {
+        db.execute(&mood).await.expect("enum type");
+    }
+    db.execute(&schema.create_table_from_entity(owner::Entity))
+        .await
+        .expect("owner table");
+    db.execute(&schema.create_table_from_entity(feeling::Entity))
+        .await
+        .expect("feeling table");
+    let registry = Registry::new()
+        .register::<owner::Entity>()
+        .and_then(|r| r.register::<feeling::Entity>())
+        .expect("distinct sync ids");
+    let library = Library::create(db, "moods", registry)
+        .await
+        .expect("library");
+    let conn = library.connection();
+    let owner = owner::ActiveModel {
+        name: Set("moody".into()),
+        ..Default::default()
+    }
+    .insert(&conn)
+    .await
+    .expect("owner");
+    let mut ids = Vec::new();
+    for mood in [
+        feeling::Mood::Calm,
+        feeling::Mood::Glad,
+        feeling::Mood::Glad,
+    ] {
+        let row = feeling::ActiveModel {
+            id: Set(Uuid::now_v7()),
+            owner_id: Set(owner.id),
+            mood: Set(mood),
+        }
+        .insert(&conn)
+        .await
+        .expect("feeling");
+        ids.push(row.id);
+    }
+    let before = library.latest_seq().await.expect("latest seq");
+    let removed = feeling::Entity::delete_many()
+        .filter(feeling::Column::Mood.eq(feeling::Mood::Calm))
+        .exec(&conn)
+        .await
+        .expect("a plain delete of rows with an enum column");
+    assert_eq!(removed.rows_affected, 1);
+    owner.clone().delete(&conn).await.expect("delete the owner");
+    let log: Vec<(String, ChangeOp, String)> = library
+        .read_log(before, 100)
+        .await
+        .expect("log")
+        .into_iter()
+        .map(|e| (e.model, e.op, e.record_id))
+        .collect();
+    assert_eq!(
+        log,
+        vec![
+            ("cas_feeling".into(), ChangeOp::Delete, ids[0].to_string()),
+            ("cas_feeling".into(), ChangeOp::Delete, ids[1].to_string()),
+            ("cas_feeling".into(), ChangeOp::Delete, ids[2].to_string()),
+            (
+                "cas_owner".into(),
+                ChangeOp::Delete,
+                owner.sync_key.to_string()
+            ),
+        ]
+    );
+    assert!(library.audit().await.expect("audit").is_empty());
+    let _ = library.db().clone().close().await;
+    let _ = example_app::drop_database(&url).await;
+}
