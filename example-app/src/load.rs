@@ -35,8 +35,9 @@ pub struct LoadOptions {
 pub enum WritePath {
     /// `Library::unrecorded`: capture switched off.
     Unsynced,
-    /// `Library::transaction`, writes on the SeaORM `DatabaseTransaction` it dereferences
-    /// to: the hooks find the task-local scope; statements are not guarded.
+    /// `Library::transaction`, writes on the SeaORM `DatabaseTransaction` inside it
+    /// (`SyncTransaction::unguarded`): the hooks find the task-local scope; statements are
+    /// not guarded.
     Transaction,
     /// `Library::transaction`, writes on the `SyncTransaction` itself: hooks find the scope
     /// by probing it, and every statement passes the hook-less write guard.
@@ -162,12 +163,12 @@ async fn write_share(
         match path {
             WritePath::Unsynced => {
                 library
-                    .unrecorded(move |txn| Box::pin(apply_all(&**txn, ops)))
+                    .unrecorded(move |txn| Box::pin(apply_all(txn.unguarded(), ops)))
                     .await?
             }
             WritePath::Transaction => {
                 library
-                    .transaction(move |txn| Box::pin(apply_all(&**txn, ops)))
+                    .transaction(move |txn| Box::pin(apply_all(txn.unguarded(), ops)))
                     .await?
             }
             WritePath::Guarded => {

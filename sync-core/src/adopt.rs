@@ -226,7 +226,7 @@ impl Library {
                         // One initial state, also when two processes open at once: the
                         // second waits for the first here, then finds its entries.
                         if txn.get_database_backend() != sea_orm::DbBackend::Sqlite {
-                            crate::backend::take_turns(txn, library_id).await?;
+                            crate::backend::take_turns(txn.unguarded(), library_id).await?;
                         }
                         let logged = log::Entity::find()
                             .filter(log::Column::LibraryId.eq(library_id.to_string()))
@@ -249,7 +249,7 @@ impl Library {
                         }
                     }
                     for (ops, record_id) in &targets {
-                        ops.record_again(txn, record_id).await?;
+                        ops.record_again(txn.unguarded(), record_id).await?;
                     }
                     Ok(targets.len())
                 })

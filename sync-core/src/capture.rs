@@ -62,8 +62,17 @@ struct Buffer {
     /// `update_without_returning` calls, and the row is read back.
     pending_saves: HashMap<(&'static str, String), PendingSave>,
     /// Deletes whose `before_delete` found the row; `after_delete` records only these.
-    pending_deletes: HashMap<(&'static str, String), ()>,
+    pending_deletes: HashMap<(&'static str, String), PendingDelete>,
     changes: Vec<CapturedChange>,
+}
+
+/// A delete whose row `before_delete` found.
+struct PendingDelete {
+    /// Whether the row synced (its filter let it): only then is its delete recorded.
+    syncs: bool,
+    /// What the database's cascades will do to other synced rows (`cascade::on_delete`),
+    /// recorded before the delete itself.
+    cascade: Vec<CapturedChange>,
 }
 
 struct PendingSave {
@@ -561,10 +570,16 @@ where
     };
     // The row lock (PostgreSQL, MySQL; SQLite has one writer anyway) makes a concurrent
     // delete of the same row wait, then find nothing: one delete entry, not two.
-    let existing = query.lock_exclusive().one(db).await?;
-    if existing.as_ref().is_some_and(|m| E::should_sync(m)) {
-        scope.buffer().pending_deletes.insert((E::SYNC_ID, key), ());
-    }
+    let syncs = match query.lock_exclusive().one(db).await? {
+        Some(model) => E::should_sync(&model),
+        None => return Ok(active),
+    };
+    let cascade =
+        crate::cascade::on_delete(db, &scope.context, E::SYNC_ID, vec![key.clone()]).await?;
+    scope
+        .buffer()
+        .pending_deletes
+        .insert((E::SYNC_ID, key), PendingDelete { syncs, cascade });
     Ok(active)
 }
 
@@ -591,15 +606,16 @@ where
     let Some(key) = E::active_key(&active) else {
         return Ok(active);
     };
-    let existed = {
+    let pending = {
         let mut buffer = scope.buffer();
         buffer.pending_saves.remove(&(E::SYNC_ID, key.clone()));
-        buffer
-            .pending_deletes
-            .remove(&(E::SYNC_ID, key.clone()))
-            .is_some()
+        buffer.pending_deletes.remove(&(E::SYNC_ID, key.clone()))
     };
-    if existed {
+    let Some(pending) = pending else {
+        return Ok(active);
+    };
+    scope.buffer().changes.extend(pending.cascade);
+    if pending.syncs {
         let change = CapturedChange::delete(
             E::SYNC_ID,
             key,

@@ -144,7 +144,7 @@ impl Library {
                     .await?
                     .ok_or_else(|| ResolveError::NotFound(id.clone()))?;
                 if let Some(values) = values {
-                    ops.set_fields(txn, &open.record_id, &values)
+                    ops.set_fields(txn.unguarded(), &open.record_id, &values)
                         .await
                         .map_err(|e| match e {
                             crate::registry::ApplyFailure::Db(e) => ResolveError::Db(e),

@@ -488,7 +488,15 @@ async fn captured_delete(
         return Err(refused_write(model, model, false));
     };
     let savepoint = txn.begin().await?;
-    let (read, keys) = ops.keys_where(&savepoint, select).await?;
+    let rows = ops.keys_where(&savepoint, select).await?;
+    let read = rows.len() as u64;
+    let mut changes = crate::cascade::on_delete(
+        &savepoint,
+        &library.context,
+        model,
+        rows.iter().map(|(key, _)| key.clone()).collect(),
+    )
+    .await?;
     let result = savepoint.execute_raw(stmt).await?;
     if result.rows_affected() != read {
         savepoint.rollback().await?;
@@ -500,18 +508,19 @@ async fn captured_delete(
         )));
     }
     savepoint.commit().await?;
-    let changes = keys
-        .into_iter()
-        .map(|key| {
-            CapturedChange::delete(
-                model,
-                key,
-                library.context.clock.now(),
-                ops.schema_version(),
-                None,
-            )
-        })
-        .collect();
+    changes.extend(
+        rows.into_iter()
+            .filter(|(_, syncs)| *syncs)
+            .map(|(key, _)| {
+                CapturedChange::delete(
+                    model,
+                    key,
+                    library.context.clock.now(),
+                    ops.schema_version(),
+                    None,
+                )
+            }),
+    );
     Ok((result, changes))
 }
 
@@ -562,11 +571,20 @@ impl SyncConnection {
         let library = self.library();
         let txn = crate::library::begin_write(&library.db).await?;
         let outcome = async {
-            let existed = match write.kind {
-                LoneKind::Delete => (write.reload)(&txn, &self.shared.library.context, &write.key)
-                    .await?
-                    .is_some(),
-                _ => false,
+            let (existed, cascade) = match write.kind {
+                LoneKind::Delete => (
+                    (write.reload)(&txn, &library.context, &write.key)
+                        .await?
+                        .is_some(),
+                    crate::cascade::on_delete(
+                        &txn,
+                        &library.context,
+                        write.model,
+                        vec![write.key.clone()],
+                    )
+                    .await?,
+                ),
+                _ => (false, Vec::new()),
             };
             let out = stmt.run_on(&txn).await?;
             // One model's write touches one row. More means the armed write was not this
@@ -619,14 +637,12 @@ impl SyncConnection {
                     None => None,
                 }
             };
-            Ok::<_, DbErr>((out, change))
+            Ok::<_, DbErr>((out, cascade.into_iter().chain(change).collect()))
         }
         .await;
         match outcome {
-            Ok((out, change)) => {
-                library
-                    .commit_changes(txn, change.into_iter().collect())
-                    .await?;
+            Ok((out, changes)) => {
+                library.commit_changes(txn, changes).await?;
                 Ok(out)
             }
             Err(e) => {
@@ -752,9 +768,9 @@ where
 /// refused (see the module docs); use [`SyncTransaction::insert_many`], `update_many`,
 /// `delete_many` for bulk writes.
 ///
-/// It dereferences to the SeaORM `DatabaseTransaction` for code written against that type.
-/// Statements run on that directly are not guarded: hooks handed it are refused outside
-/// `Library::transaction` (inside, they record as before).
+/// It does not dereference to SeaORM's `DatabaseTransaction`: that would let any statement
+/// pass the guard unseen (`txn.deref().execute(..)`, `&*txn`). Code that must have one asks
+/// for it by name, [`SyncTransaction::unguarded`].
 pub struct SyncTransaction {
     /// Boxed, so that its address (which `Library::transaction`'s task-local scope
     /// compares against) stays put when the handle moves.
@@ -788,14 +804,6 @@ impl Drop for Savepoint {
     }
 }
 
-impl std::ops::Deref for SyncTransaction {
-    type Target = DatabaseTransaction;
-
-    fn deref(&self) -> &DatabaseTransaction {
-        &self.inner
-    }
-}
-
 impl SyncTransaction {
     /// Begins a write transaction of `library` with a capture scope of its own.
     pub(crate) async fn begin_for(
@@ -825,6 +833,18 @@ impl SyncTransaction {
             shared,
             savepoint: None,
         })
+    }
+
+    /// The SeaORM transaction inside, without the guard: the escape hatch for code that
+    /// must have a `&DatabaseTransaction`. Statements run on it are not checked: a write
+    /// to a synced table that runs no hooks (`Entity::insert(..).exec`, `update_many`,
+    /// `delete_many`, raw SQL) is not recorded and reaches no other device;
+    /// `Library::audit` finds it on the leader and `Library::repair` records it. Hooked
+    /// writes handed it (`model.insert(txn.unguarded())`) still record inside
+    /// `Library::transaction` and are refused elsewhere. Prefer the `SyncTransaction`
+    /// itself, which implements SeaORM's `ConnectionTrait`.
+    pub fn unguarded(&self) -> &DatabaseTransaction {
+        &self.inner
     }
 
     /// The capture scope (for `Library::run`, which installs it as the task-local too).
@@ -977,6 +997,16 @@ impl SyncTransaction {
             .await?;
         let mut deleted = 0;
         for chunk in rows.chunks(BULK_KEYS_MAX) {
+            if let Some(scope) = scope {
+                // What the database's cascades will do, recorded before these deletes.
+                let keys = chunk.iter().map(E::record_key).collect();
+                for change in
+                    crate::cascade::on_delete(&*self.inner, &scope.context, E::SYNC_ID, keys)
+                        .await?
+                {
+                    scope.push(change);
+                }
+            }
             deleted += E::delete_many()
                 .filter(key.is_in(chunk.iter().map(|m| m.get(key))))
                 .exec(&*self.inner)

@@ -28,6 +28,7 @@ mod adopt;
 mod backend;
 mod canonical;
 mod capture;
+mod cascade;
 mod commits;
 mod conflicts;
 mod connection;

@@ -450,7 +450,7 @@ impl Library {
         let record_id = record_id.to_owned();
         let upsert = self
             .transaction(move |txn| {
-                Box::pin(async move { ops.record_again(txn, &record_id).await })
+                Box::pin(async move { ops.record_again(txn.unguarded(), &record_id).await })
             })
             .await?;
         Ok(if upsert {
@@ -688,7 +688,7 @@ impl Library {
         self.transaction(move |txn| {
             Box::pin(async move {
                 for (ops, record_id) in &targets {
-                    ops.record_again(txn, record_id).await?;
+                    ops.record_again(txn.unguarded(), record_id).await?;
                 }
                 Ok::<_, DbErr>(())
             })

@@ -5,9 +5,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use sea_orm::sea_query::SelectStatement;
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, QueryTrait,
-    Statement,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, QueryResult,
+    QueryTrait, Statement,
 };
 
 use std::collections::HashSet;
@@ -43,6 +44,23 @@ pub(crate) trait ModelOps: Send + Sync {
     /// The model's belongs-to relations of one column: `(column, parent table, parent
     /// column)`.
     fn belongs_to(&self) -> Vec<(String, String, String)>;
+    /// The model's belongs-to relations of one column whose `on_delete` is `Cascade` or
+    /// `SetNull`: `(column, parent table, parent column, action)` (see `cascade.rs`).
+    fn on_delete(&self) -> Vec<(String, String, String, crate::cascade::Action)>;
+    /// `SELECT column FROM` this model's table `WHERE` its key is one of `keys` (keys that
+    /// do not parse are left out): the values its dependents' references hold.
+    fn select_column_of(&self, column: &str, keys: &[String]) -> SelectStatement;
+    /// The `SELECT` of this model's rows (every column, as SeaORM reads them) whose `column`
+    /// is one of the values `parents` selects, locked where the backend has row locks.
+    fn select_referring(
+        &self,
+        backend: DbBackend,
+        column: &str,
+        parents: SelectStatement,
+    ) -> Statement;
+    /// Rows that `select_referring` read: each one's record key, whether its filter lets
+    /// it sync, and its synced fields in canonical form (references not yet translated).
+    fn decode_rows(&self, rows: Vec<QueryResult>) -> Result<Vec<crate::cascade::Row>, DbErr>;
     /// The references to translate, found by `Registry::resolved`.
     fn references(&self) -> &[ForeignRef];
     /// The same model with these references.
@@ -62,14 +80,15 @@ pub(crate) trait ModelOps: Send + Sync {
         emit: &mut dyn FnMut(Step) -> bool,
     ) -> Result<(), (Seq, ApplyFailure)>;
     fn key_field(&self) -> &'static str;
-    /// The rows `select` (a `SELECT * FROM` this model's table) reads, in `txn`: how many,
-    /// and the record keys of those the model's filter lets sync. How the handle captures
-    /// a plain `DELETE` statement (`connection.rs`).
+    /// The rows `select` (a `SELECT * FROM` this model's table) reads, in `txn`: each one's
+    /// record key and whether the model's filter lets it sync. The `*` is replaced by the
+    /// columns as SeaORM selects them (a PostgreSQL enum column is read as text). How the
+    /// handle captures a plain `DELETE` statement (`connection.rs`).
     fn keys_where<'a>(
         &'a self,
         txn: &'a DatabaseTransaction,
         select: Statement,
-    ) -> BoxFuture<'a, Result<(u64, Vec<String>), DbErr>>;
+    ) -> BoxFuture<'a, Result<Vec<(String, bool)>, DbErr>>;
     /// The record's synced fields, read with a row lock; `None` if it does not exist (or
     /// the model's filter excludes it).
     fn current<'a>(
@@ -308,6 +327,76 @@ where
             })
             .collect()
     }
+    fn on_delete(&self) -> Vec<(String, String, String, crate::cascade::Action)> {
+        use sea_orm::sea_query::ForeignKeyAction;
+        use sea_orm::{Identity, RelationTrait, RelationType};
+        E::Relation::iter()
+            .map(|r| r.def())
+            .filter(|def| def.rel_type == RelationType::HasOne && !def.is_owner)
+            .filter_map(|def| {
+                let action = match def.on_delete {
+                    Some(ForeignKeyAction::Cascade) => crate::cascade::Action::Cascade,
+                    Some(ForeignKeyAction::SetNull) => crate::cascade::Action::SetNull,
+                    _ => return None,
+                };
+                match (&def.from_col, &def.to_col) {
+                    (Identity::Unary(from), Identity::Unary(to)) => Some((
+                        from.inner().into_owned(),
+                        def.to_tbl.sea_orm_table().inner().into_owned(),
+                        to.inner().into_owned(),
+                        action,
+                    )),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+    fn select_column_of(&self, column: &str, keys: &[String]) -> SelectStatement {
+        use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
+        let key_column =
+            crate::syncable::key_column::<E>().map_or(E::KEY_FIELD, |c| IdenStatic::as_str(&c));
+        let values: Vec<sea_orm::Value> = keys
+            .iter()
+            .filter_map(|key| E::parse_key(key).map(Into::into))
+            .collect();
+        Query::select()
+            .column(Alias::new(column))
+            .from(E::default())
+            .and_where(Expr::col(Alias::new(key_column)).is_in(values))
+            .to_owned()
+    }
+    fn select_referring(
+        &self,
+        backend: DbBackend,
+        column: &str,
+        parents: SelectStatement,
+    ) -> Statement {
+        use sea_orm::QueryFilter;
+        use sea_orm::sea_query::{Alias, Expr, ExprTrait};
+        E::find()
+            .filter(Expr::col((E::default(), Alias::new(column))).in_subquery(parents))
+            .lock_exclusive()
+            .build(backend)
+    }
+    fn decode_rows(&self, rows: Vec<QueryResult>) -> Result<Vec<crate::cascade::Row>, DbErr> {
+        use sea_orm::FromQueryResult;
+        rows.iter()
+            .map(|row| {
+                let model = E::Model::from_query_result(row, "")?;
+                let fields = crate::canonical::sync_json::<E>(&model).map_err(|e| {
+                    DbErr::Json(format!(
+                        "cannot serialise synced fields of `{}`: {e}",
+                        E::SYNC_ID
+                    ))
+                })?;
+                Ok(crate::cascade::Row {
+                    key: E::record_key(&model),
+                    syncs: E::should_sync(&model),
+                    fields,
+                })
+            })
+            .collect()
+    }
     fn references(&self) -> &[ForeignRef] {
         &self.refs
     }
@@ -340,15 +429,25 @@ where
         &'a self,
         txn: &'a DatabaseTransaction,
         select: Statement,
-    ) -> BoxFuture<'a, Result<(u64, Vec<String>), DbErr>> {
+    ) -> BoxFuture<'a, Result<Vec<(String, bool)>, DbErr>> {
         Box::pin(async move {
+            let mut select = select;
+            if let Some(rest) = select.sql.strip_prefix("SELECT * ") {
+                // SeaORM's own column list: `SELECT *` would read a PostgreSQL enum column
+                // as its enum type, which the model's `String`-backed field cannot decode.
+                let columns = E::find().build(select.db_backend).sql;
+                if let Some(list) = columns
+                    .strip_prefix("SELECT ")
+                    .and_then(|c| c.rfind(" FROM ").map(|at| &c[..at]))
+                {
+                    select.sql = format!("SELECT {list} {rest}");
+                }
+            }
             let rows = E::find().from_raw_sql(select).all(txn).await?;
-            let keys = rows
+            Ok(rows
                 .iter()
-                .filter(|m| E::should_sync(m))
-                .map(E::record_key)
-                .collect();
-            Ok((rows.len() as u64, keys))
+                .map(|m| (E::record_key(m), E::should_sync(m)))
+                .collect())
         })
     }
     fn current<'a>(
@@ -995,6 +1094,9 @@ pub struct Registry {
     models: BTreeMap<&'static str, Arc<dyn ModelOps>>,
     /// Synced models by table name: the tables a `SyncTransaction` guards.
     tables: BTreeMap<&'static str, &'static str>,
+    /// By parent model: the synced models whose rows the database deletes or nulls when a
+    /// row of it is deleted (found by `resolved`; see `cascade.rs`).
+    dependents: BTreeMap<&'static str, Vec<crate::cascade::Dependent>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -1117,7 +1219,13 @@ impl Registry {
                 *ops = ops.with_references(refs);
             }
         }
+        self.dependents = crate::cascade::dependents(&self);
         self
+    }
+
+    /// The models whose rows reference `parent`'s with `ON DELETE CASCADE` or `SET NULL`.
+    pub(crate) fn dependents(&self, parent: &str) -> &[crate::cascade::Dependent] {
+        self.dependents.get(parent).map_or(&[], Vec::as_slice)
     }
 
     /// The references of a model (see `resolved`).

@@ -88,7 +88,9 @@ impl Library {
         let this = self.clone();
         let request = request.clone();
         let taken = self
-            .transaction(move |txn| Box::pin(async move { this.take_push(txn, &request).await }))
+            .transaction(move |txn| {
+                Box::pin(async move { this.take_push(txn.unguarded(), &request).await })
+            })
             .await?;
         Ok(PushResponse {
             protocol_version: PROTOCOL_VERSION,
@@ -384,6 +386,19 @@ impl Library {
             take::Plan::Merge(decision) => decision,
         };
         if let Some(write) = decision.write {
+            if write.op == ChangeOp::Delete {
+                // What the leader's database will cascade goes into the log first.
+                for cascaded in crate::cascade::on_delete(
+                    txn,
+                    &self.context,
+                    ops.sync_id(),
+                    vec![change.record_id.clone()],
+                )
+                .await?
+                {
+                    capture::record(cascaded)?;
+                }
+            }
             let data = write
                 .data
                 .as_ref()

@@ -7,6 +7,7 @@
 
 mod all_types;
 mod capture;
+mod cascades;
 mod crowd;
 mod dense;
 mod derive;
