@@ -136,6 +136,41 @@ impl FromStr for KeyFingerprint {
     }
 }
 
+/// This device's key pair, made on first use and kept in `sync_local`. Processes that
+/// share a database are one device with one key, however many make it at once.
+pub(crate) async fn ensure_device_key(
+    db: &sea_orm::DatabaseConnection,
+) -> Result<DeviceKey, crate::OpenError> {
+    use sea_orm::EntityTrait;
+    if let Some(pem) = crate::library::get_local(db, crate::library::LOCAL_DEVICE_KEY).await? {
+        return DeviceKey::from_pem(&pem).map_err(|e| crate::OpenError::Corrupt(e.to_string()));
+    }
+    let key = DeviceKey::generate().map_err(|e| crate::OpenError::Corrupt(e.to_string()))?;
+    // Several processes making the key at once (server processes sharing one PostgreSQL
+    // database are one device): the first one stored wins, and every process reads that
+    // one back. Insert-if-absent as a statement of its own, then a fresh read: a read and
+    // an upsert in one transaction let a later process overwrite the key an earlier one
+    // had already committed and used (PostgreSQL's read committed), or miss it (MySQL's
+    // snapshot).
+    // (A plain insert: it fails on the key another process stored first, and that one is
+    // read back; `ON CONFLICT DO NOTHING` has no form MariaDB accepts.)
+    let stored = crate::tables::local::Entity::insert(crate::tables::local::ActiveModel {
+        key: sea_orm::ActiveValue::Set(crate::library::LOCAL_DEVICE_KEY.to_owned()),
+        value: sea_orm::ActiveValue::Set(key.to_pem()),
+    })
+    .exec_without_returning(db)
+    .await;
+    match crate::library::get_local(db, crate::library::LOCAL_DEVICE_KEY).await? {
+        Some(pem) => {
+            DeviceKey::from_pem(&pem).map_err(|e| crate::OpenError::Corrupt(e.to_string()))
+        }
+        None => Err(match stored {
+            Err(e) => e.into(),
+            Ok(_) => crate::OpenError::Corrupt("the device key vanished as it was stored".into()),
+        }),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -49,6 +49,7 @@ mod merge;
 pub mod metrics;
 mod outbox;
 mod parked;
+mod peers;
 mod protocol;
 mod registry;
 mod roles;

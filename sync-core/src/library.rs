@@ -27,7 +27,7 @@ use crate::{DeviceId, DeviceKey, Hlc, HlcClock, LibraryId, Seq};
 /// statement suddenly costs tens of milliseconds. 16 rows keep well inside the fast range.
 pub(crate) const LOG_INSERT_ROWS_MAX: usize = 16;
 
-const LOCAL_DEVICE_KEY: &str = "device_key";
+pub(crate) const LOCAL_DEVICE_KEY: &str = "device_key";
 pub(crate) const LOCAL_DEFAULT_LIBRARY: &str = "default_library";
 
 /// A boxed future borrowing the transaction, as `Library::transaction` takes it.
@@ -87,7 +87,7 @@ pub struct Library {
     /// Bumped when a write enters this follower's outbox, so the follow loop pushes.
     outbox_news: Arc<watch::Sender<u64>>,
     /// Leader: followers' positions seen since the last write of `sync_peer`.
-    pub(crate) peer_positions: Arc<crate::members::PeerPositions>,
+    pub(crate) peer_positions: Arc<crate::peers::PeerPositions>,
     /// Leader: admission checks asked for together, read together.
     pub(crate) admissions: Arc<crate::members::AdmissionReads>,
     /// Leader: the log ranges (and latest seq) that pulls ask for together, read once.
@@ -844,7 +844,10 @@ pub(crate) fn entry_from_row(row: log::Model) -> Result<LogEntry, LogError> {
     })
 }
 
-async fn get_local<C: ConnectionTrait>(db: &C, key: &str) -> Result<Option<String>, OpenError> {
+pub(crate) async fn get_local<C: ConnectionTrait>(
+    db: &C,
+    key: &str,
+) -> Result<Option<String>, OpenError> {
     match local::Entity::find_by_id(key.to_owned()).one(db).await {
         Ok(row) => Ok(row.map(|r| r.value)),
         Err(e) if is_missing_table(&e) => Err(OpenError::NotMigrated(e)),
@@ -971,34 +974,7 @@ pub(crate) async fn ensure_device_id(db: &DatabaseConnection) -> Result<DeviceId
     Ok(ensure_device_key(db).await?.device_id())
 }
 
-/// This device's key pair, made on first use and kept in `sync_local`.
-pub(crate) async fn ensure_device_key(db: &DatabaseConnection) -> Result<DeviceKey, OpenError> {
-    if let Some(pem) = get_local(db, LOCAL_DEVICE_KEY).await? {
-        return DeviceKey::from_pem(&pem).map_err(|e| OpenError::Corrupt(e.to_string()));
-    }
-    let key = DeviceKey::generate().map_err(|e| OpenError::Corrupt(e.to_string()))?;
-    // Several processes making the key at once (server processes sharing one PostgreSQL
-    // database are one device): the first one stored wins, and every process reads that
-    // one back. Insert-if-absent as a statement of its own, then a fresh read: a read and
-    // an upsert in one transaction let a later process overwrite the key an earlier one
-    // had already committed and used (PostgreSQL's read committed), or miss it (MySQL's
-    // snapshot).
-    // (A plain insert: it fails on the key another process stored first, and that one is
-    // read back; `ON CONFLICT DO NOTHING` has no form MariaDB accepts.)
-    let stored = local::Entity::insert(local::ActiveModel {
-        key: Set(LOCAL_DEVICE_KEY.to_owned()),
-        value: Set(key.to_pem()),
-    })
-    .exec_without_returning(db)
-    .await;
-    match get_local(db, LOCAL_DEVICE_KEY).await? {
-        Some(pem) => DeviceKey::from_pem(&pem).map_err(|e| OpenError::Corrupt(e.to_string())),
-        None => Err(match stored {
-            Err(e) => e.into(),
-            Ok(_) => OpenError::Corrupt("the device key vanished as it was stored".into()),
-        }),
-    }
-}
+pub(crate) use crate::identity::ensure_device_key;
 
 fn is_missing_table(e: &DbErr) -> bool {
     let text = e.to_string();
