@@ -41,6 +41,7 @@ mod hlc;
 mod identity;
 mod ids;
 mod in_process;
+mod leadership;
 mod library;
 mod members;
 mod merge;
@@ -72,9 +73,13 @@ pub use follow_loop::{
 };
 pub use follower::{APPLY_GROUP_ENTRIES, Applied, ApplyError, PULLS_AHEAD, Position, SyncError};
 pub use hlc::{Hlc, HlcClock, WallClock};
-pub use identity::{BadFingerprint, DeviceKey, KeyError, KeyFingerprint};
-pub use ids::{DeviceId, LibraryId, Seq};
+pub use identity::{BadFingerprint, DeviceKey, KeyError, KeyFingerprint, verify_signature};
+pub use ids::{DeviceId, Epoch, LibraryId, Seq};
 pub use in_process::InProcess;
+pub use leadership::{
+    LEADER_MODEL, Leadership, MEMBER_MODEL, MemberRecord, MoveKind, MoveRecord, MoveTerms,
+    RESERVED_MODEL_PREFIX, RESERVED_SCHEMA_VERSION, is_reserved_model,
+};
 pub use library::{Drift, DriftKind, LatestSeq, Library, Role, Status, TxnFuture};
 pub use members::{Access, Admission, Invite, InviteError, Member, MemberError};
 pub use outbox::PushOutcome;

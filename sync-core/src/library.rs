@@ -75,7 +75,9 @@ pub struct Library {
     pub(crate) db: DatabaseConnection,
     pub(crate) registry: Arc<Registry>,
     pub(crate) context: Arc<CaptureContext>,
-    pub(crate) role: Role,
+    /// Who leads and in which epoch (the role follows from it); shared by clones, and
+    /// changed at runtime by a move.
+    pub(crate) leadership: crate::leadership::SharedLeadership,
     /// Shared by clones: the newest entry this handle has seen committed.
     tip: Arc<watch::Sender<Tip>>,
     /// PostgreSQL only: numbers pending entries.
@@ -207,11 +209,15 @@ impl Library {
         registry: Registry,
     ) -> Result<Library, OpenError> {
         let device_id = ensure_device_id(&db).await?;
-        let row = library::Entity::find_by_id(library_id.to_string())
+        if library::Entity::find_by_id(library_id.to_string())
             .one(&db)
             .await?
-            .ok_or(OpenError::UnknownLibrary(library_id))?;
-        let role = if row.leader_device_id == device_id.to_string() {
+            .is_none()
+        {
+            return Err(OpenError::UnknownLibrary(library_id));
+        }
+        let leadership = crate::leadership::load_leadership(&db, library_id).await?;
+        let role = if leadership.leader == device_id {
             Role::Leader
         } else {
             Role::Follower
@@ -288,7 +294,7 @@ impl Library {
             db,
             registry,
             context,
-            role,
+            leadership: Arc::new(std::sync::RwLock::new(leadership)),
             tip,
             sequencer,
             kick,
@@ -299,6 +305,7 @@ impl Library {
             pull_reads: Arc::default(),
         };
         library.adopt_earlier_rows().await?;
+        library.log_membership_once().await?;
         Ok(library)
     }
 
@@ -333,9 +340,10 @@ impl Library {
         ensure_device_key(db).await
     }
 
-    /// Leader or follower.
+    /// Leader or follower: whether this device is the library's current leader (see
+    /// [`Library::leadership`]; it changes when leadership moves).
     pub fn role(&self) -> Role {
-        self.role
+        self.role_of(&self.leadership())
     }
 
     /// Runs `work` in a transaction whose writes to synced models are recorded in the log,
@@ -479,8 +487,9 @@ impl Library {
         if changes.is_empty() {
             return Ok(Appended::Nothing);
         }
-        if self.role != Role::Leader {
-            // A follower's writes wait in its outbox for the leader to sequence them.
+        if !self.sequences() {
+            // A follower's writes wait in its outbox for the leader to sequence them (so do
+            // a replaced leader's).
             self.append_outbox(txn, changes).await?;
             return Ok(Appended::Outbox);
         }
@@ -600,7 +609,7 @@ impl Library {
     /// Leader or follower, ids and the latest seq.
     pub async fn status(&self) -> Result<Status, LogError> {
         Ok(Status {
-            role: self.role,
+            role: self.role(),
             library_id: self.context.library_id,
             device_id: self.context.device_id,
             latest_seq: self.latest_seq().await?,
@@ -631,7 +640,7 @@ impl Library {
     /// `LogError::FollowerKeepsNoLog` rather than told every row is unlogged. A write-role
     /// follower repairs records it knows about with `repair` (their state goes to its outbox).
     pub async fn audit(&self) -> Result<Vec<Drift>, LogError> {
-        if self.role != Role::Leader {
+        if self.role() != Role::Leader {
             return Err(LogError::FollowerKeepsNoLog(self.context.library_id));
         }
         // The last logged data of every record, read page by page.
@@ -935,7 +944,8 @@ async fn default_library_id(db: &DatabaseConnection) -> Result<Option<LibraryId>
 /// Records a new library led by this device and makes it the database's default library;
 /// refused when the database already holds a library.
 async fn new_library(db: &DatabaseConnection, name: &str) -> Result<LibraryId, OpenError> {
-    let device_id = ensure_device_id(db).await?;
+    let key = ensure_device_key(db).await?.fingerprint();
+    let device_id = key.device_id();
     let library_id = LibraryId(uuid::Uuid::now_v7());
     let now_ms = chrono::Utc::now().timestamp_millis();
     // SQLite: the write lock from BEGIN on, so that of two processes creating at once the
@@ -960,6 +970,8 @@ async fn new_library(db: &DatabaseConnection, name: &str) -> Result<LibraryId, O
         name: Set(name.to_owned()),
         leader_device_id: Set(device_id.to_string()),
         created_at_ms: Set(now_ms),
+        epoch: Set(crate::Epoch::FIRST.0 as i64),
+        epoch_start_seq: Set(0),
     }
     .insert_into(&txn)
     .await?;
@@ -970,6 +982,8 @@ async fn new_library(db: &DatabaseConnection, name: &str) -> Result<LibraryId, O
         name: Set(None),
         added_at_ms: Set(now_ms),
         revoked_at_ms: Set(None),
+        key: Set(Some(key.to_string())),
+        addresses: Set(None),
     }
     .insert_into(&txn)
     .await?;

@@ -14,7 +14,7 @@ use crate::members::{Invite, InviteError, MemberError};
 use crate::outbox::PushOutcome;
 use crate::parked::{ParkError, Retried};
 use crate::protocol::{PullError, PullRequest, PullResponse, PushError, PushRequest, PushResponse};
-use crate::{Access, DeviceId, Library, LibraryId, Role, Seq, Transport};
+use crate::{Access, DeviceId, KeyFingerprint, Library, LibraryId, Role, Seq, Transport};
 
 /// An operation for one role was asked of a library this device holds in the other.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -106,15 +106,17 @@ impl LeaderView {
         self.0.invite(access, ttl).await
     }
 
-    /// Redeems an invite's secret for `device`: admits it with the access issued, once.
+    /// Redeems an invite's secret for the device whose key has fingerprint `key` (the
+    /// device id derives from it): admits it with the access issued, once. The member's
+    /// key replicates to every member with the membership.
     pub async fn redeem_invite(
         &self,
         secret: &[u8; 32],
         claimed: Access,
-        device: DeviceId,
+        key: KeyFingerprint,
         name: Option<&str>,
     ) -> Result<Access, InviteError> {
-        self.0.redeem_invite(secret, claimed, device, name).await
+        self.0.redeem_invite(secret, claimed, key, name).await
     }
 
     /// Revokes a member: nothing more is served to it.

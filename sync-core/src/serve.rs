@@ -50,6 +50,13 @@ impl Library {
         if request.library_id != self.id() {
             return Err(PullError::NotLeader(request.library_id));
         }
+        if let Some(epoch) = self
+            .fenced_by(request.epoch)
+            .await
+            .map_err(LogError::from)?
+        {
+            return Err(PullError::Superseded { epoch });
+        }
         let limit = request.limit.clamp(1, PULL_ENTRIES_MAX);
         let max_bytes = request.max_bytes.clamp(1, PULL_BYTES_MAX) as usize;
         // From a position past the start, the entry at the position is read too: the
@@ -95,7 +102,24 @@ impl Library {
             library_id: self.id(),
             items,
             latest_seq,
+            epoch: self.epoch(),
         })
+    }
+
+    /// Whether this leader must refuse a request stating `stated`: it has been replaced
+    /// (the request, or an earlier one, stated a newer epoch). The newer epoch, if so.
+    pub(crate) async fn fenced_by(
+        &self,
+        stated: crate::Epoch,
+    ) -> Result<Option<crate::Epoch>, DbErr> {
+        let leadership = self.leadership();
+        match crate::decide::epoch::on_request(leadership.epoch, leadership.superseded_by, stated) {
+            crate::decide::epoch::OnRequest::Serve => Ok(None),
+            crate::decide::epoch::OnRequest::Superseded(newer) => {
+                self.note_superseded(newer).await?;
+                Ok(Some(newer))
+            }
+        }
     }
 }
 
@@ -177,7 +201,12 @@ pub(crate) fn select(
     models: Option<&[String]>,
     registry: &Registry,
 ) -> Vec<PulledItem> {
-    let wanted = |model: &str| models.is_none_or(|m| m.iter().any(|w| w == model));
+    // sync-core's reserved entries (membership, move records) reach every follower,
+    // whatever models it asked for.
+    let wanted = |model: &str| {
+        crate::leadership::is_reserved_model(model)
+            || models.is_none_or(|m| m.iter().any(|w| w == model))
+    };
     // Walking backwards: per record, which fields later entries overwrite (None: all).
     let mut covered: HashMap<(&str, &str), Option<HashSet<&str>>> = HashMap::new();
     let mut keep = vec![false; entries.len()];
@@ -202,8 +231,12 @@ pub(crate) fn select(
         };
         keep[i] = !superseded;
         let rule = registry.describe(&entry.model).map(|(rule, _)| rule);
+        let reserved = crate::leadership::is_reserved_model(&entry.model);
         let this_covers = match entry.op {
             ChangeOp::Delete => None,
+            // A reserved entry is its record whole (a member's row; a move record's
+            // record id is its epoch, never written twice).
+            ChangeOp::Upsert if reserved => None,
             // A whole-record upsert of a model this build knows rewrites every field.
             ChangeOp::Upsert if rule.is_some_and(|r| r != MergeRule::FieldLevel) => None,
             ChangeOp::Upsert => Some(

@@ -75,6 +75,9 @@ impl Library {
 
     async fn serve_push_checked(&self, request: &PushRequest) -> Result<PushResponse, PushError> {
         take::check_envelope(request, self.id())?;
+        if let Some(epoch) = self.fenced_by(request.epoch).await? {
+            return Err(PushError::Superseded { epoch });
+        }
         let device = request.device_id;
         let refuse = |reason: &str| PushError::NotWriter {
             device,
@@ -102,6 +105,7 @@ impl Library {
             already_taken: taken.already_taken,
             rejected: taken.rejected,
             latest_seq: self.latest_seq().await?,
+            epoch: self.epoch(),
         })
     }
 

@@ -10,10 +10,13 @@
 //! - `take`: the leader's plan for one pushed change (already taken, rejected, answered
 //!   for a local row, or merged by `merge::decide`).
 //! - `follow`: the follow loop's backoff and stall detection.
+//! - `epoch`: epoch fencing (a stale answer, a request from a newer epoch) and whether a
+//!   move record is to be trusted.
 //!
 //! `merge.rs` (the merge decision) and `serve::select` (selective sync, collapsing) are
 //! pure too and stay where they are.
 
 pub(crate) mod absorb;
+pub(crate) mod epoch;
 pub(crate) mod follow;
 pub(crate) mod take;
