@@ -143,6 +143,9 @@ pub enum RefusedFor {
     StaleEpoch,
     /// The device asked no longer leads the library: a newer epoch exists.
     Superseded,
+    /// Leadership moved to another device: follow it (its id and addresses are in the
+    /// reason; `Library::leadership` names it).
+    Moved,
     /// The log holds a leadership move this device cannot trust (a signature, a signer, or
     /// its place in the chain is wrong): it keeps the leader it knows.
     UntrustedMove,
@@ -178,6 +181,7 @@ impl FollowState {
                 PullError::HistoryDiverged(_) => refused(RefusedFor::HistoryDiverged),
                 PullError::StaleEpoch { .. } => refused(RefusedFor::StaleEpoch),
                 PullError::Superseded { .. } => refused(RefusedFor::Superseded),
+                PullError::Moved { .. } => refused(RefusedFor::Moved),
                 _ => FollowState::Failing { reason },
             },
             SyncError::Apply(e) => match e {
@@ -210,6 +214,9 @@ impl FollowState {
                 PushError::NotLeader(_) => refused(RefusedFor::UnknownLibrary),
                 PushError::StaleEpoch { .. } => refused(RefusedFor::StaleEpoch),
                 PushError::Superseded { .. } => refused(RefusedFor::Superseded),
+                PushError::Moved { .. } => refused(RefusedFor::Moved),
+                // A handoff under way: retried with backoff.
+                PushError::Moving { .. } => FollowState::Offline { reason },
                 PushError::NotWriter { reason: why, .. } if why.contains("revoked") => {
                     FollowState::Revoked { reason }
                 }

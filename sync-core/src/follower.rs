@@ -723,8 +723,9 @@ impl Library {
     pub(crate) async fn pull_from(
         &self,
         transport: &dyn Transport,
-        request: PullRequest,
+        mut request: PullRequest,
     ) -> Result<PullResponse, PullError> {
+        request.device = Some(self.device_id());
         let response = transport.pull(request).await?;
         crate::decide::epoch::check_answer(self.epoch(), response.epoch).map_err(|stale| {
             PullError::StaleEpoch {
@@ -832,13 +833,92 @@ impl Library {
         limit: u32,
         progress: impl FnMut(&Applied, Seq),
     ) -> Result<(Position, Seq), SyncError> {
-        match self.catch_up_inner(transport, limit, progress).await {
+        let caught_up = match self.catch_up_inner(transport, limit, progress).await {
             Err(SyncError::Apply(e @ ApplyError::Db(_))) => {
                 let at = self.position().await.map_err(ApplyError::from)?;
                 Err(self.pinpoint(transport, at, limit, e).await.into())
             }
             other => other,
+        }?;
+        if self.leadership().taking_over {
+            self.take_over(transport).await?;
         }
+        Ok(caught_up)
+    }
+
+    /// This device applied the move record that makes it leader: it takes over the log it
+    /// must serve from the old leader (every entry, nothing collapsed), then sequences, and
+    /// takes its own outbox (its writes made as a follower) as any pushed change.
+    pub(crate) async fn take_over(&self, transport: &dyn Transport) -> Result<(), SyncError> {
+        let position = self.position().await.map_err(ApplyError::from)?;
+        loop {
+            let tip = crate::library::committed_tip(&self.db, self.id(), false)
+                .await
+                .map_err(ApplyError::from)?;
+            if tip.seq >= position.seq {
+                break;
+            }
+            let mut request = PullRequest::from_position(
+                self.id(),
+                Position {
+                    seq: tip.seq,
+                    checksum: tip.checksum,
+                },
+            )
+            .with_epoch(self.epoch());
+            request.full = true;
+            let response = self.pull_from(transport, request).await?;
+            let entries: Vec<LogEntry> = response
+                .items
+                .into_iter()
+                .filter_map(|item| match item {
+                    PulledItem::Entry(entry) if entry.seq <= position.seq => Some(entry),
+                    _ => None,
+                })
+                .collect();
+            if entries.is_empty() {
+                return Err(PullError::Stalled {
+                    position: tip.seq,
+                    latest: position.seq,
+                }
+                .into());
+            }
+            crate::entry::verify_chain(tip.seq, tip.checksum, &entries)
+                .map_err(ApplyError::from)?;
+            let txn = self.begin_write().await.map_err(ApplyError::from)?;
+            let rows: Vec<_> = entries.iter().map(crate::library::entry_row).collect();
+            for chunk in rows.chunks(crate::library::LOG_INSERT_ROWS_MAX) {
+                crate::tables::log::Entity::insert_many(chunk.to_vec())
+                    .exec_without_returning(&txn)
+                    .await
+                    .map_err(ApplyError::from)?;
+            }
+            txn.commit().await.map_err(ApplyError::from)?;
+        }
+        let tip = crate::library::committed_tip(&self.db, self.id(), false)
+            .await
+            .map_err(ApplyError::from)?;
+        if tip.seq != position.seq || tip.checksum != position.checksum {
+            return Err(ApplyError::Chain(crate::ChainError::Mismatch {
+                seq: position.seq,
+                expected: position.checksum,
+                found: tip.checksum,
+            })
+            .into());
+        }
+        crate::library::advance(&self.tip, tip);
+        self.refresh_leadership().await.map_err(ApplyError::from)?;
+        tracing::info!(library = %self.id(), epoch = %self.epoch(), tip = %tip.seq, "took the log over: this device leads");
+        // Writes that chose the outbox before this device sequenced commit before the
+        // outbox is read (they hold the gate from that choice to their commit).
+        drop(self.sequencing_gate.write().await);
+        if !self.is_read_only() {
+            let leader = self
+                .leader()
+                .map_err(|e| ApplyError::Db(DbErr::Custom(e.to_string())))?;
+            self.push_outbox(&crate::InProcess::new(leader)).await?;
+        }
+        Ok(())
     }
 
     async fn catch_up_inner(

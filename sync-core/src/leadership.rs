@@ -41,6 +41,9 @@ pub const RESERVED_MODEL_PREFIX: &str = "sync.";
 pub const MEMBER_MODEL: &str = "sync.member";
 /// The reserved model of move records ([`MoveRecord`]).
 pub const LEADER_MODEL: &str = "sync.leader";
+/// The reserved model of taken marks a handoff passes on (`sync_taken` rows: which pushed
+/// changes the leader took), so that the next leader takes none of them again.
+pub const TAKEN_MODEL: &str = "sync.taken";
 /// The schema version of the reserved models' data.
 pub const RESERVED_SCHEMA_VERSION: u32 = 1;
 
@@ -301,6 +304,13 @@ pub struct Leadership {
     /// On a leader: the newer epoch a request stated. A superseded leader serves and
     /// sequences nothing more.
     pub superseded_by: Option<Epoch>,
+    /// On a leader handing off: the target. It sequences nothing meanwhile (its writes
+    /// wait in its outbox; pushes are refused as `PushError::Moving`).
+    pub moving_to: Option<DeviceId>,
+    /// On a device that has just become leader: its log does not yet reach the move
+    /// record that made it leader. It sequences and serves nothing until it has taken the
+    /// log over (`FollowerView::catch_up` does, from the old leader).
+    pub taking_over: bool,
 }
 
 /// The leadership state shared by a library's handles in this process.
@@ -348,13 +358,16 @@ impl Library {
     /// learnt of a newer epoch.
     pub(crate) fn sequences(&self) -> bool {
         let leadership = self.leadership();
-        self.role_of(&leadership) == Role::Leader && leadership.superseded_by.is_none()
+        self.role_of(&leadership) == Role::Leader
+            && leadership.superseded_by.is_none()
+            && leadership.moving_to.is_none()
+            && !leadership.taking_over
     }
 
     /// Reads the leadership state from the database again (another process may have
     /// applied a move) and returns it.
     pub async fn refresh_leadership(&self) -> Result<Leadership, DbErr> {
-        let state = load_leadership(&self.db, self.id()).await?;
+        let state = load_leadership(&self.db, self.id(), self.device_id()).await?;
         self.set_leadership(state.clone());
         Ok(state)
     }
@@ -505,7 +518,7 @@ impl Library {
                     })?;
                     let current = match &moved {
                         Some(state) => Leadership::clone(state),
-                        None => load_leadership(txn, self.id()).await?,
+                        None => load_leadership(txn, self.id(), self.device_id()).await?,
                     };
                     let context =
                         move_context(txn, self.id(), &current, &record, entry, *before).await?;
@@ -518,6 +531,8 @@ impl Library {
                                 epoch: record.epoch,
                                 epoch_start_seq: entry.seq,
                                 superseded_by: None,
+                                moving_to: None,
+                                taking_over: record.leader == self.device_id(),
                             });
                         }
                         Err(refusal) => {
@@ -527,6 +542,18 @@ impl Library {
                             });
                         }
                     }
+                }
+                TAKEN_MODEL => {
+                    let marks: crate::handoff::TakenMarks = entry
+                        .data
+                        .as_deref()
+                        .and_then(|d| serde_json::from_str(d).ok())
+                        .ok_or_else(|| crate::ApplyError::BadPayload {
+                            seq: entry.seq,
+                            model: entry.model.clone(),
+                            reason: "not a list of taken changes".into(),
+                        })?;
+                    crate::handoff::store_taken_marks(txn, self.id(), &marks).await?;
                 }
                 other => {
                     return Err(crate::ApplyError::UnknownModel {
@@ -646,6 +673,7 @@ async fn accept_move<C: ConnectionTrait>(
 pub(crate) async fn load_leadership<C: ConnectionTrait>(
     db: &C,
     library_id: LibraryId,
+    this_device: DeviceId,
 ) -> Result<Leadership, DbErr> {
     let row = library::Entity::find_by_id(library_id.to_string())
         .one(db)
@@ -667,6 +695,14 @@ pub(crate) async fn load_leadership<C: ConnectionTrait>(
         epoch: Epoch(row.epoch.max(0) as u64),
         epoch_start_seq: Seq(row.epoch_start_seq.max(0) as u64),
         superseded_by,
+        moving_to: None,
+        taking_over: leader == this_device
+            && row.epoch_start_seq > 0
+            && crate::library::committed_tip(db, library_id, false)
+                .await?
+                .seq
+                .0
+                < row.epoch_start_seq as u64,
     })
 }
 

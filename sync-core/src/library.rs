@@ -79,7 +79,12 @@ pub struct Library {
     /// changed at runtime by a move.
     pub(crate) leadership: crate::leadership::SharedLeadership,
     /// Shared by clones: the newest entry this handle has seen committed.
-    tip: Arc<watch::Sender<Tip>>,
+    pub(crate) tip: Arc<watch::Sender<Tip>>,
+    /// Held (shared) by every transaction from its decision to sequence until its commit;
+    /// a handoff takes it alone to stop sequencing with no such transaction in between.
+    pub(crate) sequencing_gate: Arc<tokio::sync::RwLock<()>>,
+    /// Leader: where followers' pulls showed them (a handoff waits on it).
+    pub(crate) pulls_seen: Arc<crate::handoff::PullsSeen>,
     /// PostgreSQL only: numbers pending entries.
     sequencer: Option<Arc<Sequencer>>,
     /// PostgreSQL only: asks the background sequencer for a run. Capacity one, so kicks
@@ -216,7 +221,7 @@ impl Library {
         {
             return Err(OpenError::UnknownLibrary(library_id));
         }
-        let leadership = crate::leadership::load_leadership(&db, library_id).await?;
+        let leadership = crate::leadership::load_leadership(&db, library_id, device_id).await?;
         let role = if leadership.leader == device_id {
             Role::Leader
         } else {
@@ -296,6 +301,8 @@ impl Library {
             context,
             leadership: Arc::new(std::sync::RwLock::new(leadership)),
             tip,
+            sequencing_gate: Arc::default(),
+            pulls_seen: Arc::new(watch::Sender::new(HashMap::new())),
             sequencer,
             kick,
             membership: Arc::new(watch::Sender::new(0)),
@@ -420,6 +427,8 @@ impl Library {
         txn: DatabaseTransaction,
         changes: Vec<CapturedChange>,
     ) -> Result<(), DbErr> {
+        // Shared: a handoff waits for this transaction's commit before it stops sequencing.
+        let _gate = self.sequencing_gate.read().await;
         let appended = self.append(&txn, changes).await?;
         txn.commit().await?;
         match appended {
@@ -488,8 +497,17 @@ impl Library {
             return Ok(Appended::Nothing);
         }
         if !self.sequences() {
+            if self.role() == Role::Leader && changes.iter().any(|c| c.author.is_some()) {
+                // A push reached a leader that stopped sequencing meanwhile (a handoff):
+                // nothing of it is taken; its author pushes it again to the new leader.
+                return Err(DbErr::Custom(
+                    "this leader stopped sequencing during the push (leadership is moving); \
+                     push again"
+                        .into(),
+                ));
+            }
             // A follower's writes wait in its outbox for the leader to sequence them (so do
-            // a replaced leader's).
+            // those of a leader that is handing off or was replaced).
             self.append_outbox(txn, changes).await?;
             return Ok(Appended::Outbox);
         }
@@ -517,7 +535,7 @@ impl Library {
     }
 
     /// A change as a log entry without its seq and checksum.
-    fn draft(&self, change: CapturedChange) -> LogEntry {
+    pub(crate) fn draft(&self, change: CapturedChange) -> LogEntry {
         LogEntry {
             library_id: self.context.library_id,
             seq: Seq::ZERO,
@@ -770,7 +788,7 @@ pub(crate) async fn read_log<C: ConnectionTrait>(
     Ok(entries)
 }
 
-fn entry_row(entry: &LogEntry) -> log::ActiveModel {
+pub(crate) fn entry_row(entry: &LogEntry) -> log::ActiveModel {
     log::ActiveModel {
         library_id: Set(entry.library_id.to_string()),
         seq: Set(entry.seq.0 as i64),

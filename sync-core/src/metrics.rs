@@ -186,6 +186,7 @@ pub fn push_refusal_reason(error: &PushError) -> &'static str {
         PushError::Refused { .. } => "not_writer",
         PushError::StaleEpoch { .. } => "stale_epoch",
         PushError::Superseded { .. } => "superseded",
+        PushError::Moving { .. } | PushError::Moved { .. } => "moving",
     }
 }
 

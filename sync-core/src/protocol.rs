@@ -52,6 +52,14 @@ pub struct PullRequest {
     /// is older has been replaced: it refuses with [`PullError::Superseded`].
     #[serde(default)]
     pub epoch: Epoch,
+    /// The device asking, as it says (over QUIC the server puts the authenticated device
+    /// here): a leader handing off learns from it where its target stands.
+    #[serde(default)]
+    pub device: Option<DeviceId>,
+    /// Every entry as it is logged: nothing collapsed, every model (a new leader taking
+    /// over the log it must serve).
+    #[serde(default)]
+    pub full: bool,
 }
 
 impl PullRequest {
@@ -66,6 +74,8 @@ impl PullRequest {
             max_bytes: PULL_BYTES_MAX,
             models: None,
             epoch: Epoch::UNSTATED,
+            device: None,
+            full: false,
         }
     }
 
@@ -238,7 +248,8 @@ pub enum PullError {
     /// The answer came from an older epoch than this follower knows: from a leader that
     /// has been replaced. Nothing of it is used.
     #[error(
-        "the leader answered from epoch {answered}, but this device knows epoch {known}: that          leader has been replaced, and nothing it sends is used; follow the current leader"
+        "the leader answered from epoch {answered}, but this device knows epoch {known}: that \
+         leader has been replaced, and nothing it sends is used; follow the current leader"
     )]
     StaleEpoch {
         /// The epoch this device knows.
@@ -249,11 +260,26 @@ pub enum PullError {
     /// This device was asked as the leader, but a newer epoch exists: it has been replaced
     /// and serves and sequences nothing more.
     #[error(
-        "this device no longer leads the library: a member stated epoch {epoch}, newer than          its own; follow the current leader"
+        "this device no longer leads the library: a member stated epoch {epoch}, newer than \
+         its own; follow the current leader"
     )]
     Superseded {
         /// The newer epoch.
         epoch: Epoch,
+    },
+    /// The device asked handed leadership on: it serves its log only up to the move
+    /// record. Pull from the new leader.
+    #[error(
+        "leadership of this library moved to device {leader} (epoch {epoch}{}); pull from it",
+        if addresses.is_empty() { String::new() } else { format!(", at {}", addresses.join(", ")) }
+    )]
+    Moved {
+        /// The epoch the move began.
+        epoch: Epoch,
+        /// The new leader.
+        leader: DeviceId,
+        /// Where it listens, as far as known.
+        addresses: Vec<String>,
     },
     /// The leader refused this device: retrying the same request cannot help.
     #[error("{message}")]
@@ -433,7 +459,8 @@ pub enum PushError {
     /// The acknowledgement came from an older epoch than this follower knows: the changes
     /// stay in the outbox, for the current leader.
     #[error(
-        "the leader acknowledged from epoch {answered}, but this device knows epoch {known}:          that leader has been replaced; the changes stay in the outbox for the current leader"
+        "the leader acknowledged from epoch {answered}, but this device knows epoch {known}: \
+         that leader has been replaced; the changes stay in the outbox for the current leader"
     )]
     StaleEpoch {
         /// The epoch this device knows.
@@ -443,11 +470,30 @@ pub enum PushError {
     },
     /// This device was asked as the leader, but a newer epoch exists.
     #[error(
-        "this device no longer leads the library: a member stated epoch {epoch}, newer than          its own; push to the current leader"
+        "this device no longer leads the library: a member stated epoch {epoch}, newer than \
+         its own; push to the current leader"
     )]
     Superseded {
         /// The newer epoch.
         epoch: Epoch,
+    },
+    /// The leader is handing leadership on and takes no push meanwhile: push again soon
+    /// (to the new leader once the move is pulled). Nothing of the push was taken.
+    #[error(
+        "the leader is handing leadership to device {to} and takes no push meanwhile; the \
+         changes stay in the outbox and are pushed again"
+    )]
+    Moving {
+        /// The device taking over.
+        to: DeviceId,
+    },
+    /// The device asked handed leadership on: push to the new leader.
+    #[error("leadership of this library moved to device {leader} (epoch {epoch}); push to it")]
+    Moved {
+        /// The epoch the move began.
+        epoch: Epoch,
+        /// The new leader.
+        leader: DeviceId,
     },
     /// The leader refused this device: retrying the same request cannot help.
     #[error("{message}")]

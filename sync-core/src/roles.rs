@@ -130,6 +130,21 @@ impl LeaderView {
         self.0.record_peer_position(device, position).await
     }
 
+    /// Hands leadership to `to`, a write member whose key the membership holds, within
+    /// `within`: stops sequencing (this device's writes go to its outbox, pushes are
+    /// refused as `PushError::Moving`), waits until `to` shows the whole log (same seq and
+    /// checksum), appends the taken marks and the signed move record (epoch + 1) as the
+    /// last entries of this epoch, and waits until `to` has pulled them. This device then
+    /// follows `to`. If `to` does not catch up in time nothing moves and this device
+    /// sequences again ([`crate::HandOffError::NotCaughtUp`]).
+    pub async fn hand_off(
+        &self,
+        to: DeviceId,
+        within: Duration,
+    ) -> Result<crate::HandOff, crate::HandOffError> {
+        self.0.hand_off(to, within).await
+    }
+
     /// Writes every noted follower position now.
     pub async fn flush_peer_positions(&self) -> Result<(), DbErr> {
         self.0.flush_peer_positions().await

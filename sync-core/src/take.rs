@@ -78,6 +78,21 @@ impl Library {
         if let Some(epoch) = self.fenced_by(request.epoch).await? {
             return Err(PushError::Superseded { epoch });
         }
+        let leadership = self.leadership();
+        if let Some(to) = leadership.moving_to {
+            return Err(PushError::Moving { to });
+        }
+        if leadership.taking_over {
+            return Err(PushError::Moving {
+                to: self.device_id(),
+            });
+        }
+        if leadership.leader != self.device_id() {
+            return Err(PushError::Moved {
+                epoch: leadership.epoch,
+                leader: leadership.leader,
+            });
+        }
         let device = request.device_id;
         let refuse = |reason: &str| PushError::NotWriter {
             device,

@@ -622,7 +622,9 @@ async fn answer(
         return;
     }
     match request {
-        Request::Pull(pull) => {
+        Request::Pull(mut pull) => {
+            // The device is the one the handshake proved, whatever the request says.
+            pull.device = Some(device);
             let answer = match library.serve_pull(&pull).await {
                 Ok(response) => Response::Pulled(response),
                 Err(PullError::HistoryDiverged(divergence)) => Response::Refused {

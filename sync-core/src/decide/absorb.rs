@@ -148,7 +148,9 @@ fn absorb_entry<'a>(
     if crate::leadership::is_reserved_model(&entry.model) {
         let known = matches!(
             entry.model.as_str(),
-            crate::leadership::MEMBER_MODEL | crate::leadership::LEADER_MODEL
+            crate::leadership::MEMBER_MODEL
+                | crate::leadership::LEADER_MODEL
+                | crate::leadership::TAKEN_MODEL
         );
         if !known {
             return Some(Refusal::UnknownModel {
