@@ -790,7 +790,7 @@ async fn scaleout_run(options: &ScaleoutOptions, processes: usize) -> Result<ser
         let key = sync_core::DeviceKey::generate()?;
         leader
             .leader()?
-            .redeem_invite(&invite.secret, Access::Read, key.device_id(), None)
+            .redeem_invite(&invite.secret, Access::Read, key.fingerprint(), None)
             .await?;
         let client = sync_transport::Client::new(key, sync_transport::ClientConfig::default());
         let (tip, _) = tokio::sync::watch::channel(Seq::ZERO);

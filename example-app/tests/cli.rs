@@ -345,7 +345,8 @@ fn two_processes_sync_over_quic_and_a_revoked_follower_is_told_why() {
     leader.ok(&["put", "tag", r#"{"name":"beside serve"}"#]);
     // `--leader` gives the address explicitly (as after the leader moved); the key stays pinned.
     let synced = follower.ok(&["follow", "--once", "--leader", &serving.address]);
-    assert!(synced.contains("in sync at seq 2"), "{synced}");
+    // Two membership entries (the leader, the follower), then the two writes.
+    assert!(synced.contains("in sync at seq 4"), "{synced}");
     assert_eq!(leader.ok(&["dump"]), follower.ok(&["dump"]));
 
     // Live: a `follow` process applies a write made by a `put` process at once.
@@ -357,7 +358,7 @@ fn two_processes_sync_over_quic_and_a_revoked_follower_is_told_why() {
         let line = lines
             .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
             .expect("the live follower applies the write");
-        if line.contains("now at seq 3") {
+        if line.contains("now at seq 5") {
             break;
         }
     }
@@ -367,7 +368,7 @@ fn two_processes_sync_over_quic_and_a_revoked_follower_is_told_why() {
 
     let status = json(&follower.ok(&["status", "--json"]));
     assert_eq!(status["role"], "follower");
-    assert_eq!(status["position"], 3);
+    assert_eq!(status["position"], 5);
     assert_eq!(status["lag"], 0);
     assert_eq!(status["last_error"], serde_json::Value::Null);
     let status = json(&leader.ok(&["status", "--json"]));
@@ -401,12 +402,11 @@ fn a_follower_killed_during_initial_sync_resumes_and_converges() {
     let follower = sqlite_cli(dir.path(), "follower.db");
     leader.ok(&["init"]);
     leader.ok(&["load", "--count", "30000", "--batch", "200"]);
-    let latest = json(&leader.ok(&["status", "--json"]))["latest_seq"]
-        .as_u64()
-        .expect("latest");
     let serving = Serving::start(&leader);
     let token = leader.ok(&["invite"]);
     follower.ok(&["join", token.trim()]);
+    // After the join: the membership entries it logged count too.
+    let latest = latest_seq(&leader);
 
     let mut following = follower.spawn_follow(std::process::Stdio::null());
     // Kill it as soon as it has applied something.
@@ -592,16 +592,16 @@ fn a_follower_stuck_on_an_entry_goes_on_once_it_is_skipped() {
     assert!(!out.status.success(), "stuck: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(
-        stderr.contains("entry 1 (`tag` record") && stderr.contains("Data too long"),
+        stderr.contains("entry 3 (`tag` record") && stderr.contains("Data too long"),
         "names the entry and the reason: {stderr}"
     );
-    follower.ok(&["skip", "1"]);
+    follower.ok(&["skip", "3"]);
     let synced = follower.ok(&["follow", "--once", "--leader", &serving.address]);
-    assert!(synced.contains("in sync at seq 2"), "{synced}");
+    assert!(synced.contains("in sync at seq 4"), "{synced}");
     let status = json(&follower.ok(&["status", "--json"]));
     assert_eq!(status["parked"], 1, "{status}");
     let parked = json(&follower.ok(&["parked", "--json"]));
-    assert_eq!(parked[0]["seq"], 1, "{parked}");
+    assert_eq!(parked[0]["seq"], 3, "{parked}");
     assert!(follower.ok(&["dump"]).contains("after"));
     drop(serving);
     let _ = runtime.block_on(example_app::drop_database(&follower.db));
@@ -722,9 +722,10 @@ fn serve_and_follow_show_their_metrics_over_http() {
         .to_owned();
     leader.ok(&["put", "tag", r#"{"name":"live"}"#]);
 
-    // Three entries: the leader's two and the follower's own, back from the leader.
+    // Five entries: two of the membership, the leader's two and the follower's own, back
+    // from the leader.
     let shown = scrape_until(&follower_metrics, "the follower in sync", |text| {
-        sample(text, "sync_apply_entries_total") == Some(3.0)
+        sample(text, "sync_apply_entries_total") == Some(5.0)
             && sample(text, "sync_pull_lag_seq") == Some(0.0)
             && sample(text, "sync_outbox_changes") == Some(0.0)
     });
@@ -838,9 +839,10 @@ fn a_restored_or_copied_follower_loses_no_write() {
         .collect();
     names.sort_unstable();
     assert_eq!(names, ["on the copy", "on the original", "t1", "t2", "t3"]);
+    // The five writes, once each (and the two membership entries).
     assert_eq!(
         leader.ok(&["log", "--from", "1"]).lines().count(),
-        5,
+        7,
         "none twice"
     );
     assert_eq!(leader.ok(&["dump"]), follower.ok(&["dump"]));
@@ -1067,10 +1069,11 @@ fn a_follower_ahead_of_a_leader_restored_from_an_older_copy_is_told_so() {
         leader.ok(&["put", "tag", &format!(r#"{{"name":"{name}"}}"#)]);
     }
     let synced = follower.ok(&["follow", "--once"]);
-    assert!(synced.contains("in sync at seq 5"), "{synced}");
+    // Two membership entries, then five writes.
+    assert!(synced.contains("in sync at seq 7"), "{synced}");
     assert!(serving.stop().success());
 
-    // The leader comes back from the backup: three entries, where the follower has five.
+    // The leader comes back from the backup: five entries, where the follower has seven.
     let restored = sqlite_cli(dir.path(), "backup.db");
     let serving = Serving::start(&restored);
     let out = follower.run(&["follow", "--once", "--leader", &serving.address]);
@@ -1078,14 +1081,14 @@ fn a_follower_ahead_of_a_leader_restored_from_an_older_copy_is_told_so() {
     assert!(!out.status.success(), "not in sync: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(
-        stderr.contains("the leader's log ends at seq 3")
-            && stderr.contains("applied up to seq 5")
+        stderr.contains("the leader's log ends at seq 5")
+            && stderr.contains("applied up to seq 7")
             && stderr.contains("restored from an older copy"),
         "{stderr}"
     );
     serving.wait_for_log(&["WARN", "refused a pull from another history"]);
     let status = json(&follower.ok(&["status", "--json"]));
-    assert_eq!(status["position"], 5);
+    assert_eq!(status["position"], 7);
     assert!(
         status["last_error"]
             .as_str()
@@ -1099,9 +1102,9 @@ fn a_follower_ahead_of_a_leader_restored_from_an_older_copy_is_told_so() {
     }
     follower.fails(
         &["follow", "--once"],
-        "differs from this follower's at seq 5",
+        "differs from this follower's at seq 7",
     );
-    assert_eq!(json(&follower.ok(&["status", "--json"]))["position"], 5);
+    assert_eq!(json(&follower.ok(&["status", "--json"]))["position"], 7);
     drop(serving);
 }
 
@@ -1134,7 +1137,8 @@ fn a_live_follower_resumes_soon_after_its_leader_is_killed_and_restarted() {
     let mut following = follower.spawn_follow(std::process::Stdio::piped());
     let lines = lines_of(following.stdout.take().expect("stdout"));
     leader.ok(&["put", "tag", r#"{"name":"before"}"#]);
-    wait_for_line(&lines, "now at seq 1", DEADLINE);
+    // After the two membership entries.
+    wait_for_line(&lines, "now at seq 3", DEADLINE);
 
     // No goodbye: the follower's connection is left open on a leader that is gone.
     signal(&serving.child, "KILL");
@@ -1146,7 +1150,7 @@ fn a_live_follower_resumes_soon_after_its_leader_is_killed_and_restarted() {
     leader.ok(&["put", "tag", r#"{"name":"after"}"#]);
     // Generous: the test asserts that it resumes, not how fast (measured below). Before,
     // it waited out the QUIC idle timeout (30 s) on the dead connection.
-    wait_for_line(&lines, "now at seq 2", std::time::Duration::from_secs(15));
+    wait_for_line(&lines, "now at seq 4", std::time::Duration::from_secs(15));
     println!(
         "the follower applied a write {:?} after the leader's restart",
         restarted.elapsed()
@@ -1193,10 +1197,10 @@ fn a_join_interrupted_half_way_stores_nothing_or_can_be_made_again() {
     sql(&follower, "DROP TRIGGER crash;");
     let token = leader.ok(&["invite"]);
     follower.ok(&["join", token.trim()]);
+    let synced = follower.ok(&["follow", "--once"]);
     assert!(
-        follower
-            .ok(&["follow", "--once"])
-            .contains("in sync at seq 1")
+        synced.contains(&format!("in sync at seq {}", latest_seq(&leader))),
+        "{synced}"
     );
 
     // A database an older build left half-joined (library stored, leader's address and
@@ -1211,7 +1215,11 @@ fn a_join_interrupted_half_way_stores_nothing_or_can_be_made_again() {
     old.fails(&["follow", "--once"], "no leader");
     let token = leader.ok(&["invite"]);
     old.ok(&["join", token.trim()]);
-    assert!(old.ok(&["follow", "--once"]).contains("in sync at seq 1"));
+    let synced = old.ok(&["follow", "--once"]);
+    assert!(
+        synced.contains(&format!("in sync at seq {}", latest_seq(&leader))),
+        "{synced}"
+    );
     assert_eq!(leader.ok(&["dump"]), old.ok(&["dump"]));
     // A whole join is still refused a second one.
     let token = leader.ok(&["invite"]);
@@ -1558,4 +1566,11 @@ fn three_serve_processes_on_one_postgres_and_one_killed_under_load() {
     runtime
         .block_on(example_app::drop_database(&leader.db))
         .unwrap();
+}
+
+/// The leader's latest seq, as `status --json` shows it.
+fn latest_seq(leader: &Cli) -> u64 {
+    json(&leader.ok(&["status", "--json"]))["latest_seq"]
+        .as_u64()
+        .expect("latest")
 }

@@ -138,6 +138,17 @@ pub enum RefusedFor {
     /// The leader's log is not this follower's history (a leader restored from an older
     /// copy, say).
     HistoryDiverged,
+    /// The device answering is a leader of an older epoch than this follower knows (it has
+    /// been replaced): nothing it sends is used.
+    StaleEpoch,
+    /// The device asked no longer leads the library: a newer epoch exists.
+    Superseded,
+    /// Leadership moved to another device: follow it (its id and addresses are in the
+    /// reason; `Library::leadership` names it).
+    Moved,
+    /// The log holds a leadership move this device cannot trust (a signature, a signer, or
+    /// its place in the chain is wrong): it keeps the leader it knows.
+    UntrustedMove,
 }
 
 impl FollowState {
@@ -157,6 +168,8 @@ impl FollowState {
             Refused::WrongLeader => refused(RefusedFor::WrongLeader),
             Refused::UnknownLibrary => refused(RefusedFor::UnknownLibrary),
             Refused::SchemaVersion => refused(RefusedFor::SchemaVersion),
+            Refused::StaleEpoch => refused(RefusedFor::StaleEpoch),
+            Refused::Superseded => refused(RefusedFor::Superseded),
             _ => refused(RefusedFor::ProtocolVersion),
         };
         match error {
@@ -166,6 +179,9 @@ impl FollowState {
                 PullError::VersionMismatch { .. } => refused(RefusedFor::ProtocolVersion),
                 PullError::NotLeader(_) => refused(RefusedFor::UnknownLibrary),
                 PullError::HistoryDiverged(_) => refused(RefusedFor::HistoryDiverged),
+                PullError::StaleEpoch { .. } => refused(RefusedFor::StaleEpoch),
+                PullError::Superseded { .. } => refused(RefusedFor::Superseded),
+                PullError::Moved { .. } => refused(RefusedFor::Moved),
                 _ => FollowState::Failing { reason },
             },
             SyncError::Apply(e) => match e {
@@ -177,6 +193,7 @@ impl FollowState {
                 ApplyError::Chain(crate::ChainError::Mismatch { .. }) => {
                     refused(RefusedFor::HistoryDiverged)
                 }
+                ApplyError::BadMove { .. } => refused(RefusedFor::UntrustedMove),
                 ApplyError::Stuck {
                     seq,
                     model,
@@ -195,6 +212,11 @@ impl FollowState {
                 PushError::Refused { kind, .. } => by_kind(*kind),
                 PushError::VersionMismatch { .. } => refused(RefusedFor::ProtocolVersion),
                 PushError::NotLeader(_) => refused(RefusedFor::UnknownLibrary),
+                PushError::StaleEpoch { .. } => refused(RefusedFor::StaleEpoch),
+                PushError::Superseded { .. } => refused(RefusedFor::Superseded),
+                PushError::Moved { .. } => refused(RefusedFor::Moved),
+                // A handoff under way: retried with backoff.
+                PushError::Moving { .. } => FollowState::Offline { reason },
                 PushError::NotWriter { reason: why, .. } if why.contains("revoked") => {
                     FollowState::Revoked { reason }
                 }

@@ -16,7 +16,7 @@ use crate::protocol::{
 };
 use crate::registry::ApplyFailure;
 use crate::tables::{device, library, position};
-use crate::{Access, DeviceId, Library, LibraryId, Registry, Role, Seq};
+use crate::{Access, DeviceId, Library, LibraryId, LogEntry, Registry, Role, Seq};
 
 /// Where a follower stands in a library's log.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -119,6 +119,19 @@ pub enum ApplyError {
         /// What the database said.
         reason: String,
     },
+    /// A move record (a leadership move) in the log cannot be trusted: its signature, its
+    /// signer or its place in the chain is wrong. Nothing of the batch is applied, and this
+    /// device keeps following the leader it knows.
+    #[error(
+        "entry {seq} records a leadership move this device cannot trust: {reason}; it keeps \
+         the leader it knows and applies nothing after it"
+    )]
+    BadMove {
+        /// The entry.
+        seq: Seq,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Another apply moved the position meanwhile.
     #[error("the position moved from {expected} to {found} during this pull; pull again")]
     PositionMoved {
@@ -146,6 +159,9 @@ struct Batch {
     items: Vec<PulledItem>,
     local: LocalRows,
 }
+
+/// Reserved entries of a transaction's responses, each with the position before it.
+type Reserved = Vec<(crate::LogEntry, Position)>;
 
 /// Statements built ahead of the one executing: bounds what a batch holds twice.
 const STATEMENTS_AHEAD: usize = 4;
@@ -431,8 +447,11 @@ impl Library {
         let started = std::time::Instant::now();
         let txn = self.begin_write().await?;
         match self.apply_group_in(&txn, after, first, more).await {
-            Ok(applied) => {
+            Ok((applied, leadership_changed)) => {
                 txn.commit().await?;
+                if leadership_changed {
+                    self.refresh_leadership().await?;
+                }
                 tracing::Span::current().record("through", applied.position.seq.0);
                 crate::metrics::record_applied(self.id(), applied.entries, started);
                 Ok(applied)
@@ -454,7 +473,7 @@ impl Library {
         after: Seq,
         first: PullResponse,
         more: &mut (dyn Iterator<Item = PullResponse> + Send),
-    ) -> Result<Applied, ApplyError> {
+    ) -> Result<(Applied, bool), ApplyError> {
         let start = read_position(txn, self.id()).await?;
         if start.seq != after {
             return Err(ApplyError::PositionMoved {
@@ -463,6 +482,13 @@ impl Library {
             });
         }
         let backend = txn.get_database_backend();
+        // A follower that joined has not heard its leader's epoch yet: it takes the one its
+        // pinned leader states (the moves before it are then history).
+        let learnt =
+            self.epoch() == crate::Epoch::UNSTATED && first.epoch != crate::Epoch::UNSTATED;
+        if learnt {
+            crate::leadership::learn_epoch(txn, self.id(), first.epoch).await?;
+        }
         let parking = Parking::load(txn, self.id(), start.seq).await?;
         let (to_build, building) = std::sync::mpsc::channel::<Batch>();
         let (statements, mut ready) = tokio::sync::mpsc::channel(STATEMENTS_AHEAD);
@@ -533,10 +559,13 @@ impl Library {
         // Statements run in entry order: a failed one comes before any entry the builder
         // could refuse after it.
         written?;
-        let applied = prepared?;
+        let (applied, reserved) = prepared?;
+        // Membership and move records, in log order, after the app's statements (they
+        // touch only the sync tables); a move record that does not verify stops the batch.
+        let moved = self.apply_reserved(txn, &reserved).await?;
         write_position(txn, self.id(), applied.position).await?;
         crate::library::save_clock_floor(txn, self.id(), &self.context.clock).await?;
-        Ok(applied)
+        Ok((applied, learnt || moved.is_some()))
     }
 
     /// The items of the next response a group takes from `more`, or `None` when the group
@@ -572,16 +601,18 @@ impl Library {
         backend: sea_orm::DbBackend,
         statements: tokio::sync::mpsc::Sender<crate::registry::Step>,
         built: tokio::sync::mpsc::UnboundedSender<()>,
-    ) -> Result<Applied, ApplyError> {
+    ) -> Result<(Applied, Reserved), ApplyError> {
         let mut emit = |statement| statements.blocking_send(statement).is_ok();
         let mut applied = Applied {
             position: start,
             ..Applied::default()
         };
+        let mut reserved = Reserved::new();
         let writer_gone = || statements.is_closed();
         while let Ok(batch) = responses.recv() {
             self.prepare_batch(
                 &mut applied,
+                &mut reserved,
                 batch,
                 &mut parking,
                 backend,
@@ -593,15 +624,17 @@ impl Library {
                 break;
             }
         }
-        Ok(applied)
+        Ok((applied, reserved))
     }
 
     /// Absorbs one response's items from `applied.position` (the plan is
     /// `decide::absorb`'s) and turns the plan into statements; `applied` then holds the
     /// position the response reaches.
+    #[allow(clippy::too_many_arguments)]
     fn prepare_batch(
         &self,
         applied: &mut Applied,
+        reserved: &mut Reserved,
         Batch { items, local }: Batch,
         parking: &mut Parking,
         backend: sea_orm::DbBackend,
@@ -642,6 +675,11 @@ impl Library {
         if let Some(refusal) = plan.refusal {
             return Err(self.refused(refusal));
         }
+        reserved.extend(
+            plan.reserved
+                .iter()
+                .map(|(entry, before)| (LogEntry::clone(entry), *before)),
+        );
         applied.entries += plan.entries;
         applied.position = plan.position;
         drop(plan);
@@ -680,6 +718,24 @@ impl Library {
             })
     }
 
+    /// Sends a pull and refuses an answer from an older epoch than this device knows
+    /// ([`PullError::StaleEpoch`]): a replaced leader feeds no one.
+    pub(crate) async fn pull_from(
+        &self,
+        transport: &dyn Transport,
+        mut request: PullRequest,
+    ) -> Result<PullResponse, PullError> {
+        request.device = Some(self.device_id());
+        let response = transport.pull(request).await?;
+        crate::decide::epoch::check_answer(self.epoch(), response.epoch).map_err(|stale| {
+            PullError::StaleEpoch {
+                known: stale.known,
+                answered: stale.answered,
+            }
+        })?;
+        Ok(response)
+    }
+
     /// Pulls one batch of at most `limit` entries from the leader and applies it. Returns
     /// what was applied and the leader's latest seq.
     #[tracing::instrument(
@@ -693,9 +749,9 @@ impl Library {
         limit: u32,
     ) -> Result<(Applied, Seq), SyncError> {
         let position = self.position().await.map_err(ApplyError::from)?;
-        let mut request = PullRequest::from_position(self.id(), position);
+        let mut request = PullRequest::from_position(self.id(), position).with_epoch(self.epoch());
         request.limit = limit;
-        let response = transport.pull(request).await?;
+        let response = self.pull_from(transport, request).await?;
         let latest = response.latest_seq;
         tracing::Span::current()
             .record("after", position.seq.0)
@@ -777,13 +833,92 @@ impl Library {
         limit: u32,
         progress: impl FnMut(&Applied, Seq),
     ) -> Result<(Position, Seq), SyncError> {
-        match self.catch_up_inner(transport, limit, progress).await {
+        let caught_up = match self.catch_up_inner(transport, limit, progress).await {
             Err(SyncError::Apply(e @ ApplyError::Db(_))) => {
                 let at = self.position().await.map_err(ApplyError::from)?;
                 Err(self.pinpoint(transport, at, limit, e).await.into())
             }
             other => other,
+        }?;
+        if self.leadership().taking_over {
+            self.take_over(transport).await?;
         }
+        Ok(caught_up)
+    }
+
+    /// This device applied the move record that makes it leader: it takes over the log it
+    /// must serve from the old leader (every entry, nothing collapsed), then sequences, and
+    /// takes its own outbox (its writes made as a follower) as any pushed change.
+    pub(crate) async fn take_over(&self, transport: &dyn Transport) -> Result<(), SyncError> {
+        let position = self.position().await.map_err(ApplyError::from)?;
+        loop {
+            let tip = crate::library::committed_tip(&self.db, self.id(), false)
+                .await
+                .map_err(ApplyError::from)?;
+            if tip.seq >= position.seq {
+                break;
+            }
+            let mut request = PullRequest::from_position(
+                self.id(),
+                Position {
+                    seq: tip.seq,
+                    checksum: tip.checksum,
+                },
+            )
+            .with_epoch(self.epoch());
+            request.full = true;
+            let response = self.pull_from(transport, request).await?;
+            let entries: Vec<LogEntry> = response
+                .items
+                .into_iter()
+                .filter_map(|item| match item {
+                    PulledItem::Entry(entry) if entry.seq <= position.seq => Some(entry),
+                    _ => None,
+                })
+                .collect();
+            if entries.is_empty() {
+                return Err(PullError::Stalled {
+                    position: tip.seq,
+                    latest: position.seq,
+                }
+                .into());
+            }
+            crate::entry::verify_chain(tip.seq, tip.checksum, &entries)
+                .map_err(ApplyError::from)?;
+            let txn = self.begin_write().await.map_err(ApplyError::from)?;
+            let rows: Vec<_> = entries.iter().map(crate::library::entry_row).collect();
+            for chunk in rows.chunks(crate::library::LOG_INSERT_ROWS_MAX) {
+                crate::tables::log::Entity::insert_many(chunk.to_vec())
+                    .exec_without_returning(&txn)
+                    .await
+                    .map_err(ApplyError::from)?;
+            }
+            txn.commit().await.map_err(ApplyError::from)?;
+        }
+        let tip = crate::library::committed_tip(&self.db, self.id(), false)
+            .await
+            .map_err(ApplyError::from)?;
+        if tip.seq != position.seq || tip.checksum != position.checksum {
+            return Err(ApplyError::Chain(crate::ChainError::Mismatch {
+                seq: position.seq,
+                expected: position.checksum,
+                found: tip.checksum,
+            })
+            .into());
+        }
+        crate::library::advance(&self.tip, tip);
+        self.refresh_leadership().await.map_err(ApplyError::from)?;
+        tracing::info!(library = %self.id(), epoch = %self.epoch(), tip = %tip.seq, "took the log over: this device leads");
+        // Writes that chose the outbox before this device sequenced commit before the
+        // outbox is read (they hold the gate from that choice to their commit).
+        drop(self.sequencing_gate.write().await);
+        if !self.is_read_only() {
+            let leader = self
+                .leader()
+                .map_err(|e| ApplyError::Db(DbErr::Custom(e.to_string())))?;
+            self.push_outbox(&crate::InProcess::new(leader)).await?;
+        }
+        Ok(())
     }
 
     async fn catch_up_inner(
@@ -793,12 +928,12 @@ impl Library {
         mut progress: impl FnMut(&Applied, Seq),
     ) -> Result<(Position, Seq), SyncError> {
         let request = |after: Position| {
-            let mut request = PullRequest::from_position(self.id(), after);
+            let mut request = PullRequest::from_position(self.id(), after).with_epoch(self.epoch());
             request.limit = limit;
             request
         };
         let start = self.position().await.map_err(ApplyError::from)?;
-        let first = transport.pull(request(start)).await?;
+        let first = self.pull_from(transport, request(start)).await?;
         self.check_response(&first)?;
         let target = first.latest_seq;
         tracing::Span::current()
@@ -831,7 +966,7 @@ impl Library {
                         }));
                     }
                 }
-                response = transport.pull(request(from)).await?;
+                response = self.pull_from(transport, request(from)).await?;
                 self.check_response(&response)?;
             }
         };
@@ -906,6 +1041,9 @@ async fn store_joined(
         name: Set(name.to_owned()),
         leader_device_id: Set(leader.to_string()),
         created_at_ms: Set(now_ms),
+        // Not heard yet: the first answer of the pinned leader states it.
+        epoch: Set(crate::Epoch::UNSTATED.0 as i64),
+        epoch_start_seq: Set(0),
     })
     .on_conflict(
         OnConflict::column(library::Column::Id)
@@ -921,6 +1059,8 @@ async fn store_joined(
         name: Set(None),
         added_at_ms: Set(now_ms),
         revoked_at_ms: Set(None),
+        key: Set(None),
+        addresses: Set(None),
     })
     .on_conflict(
         OnConflict::columns([device::Column::LibraryId, device::Column::DeviceId])

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use rcgen::{KeyPair, PKCS_ED25519, PublicKeyData};
+use rcgen::{KeyPair, PKCS_ED25519, PublicKeyData, SigningKey};
 
 use crate::DeviceId;
 
@@ -57,6 +57,12 @@ impl DeviceKey {
     /// The device id this key stands for.
     pub fn device_id(&self) -> DeviceId {
         self.fingerprint().device_id()
+    }
+
+    /// Signs `message` with the private key (Ed25519): for what other devices must be able
+    /// to trust without a connection to this one, such as a move record.
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.key.sign(message).map_err(|e| KeyError(e.to_string()))
     }
 
     /// A self-signed certificate for the key, in DER, to present in TLS. Peers check the
@@ -112,6 +118,26 @@ impl fmt::Debug for KeyFingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "KeyFingerprint({self})")
     }
+}
+
+/// The DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410), before the 32 key bytes.
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+/// Whether `signature` is the Ed25519 signature of `message` by the key whose DER
+/// SubjectPublicKeyInfo is `spki_der` (what [`DeviceKey::public_key_der`] gives). False for
+/// anything that is not an Ed25519 key.
+pub fn verify_signature(spki_der: &[u8], message: &[u8], signature: &[u8]) -> bool {
+    let Some(raw) = spki_der.strip_prefix(&ED25519_SPKI_PREFIX[..]) else {
+        return false;
+    };
+    if raw.len() != ring::signature::ED25519_PUBLIC_KEY_LEN {
+        return false;
+    }
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, raw)
+        .verify(message, signature)
+        .is_ok()
 }
 
 /// Why a fingerprint did not parse.
@@ -184,6 +210,25 @@ mod tests {
         assert_eq!(key.fingerprint(), again.fingerprint());
         assert_ne!(key.device_id(), DeviceKey::generate().unwrap().device_id());
         assert_eq!(key.device_id().0.get_version_num(), 8);
+    }
+
+    #[test]
+    fn a_signature_verifies_with_its_key_only() {
+        let key = DeviceKey::generate().unwrap();
+        let other = DeviceKey::generate().unwrap();
+        let signature = key.sign(b"move").unwrap();
+        assert!(verify_signature(&key.public_key_der(), b"move", &signature));
+        assert!(!verify_signature(
+            &key.public_key_der(),
+            b"moved",
+            &signature
+        ));
+        assert!(!verify_signature(
+            &other.public_key_der(),
+            b"move",
+            &signature
+        ));
+        assert!(!verify_signature(b"not a key", b"move", &signature));
     }
 
     #[test]

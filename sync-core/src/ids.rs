@@ -29,6 +29,34 @@ impl fmt::Display for Seq {
     }
 }
 
+/// A library's leadership term. A library starts in `Epoch(1)`; every move of its
+/// leadership (a handoff or a promotion) starts the next one. A device refuses what comes
+/// from an older epoch than the one it knows: a replaced leader cannot feed anyone.
+/// `Epoch(0)` is "not stated" (a peer that does not say).
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Epoch(pub u64);
+
+impl Epoch {
+    /// Not stated.
+    pub const UNSTATED: Epoch = Epoch(0);
+    /// A new library's first epoch.
+    pub const FIRST: Epoch = Epoch(1);
+
+    /// The epoch after this one.
+    pub fn next(self) -> Epoch {
+        Epoch(self.0 + 1)
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 macro_rules! uuid_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*

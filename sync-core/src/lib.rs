@@ -38,10 +38,12 @@ mod entry;
 mod error;
 mod follow_loop;
 mod follower;
+mod handoff;
 mod hlc;
 mod identity;
 mod ids;
 mod in_process;
+mod leadership;
 mod library;
 mod limits;
 mod members;
@@ -74,10 +76,15 @@ pub use follow_loop::{
     ChangesApplied, Follow, FollowConfig, FollowState, FollowStatus, RefusedFor,
 };
 pub use follower::{APPLY_GROUP_ENTRIES, Applied, ApplyError, PULLS_AHEAD, Position, SyncError};
+pub use handoff::{HandOff, HandOffError};
 pub use hlc::{Hlc, HlcClock, WallClock};
-pub use identity::{BadFingerprint, DeviceKey, KeyError, KeyFingerprint};
-pub use ids::{DeviceId, LibraryId, Seq};
+pub use identity::{BadFingerprint, DeviceKey, KeyError, KeyFingerprint, verify_signature};
+pub use ids::{DeviceId, Epoch, LibraryId, Seq};
 pub use in_process::InProcess;
+pub use leadership::{
+    LEADER_MODEL, Leadership, MEMBER_MODEL, MemberRecord, MoveKind, MoveRecord, MoveTerms,
+    RESERVED_MODEL_PREFIX, RESERVED_SCHEMA_VERSION, TAKEN_MODEL, is_reserved_model,
+};
 pub use library::{Drift, DriftKind, LatestSeq, Library, Role, Status, TxnFuture};
 pub use members::{Access, Admission, Invite, InviteError, Member, MemberError};
 pub use outbox::PushOutcome;

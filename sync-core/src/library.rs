@@ -74,9 +74,16 @@ pub struct Library {
     pub(crate) db: DatabaseConnection,
     pub(crate) registry: Arc<Registry>,
     pub(crate) context: Arc<CaptureContext>,
-    pub(crate) role: Role,
+    /// Who leads and in which epoch (the role follows from it); shared by clones, and
+    /// changed at runtime by a move.
+    pub(crate) leadership: crate::leadership::SharedLeadership,
     /// Shared by clones: the newest entry this handle has seen committed.
-    tip: Arc<watch::Sender<Tip>>,
+    pub(crate) tip: Arc<watch::Sender<Tip>>,
+    /// Held (shared) by every transaction from its decision to sequence until its commit;
+    /// a handoff takes it alone to stop sequencing with no such transaction in between.
+    pub(crate) sequencing_gate: Arc<tokio::sync::RwLock<()>>,
+    /// Leader: where followers' pulls showed them (a handoff waits on it).
+    pub(crate) pulls_seen: Arc<crate::handoff::PullsSeen>,
     /// PostgreSQL only: numbers pending entries.
     sequencer: Option<Arc<Sequencer>>,
     /// PostgreSQL only: asks the background sequencer for a run. Capacity one, so kicks
@@ -206,11 +213,15 @@ impl Library {
         registry: Registry,
     ) -> Result<Library, OpenError> {
         let device_id = ensure_device_id(&db).await?;
-        let row = library::Entity::find_by_id(library_id.to_string())
+        if library::Entity::find_by_id(library_id.to_string())
             .one(&db)
             .await?
-            .ok_or(OpenError::UnknownLibrary(library_id))?;
-        let role = if row.leader_device_id == device_id.to_string() {
+            .is_none()
+        {
+            return Err(OpenError::UnknownLibrary(library_id));
+        }
+        let leadership = crate::leadership::load_leadership(&db, library_id, device_id).await?;
+        let role = if leadership.leader == device_id {
             Role::Leader
         } else {
             Role::Follower
@@ -287,8 +298,10 @@ impl Library {
             db,
             registry,
             context,
-            role,
+            leadership: Arc::new(std::sync::RwLock::new(leadership)),
             tip,
+            sequencing_gate: Arc::default(),
+            pulls_seen: Arc::new(watch::Sender::new(HashMap::new())),
             sequencer,
             kick,
             membership: Arc::new(watch::Sender::new(0)),
@@ -298,6 +311,7 @@ impl Library {
             pull_reads: Arc::default(),
         };
         library.adopt_earlier_rows().await?;
+        library.log_membership_once().await?;
         Ok(library)
     }
 
@@ -332,9 +346,10 @@ impl Library {
         ensure_device_key(db).await
     }
 
-    /// Leader or follower.
+    /// Leader or follower: whether this device is the library's current leader (see
+    /// [`Library::leadership`]; it changes when leadership moves).
     pub fn role(&self) -> Role {
-        self.role
+        self.role_of(&self.leadership())
     }
 
     /// Runs `work` in a transaction whose writes to synced models are recorded in the log,
@@ -411,6 +426,8 @@ impl Library {
         txn: DatabaseTransaction,
         changes: Vec<CapturedChange>,
     ) -> Result<(), DbErr> {
+        // Shared: a handoff waits for this transaction's commit before it stops sequencing.
+        let _gate = self.sequencing_gate.read().await;
         let appended = self.append(&txn, changes).await?;
         txn.commit().await?;
         match appended {
@@ -478,8 +495,18 @@ impl Library {
         if changes.is_empty() {
             return Ok(Appended::Nothing);
         }
-        if self.role != Role::Leader {
-            // A follower's writes wait in its outbox for the leader to sequence them.
+        if !self.sequences() {
+            if self.role() == Role::Leader && changes.iter().any(|c| c.author.is_some()) {
+                // A push reached a leader that stopped sequencing meanwhile (a handoff):
+                // nothing of it is taken; its author pushes it again to the new leader.
+                return Err(DbErr::Custom(
+                    "this leader stopped sequencing during the push (leadership is moving); \
+                     push again"
+                        .into(),
+                ));
+            }
+            // A follower's writes wait in its outbox for the leader to sequence them (so do
+            // those of a leader that is handing off or was replaced).
             self.append_outbox(txn, changes).await?;
             return Ok(Appended::Outbox);
         }
@@ -507,7 +534,7 @@ impl Library {
     }
 
     /// A change as a log entry without its seq and checksum.
-    fn draft(&self, change: CapturedChange) -> LogEntry {
+    pub(crate) fn draft(&self, change: CapturedChange) -> LogEntry {
         LogEntry {
             library_id: self.context.library_id,
             seq: Seq::ZERO,
@@ -599,7 +626,7 @@ impl Library {
     /// Leader or follower, ids and the latest seq.
     pub async fn status(&self) -> Result<Status, LogError> {
         Ok(Status {
-            role: self.role,
+            role: self.role(),
             library_id: self.context.library_id,
             device_id: self.context.device_id,
             latest_seq: self.latest_seq().await?,
@@ -630,7 +657,7 @@ impl Library {
     /// `LogError::FollowerKeepsNoLog` rather than told every row is unlogged. A write-role
     /// follower repairs records it knows about with `repair` (their state goes to its outbox).
     pub async fn audit(&self) -> Result<Vec<Drift>, LogError> {
-        if self.role != Role::Leader {
+        if self.role() != Role::Leader {
             return Err(LogError::FollowerKeepsNoLog(self.context.library_id));
         }
         // The last logged data of every record, read page by page.
@@ -760,7 +787,7 @@ pub(crate) async fn read_log<C: ConnectionTrait>(
     Ok(entries)
 }
 
-fn entry_row(entry: &LogEntry) -> log::ActiveModel {
+pub(crate) fn entry_row(entry: &LogEntry) -> log::ActiveModel {
     log::ActiveModel {
         library_id: Set(entry.library_id.to_string()),
         seq: Set(entry.seq.0 as i64),
@@ -926,7 +953,8 @@ async fn default_library_id(db: &DatabaseConnection) -> Result<Option<LibraryId>
 /// Records a new library led by this device and makes it the database's default library;
 /// refused when the database already holds a library.
 async fn new_library(db: &DatabaseConnection, name: &str) -> Result<LibraryId, OpenError> {
-    let device_id = ensure_device_id(db).await?;
+    let key = ensure_device_key(db).await?.fingerprint();
+    let device_id = key.device_id();
     let library_id = LibraryId(uuid::Uuid::now_v7());
     let now_ms = chrono::Utc::now().timestamp_millis();
     // SQLite: the write lock from BEGIN on, so that of two processes creating at once the
@@ -951,6 +979,8 @@ async fn new_library(db: &DatabaseConnection, name: &str) -> Result<LibraryId, O
         name: Set(name.to_owned()),
         leader_device_id: Set(device_id.to_string()),
         created_at_ms: Set(now_ms),
+        epoch: Set(crate::Epoch::FIRST.0 as i64),
+        epoch_start_seq: Set(0),
     }
     .insert_into(&txn)
     .await?;
@@ -961,6 +991,8 @@ async fn new_library(db: &DatabaseConnection, name: &str) -> Result<LibraryId, O
         name: Set(None),
         added_at_ms: Set(now_ms),
         revoked_at_ms: Set(None),
+        key: Set(Some(key.to_string())),
+        addresses: Set(None),
     }
     .insert_into(&txn)
     .await?;

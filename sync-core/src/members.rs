@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::crowd::Coalescer;
 use crate::library::{InsertInto, begin_write, get_local_value, set_local_value};
 use crate::tables::{device, invite, peer};
-use crate::{DeviceId, Library, LibraryId, Seq};
+use crate::{DeviceId, KeyFingerprint, Library, LibraryId, Seq};
 
 /// Device ids per `IN (…)` when reading admissions together: bound values per statement
 /// stay far below every backend's limit.
@@ -124,6 +124,10 @@ pub struct Member {
     pub position: Option<Seq>,
     /// When it last pulled.
     pub last_seen_ms: Option<i64>,
+    /// Its key fingerprint, when known (the membership replicates it to every member).
+    pub key: Option<KeyFingerprint>,
+    /// Where it says it can be reached when it leads.
+    pub addresses: Vec<String>,
 }
 
 /// Whether a device may sync a library now.
@@ -286,6 +290,8 @@ impl Library {
                 revoked_at_ms: row.revoked_at_ms,
                 position: seen.map(|(position, _)| position),
                 last_seen_ms: seen.map(|(_, at)| at),
+                key: row.key.as_deref().and_then(|k| k.parse().ok()),
+                addresses: crate::leadership::parse_addresses(row.addresses.as_deref()),
             });
         }
         members.sort_by_key(|m| m.access != Access::Leader);
@@ -331,9 +337,10 @@ impl Library {
         &self,
         secret: &[u8; 32],
         claimed: Access,
-        device: DeviceId,
+        key: KeyFingerprint,
         name: Option<&str>,
     ) -> Result<Access, InviteError> {
+        let device = key.device_id();
         let hash = secret_hash(secret);
         let now_ms = chrono::Utc::now().timestamp_millis();
         // It reads the invite, then writes: the write lock is taken first (SQLite), or a
@@ -372,6 +379,8 @@ impl Library {
             name: Set(name.map(str::to_owned)),
             added_at_ms: Set(now_ms),
             revoked_at_ms: Set(None),
+            key: Set(Some(key.to_string())),
+            addresses: Set(None),
         })
         .on_conflict(
             OnConflict::columns([device::Column::LibraryId, device::Column::DeviceId])
@@ -379,12 +388,16 @@ impl Library {
                     device::Column::Access,
                     device::Column::Name,
                     device::Column::RevokedAtMs,
+                    device::Column::Key,
                 ])
                 .to_owned(),
         )
         .exec_without_returning(&txn)
         .await?;
-        txn.commit().await?;
+        // The membership replicates: the new member's entry (every member's, the first
+        // time) is logged with the admission.
+        let changes = self.membership_changes(&txn, &[device]).await?;
+        self.commit_changes(txn, changes).await?;
         self.membership_changed();
         Ok(issued)
     }
@@ -395,13 +408,21 @@ impl Library {
             return Err(MemberError::IsLeader(device));
         }
         let now_ms = chrono::Utc::now().timestamp_millis();
+        let txn = begin_write(&self.db).await?;
         let updated = device::Entity::update_many()
             .col_expr(device::Column::RevokedAtMs, Expr::value(now_ms))
             .filter(device::Column::LibraryId.eq(self.id().to_string()))
             .filter(device::Column::DeviceId.eq(device.to_string()))
             .filter(device::Column::RevokedAtMs.is_null())
-            .exec(&self.db)
+            .exec(&txn)
             .await?;
+        // Every member learns of the revocation (a revoked device can never be promoted).
+        let changes = if updated.rows_affected == 0 {
+            Vec::new()
+        } else {
+            self.membership_changes(&txn, &[device]).await?
+        };
+        self.commit_changes(txn, changes).await?;
         if updated.rows_affected == 0 {
             // Revoked already is fine; unknown is an error.
             if self.admission(device).await? == Admission::NotMember {

@@ -184,6 +184,9 @@ pub fn push_refusal_reason(error: &PushError) -> &'static str {
         PushError::Log(_) => "log",
         PushError::Transport(_) => "bad_request",
         PushError::Refused { .. } => "not_writer",
+        PushError::StaleEpoch { .. } => "stale_epoch",
+        PushError::Superseded { .. } => "superseded",
+        PushError::Moving { .. } | PushError::Moved { .. } => "moving",
     }
 }
 

@@ -156,6 +156,7 @@ impl Library {
                     library_id: self.id(),
                     device_id: self.device_id(),
                     changes,
+                    epoch: self.epoch(),
                 })
                 .await?;
             crate::metrics::record_push(self.id(), started);
@@ -164,6 +165,14 @@ impl Library {
                 return Err(PushError::VersionMismatch {
                     ours: PROTOCOL_VERSION,
                     theirs: response.protocol_version,
+                }
+                .into());
+            }
+            if let Err(stale) = crate::decide::epoch::check_answer(self.epoch(), response.epoch) {
+                // A replaced leader's acknowledgement: the changes stay for the current one.
+                return Err(PushError::StaleEpoch {
+                    known: stale.known,
+                    answered: stale.answered,
                 }
                 .into());
             }

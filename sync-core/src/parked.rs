@@ -352,17 +352,19 @@ impl crate::Library {
             // Not about an entry (a full disk, a lost connection): retried as it is.
             return error;
         }
-        let mut request = PullRequest::from_position(self.id(), at);
+        let mut request = PullRequest::from_position(self.id(), at).with_epoch(self.epoch());
         request.limit = limit;
-        let Ok(response) = transport.pull(request).await else {
+        let Ok(response) = self.pull_from(transport, request).await else {
             return error;
         };
         let latest_seq = response.latest_seq;
+        let epoch = response.epoch;
         let part = |items: Vec<PulledItem>| PullResponse {
             protocol_version: PROTOCOL_VERSION,
             library_id: self.id(),
             items,
             latest_seq,
+            epoch,
         };
         let mut position = at.seq;
         let mut items = response.items;

@@ -3,10 +3,14 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ChangeOp, DeviceId, Hlc, LibraryId, LogEntry, Position, Seq};
+use crate::{ChangeOp, DeviceId, Epoch, Hlc, LibraryId, LogEntry, Position, Seq};
 
 /// The protocol this build speaks. A peer speaking another version is refused, not misread.
-pub const PROTOCOL_VERSION: u32 = 2;
+///
+/// 3: requests and answers state their epoch, and logs hold sync-core's reserved entries
+/// (`sync.member`, `sync.leader`), which a build speaking 2 would take for an unknown
+/// app model.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Entries per pull response, whatever the follower asks for: bounds the leader's memory
 /// per request and the follower's per batch.
@@ -37,8 +41,21 @@ pub struct PullRequest {
     pub limit: u32,
     /// At most about this many payload bytes (clamped to `PULL_BYTES_MAX`).
     pub max_bytes: u32,
-    /// Only these models (selective sync); `None` for all.
+    /// Only these models (selective sync); `None` for all. sync-core's reserved entries
+    /// (membership, move records) are served whatever the request names.
     pub models: Option<Vec<String>>,
+    /// The epoch the follower knows (`Epoch::UNSTATED`: none yet). A leader whose own epoch
+    /// is older has been replaced: it refuses with [`PullError::Superseded`].
+    #[serde(default)]
+    pub epoch: Epoch,
+    /// The device asking, as it says (over QUIC the server puts the authenticated device
+    /// here): a leader handing off learns from it where its target stands.
+    #[serde(default)]
+    pub device: Option<DeviceId>,
+    /// Every entry as it is logged: nothing collapsed, every model (a new leader taking
+    /// over the log it must serve).
+    #[serde(default)]
+    pub full: bool,
 }
 
 impl PullRequest {
@@ -52,7 +69,16 @@ impl PullRequest {
             limit: PULL_ENTRIES_MAX,
             max_bytes: PULL_BYTES_MAX,
             models: None,
+            epoch: Epoch::UNSTATED,
+            device: None,
+            full: false,
         }
+    }
+
+    /// The same request, stating the epoch the follower knows.
+    pub fn with_epoch(mut self, epoch: Epoch) -> PullRequest {
+        self.epoch = epoch;
+        self
     }
 
     /// A request for everything after `after`, stating checksum 0: right for `Seq::ZERO`
@@ -109,6 +135,10 @@ pub struct PullResponse {
     /// The leader's latest seq when it answered: the follower is caught up once its
     /// position reaches it.
     pub latest_seq: Seq,
+    /// The epoch the leader leads in. A follower that knows a newer one refuses the answer
+    /// ([`PullError::StaleEpoch`]).
+    #[serde(default)]
+    pub epoch: Epoch,
 }
 
 impl PullResponse {
@@ -211,6 +241,42 @@ pub enum PullError {
     /// Reading the log failed.
     #[error(transparent)]
     Log(#[from] crate::LogError),
+    /// The answer came from an older epoch than this follower knows: from a leader that
+    /// has been replaced. Nothing of it is used.
+    #[error(
+        "the leader answered from epoch {answered}, but this device knows epoch {known}: that \
+         leader has been replaced, and nothing it sends is used; follow the current leader"
+    )]
+    StaleEpoch {
+        /// The epoch this device knows.
+        known: Epoch,
+        /// The epoch the answer stated.
+        answered: Epoch,
+    },
+    /// This device was asked as the leader, but a newer epoch exists: it has been replaced
+    /// and serves and sequences nothing more.
+    #[error(
+        "this device no longer leads the library: a member stated epoch {epoch}, newer than \
+         its own; follow the current leader"
+    )]
+    Superseded {
+        /// The newer epoch.
+        epoch: Epoch,
+    },
+    /// The device asked handed leadership on: it serves its log only up to the move
+    /// record. Pull from the new leader.
+    #[error(
+        "leadership of this library moved to device {leader} (epoch {epoch}{}); pull from it",
+        if addresses.is_empty() { String::new() } else { format!(", at {}", addresses.join(", ")) }
+    )]
+    Moved {
+        /// The epoch the move began.
+        epoch: Epoch,
+        /// The new leader.
+        leader: DeviceId,
+        /// Where it listens, as far as known.
+        addresses: Vec<String>,
+    },
     /// The leader refused this device: retrying the same request cannot help.
     #[error("{message}")]
     Refused {
@@ -244,6 +310,10 @@ pub enum Refused {
     ProtocolVersion,
     /// A change is of a model the other side does not know, or of another schema version.
     SchemaVersion,
+    /// The answer came from an older epoch than this device knows (a replaced leader).
+    StaleEpoch,
+    /// The device asked no longer leads: a newer epoch exists.
+    Superseded,
 }
 
 /// Changes per push request: bounds the leader's transaction and the frame.
@@ -292,6 +362,9 @@ pub struct PushRequest {
     pub device_id: DeviceId,
     /// At most `PUSH_CHANGES_MAX` changes, by ascending id.
     pub changes: Vec<PushedChange>,
+    /// The epoch the follower knows (`Epoch::UNSTATED`: none yet), as in a pull.
+    #[serde(default)]
+    pub epoch: Epoch,
 }
 
 /// The leader's acknowledgement: every change of the request is taken — sequenced, merged
@@ -311,6 +384,10 @@ pub struct PushResponse {
     pub rejected: Vec<RejectedChange>,
     /// The leader's latest seq after taking them.
     pub latest_seq: Seq,
+    /// The epoch the leader took them in. A follower that knows a newer one does not take
+    /// the acknowledgement: its changes stay in its outbox for the current leader.
+    #[serde(default)]
+    pub epoch: Epoch,
 }
 
 /// A pushed change the leader could not store (its database refused the value, a
@@ -375,6 +452,45 @@ pub enum PushError {
     /// The leader's log could not be read.
     #[error(transparent)]
     Log(#[from] crate::LogError),
+    /// The acknowledgement came from an older epoch than this follower knows: the changes
+    /// stay in the outbox, for the current leader.
+    #[error(
+        "the leader acknowledged from epoch {answered}, but this device knows epoch {known}: \
+         that leader has been replaced; the changes stay in the outbox for the current leader"
+    )]
+    StaleEpoch {
+        /// The epoch this device knows.
+        known: Epoch,
+        /// The epoch the answer stated.
+        answered: Epoch,
+    },
+    /// This device was asked as the leader, but a newer epoch exists.
+    #[error(
+        "this device no longer leads the library: a member stated epoch {epoch}, newer than \
+         its own; push to the current leader"
+    )]
+    Superseded {
+        /// The newer epoch.
+        epoch: Epoch,
+    },
+    /// The leader is handing leadership on and takes no push meanwhile: push again soon
+    /// (to the new leader once the move is pulled). Nothing of the push was taken.
+    #[error(
+        "the leader is handing leadership to device {to} and takes no push meanwhile; the \
+         changes stay in the outbox and are pushed again"
+    )]
+    Moving {
+        /// The device taking over.
+        to: DeviceId,
+    },
+    /// The device asked handed leadership on: push to the new leader.
+    #[error("leadership of this library moved to device {leader} (epoch {epoch}); push to it")]
+    Moved {
+        /// The epoch the move began.
+        epoch: Epoch,
+        /// The new leader.
+        leader: DeviceId,
+    },
     /// The leader refused this device: retrying the same request cannot help.
     #[error("{message}")]
     Refused {

@@ -1105,10 +1105,12 @@ impl std::fmt::Debug for Registry {
     }
 }
 
-/// Two models claim the same sync id.
+/// Two models claim the same sync id, or a model claims one reserved for sync-core (ids
+/// starting `sync.`).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(
-    "two models are registered with the sync id `{0}`: give one of them `#[sync(id = \"...\")]`"
+    "the sync id `{0}` is taken (by another registered model, or reserved for sync-core's own \
+     entries when it starts `sync.`): give the model `#[sync(id = \"...\")]`"
 )]
 pub struct DuplicateSyncId(pub &'static str);
 
@@ -1125,7 +1127,9 @@ impl Registry {
         E::Model: IntoActiveModel<E::ActiveModel>,
         E::ActiveModel: Send + TryIntoModel<E::Model>,
     {
-        if self.models.contains_key(E::SYNC_ID) {
+        // Ids starting `sync.` are sync-core's own log entries (membership, move records).
+        if self.models.contains_key(E::SYNC_ID) || crate::leadership::is_reserved_model(E::SYNC_ID)
+        {
             return Err(DuplicateSyncId(E::SYNC_ID));
         }
         self.models.insert(E::SYNC_ID, Arc::new(Typed::<E>::new()));

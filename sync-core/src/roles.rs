@@ -19,7 +19,7 @@ use crate::members::{Admission, Invite, InviteError, MemberError};
 use crate::outbox::PushOutcome;
 use crate::parked::{ParkError, Retried};
 use crate::protocol::{PullError, PullRequest, PullResponse, PushError, PushRequest, PushResponse};
-use crate::{Access, DeviceId, Library, LibraryId, Role, Seq, Transport};
+use crate::{Access, DeviceId, KeyFingerprint, Library, LibraryId, Role, Seq, Transport};
 
 /// Refuses a write of synced model `model` on a device with read access to `library`.
 pub(crate) fn refuse_read_access(
@@ -136,15 +136,17 @@ impl LeaderView {
         self.0.invite(access, ttl).await
     }
 
-    /// Redeems an invite's secret for `device`: admits it with the access issued, once.
+    /// Redeems an invite's secret for the device whose key has fingerprint `key` (the
+    /// device id derives from it): admits it with the access issued, once. The member's
+    /// key replicates to every member with the membership.
     pub async fn redeem_invite(
         &self,
         secret: &[u8; 32],
         claimed: Access,
-        device: DeviceId,
+        key: KeyFingerprint,
         name: Option<&str>,
     ) -> Result<Access, InviteError> {
-        self.0.redeem_invite(secret, claimed, device, name).await
+        self.0.redeem_invite(secret, claimed, key, name).await
     }
 
     /// Revokes a member: nothing more is served to it.
@@ -156,6 +158,21 @@ impl LeaderView {
     /// second).
     pub async fn record_peer_position(&self, device: DeviceId, position: Seq) -> Result<(), DbErr> {
         self.0.record_peer_position(device, position).await
+    }
+
+    /// Hands leadership to `to`, a write member whose key the membership holds, within
+    /// `within`: stops sequencing (this device's writes go to its outbox, pushes are
+    /// refused as `PushError::Moving`), waits until `to` shows the whole log (same seq and
+    /// checksum), appends the taken marks and the signed move record (epoch + 1) as the
+    /// last entries of this epoch, and waits until `to` has pulled them. This device then
+    /// follows `to`. If `to` does not catch up in time nothing moves and this device
+    /// sequences again ([`crate::HandOffError::NotCaughtUp`]).
+    pub async fn hand_off(
+        &self,
+        to: DeviceId,
+        within: Duration,
+    ) -> Result<crate::HandOff, crate::HandOffError> {
+        self.0.hand_off(to, within).await
     }
 
     /// Writes every noted follower position now.

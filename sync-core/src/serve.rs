@@ -50,6 +50,37 @@ impl Library {
         if request.library_id != self.id() {
             return Err(PullError::NotLeader(request.library_id));
         }
+        if let Some(epoch) = self
+            .fenced_by(request.epoch)
+            .await
+            .map_err(LogError::from)?
+        {
+            return Err(PullError::Superseded { epoch });
+        }
+        let leadership = self.leadership();
+        if leadership.taking_over {
+            return Err(PullError::Log(LogError::Db(DbErr::Custom(
+                "this device has just become the leader and is taking the log over from the \
+                 old leader; pull again shortly"
+                    .into(),
+            ))));
+        }
+        if leadership.leader != self.device_id() && request.after >= leadership.epoch_start_seq {
+            // Handed on: this log ends with the move record.
+            let addresses = self
+                .members()
+                .await
+                .map_err(LogError::from)?
+                .into_iter()
+                .find(|m| m.device_id == leadership.leader)
+                .map(|m| m.addresses)
+                .unwrap_or_default();
+            return Err(PullError::Moved {
+                epoch: leadership.epoch,
+                leader: leadership.leader,
+                addresses,
+            });
+        }
         let limit = request.limit.clamp(1, PULL_ENTRIES_MAX);
         let max_bytes = request.max_bytes.clamp(1, PULL_BYTES_MAX) as usize;
         // From a position past the start, the entry at the position is read too: the
@@ -70,6 +101,16 @@ impl Library {
                 return Err(self.diverged(request, at.map(|e| e.checksum)).await);
             }
         }
+        if let Some(device) = request.device {
+            // Its history is this log's up to its position (checked just above).
+            self.note_pull_seen(
+                device,
+                crate::Position {
+                    seq: request.after,
+                    checksum: request.after_checksum,
+                },
+            );
+        }
         let mut bytes = 0;
         let mut taken = Vec::with_capacity(read.len());
         for entry in entries {
@@ -84,7 +125,20 @@ impl Library {
         }
         let through = taken.last().map_or(request.after, |e| e.seq);
         tracing::Span::current().record("through", through.0);
-        let items = collapse::select(taken, request.models.as_deref(), &self.registry);
+        if let (Some(device), Some(last)) = (request.device, taken.last()) {
+            self.note_pull_seen(
+                device,
+                crate::Position {
+                    seq: last.seq,
+                    checksum: last.checksum,
+                },
+            );
+        }
+        let items = if request.full {
+            taken.into_iter().map(PulledItem::Entry).collect()
+        } else {
+            collapse::select(taken, request.models.as_deref(), &self.registry)
+        };
         let served = items
             .iter()
             .filter(|i| matches!(i, PulledItem::Entry(_)))
@@ -95,7 +149,24 @@ impl Library {
             library_id: self.id(),
             items,
             latest_seq,
+            epoch: self.epoch(),
         })
+    }
+
+    /// Whether this leader must refuse a request stating `stated`: it has been replaced
+    /// (the request, or an earlier one, stated a newer epoch). The newer epoch, if so.
+    pub(crate) async fn fenced_by(
+        &self,
+        stated: crate::Epoch,
+    ) -> Result<Option<crate::Epoch>, DbErr> {
+        let leadership = self.leadership();
+        match crate::decide::epoch::on_request(leadership.epoch, leadership.superseded_by, stated) {
+            crate::decide::epoch::OnRequest::Serve => Ok(None),
+            crate::decide::epoch::OnRequest::Superseded(newer) => {
+                self.note_superseded(newer).await?;
+                Ok(Some(newer))
+            }
+        }
     }
 }
 

@@ -13,6 +13,10 @@ pub mod library {
         pub name: String,
         pub leader_device_id: String,
         pub created_at_ms: i64,
+        /// The leadership's epoch: 1 at creation, one more with every move.
+        pub epoch: i64,
+        /// The seq of the move record that began `epoch` (0 in the first epoch).
+        pub epoch_start_seq: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -94,6 +98,11 @@ pub mod device {
         pub name: Option<String>,
         pub added_at_ms: i64,
         pub revoked_at_ms: Option<i64>,
+        /// The member's key fingerprint (64 hex digits), when known.
+        pub key: Option<String>,
+        /// Where it can be reached when it leads: a JSON array of `host:port`.
+        #[sea_orm(column_type = "Text", nullable)]
+        pub addresses: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

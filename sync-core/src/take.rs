@@ -75,6 +75,24 @@ impl Library {
 
     async fn serve_push_checked(&self, request: &PushRequest) -> Result<PushResponse, PushError> {
         take::check_envelope(request, self.id())?;
+        if let Some(epoch) = self.fenced_by(request.epoch).await? {
+            return Err(PushError::Superseded { epoch });
+        }
+        let leadership = self.leadership();
+        if let Some(to) = leadership.moving_to {
+            return Err(PushError::Moving { to });
+        }
+        if leadership.taking_over {
+            return Err(PushError::Moving {
+                to: self.device_id(),
+            });
+        }
+        if leadership.leader != self.device_id() {
+            return Err(PushError::Moved {
+                epoch: leadership.epoch,
+                leader: leadership.leader,
+            });
+        }
         let device = request.device_id;
         let refuse = |reason: &str| PushError::NotWriter {
             device,
@@ -99,6 +117,7 @@ impl Library {
             already_taken: taken.already_taken,
             rejected: taken.rejected,
             latest_seq: self.latest_seq().await?,
+            epoch: self.epoch(),
         })
     }
 

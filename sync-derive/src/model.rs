@@ -352,6 +352,15 @@ impl SyncModel {
         let sync_id = sync_id
             .or(table_name)
             .unwrap_or_else(|| to_snake(&input.ident.to_string()));
+        if sync_id.starts_with("sync.") {
+            return Err(syn::Error::new_spanned(
+                &input.ident,
+                format!(
+                    "the sync id `{sync_id}` starts with `sync.`, which is reserved for \
+                     sync-core's own log entries: give the model `#[sync(id = \"...\")]`"
+                ),
+            ));
+        }
         Ok(SyncModel {
             sync_id,
             schema_version,

@@ -377,6 +377,7 @@ fn refusal_of(code: u64) -> Option<Refusal> {
         Refusal::ReadOnly,
         Refusal::HistoryDiverged,
         Refusal::SchemaMismatch,
+        Refusal::Superseded,
     ]
     .into_iter()
     .find(|r| u64::from(r.close_code()) == code)
@@ -416,6 +417,12 @@ impl Session {
                 divergence: Some(divergence),
                 ..
             } => Err(TransportError::HistoryDiverged(divergence)),
+            Response::Refused {
+                code: Refusal::Superseded,
+                message,
+                epoch: Some(epoch),
+                ..
+            } => Err(TransportError::Superseded { epoch, message }),
             Response::Refused { code, message, .. } => {
                 Err(TransportError::Refused { code, message })
             }
@@ -434,6 +441,12 @@ impl Session {
             .await?
         {
             Response::Pushed(response) => Ok(response),
+            Response::Refused {
+                code: Refusal::Superseded,
+                message,
+                epoch: Some(epoch),
+                ..
+            } => Err(TransportError::Superseded { epoch, message }),
             Response::Refused { code, message, .. } => {
                 Err(TransportError::Refused { code, message })
             }
@@ -662,6 +675,7 @@ impl QuicTransport {
 fn pull_error(e: TransportError) -> PullError {
     match e {
         TransportError::HistoryDiverged(divergence) => PullError::HistoryDiverged(divergence),
+        TransportError::Superseded { epoch, .. } => PullError::Superseded { epoch },
         e => match refused_kind(&e) {
             Some(kind) => PullError::Refused {
                 kind,
@@ -674,6 +688,9 @@ fn pull_error(e: TransportError) -> PullError {
 
 /// `pull_error` for pushes.
 fn push_error(e: TransportError) -> PushError {
+    if let TransportError::Superseded { epoch, .. } = e {
+        return PushError::Superseded { epoch };
+    }
     match refused_kind(&e) {
         Some(kind) => PushError::Refused {
             kind,
@@ -693,6 +710,7 @@ fn refused_kind(e: &TransportError) -> Option<Refused> {
             Refusal::UnknownLibrary => Some(Refused::UnknownLibrary),
             Refusal::VersionMismatch => Some(Refused::ProtocolVersion),
             Refusal::SchemaMismatch => Some(Refused::SchemaVersion),
+            Refusal::Superseded => Some(Refused::Superseded),
             _ => None,
         },
         _ => None,

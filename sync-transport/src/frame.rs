@@ -113,6 +113,10 @@ pub enum Response {
         /// typed error (`PullError::HistoryDiverged`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         divergence: Option<Divergence>,
+        /// With `Refusal::Superseded` and `Refusal::StaleEpoch`: the newer epoch, for the
+        /// follower's typed error (`PullError::Superseded`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<sync_core::Epoch>,
     },
 }
 
@@ -142,6 +146,9 @@ pub enum Refusal {
     /// A pushed change is of a model the leader's app does not know, or of another schema
     /// version: the push waits until the older app is updated.
     SchemaMismatch,
+    /// The device asked no longer leads the library: a request stated a newer epoch than
+    /// its own (`epoch` names it).
+    Superseded,
 }
 
 impl Refusal {
@@ -158,6 +165,7 @@ impl Refusal {
             Refusal::ReadOnly => 9,
             Refusal::HistoryDiverged => 10,
             Refusal::SchemaMismatch => 11,
+            Refusal::Superseded => 12,
         }
     }
 }
@@ -349,6 +357,7 @@ mod tests {
             code: Refusal::Internal,
             message: "x".repeat(10_000),
             divergence: None,
+            epoch: None,
         };
         let frame = encode(&big).unwrap();
         assert_eq!(frame[1], CODEC_ZSTD);
@@ -368,6 +377,7 @@ mod tests {
             code: Refusal::HistoryDiverged,
             message: divergence.to_string(),
             divergence: Some(divergence),
+            epoch: None,
         };
         assert_eq!(
             decode::<Response>(&encode(&refused).unwrap()).unwrap(),
@@ -378,6 +388,7 @@ mod tests {
             code: Refusal::Internal,
             message: "x".into(),
             divergence: None,
+            epoch: None,
         };
         assert_eq!(
             serde_json::to_string(&plain).unwrap(),

@@ -71,6 +71,15 @@ pub enum TransportError {
     /// `PullError::HistoryDiverged`).
     #[error("the leader refused: {0}")]
     HistoryDiverged(sync_core::Divergence),
+    /// The device asked no longer leads: a newer epoch exists (`Refusal::Superseded`;
+    /// `QuicTransport` hands it on as `PullError::Superseded`/`PushError::Superseded`).
+    #[error("the leader refused: {message}")]
+    Superseded {
+        /// The newer epoch.
+        epoch: sync_core::Epoch,
+        /// The leader's explanation.
+        message: String,
+    },
     /// The connection was lost.
     #[error("connection to the leader lost: {0}")]
     Lost(String),
@@ -103,6 +112,8 @@ impl TransportError {
             TransportError::Refused { code, .. } => *code == Refusal::Internal,
             TransportError::Config(_)
             | TransportError::HistoryDiverged(_)
+            // Every process of a replaced leader shares its database, and its epoch.
+            | TransportError::Superseded { .. }
             | TransportError::Frame(_)
             | TransportError::Protocol(_) => false,
         }

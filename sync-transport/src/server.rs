@@ -242,6 +242,7 @@ async fn refuse(
             code,
             message: message.clone(),
             divergence: None,
+            epoch: None,
         };
         if frame::write(send, &refused).await.is_ok() && send.finish().is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
@@ -357,7 +358,18 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
             access,
             name,
             ..
-        } => join(&connection, send, &library, device, &secret, access, name).await,
+        } => {
+            join(
+                &connection,
+                send,
+                &library,
+                fingerprint,
+                &secret,
+                access,
+                name,
+            )
+            .await
+        }
         Request::Hello { .. } => {
             let access = match admitted(&library, device).await {
                 Ok(access) => access,
@@ -422,18 +434,19 @@ async fn join(
     connection: &quinn::Connection,
     mut send: quinn::SendStream,
     library: &LeaderView,
-    device: DeviceId,
+    key: KeyFingerprint,
     secret: &str,
     access: Access,
     name: Option<String>,
 ) {
+    let device = key.device_id();
     let Some(secret) = crate::token::parse_hex32(secret) else {
         let message = "the invite's secret is malformed; copy the token again".to_owned();
         refuse(connection, Some(&mut send), Refusal::Invite, message).await;
         return;
     };
     let joined = match library
-        .redeem_invite(&secret, access, device, name.as_deref())
+        .redeem_invite(&secret, access, key, name.as_deref())
         .await
     {
         Ok(access) => access,
@@ -609,14 +622,18 @@ async fn answer(
         return;
     }
     match request {
-        Request::Pull(pull) => {
+        Request::Pull(mut pull) => {
+            // The device is the one the handshake proved, whatever the request says.
+            pull.device = Some(device);
             let answer = match library.serve_pull(&pull).await {
                 Ok(response) => Response::Pulled(response),
                 Err(PullError::HistoryDiverged(divergence)) => Response::Refused {
                     code: Refusal::HistoryDiverged,
                     message: divergence.to_string(),
                     divergence: Some(divergence),
+                    epoch: None,
                 },
+                Err(e @ PullError::Superseded { epoch }) => superseded(epoch, e.to_string()),
                 Err(e) => refused(Refusal::Internal, e.to_string()),
             };
             reply(&mut send, device, what, answer).await;
@@ -648,6 +665,9 @@ async fn answer(
                     Err(e @ sync_core::PushError::BadChange { .. }) => {
                         refused(Refusal::SchemaMismatch, e.to_string())
                     }
+                    Err(e @ sync_core::PushError::Superseded { epoch }) => {
+                        superseded(epoch, e.to_string())
+                    }
                     Err(e) => refused(Refusal::Internal, e.to_string()),
                 }
             };
@@ -662,6 +682,17 @@ fn refused(code: Refusal, message: String) -> Response {
         code,
         message,
         divergence: None,
+        epoch: None,
+    }
+}
+
+/// The refusal of a leader that has been replaced, naming the newer epoch.
+fn superseded(epoch: sync_core::Epoch, message: String) -> Response {
+    Response::Refused {
+        code: Refusal::Superseded,
+        message,
+        divergence: None,
+        epoch: Some(epoch),
     }
 }
 
@@ -708,7 +739,11 @@ fn log_refusal(device: DeviceId, what: &str, refusal: &Response) {
     match code {
         // Membership's ordinary refusals; and a divergence, which `serve_pull` has
         // logged at warn already.
-        Refusal::NotMember | Refusal::Revoked | Refusal::ReadOnly | Refusal::HistoryDiverged => {
+        Refusal::NotMember
+        | Refusal::Revoked
+        | Refusal::ReadOnly
+        | Refusal::HistoryDiverged
+        | Refusal::Superseded => {
             tracing::info!(%device, what, ?code, %message, "request refused");
         }
         _ => tracing::warn!(%device, what, ?code, %message, "request refused"),

@@ -288,7 +288,7 @@ async fn pair(leader_backend: Backend, follower_backend: Backend, test: &str) {
     leader
         .leader()
         .expect("the leader")
-        .redeem_invite(&invite.secret, Access::Write, key.device_id(), None)
+        .redeem_invite(&invite.secret, Access::Write, key.fingerprint(), None)
         .await
         .expect("redeem");
     let follower = Library::join(

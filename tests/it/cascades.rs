@@ -328,7 +328,7 @@ async fn cascades(backend: Backend) {
             .invite(access, std::time::Duration::from_secs(600))
             .await
             .expect("invite");
-        view.redeem_invite(&invite.secret, access, device.device_id(), None)
+        view.redeem_invite(&invite.secret, access, device.fingerprint(), None)
             .await
             .expect("redeem");
         followers.push(

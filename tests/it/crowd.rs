@@ -59,7 +59,7 @@ async fn invites_redeemed_at_once_while_the_leader_writes_all_admit(fixture: Fix
     let mut redeems = tokio::task::JoinSet::new();
     for invite in invites {
         let leader = leader.clone();
-        let device = DeviceKey::generate().expect("key").device_id();
+        let device = DeviceKey::generate().expect("key").fingerprint();
         redeems.spawn(async move {
             leader
                 .leader()
@@ -99,14 +99,14 @@ async fn followers_positions_are_noted_then_written_together(fixture: Fixture) -
             .invite(Access::Read, Duration::from_secs(600))
             .await
             .expect("invite");
-        let device = DeviceKey::generate().expect("key").device_id();
+        let device = DeviceKey::generate().expect("key").fingerprint();
         leader
             .leader()
             .expect("the leader")
             .redeem_invite(&invite.secret, Access::Read, device, None)
             .await
             .expect("redeem");
-        devices.push(device);
+        devices.push(device.device_id());
     }
     for (n, device) in devices.iter().enumerate() {
         leader

@@ -389,6 +389,7 @@ fn fabricated(template: &sync_core::LogEntry, sizes: &[usize]) -> Vec<PullRespon
         .map(|size| PullResponse {
             protocol_version: PROTOCOL_VERSION,
             library_id: template.library_id,
+            epoch: sync_core::Epoch::FIRST,
             items: (0..*size)
                 .map(|_| {
                     seq += 1;

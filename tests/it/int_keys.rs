@@ -303,7 +303,12 @@ async fn both_ways(backend: Backend) {
     leader
         .leader()
         .expect("the leader")
-        .redeem_invite(&invite.secret, Access::Write, device.device_id(), Some("f"))
+        .redeem_invite(
+            &invite.secret,
+            Access::Write,
+            device.fingerprint(),
+            Some("f"),
+        )
         .await
         .expect("redeem");
     let follower = Library::join(
@@ -760,7 +765,12 @@ async fn a_pushed_reference_to_a_record_the_leader_lacks_is_rejected() {
     leader
         .leader()
         .expect("the leader")
-        .redeem_invite(&invite.secret, Access::Write, device.device_id(), Some("f"))
+        .redeem_invite(
+            &invite.secret,
+            Access::Write,
+            device.fingerprint(),
+            Some("f"),
+        )
         .await
         .expect("redeem");
     let follower = Library::join(

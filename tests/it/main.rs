@@ -16,6 +16,7 @@ mod follower;
 mod foreign_keys;
 mod handle;
 mod int_keys;
+mod leadership;
 mod offline;
 mod ordering;
 mod quic;

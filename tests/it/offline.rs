@@ -37,7 +37,7 @@ pub(crate) async fn member(
     leader
         .leader()
         .expect("the leader")
-        .redeem_invite(&invite.secret, access, key.device_id(), Some(name))
+        .redeem_invite(&invite.secret, access, key.fingerprint(), Some(name))
         .await
         .expect("redeem");
     Library::join(
@@ -562,6 +562,7 @@ async fn a_read_role_follower_cannot_write() {
         protocol_version: sync_core::PROTOCOL_VERSION,
         library_id: leader.library.id(),
         device_id: reader.device_id(),
+        epoch: sync_core::Epoch::UNSTATED,
         changes: Vec::new(),
     };
     let refused = leader
@@ -644,7 +645,7 @@ async fn counter_library(dir: &std::path::Path, name: &str, leader: Option<&Libr
             leader
                 .leader()
                 .expect("the leader")
-                .redeem_invite(&invite.secret, Access::Write, key.device_id(), None)
+                .redeem_invite(&invite.secret, Access::Write, key.fingerprint(), None)
                 .await
                 .expect("redeem");
             Library::join(
@@ -903,7 +904,7 @@ async fn concurrent_follower_writers_lose_nothing(backend: Backend, test: &str) 
         .library
         .leader()
         .expect("the leader")
-        .redeem_invite(&invite.secret, Access::Write, key.device_id(), None)
+        .redeem_invite(&invite.secret, Access::Write, key.fingerprint(), None)
         .await
         .expect("redeem");
     let follower = Library::join(
@@ -1109,6 +1110,7 @@ async fn a_restarted_follower_writes_after_what_it_pulled() {
             protocol_version: sync_core::PROTOCOL_VERSION,
             library_id: leader.id(),
             device_id: t.b.device_id(),
+            epoch: sync_core::Epoch::UNSTATED,
             changes: vec![sync_core::PushedChange {
                 id: 1,
                 change_id: uuid::Uuid::now_v7(),

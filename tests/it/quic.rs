@@ -572,6 +572,7 @@ async fn a_write_follower_pushes_live_and_others_are_refused() {
         protocol_version: PROTOCOL_VERSION,
         library_id: leader.library.id(),
         device_id: device,
+        epoch: sync_core::Epoch::UNSTATED,
         changes: Vec::new(),
     };
     let refused = reader_transport.push(push(reader.device_id())).await;

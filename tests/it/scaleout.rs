@@ -36,11 +36,12 @@ async fn the_newest_sighting_of_a_follower_wins_across_handles(f: Fixture) -> Fi
         .invite(Access::Read, Duration::from_secs(600))
         .await
         .expect("invite");
-    let device = DeviceKey::generate().expect("key").device_id();
+    let key = DeviceKey::generate().expect("key").fingerprint();
+    let device = key.device_id();
     first
         .leader()
         .expect("the leader")
-        .redeem_invite(&invite.secret, Access::Read, device, None)
+        .redeem_invite(&invite.secret, Access::Read, key, None)
         .await
         .expect("redeem");
     // Seen by the first process at 10, then (a later millisecond) by the second at 20.

@@ -69,7 +69,7 @@ async fn join(
     leader
         .leader()
         .expect("the leader")
-        .redeem_invite(&invite.secret, access, key.device_id(), Some(name))
+        .redeem_invite(&invite.secret, access, key.fingerprint(), Some(name))
         .await
         .expect("redeem");
     Library::join(

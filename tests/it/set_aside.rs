@@ -410,7 +410,7 @@ async fn a_mysql_follower_stops_at_a_value_too_long_and_goes_on_once_parked() {
         .redeem_invite(
             &invite.secret,
             sync_core::Access::Read,
-            key.device_id(),
+            key.fingerprint(),
             Some("m"),
         )
         .await

@@ -92,7 +92,7 @@ async fn follower_of(leader: &Library, dir: &std::path::Path) -> Library {
     leader
         .leader()
         .expect("the leader")
-        .redeem_invite(&invite.secret, Access::Write, key.device_id(), None)
+        .redeem_invite(&invite.secret, Access::Write, key.fingerprint(), None)
         .await
         .expect("redeem");
     Library::join(
@@ -124,6 +124,18 @@ fn pulls_applies_pushes_and_refusals_record_the_named_metrics() {
                 .expect("sqlite fixture");
             let dir = tempfile::tempdir().expect("dir");
             let follower = follower_of(&leader.library, dir.path()).await;
+            // The join's membership entries come first; past them the log holds only the
+            // writes below, and what pulling them recorded is not under test.
+            follower
+                .follower()
+                .expect("a follower")
+                .catch_up(
+                    &InProcess::new(leader.library.leader().expect("the leader")),
+                    1_000,
+                )
+                .await
+                .expect("catch up");
+            let _ = Shown::take(&snapshotter);
             let library = leader.library.id().to_string();
             let device = follower.device_id().to_string();
             let by_library = [("library", library.as_str())];
@@ -193,6 +205,7 @@ fn pulls_applies_pushes_and_refusals_record_the_named_metrics() {
                 protocol_version: sync_core::PROTOCOL_VERSION,
                 library_id: leader.library.id(),
                 device_id: sync_core::DeviceKey::generate().expect("key").device_id(),
+                epoch: sync_core::Epoch::UNSTATED,
                 changes: Vec::new(),
             };
             outsider.changes = vec![pushed(1), pushed(2)];

@@ -399,7 +399,7 @@ impl Sim {
             .await?;
         leader
             .leader()?
-            .redeem_invite(&invite.secret, access, key.device_id(), Some(name))
+            .redeem_invite(&invite.secret, access, key.fingerprint(), Some(name))
             .await?;
         let follower = Library::join(
             db,

@@ -55,6 +55,10 @@ pub(crate) struct Plan<'a> {
     pub entries: usize,
     /// The position once everything before the refusal (if any) is absorbed.
     pub position: Position,
+    /// Entries of sync-core's reserved models (membership, move records), in log order,
+    /// each with the position right before it: applied to the sync tables, never through
+    /// the app's registry, and never parked or passed over as local.
+    pub reserved: Vec<(&'a LogEntry, Position)>,
     /// The newest HLC among applied entries: the clock observes it.
     pub observed: Option<Hlc>,
     /// What stopped the plan. The runs before it are kept (so that an execution error
@@ -135,8 +139,38 @@ fn absorb_entry<'a>(
     if let Err(e) = verify_chain(Seq(expected.0 - 1), *checksum, std::slice::from_ref(entry)) {
         return Some(Refusal::Chain(e));
     }
+    let before = Position {
+        seq: Seq(expected.0 - 1),
+        checksum: *checksum,
+    };
     *checksum = entry.checksum;
     *expected = expected.next();
+    if crate::leadership::is_reserved_model(&entry.model) {
+        let known = matches!(
+            entry.model.as_str(),
+            crate::leadership::MEMBER_MODEL
+                | crate::leadership::LEADER_MODEL
+                | crate::leadership::TAKEN_MODEL
+        );
+        if !known {
+            return Some(Refusal::UnknownModel {
+                seq: entry.seq,
+                model: entry.model.clone(),
+            });
+        }
+        if entry.schema_version != crate::leadership::RESERVED_SCHEMA_VERSION {
+            return Some(Refusal::SchemaMismatch {
+                seq: entry.seq,
+                model: entry.model.clone(),
+                ours: crate::leadership::RESERVED_SCHEMA_VERSION,
+                theirs: entry.schema_version,
+            });
+        }
+        plan.observed = plan.observed.max(Some(entry.hlc));
+        plan.entries += 1;
+        plan.reserved.push((entry, before));
+        return None;
+    }
     if let Some(reason) = (here.parks)(entry) {
         // Set aside, not applied: the position still moves past it.
         plan.parked.push((entry, reason));
@@ -231,6 +265,40 @@ mod tests {
 
     fn seqs(run: &[&LogEntry]) -> Vec<u64> {
         run.iter().map(|e| e.seq.0).collect()
+    }
+
+    #[test]
+    fn reserved_entries_go_to_the_sync_tables_with_their_position() {
+        let items = chain(
+            Position::default(),
+            &[
+                ("a", "1"),
+                (crate::leadership::MEMBER_MODEL, "d"),
+                ("a", "2"),
+            ],
+        );
+        let plan = plan(Position::default(), &items);
+        assert_eq!(plan.refusal, None);
+        let reserved: Vec<_> = plan
+            .reserved
+            .iter()
+            .map(|(entry, before)| (entry.seq.0, before.seq.0))
+            .collect();
+        assert_eq!(reserved, vec![(2, 1)]);
+        assert_eq!(plan.entries, 3);
+        // Not through the registry: the app's runs hold only its own models.
+        let runs: Vec<_> = plan.runs.iter().map(|r| seqs(r)).collect();
+        assert_eq!(runs, vec![vec![1, 3]]);
+        // A reserved model this build does not know stops the batch.
+        let items = chain(Position::default(), &[("a", "1"), ("sync.unknown", "x")]);
+        assert!(matches!(
+            plan_of(&items).refusal,
+            Some(Refusal::UnknownModel { seq: Seq(2), .. })
+        ));
+    }
+
+    fn plan_of(items: &[PulledItem]) -> Plan<'_> {
+        plan(Position::default(), items)
     }
 
     #[test]
@@ -388,6 +456,7 @@ mod tests {
             library_id: library(),
             latest_seq: Seq(0),
             items: Vec::new(),
+            epoch: crate::Epoch::FIRST,
         };
         assert_eq!(check_response(library(), &response), Ok(()));
         let other = LibraryId(uuid::Uuid::from_u128(9));

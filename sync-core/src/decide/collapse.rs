@@ -26,7 +26,12 @@ pub(crate) fn select(
     models: Option<&[String]>,
     registry: &Registry,
 ) -> Vec<PulledItem> {
-    let wanted = |model: &str| models.is_none_or(|m| m.iter().any(|w| w == model));
+    // sync-core's reserved entries (membership, move records) reach every follower,
+    // whatever models it asked for.
+    let wanted = |model: &str| {
+        crate::leadership::is_reserved_model(model)
+            || models.is_none_or(|m| m.iter().any(|w| w == model))
+    };
     // Walking backwards: per record, which fields later entries overwrite (None: all).
     let mut covered: HashMap<(&str, &str), Option<HashSet<&str>>> = HashMap::new();
     let mut keep = vec![false; entries.len()];
@@ -51,8 +56,12 @@ pub(crate) fn select(
         };
         keep[i] = !superseded;
         let rule = registry.describe(&entry.model).map(|(rule, _)| rule);
+        let reserved = crate::leadership::is_reserved_model(&entry.model);
         let this_covers = match entry.op {
             ChangeOp::Delete => None,
+            // A reserved entry is its record whole (a member's row; a move record's
+            // record id is its epoch, never written twice).
+            ChangeOp::Upsert if reserved => None,
             // A whole-record upsert of a model this build knows rewrites every field.
             ChangeOp::Upsert if rule.is_some_and(|r| r != MergeRule::FieldLevel) => None,
             ChangeOp::Upsert => Some(

@@ -11,10 +11,13 @@
 //!   for a local row, or merged by `merge::decide`).
 //! - `follow`: the follow loop's backoff and stall detection.
 //! - `collapse`: which entries of a range a follower needs (selective sync, collapsing).
+//! - `epoch`: epoch fencing (a stale answer, a request from a newer epoch) and whether a
+//!   move record is to be trusted.
 //!
 //! `merge.rs` (the merge decision) is pure too and stays where it is.
 
 pub(crate) mod absorb;
 pub(crate) mod collapse;
+pub(crate) mod epoch;
 pub(crate) mod follow;
 pub(crate) mod take;

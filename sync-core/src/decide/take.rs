@@ -339,6 +339,7 @@ mod tests {
             protocol_version: PROTOCOL_VERSION,
             library_id: library,
             device_id: device(1),
+            epoch: crate::Epoch::UNSTATED,
             changes: Vec::new(),
         };
         assert!(check_envelope(&request, library).is_ok());

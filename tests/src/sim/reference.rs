@@ -293,7 +293,11 @@ impl Reference {
 
         // Not sequenced twice.
         let mut authored: HashMap<DeviceId, u64> = HashMap::new();
-        for entry in log.iter().filter(|e| e.model != CONFLICT) {
+        // sync-core's own entries (membership) are not writes.
+        for entry in log
+            .iter()
+            .filter(|e| e.model != CONFLICT && !sync_core::is_reserved_model(&e.model))
+        {
             *authored.entry(entry.device_id).or_default() += 1;
         }
         let mut taken_by: HashMap<String, u64> = HashMap::new();
