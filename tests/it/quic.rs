@@ -530,6 +530,8 @@ async fn a_write_follower_pushes_live_and_others_are_refused() {
     // Offline first: the write waits in the outbox.
     put_tag(&writer, "written offline").await;
     assert_eq!(writer.outbox_len().await.expect("outbox"), 1);
+    // The log already holds what the join recorded (the membership); count from there.
+    let base = leader.library.latest_seq().await.expect("latest").0;
     let transport = net::transport(&writer, None).await.expect("transport");
     let follow = writer
         .follower()
@@ -537,7 +539,7 @@ async fn a_write_follower_pushes_live_and_others_are_refused() {
         .start_following(transport.clone(), live_config());
     let mut latest = leader.library.watch_latest_seq();
     tokio::time::timeout(DEADLINE, async {
-        while latest.get() < Seq(1) {
+        while latest.get() < Seq(base + 1) {
             latest.changed().await;
         }
     })
@@ -546,14 +548,14 @@ async fn a_write_follower_pushes_live_and_others_are_refused() {
     // A write while following is pushed at once (the loop wakes on the outbox).
     put_tag(&writer, "written live").await;
     tokio::time::timeout(DEADLINE, async {
-        while latest.get() < Seq(2) {
+        while latest.get() < Seq(base + 2) {
             latest.changed().await;
         }
     })
     .await
     .expect("the live write reaches the leader");
     follow
-        .wait_for(DEADLINE, |s| s.position >= Seq(2) && s.outbox == 0)
+        .wait_for(DEADLINE, |s| s.position >= Seq(base + 2) && s.outbox == 0)
         .await
         .expect("the writer catches up with its own writes");
     follow.stop().await;
