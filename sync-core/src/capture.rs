@@ -280,12 +280,7 @@ async fn target_for<E: Syncable, C: ConnectionTrait>(db: &C) -> Result<Target, D
         Target::Lone(shared) => (true, &shared.library.context),
     };
     if recording && context.read_only {
-        return Err(refuse(format!(
-            "this device has read access to library {}: it cannot change synced model `{}`; \
-             write on the leader, or join with an invite that grants write access",
-            context.library_id,
-            E::SYNC_ID
-        )));
+        return Err(crate::error::read_only(context.library_id, E::SYNC_ID));
     }
     Ok(target)
 }

@@ -248,10 +248,11 @@ fn refused_write(model: &str, table: &str, raw: bool) -> DbErr {
          `update_many`, `delete_many`, `delete_by_id`, or a raw statement)"
     };
     DbErr::Custom(format!(
-        "refused: {path} writes to table `{table}` of synced model `{model}`, and would not be \
+        "{}{path} writes to table `{table}` of synced model `{model}`, and would not be \
          recorded in the sync log. Use the model's `insert`/`update`/`save`/`delete`, or the \
          sync-aware `SyncTransaction::insert_many` / `update_many` / `delete_many`; for a \
-         deliberately local write, `Library::unrecorded`"
+         deliberately local write, `Library::unrecorded`",
+        crate::error::UNRECORDED
     ))
 }
 
@@ -479,11 +480,7 @@ async fn captured_delete(
     stmt: Statement,
 ) -> Result<(ExecResult, Vec<CapturedChange>), DbErr> {
     if library.context.read_only {
-        return Err(DbErr::Custom(format!(
-            "this device has read access to library {}: it cannot change synced model \
-             `{model}`; write on the leader, or join with an invite that grants write access",
-            library.context.library_id
-        )));
+        return Err(crate::error::read_only(library.context.library_id, model));
     }
     let ops = library
         .registry
@@ -901,12 +898,7 @@ impl SyncTransaction {
         }
         let context = &self.scope.context;
         if context.read_only {
-            return Err(DbErr::Custom(format!(
-                "this device has read access to library {}: it cannot change synced model \
-                 `{}`; write on the leader, or join with an invite that grants write access",
-                context.library_id,
-                E::SYNC_ID
-            )));
+            return Err(crate::error::read_only(context.library_id, E::SYNC_ID));
         }
         Ok(Some(&self.scope))
     }
