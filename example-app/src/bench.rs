@@ -842,3 +842,131 @@ async fn scaleout_run(options: &ScaleoutOptions, processes: usize) -> Result<ser
         "server_cpu_seconds_pulling": cpu_pull,
     }))
 }
+
+/// A parent for `bench capture`'s delete of a parent with no children.
+pub mod bench_parent {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, sync_core::Syncable)]
+    #[sea_orm(table_name = "bench_parent")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub name: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+}
+
+/// A child that the database deletes with its parent (`ON DELETE CASCADE`).
+pub mod bench_child {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, sync_core::Syncable)]
+    #[sea_orm(table_name = "bench_child")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub parent_id: Uuid,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {
+        #[sea_orm(
+            belongs_to = "super::bench_parent::Entity",
+            from = "Column::ParentId",
+            to = "super::bench_parent::Column::Id",
+            on_delete = "Cascade"
+        )]
+        Parent,
+    }
+}
+
+/// The cost of the cascade lookup: deletes `count` parents that have no children, `batch`
+/// per `Library::transaction` (through the `SyncTransaction`'s hooks), once with the child
+/// model unregistered (no cascading relation names the parent: no lookup, as before
+/// cascades were recorded) and once registered (one read of the children per delete,
+/// plus a locking read of the parent on PostgreSQL/MySQL). Each run in a fresh database
+/// from `fresh` (called once per run); the best of `rounds` per case, in seconds.
+pub async fn cascade_lookup<F, Fut>(
+    mut fresh: F,
+    count: u64,
+    batch: u64,
+    rounds: u32,
+) -> Result<(f64, f64)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<String>>,
+{
+    use sea_orm::{ConnectionTrait, EntityTrait, Schema};
+    let mut best = [f64::INFINITY; 2];
+    for round in 0..rounds.max(1) {
+        for i in 0..2 {
+            // Alternate the order, so neither case always runs on a warmer machine.
+            let with_child = (i + round as usize) % 2 == 1;
+            let url = fresh().await?;
+            let db = connect(&url).await?;
+            Migrator::up(&db, None).await?;
+            let schema = Schema::new(db.get_database_backend());
+            db.execute(&schema.create_table_from_entity(bench_parent::Entity))
+                .await?;
+            db.execute(&schema.create_table_from_entity(bench_child::Entity))
+                .await?;
+            let mut models = registry().register::<bench_parent::Entity>()?;
+            if with_child {
+                models = models.register::<bench_child::Entity>()?;
+            }
+            let library = Library::create(db, "bench", models).await?;
+            let ids: Vec<uuid::Uuid> = (0..count).map(|_| uuid::Uuid::now_v7()).collect();
+            for chunk in ids.chunks(500) {
+                let rows: Vec<bench_parent::ActiveModel> = chunk
+                    .iter()
+                    .map(|id| bench_parent::ActiveModel {
+                        id: Set(*id),
+                        name: Set(format!("parent {id}")),
+                    })
+                    .collect();
+                library
+                    .unrecorded(move |txn| {
+                        Box::pin(async move {
+                            bench_parent::Entity::insert_many(rows)
+                                .exec_without_returning(txn.unguarded())
+                                .await
+                        })
+                    })
+                    .await?;
+            }
+            let started = Instant::now();
+            for chunk in ids.chunks(batch.max(1) as usize) {
+                let chunk = chunk.to_vec();
+                library
+                    .transaction(move |txn| {
+                        Box::pin(async move {
+                            for id in chunk {
+                                bench_parent::ActiveModel {
+                                    id: Set(id),
+                                    ..Default::default()
+                                }
+                                .delete(txn)
+                                .await?;
+                            }
+                            Ok::<_, sea_orm::DbErr>(())
+                        })
+                    })
+                    .await?;
+            }
+            // On PostgreSQL the entries are numbered by the background sequencer.
+            library.latest_seq().await?;
+            let seconds = started.elapsed().as_secs_f64();
+            let logged = library.read_log(Seq::ZERO, count + 1).await?.len() as u64;
+            if logged != count {
+                bail!("{logged} entries logged for {count} deletes");
+            }
+            best[usize::from(with_child)] = best[usize::from(with_child)].min(seconds);
+            library.db().clone().close().await.ok();
+            crate::drop_database(&url).await?;
+        }
+    }
+    Ok((best[0], best[1]))
+}

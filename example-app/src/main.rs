@@ -932,6 +932,27 @@ async fn bench_capture(
             "synced_over_unsynced_time": synced / unsynced,
             "paths": paths_json,
         }))?;
+        // The cascade lookup's cost on a delete of a parent with no children, side by
+        // side: no cascading relation names the parent (as before cascades were recorded)
+        // against one that does.
+        let (before, lookup) = example_app::bench::cascade_lookup(
+            || fresh_database(url, dir.path()),
+            count,
+            batch,
+            rounds,
+        )
+        .await?;
+        print_json(&serde_json::json!({
+            "bench": "capture_cascade_lookup",
+            "backend": backend,
+            "deletes": count,
+            "deletes_per_txn": batch,
+            "no_dependents_seconds": before,
+            "cascade_lookup_seconds": lookup,
+            "no_dependents_deletes_per_second": count as f64 / before,
+            "cascade_lookup_deletes_per_second": count as f64 / lookup,
+            "lookup_over_no_dependents_time": lookup / before,
+        }))?;
     }
     Ok(())
 }

@@ -24,12 +24,14 @@ use axum::routing::get;
 use axum::{Json, Router};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, Database, DbErr, EntityTrait, IntoActiveModel,
-    QueryFilter, QueryOrder,
+    QueryFilter, QueryOrder, SqlErr,
 };
 use sea_orm_migration::{MigrationName, MigrationTrait, MigratorTrait, SchemaManager};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sync_core::{Access, Follow, FollowConfig, Library, OpenError, Registry, SyncConnection};
+use sync_core::{
+    Access, Follow, FollowConfig, Library, OpenError, Registry, SyncConnection, WriteRefusal,
+};
 use sync_transport::{Client, ClientConfig, JoinToken, QuicTransport, Server, ServerConfig};
 use tokio::sync::oneshot;
 
@@ -152,8 +154,22 @@ struct AppState {
 struct ApiError(StatusCode, String);
 
 impl From<DbErr> for ApiError {
+    /// The library's refusals and the database's constraint errors are the caller's to
+    /// fix, with the message that says how; anything else is the server's.
     fn from(e: DbErr) -> ApiError {
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        let status = match WriteRefusal::of(&e) {
+            // A read-access member: the write belongs on the leader or a write member.
+            Some(WriteRefusal::ReadOnly) => StatusCode::FORBIDDEN,
+            // A reference to a record that is not there (an unknown author).
+            Some(WriteRefusal::MissingReference) => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => match e.sql_err() {
+                Some(
+                    SqlErr::ForeignKeyConstraintViolation(_) | SqlErr::UniqueConstraintViolation(_),
+                ) => StatusCode::CONFLICT,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+        };
+        ApiError(status, e.to_string())
     }
 }
 
@@ -333,6 +349,8 @@ impl Blog {
         let library = match Library::open_default(db.clone(), registry()?).await {
             Ok(library) => library,
             Err(OpenError::NoLibrary) => {
+                // Refused joins are refused before the invite is redeemed, not after.
+                Library::check_join(&db, token.library_id, token.access, &registry()?).await?;
                 let joined = client.join(&token, Some("blog follower")).await?;
                 Library::join(
                     db,

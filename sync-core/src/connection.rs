@@ -248,10 +248,11 @@ fn refused_write(model: &str, table: &str, raw: bool) -> DbErr {
          `update_many`, `delete_many`, `delete_by_id`, or a raw statement)"
     };
     DbErr::Custom(format!(
-        "refused: {path} writes to table `{table}` of synced model `{model}`, and would not be \
+        "{}{path} writes to table `{table}` of synced model `{model}`, and would not be \
          recorded in the sync log. Use the model's `insert`/`update`/`save`/`delete`, or the \
          sync-aware `SyncTransaction::insert_many` / `update_many` / `delete_many`; for a \
-         deliberately local write, `Library::unrecorded`"
+         deliberately local write, `Library::unrecorded`",
+        crate::error::UNRECORDED
     ))
 }
 

@@ -91,6 +91,56 @@ pub enum LogError {
     FollowerKeepsNoLog(LibraryId),
 }
 
+/// Which of the library's refusals a write met, for an app that answers its own callers
+/// (an HTTP status, say). SeaORM's hooks can return nothing but a `DbErr`, so the library
+/// refuses a write with `DbErr::Custom` and a message that says what to do;
+/// [`WriteRefusal::of`] tells which refusal it is. Errors of the database itself (a
+/// foreign key or unique constraint) are SeaORM's: `DbErr::sql_err`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WriteRefusal {
+    /// This device has read access to the library: it changes no synced data.
+    ReadOnly,
+    /// The write refers to a record that does not exist (or whose sync key is not filled).
+    MissingReference,
+    /// A statement that runs no sync hooks writes a synced table (use the model's hooked
+    /// writes or the handle's sync-aware bulk writes).
+    Unrecorded,
+}
+
+/// The start of every read-access refusal.
+const READ_ONLY: &str = "this device has read access to library ";
+/// The start of every refusal of a statement that runs no hooks.
+pub(crate) const UNRECORDED: &str = "refused: ";
+/// In every refusal of a reference to a record that is not there.
+pub(crate) const MISSING_REFERENCE: &str = "a synced reference must point at a stored record";
+
+impl WriteRefusal {
+    /// The refusal `e` reports, if it is one of the library's write refusals.
+    pub fn of(e: &DbErr) -> Option<WriteRefusal> {
+        let DbErr::Custom(message) = e else {
+            return None;
+        };
+        if message.starts_with(READ_ONLY) {
+            Some(WriteRefusal::ReadOnly)
+        } else if message.contains(MISSING_REFERENCE) {
+            Some(WriteRefusal::MissingReference)
+        } else if message.starts_with(UNRECORDED) {
+            Some(WriteRefusal::Unrecorded)
+        } else {
+            None
+        }
+    }
+}
+
+/// The refusal of a write to synced model `model` on a device with read access.
+pub(crate) fn read_only(library: LibraryId, model: &str) -> DbErr {
+    DbErr::Custom(format!(
+        "{READ_ONLY}{library}: it cannot change synced model `{model}`; write on the \
+         leader, or join with an invite that grants write access"
+    ))
+}
+
 /// Whether a database error is about the data a statement carried: a value the database
 /// cannot store (SQLSTATE class 22), a failed constraint (class 23), or SQLite's
 /// equivalents (TOOBIG, CONSTRAINT, MISMATCH, RANGE). Such an error fails again however
@@ -165,5 +215,35 @@ impl LogError {
             },
             LogError::FollowerKeepsNoLog(library) => LogError::FollowerKeepsNoLog(*library),
         }
+    }
+}
+
+#[cfg(test)]
+mod write_refusal_tests {
+    use super::*;
+
+    #[test]
+    fn each_refusal_is_told_by_its_message() {
+        let library = LibraryId(uuid::Uuid::nil());
+        assert_eq!(
+            WriteRefusal::of(&read_only(library, "tag")),
+            Some(WriteRefusal::ReadOnly)
+        );
+        assert_eq!(
+            WriteRefusal::of(&DbErr::Custom(format!(
+                "field `shelf_id` refers to `shelf` record 7, which does not exist: \
+                 {MISSING_REFERENCE}"
+            ))),
+            Some(WriteRefusal::MissingReference)
+        );
+        assert_eq!(
+            WriteRefusal::of(&DbErr::Custom(format!("{UNRECORDED}raw SQL writes"))),
+            Some(WriteRefusal::Unrecorded)
+        );
+        assert_eq!(
+            WriteRefusal::of(&DbErr::Custom("something else".into())),
+            None
+        );
+        assert_eq!(WriteRefusal::of(&DbErr::RecordNotFound("x".into())), None);
     }
 }

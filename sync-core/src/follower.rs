@@ -228,26 +228,7 @@ impl Library {
         if leader == device_id {
             return Err(OpenError::LeadsLibrary(library_id));
         }
-        // Rows of synced models that predate the first join exist on no other device (see
-        // `adopt.rs`): a write member pushes them, a read member cannot have them.
-        let first_join = library::Entity::find_by_id(library_id.to_string())
-            .one(&db)
-            .await?
-            .is_none();
-        let adopt = if first_join {
-            let found = crate::adopt::unshared_rows(&db, &registry).await?;
-            match found.into_iter().next() {
-                Some((model, rows)) if access == Access::Read => {
-                    return Err(OpenError::RowsBeforeJoin {
-                        model: model.to_owned(),
-                        rows,
-                    });
-                }
-                found => found.is_some(),
-            }
-        } else {
-            false
-        };
+        let adopt = Library::rows_to_adopt(&db, library_id, access, &registry).await?;
         let txn = db.begin().await?;
         store_joined(&txn, library_id, name, leader, device_id, access, settings).await?;
         if adopt {
@@ -259,6 +240,48 @@ impl Library {
         }
         txn.commit().await?;
         Library::open(db, library_id, registry).await
+    }
+
+    /// Whether this database may join library `library_id` with `access`, checked before
+    /// anything is spent on it: call it before redeeming an invite, so that a join that
+    /// [`Library::join`] would refuse ([`OpenError::RowsBeforeJoin`]: a read member whose
+    /// synced tables hold rows that exist on no other device) leaves the invite unused.
+    /// `Library::join` checks the same.
+    pub async fn check_join(
+        db: &DatabaseConnection,
+        library_id: LibraryId,
+        access: Access,
+        registry: &Registry,
+    ) -> Result<(), OpenError> {
+        Library::rows_to_adopt(db, library_id, access, registry)
+            .await
+            .map(|_| ())
+    }
+
+    /// Whether a join must adopt rows that predate it; refused for a read member.
+    async fn rows_to_adopt(
+        db: &DatabaseConnection,
+        library_id: LibraryId,
+        access: Access,
+        registry: &Registry,
+    ) -> Result<bool, OpenError> {
+        // Rows of synced models that predate the first join exist on no other device (see
+        // `adopt.rs`): a write member pushes them, a read member cannot have them.
+        let first_join = library::Entity::find_by_id(library_id.to_string())
+            .one(db)
+            .await?
+            .is_none();
+        if !first_join {
+            return Ok(false);
+        }
+        let found = crate::adopt::unshared_rows(db, registry).await?;
+        match found.into_iter().next() {
+            Some((model, rows)) if access == Access::Read => Err(OpenError::RowsBeforeJoin {
+                model: model.to_owned(),
+                rows,
+            }),
+            found => Ok(found.is_some()),
+        }
     }
 
     /// This follower's position in the log.

@@ -71,7 +71,7 @@ pub use commits::CommitWatcher;
 pub use conflicts::{Conflict, Resolution, ResolveError};
 pub use connection::{SyncConnection, SyncTransaction};
 pub use entry::{ChainError, ChangeOp, LogEntry, verify_chain};
-pub use error::{LogError, OpenError};
+pub use error::{LogError, OpenError, WriteRefusal};
 pub use follow_loop::{
     ChangesApplied, Follow, FollowConfig, FollowState, FollowStatus, RefusedFor,
 };

@@ -1035,17 +1035,20 @@ pub(crate) async fn references_out<C: ConnectionTrait>(
             Some(row) => row.try_get_by_index::<Option<uuid::Uuid>>(0)?,
             None => {
                 return Err(DbErr::Custom(format!(
-                    "field `{}` refers to `{}` record {id}, which does not exist: a synced \
-                     reference must point at a stored record",
-                    r.field, r.parent
+                    "field `{}` refers to `{}` record {id}, which does not exist: {}",
+                    r.field,
+                    r.parent,
+                    crate::error::MISSING_REFERENCE
                 )));
             }
         };
         let Some(key) = key else {
             return Err(DbErr::Custom(format!(
-                "`{}` record {id} has no sync key (`{}` is NULL): fill it (see \
+                "`{}` record {id} has no sync key (`{}` is NULL), and {}: fill it (see \
                  `sync_migrations::add_sync_key`) before syncing records that refer to it",
-                r.parent, r.parent_key
+                r.parent,
+                r.parent_key,
+                crate::error::MISSING_REFERENCE
             )));
         };
         let key = key.to_string();

@@ -28,10 +28,7 @@ pub(crate) fn refuse_read_access(
     model: &str,
 ) -> Result<(), DbErr> {
     if read_only {
-        return Err(DbErr::Custom(format!(
-            "this device has read access to library {library}: it cannot change synced model \
-             `{model}`; write on the leader, or join with an invite that grants write access"
-        )));
+        return Err(crate::error::read_only(library, model));
     }
     Ok(())
 }

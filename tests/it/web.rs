@@ -7,10 +7,13 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use example_app::web::{Blog, SEED_AUTHOR};
+use example_app::web::{Blog, SEED_AUTHOR, author};
 use example_app::{drop_database, fresh_database};
+use sea_orm::ActiveValue::Set;
+use sea_orm::EntityTrait;
+use sea_orm_migration::MigratorTrait;
 use serde_json::{Value, json};
-use sync_core::Access;
+use sync_core::{Access, OpenError};
 
 use crate::support::{Backend, server_url};
 
@@ -38,6 +41,13 @@ impl Api {
         let body: Value = response.json().await.expect("JSON body");
         assert!(status.is_success(), "{status}: {body}");
         body
+    }
+
+    /// A request whose answer may be a refusal: its status and body.
+    async fn answer(&self, request: reqwest::RequestBuilder) -> (reqwest::StatusCode, Value) {
+        let response = request.send().await.expect("request");
+        let status = response.status();
+        (status, response.json().await.expect("JSON body"))
     }
 
     async fn get(&self, path: &str) -> Value {
@@ -249,5 +259,97 @@ async fn blog_case(leader_url: &str, follower_url: &str) {
     assert_eq!(titles(l.posts().await), titles(f.posts().await));
 
     follower.stop().await;
+    leader.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_blog_answers_refusals_with_their_status_and_a_refused_join_keeps_its_invite() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut urls = Vec::new();
+    for _ in 0..3 {
+        urls.push(
+            fresh_database("sqlite", dir.path())
+                .await
+                .expect("database"),
+        );
+    }
+    tokio::time::timeout(WHOLE_TEST, refusals_case(&urls[0], &urls[1], &urls[2]))
+        .await
+        .expect("the test did not finish in time");
+}
+
+async fn refusals_case(leader_url: &str, occupied_url: &str, reader_url: &str) {
+    let leader = Blog::leader(leader_url).await.expect("leader");
+    let l = Api::new(leader.http);
+
+    // A post by an author that does not exist: the database's foreign key refuses it, a
+    // conflict with the stored data, not a server error.
+    let (status, body) = l
+        .answer(
+            l.http
+                .post(format!("{}/posts", l.base))
+                .json(&json!({"author_id": 9_999, "title": "by nobody"})),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.to_ascii_lowercase().contains("foreign key")),
+        "{body}"
+    );
+
+    // A database with rows of its own cannot join as a read member; the refusal comes
+    // before the invite is redeemed, so the same invite still admits an empty database.
+    let token = leader.invite(Access::Read).await.expect("invite");
+    let occupied = example_app::connect(occupied_url).await.expect("connect");
+    example_app::web::Migrator::up(&occupied, None)
+        .await
+        .expect("migrate");
+    author::Entity::insert(author::ActiveModel {
+        sync_key: Set(uuid::Uuid::now_v7()),
+        name: Set("Mine".into()),
+        ..Default::default()
+    })
+    .exec_without_returning(&occupied)
+    .await
+    .expect("a row of its own");
+    let _ = occupied.close().await;
+    let refused = match Blog::follower(occupied_url, &token).await {
+        Ok(blog) => {
+            blog.stop().await;
+            panic!("a read member with rows of its own joined");
+        }
+        Err(e) => e,
+    };
+    assert!(
+        matches!(
+            refused.downcast_ref::<OpenError>(),
+            Some(OpenError::RowsBeforeJoin { .. })
+        ),
+        "{refused:#}"
+    );
+    let reader = Blog::follower(reader_url, &token)
+        .await
+        .expect("the refused join left the invite unused");
+    let r = Api::new(reader.http);
+
+    // A write on a read member: forbidden, with the library's message.
+    let (status, body) = r
+        .answer(
+            r.http
+                .post(format!("{}/authors", r.base))
+                .json(&json!({"name": "Zed"})),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("read access")),
+        "{body}"
+    );
+
+    reader.stop().await;
     leader.stop().await;
 }
