@@ -500,11 +500,12 @@ impl Library {
                     let record: MemberRecord = entry
                         .data
                         .as_deref()
-                        .and_then(|d| serde_json::from_str(d).ok())
-                        .ok_or_else(|| crate::ApplyError::BadPayload {
+                        .ok_or_else(|| "no data".to_owned())
+                        .and_then(|d| serde_json::from_str(d).map_err(|e| e.to_string()))
+                        .map_err(|why| crate::ApplyError::BadPayload {
                             seq: entry.seq,
                             model: entry.model.clone(),
-                            reason: "not a member record".into(),
+                            reason: format!("not a member record: {why}"),
                         })?;
                     upsert_member(txn, self.id(), &record).await?;
                 }
@@ -547,11 +548,12 @@ impl Library {
                     let marks: crate::handoff::TakenMarks = entry
                         .data
                         .as_deref()
-                        .and_then(|d| serde_json::from_str(d).ok())
-                        .ok_or_else(|| crate::ApplyError::BadPayload {
+                        .ok_or_else(|| "no data".to_owned())
+                        .and_then(|d| serde_json::from_str(d).map_err(|e| e.to_string()))
+                        .map_err(|why| crate::ApplyError::BadPayload {
                             seq: entry.seq,
                             model: entry.model.clone(),
-                            reason: "not a list of taken changes".into(),
+                            reason: format!("not a list of taken changes: {why}"),
                         })?;
                     crate::handoff::store_taken_marks(txn, self.id(), &marks).await?;
                 }
