@@ -62,6 +62,12 @@ pub(crate) fn superseded_key(library_id: LibraryId) -> String {
     format!("superseded_by.{library_id}")
 }
 
+/// The `sync_local` key that says this device applied the move record that makes it
+/// leader and has not yet taken the log and its own outbox over (`take_over`).
+pub(crate) fn taking_over_key(library_id: LibraryId) -> String {
+    format!("taking_over.{library_id}")
+}
+
 /// One member as the log carries it (the data of a [`MEMBER_MODEL`] entry).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberRecord {
@@ -534,6 +540,16 @@ impl Library {
                         Ok(MoveVerdict::Historical) => {}
                         Ok(MoveVerdict::Accept) => {
                             accept_move(txn, self.id(), &record, entry.seq).await?;
+                            if record.leader == self.device_id() {
+                                // Its held log may already reach the record: the mark keeps
+                                // it taking over until its outbox is taken too.
+                                crate::library::set_local_value(
+                                    txn,
+                                    &taking_over_key(self.id()),
+                                    &record.epoch.0.to_string(),
+                                )
+                                .await?;
+                            }
                             moved = Some(Leadership {
                                 leader: record.leader,
                                 epoch: record.epoch,
@@ -710,13 +726,19 @@ pub(crate) async fn load_leadership<C: ConnectionTrait>(
         epoch_start_seq: Seq(row.epoch_start_seq.max(0) as u64),
         superseded_by,
         moving_to: None,
+        // Its held log (`held.rs`) must hold every entry up to the move record: what its
+        // pulls left out is taken over too.
         taking_over: leader == this_device
             && row.epoch_start_seq > 0
-            && crate::library::committed_tip(db, library_id, false)
+            && (crate::library::committed_tip(db, library_id, false)
                 .await?
                 .seq
                 .0
-                < row.epoch_start_seq as u64,
+                < row.epoch_start_seq as u64
+                || crate::held::has_runs(db, library_id).await?
+                || get_local_value(db, &taking_over_key(library_id))
+                    .await?
+                    .is_some()),
     })
 }
 

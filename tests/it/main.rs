@@ -13,6 +13,7 @@ mod dense;
 mod derive;
 mod follow_state;
 mod follower;
+mod follower_audit;
 mod foreign_keys;
 mod handle;
 mod int_keys;
