@@ -734,14 +734,13 @@ async fn local_fields_keep_the_followers_values_and_applies_are_not_recorded() {
         (mine.name.as_str(), mine.mount_point.as_str()),
         ("Renamed", "/follower")
     );
-    assert!(
-        follower
-            .read_log(Seq::ZERO, 10)
-            .await
-            .expect("log")
-            .is_empty(),
-        "applied changes are not logged again"
+    // The follower holds the leader's entries as they were logged, and recorded nothing.
+    assert_eq!(
+        follower.read_log(Seq::ZERO, 10).await.expect("log"),
+        f.library.read_log(Seq::ZERO, 10).await.expect("log"),
+        "applied changes are held, not logged again"
     );
+    assert_eq!(follower.outbox_len().await.expect("outbox"), 0);
     f.finish().await;
 }
 
