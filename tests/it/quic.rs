@@ -431,14 +431,26 @@ async fn a_live_follower_survives_a_leader_restart() {
     server.shutdown().await;
     let latest = put_tag(&library, "while the leader is away").await;
     let key = library.device_key().await.expect("key");
-    let server = Server::bind(
-        address,
-        &key,
-        vec![library.clone()],
-        ServerConfig::default(),
-    )
-    .await
-    .expect("rebind the same address");
+    // The old endpoint's socket is released when its last connection task has ended,
+    // which on a loaded machine may be a moment after `shutdown` returns: bind again until
+    // the address is free.
+    let rebind_deadline = tokio::time::Instant::now() + DEADLINE;
+    let server = loop {
+        match Server::bind(
+            address,
+            &key,
+            vec![library.clone()],
+            ServerConfig::default(),
+        )
+        .await
+        {
+            Ok(server) => break server,
+            Err(_) if tokio::time::Instant::now() < rebind_deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("rebind the same address: {e}"),
+        }
+    };
     if follow
         .wait_for(DEADLINE, |s| s.position >= latest && s.last_error.is_none())
         .await
