@@ -13,6 +13,7 @@
 //! at once; the one whose epoch is higher wins, a tie goes to the higher device id, and
 //! the loser rewinds (`decide::rewind`): its sequenced writes return as outbox changes.
 
+use crate::protocol::VoteRefusal;
 use crate::{Access, DeviceId, Epoch, Seq};
 
 /// A member as the tally sees it (its row in the replicated membership).
@@ -129,30 +130,6 @@ pub(crate) enum Ballot {
     },
     /// Refused, with the reason.
     Refuse(VoteRefusal),
-}
-
-/// Why a vote is refused.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
-#[non_exhaustive]
-pub enum VoteRefusal {
-    /// The voter already knows an epoch at least as new as the one asked for.
-    #[error("the member knows epoch {known}; a promotion must start a newer one")]
-    EpochNotNewer {
-        /// The epoch it knows.
-        known: Epoch,
-    },
-    /// The voter voted for another candidate in that epoch.
-    #[error("the member voted for device {0} in that epoch")]
-    VotedForAnother(DeviceId),
-    /// The candidate may not lead.
-    #[error("the candidate is not a write member in this member's membership")]
-    CandidateMayNotLead,
-    /// The voter leads the library and is alive.
-    #[error("the member asked leads the library itself and is reachable: it was not lost")]
-    LeaderIsAlive,
-    /// The voter does not hold the library.
-    #[error("the member asked does not hold this library")]
-    UnknownLibrary,
 }
 
 /// How a member answers a request to vote for `candidate` in `epoch`.
