@@ -21,6 +21,7 @@ mod m0002_invites_and_peers;
 mod m0003_outbox_and_conflicts;
 mod m0004_change_ids_rejected_parked;
 mod m0005_epochs_and_members;
+mod m0006_follower_log;
 mod m0007_rewound;
 mod sync_key;
 
@@ -34,6 +35,7 @@ pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(m0003_outbox_and_conflicts::Migration),
         Box::new(m0004_change_ids_rejected_parked::Migration),
         Box::new(m0005_epochs_and_members::Migration),
+        Box::new(m0006_follower_log::Migration),
         Box::new(m0007_rewound::Migration),
     ]
 }

@@ -81,14 +81,29 @@ pub enum LogError {
         /// What is wrong with it.
         reason: String,
     },
-    /// `Library::audit` on a follower: it keeps no log to compare its tables with.
+    /// `Library::audit` on a follower that applied part of the log before it kept the
+    /// entries it applies (an earlier build): it cannot tell what those entries wrote.
     #[error(
-        "this device follows library {0}: it keeps no log, so it cannot audit its tables; \
-         run `Library::audit` on the leader, and on this device record the records you know \
-         were written past the hooks with `Library::repair` (or `Library::record_again`), \
-         which puts their current state in the outbox"
+        "this follower holds the log only after seq {seq}: it applied the entries up to it \
+         before it kept them; call `FollowerView::fill_held_log` to fetch them from the \
+         leader, then audit again"
     )]
-    FollowerKeepsNoLog(LibraryId),
+    LogKeptOnlyAfter {
+        /// The last seq it does not hold.
+        seq: Seq,
+    },
+    /// The log this device holds does not chain (`Library::verify_held_log`).
+    #[error("the log this device holds does not chain: {0}")]
+    Chain(#[from] crate::ChainError),
+    /// The log a follower holds ends elsewhere than its position
+    /// (`Library::verify_held_log`).
+    #[error("the log this follower holds ends at seq {held}, but its position is {position}")]
+    HeldLogShort {
+        /// Where the held log ends.
+        held: Seq,
+        /// The follower's position.
+        position: Seq,
+    },
 }
 
 /// Which of the library's refusals a write met, for an app that answers its own callers
@@ -213,7 +228,12 @@ impl LogError {
                 seq: *seq,
                 reason: reason.clone(),
             },
-            LogError::FollowerKeepsNoLog(library) => LogError::FollowerKeepsNoLog(*library),
+            LogError::LogKeptOnlyAfter { seq } => LogError::LogKeptOnlyAfter { seq: *seq },
+            LogError::Chain(e) => LogError::Chain(e.clone()),
+            LogError::HeldLogShort { held, position } => LogError::HeldLogShort {
+                held: *held,
+                position: *position,
+            },
         }
     }
 }

@@ -2,7 +2,10 @@
 //! transaction.
 
 use sea_orm::ActiveValue::Set;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, TransactionTrait};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
+    TransactionTrait,
+};
 use serde::Serialize;
 
 use crate::decide::{absorb, follow};
@@ -588,6 +591,14 @@ impl Library {
         let moved = self.apply_reserved(txn, &reserved).await?;
         write_position(txn, self.id(), applied.position).await?;
         crate::library::save_clock_floor(txn, self.id(), &self.context.clock).await?;
+        // This device's acknowledged changes whose entries this apply has reached.
+        crate::tables::acknowledged::Entity::delete_many()
+            .filter(crate::tables::acknowledged::Column::LibraryId.eq(self.id().to_string()))
+            .filter(
+                crate::tables::acknowledged::Column::ThroughSeq.lte(applied.position.seq.0 as i64),
+            )
+            .exec(txn)
+            .await?;
         Ok((applied, learnt || moved.is_some()))
     }
 
@@ -697,6 +708,19 @@ impl Library {
         }
         if let Some(refusal) = plan.refusal {
             return Err(self.refused(refusal));
+        }
+        // The held log: every entry and skipped run of the response, in the same
+        // transaction as the rows and the position (`held.rs`).
+        for statement in crate::held::statements(
+            backend,
+            self.id(),
+            applied.position.seq,
+            plan.position.seq,
+            &items,
+        ) {
+            if writer_gone() || !emit(statement.into()) {
+                return Err(ApplyError::Interrupted);
+            }
         }
         reserved.extend(
             plan.reserved
@@ -876,50 +900,10 @@ impl Library {
     /// takes its own outbox (its writes made as a follower) as any pushed change.
     pub(crate) async fn take_over(&self, transport: &dyn Transport) -> Result<(), SyncError> {
         let position = self.position().await.map_err(ApplyError::from)?;
-        loop {
-            let tip = crate::library::committed_tip(&self.db, self.id(), false)
-                .await
-                .map_err(ApplyError::from)?;
-            if tip.seq >= position.seq {
-                break;
-            }
-            let mut request = PullRequest::from_position(
-                self.id(),
-                Position {
-                    seq: tip.seq,
-                    checksum: tip.checksum,
-                },
-            )
-            .with_epoch(self.epoch());
-            request.full = true;
-            let response = self.pull_from(transport, request).await?;
-            let entries: Vec<LogEntry> = response
-                .items
-                .into_iter()
-                .filter_map(|item| match item {
-                    PulledItem::Entry(entry) if entry.seq <= position.seq => Some(entry),
-                    _ => None,
-                })
-                .collect();
-            if entries.is_empty() {
-                return Err(PullError::Stalled {
-                    position: tip.seq,
-                    latest: position.seq,
-                }
-                .into());
-            }
-            crate::entry::verify_chain(tip.seq, tip.checksum, &entries)
-                .map_err(ApplyError::from)?;
-            let txn = self.begin_write().await.map_err(ApplyError::from)?;
-            let rows: Vec<_> = entries.iter().map(crate::library::entry_row).collect();
-            for chunk in rows.chunks(crate::library::LOG_INSERT_ROWS_MAX) {
-                crate::tables::log::Entity::insert_many(chunk.to_vec())
-                    .exec_without_returning(&txn)
-                    .await
-                    .map_err(ApplyError::from)?;
-            }
-            txn.commit().await.map_err(ApplyError::from)?;
-        }
+        // It holds the log it applied: what its pulls left out (or what it applied before
+        // it kept its log) is pulled in full and checked against the chain.
+        let filled = self.fill_held_log(transport).await?;
+        tracing::debug!(library = %self.id(), filled, "filled the held log");
         let tip = crate::library::committed_tip(&self.db, self.id(), false)
             .await
             .map_err(ApplyError::from)?;
@@ -932,6 +916,10 @@ impl Library {
             .into());
         }
         crate::library::advance(&self.tip, tip);
+        crate::tables::local::Entity::delete_by_id(crate::leadership::taking_over_key(self.id()))
+            .exec(&self.db)
+            .await
+            .map_err(ApplyError::from)?;
         self.refresh_leadership().await.map_err(ApplyError::from)?;
         tracing::info!(library = %self.id(), epoch = %self.epoch(), tip = %tip.seq, "took the log over: this device leads");
         // Writes that chose the outbox before this device sequenced commit before the

@@ -184,7 +184,7 @@ impl Library {
             .as_deref()
             .and_then(|k| k.parse().ok())
             .ok_or(HandOffError::KeyUnknown(to))?;
-        let addresses = parse_addresses(target.addresses.as_deref());
+        let addresses = parse_addresses(target.addresses.as_deref())?;
         let signer = self
             .device_key()
             .await

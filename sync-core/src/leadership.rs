@@ -62,6 +62,12 @@ pub(crate) fn superseded_key(library_id: LibraryId) -> String {
     format!("superseded_by.{library_id}")
 }
 
+/// The `sync_local` key that says this device applied the move record that makes it
+/// leader and has not yet taken the log and its own outbox over (`take_over`).
+pub(crate) fn taking_over_key(library_id: LibraryId) -> String {
+    format!("taking_over.{library_id}")
+}
+
 /// One member as the log carries it (the data of a [`MEMBER_MODEL`] entry).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberRecord {
@@ -103,7 +109,7 @@ impl MemberRecord {
             name: row.name.clone(),
             added_at_ms: row.added_at_ms,
             revoked_at_ms: row.revoked_at_ms,
-            addresses: parse_addresses(row.addresses.as_deref()),
+            addresses: parse_addresses(row.addresses.as_deref())?,
         })
     }
 
@@ -127,10 +133,17 @@ pub(crate) fn addresses_text(addresses: &[String]) -> Option<String> {
     (!addresses.is_empty()).then(|| serde_json::to_string(addresses).unwrap_or_default())
 }
 
-/// `sync_device.addresses` read back (nothing for NULL or text that is not a list).
-pub(crate) fn parse_addresses(text: Option<&str>) -> Vec<String> {
-    text.and_then(|t| serde_json::from_str(t).ok())
-        .unwrap_or_default()
+/// `sync_device.addresses` read back: nothing for NULL, an error naming the text when it
+/// is not a JSON list of strings (a row written by something other than this library).
+pub(crate) fn parse_addresses(text: Option<&str>) -> Result<Vec<String>, DbErr> {
+    match text {
+        None => Ok(Vec::new()),
+        Some(t) => serde_json::from_str(t).map_err(|e| {
+            DbErr::Custom(format!(
+                "sync_device.addresses `{t}` is not a JSON list of addresses: {e}"
+            ))
+        }),
+    }
 }
 
 /// How a leadership move came about.
@@ -538,6 +551,16 @@ impl Library {
                         Ok(MoveVerdict::Historical) => {}
                         Ok(MoveVerdict::Accept) => {
                             accept_move(txn, self.id(), &record, entry.seq).await?;
+                            if record.leader == self.device_id() {
+                                // Its held log may already reach the record: the mark keeps
+                                // it taking over until its outbox is taken too.
+                                crate::library::set_local_value(
+                                    txn,
+                                    &taking_over_key(self.id()),
+                                    &record.epoch.0.to_string(),
+                                )
+                                .await?;
+                            }
                             moved = Some(Leadership {
                                 leader: record.leader,
                                 epoch: record.epoch,
@@ -698,24 +721,35 @@ pub(crate) async fn load_leadership<C: ConnectionTrait>(
             row.leader_device_id
         ))
     })?;
-    let superseded_by = get_local_value(db, &superseded_key(library_id))
-        .await?
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(Epoch)
-        .filter(|newer| newer.0 > row.epoch as u64);
+    let superseded_by = match get_local_value(db, &superseded_key(library_id)).await? {
+        None => None,
+        Some(text) => Some(text.parse::<u64>().map(Epoch).map_err(|e| {
+            DbErr::Custom(format!(
+                "sync_local `{}` holds `{text}`, not an epoch: {e}",
+                superseded_key(library_id)
+            ))
+        })?),
+    }
+    .filter(|newer| newer.0 > row.epoch as u64);
     Ok(Leadership {
         leader,
         epoch: Epoch(row.epoch.max(0) as u64),
         epoch_start_seq: Seq(row.epoch_start_seq.max(0) as u64),
         superseded_by,
         moving_to: None,
+        // Its held log (`held.rs`) must hold every entry up to the move record: what its
+        // pulls left out is taken over too.
         taking_over: leader == this_device
             && row.epoch_start_seq > 0
-            && crate::library::committed_tip(db, library_id, false)
+            && (crate::library::committed_tip(db, library_id, false)
                 .await?
                 .seq
                 .0
-                < row.epoch_start_seq as u64,
+                < row.epoch_start_seq as u64
+                || crate::held::has_runs(db, library_id).await?
+                || get_local_value(db, &taking_over_key(library_id))
+                    .await?
+                    .is_some()),
     })
 }
 
@@ -762,6 +796,17 @@ mod tests {
         assert!(is_reserved_model(LEADER_MODEL));
         assert!(!is_reserved_model("sync_conflict"));
         assert!(!is_reserved_model("volume"));
+    }
+
+    #[test]
+    fn stored_addresses_that_are_not_a_list_are_an_error_not_nothing() {
+        assert_eq!(parse_addresses(None).unwrap(), Vec::<String>::new());
+        assert_eq!(
+            parse_addresses(Some(r#"["10.0.0.1:4433","[::1]:4433"]"#)).unwrap(),
+            vec!["10.0.0.1:4433".to_owned(), "[::1]:4433".to_owned()]
+        );
+        let refused = parse_addresses(Some("10.0.0.1:4433")).unwrap_err();
+        assert!(refused.to_string().contains("10.0.0.1:4433"), "{refused}");
     }
 
     #[test]

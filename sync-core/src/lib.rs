@@ -39,6 +39,7 @@ mod error;
 mod follow_loop;
 mod follower;
 mod handoff;
+mod held;
 mod hlc;
 mod identity;
 mod ids;
@@ -79,6 +80,7 @@ pub use follow_loop::{
 };
 pub use follower::{APPLY_GROUP_ENTRIES, Applied, ApplyError, PULLS_AHEAD, Position, SyncError};
 pub use handoff::{HandOff, HandOffError};
+pub use held::SkippedRun;
 pub use hlc::{Hlc, HlcClock, WallClock};
 pub use identity::{BadFingerprint, DeviceKey, KeyError, KeyFingerprint, verify_signature};
 pub use ids::{DeviceId, Epoch, LibraryId, Seq};

@@ -314,6 +314,7 @@ impl Library {
             admissions: Arc::default(),
             pull_reads: Arc::default(),
         };
+        library.note_not_held().await?;
         library.adopt_earlier_rows().await?;
         library.log_membership_once().await?;
         Ok(library)
@@ -657,22 +658,100 @@ impl Library {
     /// `insert_many`, `update_many`, `delete_many`, `delete_by_id`, raw SQL). `repair`
     /// records them.
     ///
-    /// Leader only: a follower keeps no log to compare with, and is refused with
-    /// `LogError::FollowerKeepsNoLog` rather than told every row is unlogged. A write-role
-    /// follower repairs records it knows about with `repair` (their state goes to its outbox).
+    /// On the leader a record's expected state is its last entry in the log. On a
+    /// follower it is its last entry in the log the follower holds (`held.rs`, up to its
+    /// position), or one of the follower's own changes not yet back from the leader: the
+    /// newest in its outbox, one the leader acknowledged whose entry it has not pulled yet,
+    /// or one the leader rejected (listed by `Library::rejected`). Records with a parked
+    /// entry are left out: `Library::parked` lists them. A follower that applied part of
+    /// the log before it kept it is refused with [`LogError::LogKeptOnlyAfter`] until
+    /// `FollowerView::fill_held_log` has fetched that part.
     pub async fn audit(&self) -> Result<Vec<Drift>, LogError> {
-        if self.role() != Role::Leader {
-            return Err(LogError::FollowerKeepsNoLog(self.context.library_id));
-        }
+        use crate::tables::{acknowledged, parked, rejected};
+        let follower = self.role() == Role::Follower;
+        let library_id = self.context.library_id.to_string();
+        // Every state a record may rightly have, by (model, record id).
+        let mut expected: HashMap<(String, String), Vec<Option<String>>> = HashMap::new();
+        let mut left_out = std::collections::HashSet::new();
+        let position = if follower {
+            if let Some(run) = crate::held::runs(&self.db, self.id())
+                .await?
+                .into_iter()
+                .rfind(|run| run.not_held)
+            {
+                return Err(LogError::LogKeptOnlyAfter { seq: run.through });
+            }
+            Some(self.position().await?.seq)
+        } else {
+            None
+        };
         // The last logged data of every record, read page by page.
-        let mut logged: HashMap<(String, String), Option<String>> = HashMap::new();
         let mut after = Seq::ZERO;
-        loop {
-            let page = self.read_log(after, 10_000).await?;
+        'pages: loop {
+            let page = match position {
+                None => self.read_log(after, 10_000).await?,
+                // The held log has gaps where pulls skipped entries.
+                Some(_) => log::Entity::find()
+                    .filter(log::Column::LibraryId.eq(library_id.as_str()))
+                    .filter(log::Column::Seq.gt(after.0 as i64))
+                    .order_by_asc(log::Column::Seq)
+                    .limit(10_000)
+                    .all(&self.db)
+                    .await?
+                    .into_iter()
+                    .map(entry_from_row)
+                    .collect::<Result<_, _>>()?,
+            };
             let Some(last) = page.last() else { break };
             after = last.seq;
             for entry in page {
-                logged.insert((entry.model, entry.record_id), entry.data);
+                if position.is_some_and(|p| entry.seq > p) {
+                    break 'pages;
+                }
+                if !crate::leadership::is_reserved_model(&entry.model) {
+                    expected.insert((entry.model, entry.record_id), vec![entry.data]);
+                }
+            }
+        }
+        if let Some(position) = position {
+            let mut own = |model: String, record_id: String, data: Option<String>| {
+                expected.entry((model, record_id)).or_default().push(data);
+            };
+            let mut newest = HashMap::new();
+            for row in outbox::Entity::find()
+                .filter(outbox::Column::LibraryId.eq(library_id.as_str()))
+                .order_by_asc(outbox::Column::Id)
+                .all(&self.db)
+                .await?
+            {
+                newest.insert((row.model, row.record_id), row.data);
+            }
+            for ((model, record_id), data) in newest {
+                own(model, record_id, data);
+            }
+            for row in acknowledged::Entity::find()
+                .filter(acknowledged::Column::LibraryId.eq(library_id.as_str()))
+                .filter(acknowledged::Column::ThroughSeq.gt(position.0 as i64))
+                .all(&self.db)
+                .await?
+            {
+                own(row.model, row.record_id, row.data);
+            }
+            for row in rejected::Entity::find()
+                .filter(rejected::Column::LibraryId.eq(library_id.as_str()))
+                .all(&self.db)
+                .await?
+            {
+                own(row.model, row.record_id, row.data);
+            }
+            for row in parked::Entity::find()
+                .filter(parked::Column::LibraryId.eq(library_id.as_str()))
+                .all(&self.db)
+                .await?
+            {
+                if let (Some(model), Some(record_id)) = (row.model, row.record_id) {
+                    left_out.insert((model, record_id));
+                }
             }
         }
         let mut drift = Vec::new();
@@ -681,24 +760,48 @@ impl Library {
             for (record_id, fields) in ops.rows(&self.db).await? {
                 let data =
                     serde_json::to_string(&fields).map_err(|e| DbErr::Json(e.to_string()))?;
-                match logged.remove(&(model.clone(), record_id.clone())) {
-                    Some(Some(last)) if last == data => {}
-                    _ => drift.push(Drift {
-                        model: model.clone(),
-                        record_id,
-                        kind: DriftKind::Unlogged,
-                    }),
+                let key = (model.clone(), record_id);
+                let states = expected.remove(&key).unwrap_or_default();
+                if left_out.contains(&key) || states.iter().any(|s| s.as_deref() == Some(&data)) {
+                    continue;
                 }
-            }
-        }
-        for ((model, record_id), data) in logged {
-            if data.is_some() && self.registry.get(&model).is_some() {
                 drift.push(Drift {
-                    model,
-                    record_id,
-                    kind: DriftKind::Vanished,
+                    model: key.0,
+                    record_id: key.1,
+                    kind: DriftKind::Unlogged,
                 });
             }
+        }
+        // Records expected to exist whose row is gone (or is local to this device).
+        let mut vanished: HashMap<String, Vec<String>> = HashMap::new();
+        for ((model, record_id), states) in expected {
+            if states.iter().all(Option::is_some)
+                && !left_out.contains(&(model.clone(), record_id.clone()))
+                && self.registry.get(&model).is_some()
+            {
+                vanished.entry(model).or_default().push(record_id);
+            }
+        }
+        for (model, records) in vanished {
+            let local = match self.registry.get(&model) {
+                Some(ops) if ops.filtered() => {
+                    let txn = sea_orm::TransactionTrait::begin(&self.db).await?;
+                    let local = ops.local_only(&txn, records.clone()).await?;
+                    txn.rollback().await?;
+                    local
+                }
+                _ => Default::default(),
+            };
+            drift.extend(
+                records
+                    .into_iter()
+                    .filter(|r| !local.contains(r))
+                    .map(|record_id| Drift {
+                        model: model.clone(),
+                        record_id,
+                        kind: DriftKind::Vanished,
+                    }),
+            );
         }
         drift.sort_by(|a, b| (&a.model, &a.record_id).cmp(&(&b.model, &b.record_id)));
         Ok(drift)
@@ -707,7 +810,13 @@ impl Library {
     /// Records every drifted record's current state (see `audit`), in one transaction. On a
     /// write-role follower the changes go to its outbox and reach the leader with the next
     /// push (a record gone from the table is recorded as a delete, whatever the drift's kind).
+    ///
+    /// A follower with read access changes no synced data: it is refused (the read-access
+    /// refusal, `WriteRefusal::ReadOnly`).
     pub async fn repair(&self, drift: &[Drift]) -> Result<usize, DbErr> {
+        if let Some(first) = drift.first() {
+            crate::roles::refuse_read_access(self.is_read_only(), self.id(), &first.model)?;
+        }
         let mut targets = Vec::with_capacity(drift.len());
         for d in drift {
             let ops = self.registry.get(&d.model).cloned().ok_or_else(|| {

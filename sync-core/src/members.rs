@@ -291,7 +291,7 @@ impl Library {
                 position: seen.map(|(position, _)| position),
                 last_seen_ms: seen.map(|(_, at)| at),
                 key: row.key.as_deref().and_then(|k| k.parse().ok()),
-                addresses: crate::leadership::parse_addresses(row.addresses.as_deref()),
+                addresses: crate::leadership::parse_addresses(row.addresses.as_deref())?,
             });
         }
         members.sort_by_key(|m| m.access != Access::Leader);

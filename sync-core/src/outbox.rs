@@ -25,7 +25,7 @@ use crate::protocol::{
     PROTOCOL_VERSION, PUSH_BYTES_MAX, PUSH_CHANGES_MAX, PushError, PushRequest, PushedChange,
     Transport,
 };
-use crate::tables::{outbox, rejected};
+use crate::tables::{acknowledged, outbox, rejected};
 use crate::{ChangeOp, DeviceId, Hlc, Library, Seq};
 
 /// What one `push_outbox` did.
@@ -145,6 +145,25 @@ impl Library {
                 .map(|row| pushed_change(row, self.device_id()))
                 .collect::<Result<Vec<_>, _>>()?;
             let sent: Vec<i64> = changes.iter().map(|c| c.id as i64).collect();
+            // What this push will have said, kept once acknowledged until the pull brings
+            // back its entries: `audit` takes it as this device's, not as drift.
+            let said: Vec<(uuid::Uuid, acknowledged::ActiveModel)> = changes
+                .iter()
+                .map(|c| {
+                    (
+                        c.change_id,
+                        acknowledged::ActiveModel {
+                            change_id: Set(c.change_id.to_string()),
+                            library_id: Set(self.id().to_string()),
+                            model: Set(c.model.clone()),
+                            record_id: Set(c.record_id.clone()),
+                            op: Set(c.op.as_str().to_owned()),
+                            data: Set(c.data.clone()),
+                            through_seq: Set(0),
+                        },
+                    )
+                })
+                .collect();
             // Which outbox row carried which change: a rejected one is read back from it.
             let row_of: std::collections::HashMap<uuid::Uuid, i64> =
                 changes.iter().map(|c| (c.change_id, c.id as i64)).collect();
@@ -184,6 +203,17 @@ impl Library {
                 ))
                 .into());
             }
+            let rejected_ids: std::collections::HashSet<uuid::Uuid> =
+                response.rejected.iter().map(|r| r.change_id).collect();
+            let through = response.latest_seq.0 as i64;
+            let said: Vec<acknowledged::ActiveModel> = said
+                .into_iter()
+                .filter(|(id, _)| !rejected_ids.contains(id))
+                .map(|(_, mut row)| {
+                    row.through_seq = Set(through);
+                    row
+                })
+                .collect();
             let mut rejected_rows = Vec::with_capacity(response.rejected.len());
             for r in &response.rejected {
                 let Some(row) = row_of.get(&r.change_id) else {
@@ -234,6 +264,19 @@ impl Library {
                                 .exec_without_returning(txn)
                                 .await?;
                             }
+                        }
+                        for chunk in said.chunks(crate::library::LOG_INSERT_ROWS_MAX) {
+                            // A push repeated after a lost acknowledgement says it again.
+                            acknowledged::Entity::insert_many(chunk.to_vec())
+                                .on_conflict(
+                                    sea_orm::sea_query::OnConflict::column(
+                                        acknowledged::Column::ChangeId,
+                                    )
+                                    .update_column(acknowledged::Column::ThroughSeq)
+                                    .to_owned(),
+                                )
+                                .exec_without_returning(txn)
+                                .await?;
                         }
                         let removed = outbox::Entity::delete_many()
                             .filter(outbox::Column::LibraryId.eq(library_id))

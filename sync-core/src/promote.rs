@@ -255,6 +255,7 @@ impl Library {
                 .one(&txn)
                 .await?
                 .map(|row| parse_addresses(row.addresses.as_deref()))
+                .transpose()?
                 .unwrap_or_default();
         let record = MoveRecord::sign(
             MoveTerms {

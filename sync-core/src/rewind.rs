@@ -519,40 +519,44 @@ impl Library {
             })
     }
 
-    /// Pulls from `transport`'s leader until the first move record of an epoch newer than
-    /// this device's, starting where the histories surely agree (the start of this
-    /// device's epoch, else the beginning).
+    /// Finds where this device's log and `transport`'s leader's part (the fork), then
+    /// pulls from there until the first move record of an epoch that outranks this
+    /// device's.
+    ///
+    /// The fork is found by bisection over this device's log: a pull from a position
+    /// the leader holds (same seq, same checksum) is served, one from past the fork is
+    /// refused as another history; about log2(entries) pulls of one entry each.
     async fn find_move_record(&self, transport: &dyn Transport) -> Result<MoveRecord, RewindError> {
         let current = self.leadership();
-        let mut starts = Vec::new();
-        if current.epoch_start_seq > Seq::ZERO
-            && let Some(row) = log::Entity::find_by_id((
-                self.id().to_string(),
-                current.epoch_start_seq.0 as i64 - 1,
-            ))
-            .one(&self.db)
-            .await?
-        {
-            starts.push(Position {
-                seq: Seq(row.seq as u64),
+        let held = committed_tip(&self.db, self.id(), false).await?;
+        // Invariant: the leader serves `low`; it refuses every position above `high`.
+        let (mut low, mut high) = (Position::default(), held.seq);
+        while low.seq < high {
+            let middle = Seq(low.seq.0 + (high.0 - low.seq.0).div_ceil(2));
+            let Some(row) = log::Entity::find_by_id((self.id().to_string(), middle.0 as i64))
+                .one(&self.db)
+                .await?
+            else {
+                // Not held here (a run its pulls left out): try below it.
+                high = Seq(middle.0 - 1);
+                continue;
+            };
+            let probe = Position {
+                seq: middle,
                 checksum: row.checksum as u64,
-            });
-        }
-        starts.push(Position::default());
-        let mut last_error = None;
-        for start in starts {
-            match self.find_move_record_from(transport, start, &current).await {
-                Ok(record) => return Ok(record),
-                Err(RewindError::Pull(e @ PullError::HistoryDiverged(_))) => {
-                    last_error = Some(RewindError::Pull(e));
-                }
-                Err(e) => return Err(e),
+            };
+            let mut request =
+                PullRequest::from_position(self.id(), probe).with_epoch(current.epoch);
+            request.full = true;
+            request.limit = 1;
+            request.device = Some(self.device_id());
+            match transport.pull(request).await {
+                Ok(_) => low = probe,
+                Err(PullError::HistoryDiverged(_)) => high = Seq(middle.0 - 1),
+                Err(e) => return Err(e.into()),
             }
         }
-        Err(last_error.unwrap_or(RewindError::NoMoveRecord {
-            known: current.epoch,
-            latest: Seq::ZERO,
-        }))
+        self.find_move_record_from(transport, low, &current).await
     }
 
     async fn find_move_record_from(

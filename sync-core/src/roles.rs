@@ -284,4 +284,13 @@ impl FollowerView {
     pub async fn drop_parked(&self, seq: Seq) -> Result<bool, DbErr> {
         self.0.drop_parked(seq).await
     }
+
+    /// Makes this follower a full copy of the log up to its position: every run it holds
+    /// no entries of (left out by its pulls, or applied before it kept its log; see
+    /// `Library::held_log_gaps`) is pulled in full from the leader, checked against the
+    /// chain it holds, and stored. Returns the entries stored. `audit` needs it on a
+    /// follower that applied entries before it kept them (`LogError::LogKeptOnlyAfter`).
+    pub async fn fill_held_log(&self, transport: &dyn Transport) -> Result<u64, SyncError> {
+        self.0.fill_held_log(transport).await
+    }
 }

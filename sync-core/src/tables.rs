@@ -394,3 +394,51 @@ pub mod parked {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod skipped {
+    use sea_orm::entity::prelude::*;
+
+    /// On a follower: a run of seqs it holds no entries of (see `held.rs`), with the log's
+    /// checksum at `through_seq`. `not_held`: applied before it kept its log.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_log_skipped")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub library_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub from_seq: i64,
+        pub through_seq: i64,
+        pub checksum: i64,
+        pub not_held: bool,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod acknowledged {
+    use sea_orm::entity::prelude::*;
+
+    /// On a follower: a change of its own the leader acknowledged, until its position
+    /// reaches `through_seq` (the leader's latest seq in the acknowledgement).
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_acknowledged")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub change_id: String,
+        pub library_id: String,
+        pub model: String,
+        pub record_id: String,
+        pub op: String,
+        #[sea_orm(column_type = "Text", nullable)]
+        pub data: Option<String>,
+        pub through_seq: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

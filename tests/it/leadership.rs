@@ -421,6 +421,14 @@ async fn a_handoff_under_write_load_loses_nothing_and_takes_nothing_twice(f: Fix
         assert_eq!(device.epoch(), Epoch(2));
     }
     assert_eq!(target.epoch(), Epoch(2));
+    // Every device holds the log up to where it stands, chained; the new leader all of it.
+    assert_eq!(target.held_log_gaps().await.expect("gaps"), vec![]);
+    for device in [&target, &old, &other, &reader] {
+        device
+            .verify_held_log()
+            .await
+            .expect("the held log verifies");
+    }
     // Converged, nothing lost: every write on every device is there, once.
     let names = tag_names(&target).await;
     for (who, device) in [("old", &old), ("other", &other), ("reader", &reader)] {

@@ -14,6 +14,7 @@ mod derive;
 mod failover;
 mod follow_state;
 mod follower;
+mod follower_audit;
 mod foreign_keys;
 mod handle;
 mod int_keys;
