@@ -272,7 +272,57 @@ async fn two_forced_promotions_one_leads_and_the_other_rewinds(f: Fixture) -> Fi
     f
 }
 
+async fn a_promoted_member_first_fetches_what_another_member_holds(f: Fixture) -> Fixture {
+    let old = &f.library;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = member(old, dir.path(), "a", Access::Write).await;
+    let b = member(old, dir.path(), "b", Access::Write).await;
+    let c = member(old, dir.path(), "c", Access::Read).await;
+    for device in [&a, &b, &c] {
+        sync(device, old).await;
+    }
+    // A load on the leader; A pulls all of it, B and C none of it.
+    for n in 0..40 {
+        put(old, "tag", json!({"name": format!("load {n:02}")})).await;
+    }
+    put(&a, "tag", json!({"name": "a pushed"})).await;
+    sync(&a, old).await;
+    put(&b, "tag", json!({"name": "b offline"})).await;
+    let held_by_a = a.position().await.expect("position");
+    assert!(b.position().await.expect("position").seq < held_by_a.seq);
+
+    // The leader is gone; B is promoted with A's vote and first takes what A holds.
+    let voter = InProcessMember::new(a.clone());
+    let promotion = b
+        .follower()
+        .expect("a follower")
+        .promote(&[&voter as &dyn Transport], PromoteOptions::default())
+        .await
+        .expect("promote");
+    assert!(promotion.fetched >= 41, "{promotion:?}");
+    assert_eq!(promotion.lost, None, "A held all the leader announced");
+    assert_eq!(promotion.record_seq, held_by_a.seq.next());
+    // The log the new leader serves is the old epoch's chain, whole, then its own entries
+    // (the record, its offline write taken from its outbox).
+    assert_eq!(
+        b.verify_held_log().await.expect("the held log").seq,
+        Seq(promotion.record_seq.0 + 1)
+    );
+
+    // Followers converge on the new leader: the reader from behind, A from where it was.
+    for device in [&a, &c, &a] {
+        round(device, &b).await;
+    }
+    assert_eq!(c.epoch(), Epoch(2));
+    assert_converged(&[&b, &a, &c]).await;
+    let on_new = names(&b.dump().await.expect("dump"), "tag");
+    assert_eq!(on_new.len(), 42, "{on_new:?}");
+    assert!(on_new.contains(&"b offline".to_owned()));
+    f
+}
+
 crate::on_every_backend!(
+    a_promoted_member_first_fetches_what_another_member_holds,
     a_lost_leader_is_replaced_and_returns_with_its_writes,
     two_forced_promotions_one_leads_and_the_other_rewinds,
 );
