@@ -60,6 +60,10 @@ pub struct Promotion {
     /// The seqs only the lost leader held, as far as the members that answered know (the
     /// furthest held, up to the highest latest seq any of them saw announced).
     pub lost: Option<(Seq, Seq)>,
+    /// Runs of the old epoch's log this device holds no entries of (left out by its pulls
+    /// as superseded) and no member it asked could fill: followers behind one of them
+    /// cannot be served across it (they join again).
+    pub gaps: usize,
 }
 
 /// Why a promotion did not happen.
@@ -192,6 +196,17 @@ impl Library {
             fetched += caught_up.seq.0.saturating_sub(position.seq.0);
         }
 
+        // Runs its pulls left out (collapsed entries): filled from whoever holds them, so
+        // that it can serve every follower however far behind. What none holds stays a gap.
+        for (index, _) in &answers {
+            if self.held_log_gaps().await?.is_empty() {
+                break;
+            }
+            if let Err(e) = self.fill_held_log(members[*index]).await {
+                tracing::info!(library = %self.id(), %e, "a member could not fill the held log");
+            }
+        }
+        let gaps = self.held_log_gaps().await?.len();
         let position = self.position().await?;
         let announced = answers
             .iter()
@@ -232,6 +247,7 @@ impl Library {
             refused,
             fetched,
             lost,
+            gaps,
         })
     }
 

@@ -121,6 +121,21 @@ pub enum RewindError {
         /// The fork.
         fork: Seq,
     },
+    /// The log this device holds has a run without entries before the fork (left out by
+    /// its pulls): what a record was at the fork is not known here.
+    #[error(
+        "this device holds no entries of seqs {from}..={through}, before the fork (seq \
+         {fork}): rewind with a transport to the new leader (`Library::rewind_with`), which \
+         fetches them first"
+    )]
+    HeldLogGaps {
+        /// The run's first seq.
+        from: Seq,
+        /// Its last.
+        through: Seq,
+        /// The fork.
+        fork: Seq,
+    },
     /// An abandoned entry is of a model this app does not register: its record cannot be
     /// restored.
     #[error(
@@ -227,6 +242,19 @@ impl Library {
                 });
             }
             _ => {}
+        }
+        // The history up to the fork must be whole here to know what each record was at
+        // the fork (`rewind_with` fills it from the new leader first).
+        if let Some(run) = crate::held::runs(&txn, self.id())
+            .await?
+            .into_iter()
+            .find(|run| run.from <= fork.seq)
+        {
+            return Err(RewindError::HeldLogGaps {
+                from: run.from,
+                through: run.through,
+                fork: fork.seq,
+            });
         }
         let position = self.position_in(&txn).await?;
         if position.seq > held.seq.max(fork.seq) && current.leader != self.device_id() {
@@ -423,6 +451,8 @@ impl Library {
     /// (`Library::superseded_by`, a `PushError::Superseded` or `StaleEpoch` answer).
     pub async fn rewind_with(&self, transport: &dyn Transport) -> Result<Rewind, RewindError> {
         let record = self.find_move_record(transport).await?;
+        // The shared history, whole: what each record was at the fork is then known.
+        self.fill_held_log_through(transport, record.after).await?;
         let rewind = self.rewind_onto(&record).await?;
         let follower = self
             .follower()

@@ -301,6 +301,7 @@ async fn a_promoted_member_first_fetches_what_another_member_holds(f: Fixture) -
         .expect("promote");
     assert!(promotion.fetched >= 41, "{promotion:?}");
     assert_eq!(promotion.lost, None, "A held all the leader announced");
+    assert_eq!(promotion.gaps, 0, "every entry of the old epoch is held");
     assert_eq!(promotion.record_seq, held_by_a.seq.next());
     // The log the new leader serves is the old epoch's chain, whole, then its own entries
     // (the record, its offline write taken from its outbox).
