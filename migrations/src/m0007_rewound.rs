@@ -77,7 +77,7 @@ impl MigrationTrait for Migration {
                     )
                     .col(ColumnDef::new(SyncRewound::Hlc).big_integer().not_null())
                     // `outbox`, `taken_marks`, `membership`, `move_record`,
-                    // `unknown_reserved`.
+                    // `unknown_reserved`, `not_pushed`.
                     .col(
                         ColumnDef::new(SyncRewound::Disposition)
                             .string_len(32)

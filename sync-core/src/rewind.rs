@@ -60,7 +60,8 @@ pub struct RewoundEntry {
     /// The entry's author.
     pub device_id: DeviceId,
     /// `outbox` (pushed to the new leader under `change_id`), `taken_marks`,
-    /// `membership`, `move_record` or `unknown_reserved` (set aside).
+    /// `membership`, `move_record` or `unknown_reserved` (set aside), `not_pushed` (an app
+    /// change on a device with read access).
     pub disposition: String,
     /// The change id it is pushed under, for an outbox change.
     pub change_id: Option<uuid::Uuid>,
@@ -306,9 +307,11 @@ impl Library {
 
         let suffix = read_log(&txn, self.id(), fork.seq, u64::MAX).await?;
         let plan =
-            decide_rewind::plan(self.id(), fork, &suffix).map_err(|_| RewindError::Diverged {
-                epoch: record.epoch,
-                fork: fork.seq,
+            decide_rewind::plan(self.id(), fork, &suffix, !self.is_read_only()).map_err(|_| {
+                RewindError::Diverged {
+                    epoch: record.epoch,
+                    fork: fork.seq,
+                }
             })?;
 
         // The records the branch touched, back to the fork.

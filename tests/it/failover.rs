@@ -205,8 +205,10 @@ async fn two_forced_promotions_one_leads_and_the_other_rewinds(f: Fixture) -> Fi
     let dir = tempfile::tempdir().expect("temp dir");
     let a = member(old, dir.path(), "a", Access::Write).await;
     let b = member(old, dir.path(), "b", Access::Write).await;
+    let c = member(old, dir.path(), "c", Access::Write).await;
+    let reader = member(old, dir.path(), "reader", Access::Read).await;
     put(old, "tag", json!({"name": "before"})).await;
-    for device in [&a, &b] {
+    for device in [&a, &b, &c, &reader] {
         sync(device, old).await;
     }
     let shared = a.position().await.expect("position");
@@ -234,6 +236,11 @@ async fn two_forced_promotions_one_leads_and_the_other_rewinds(f: Fixture) -> Fi
     } else {
         (&b, &a, pb.record_seq)
     };
+    // C and the reader follow the loser meanwhile: they hold its write too.
+    for device in [&c, &reader] {
+        round(device, loser).await;
+        assert_eq!(device.leader_device_id(), loser.device_id());
+    }
     let loser_record = move_record_at(loser, loser.leadership().epoch_start_seq).await;
     assert!(matches!(
         winner.rewind_onto(&loser_record).await,
@@ -261,9 +268,29 @@ async fn two_forced_promotions_one_leads_and_the_other_rewinds(f: Fixture) -> Fi
             .collect::<Vec<_>>(),
         ["move_record", "outbox"]
     );
+    // C rewinds too: the same abandoned entry, the same change: the winner takes it once.
+    let to_winner = InProcess::new(winner.leader().expect("the winner"));
+    let c_rewind = c.rewind_with(&to_winner).await.expect("c rewinds");
+    assert_eq!((c_rewind.fork, c_rewind.to_outbox), (shared.seq, 1));
+    // The reader records it, and pushes nothing.
+    let r_rewind = reader
+        .rewind_with(&to_winner)
+        .await
+        .expect("the reader rewinds");
+    assert_eq!(r_rewind.to_outbox, 0);
+    assert!(
+        reader
+            .rewound()
+            .await
+            .expect("rewound")
+            .iter()
+            .any(|r| r.disposition == "not_pushed")
+    );
     round(loser, winner).await;
-    round(loser, winner).await;
-    assert_converged(&[winner, loser]).await;
+    for device in [loser, &c, &reader, loser] {
+        round(device, winner).await;
+    }
+    assert_converged(&[winner, loser, &c, &reader]).await;
     let on_winner = names(&winner.dump().await.expect("dump"), "tag");
     assert_eq!(
         on_winner,

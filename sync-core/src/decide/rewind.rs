@@ -37,6 +37,10 @@ pub(crate) enum Disposition {
     MoveRecord,
     /// A reserved model this build does not know: set aside.
     UnknownReserved,
+    /// An app change on a device with read access, which pushes nothing: recorded, not
+    /// pushed (the writer that sequenced it, or another write member holding it, pushes
+    /// the same change).
+    NotPushed,
 }
 
 impl Disposition {
@@ -48,6 +52,7 @@ impl Disposition {
             Disposition::Membership => "membership",
             Disposition::MoveRecord => "move_record",
             Disposition::UnknownReserved => "unknown_reserved",
+            Disposition::NotPushed => "not_pushed",
         }
     }
 
@@ -115,6 +120,7 @@ pub(crate) fn plan(
     library: LibraryId,
     fork: Position,
     suffix: &[LogEntry],
+    pushes: bool,
 ) -> Result<RewindPlan, RewindRefusal> {
     crate::entry::verify_chain(fork.seq, fork.checksum, suffix).map_err(|source| {
         RewindRefusal::NotFromFork {
@@ -140,7 +146,11 @@ pub(crate) fn plan(
             };
             last.retain(|(_, k)| *k != key);
             last.push((index, key));
-            Disposition::Outbox(change_id_of(library, entry))
+            if pushes {
+                Disposition::Outbox(change_id_of(library, entry))
+            } else {
+                Disposition::NotPushed
+            }
         };
         entries.push((entry.clone(), disposition));
     }
@@ -234,7 +244,7 @@ mod tests {
                 ("sync.future", "x", ChangeOp::Upsert),
             ],
         );
-        let plan = plan(library(), fork(), &suffix).unwrap();
+        let plan = plan(library(), fork(), &suffix, true).unwrap();
         let kinds: Vec<&str> = plan.entries.iter().map(|(_, d)| d.as_str()).collect();
         assert_eq!(
             kinds,
@@ -267,6 +277,16 @@ mod tests {
     }
 
     #[test]
+    fn a_device_that_pushes_nothing_records_but_does_not_push() {
+        let suffix = chain(fork(), &[("volume", "a", ChangeOp::Upsert)]);
+        let plan = plan(library(), fork(), &suffix, false).unwrap();
+        assert_eq!(plan.entries[0].1, Disposition::NotPushed);
+        assert_eq!(plan.outbox().count(), 0);
+        // Its record still goes back to the fork.
+        assert_eq!(plan.restore.len(), 1);
+    }
+
+    #[test]
     fn change_ids_are_the_same_on_every_device_and_distinct_per_entry() {
         let suffix = chain(
             fork(),
@@ -275,8 +295,8 @@ mod tests {
                 ("volume", "a", ChangeOp::Upsert),
             ],
         );
-        let one = plan(library(), fork(), &suffix).unwrap();
-        let again = plan(library(), fork(), &suffix).unwrap();
+        let one = plan(library(), fork(), &suffix, true).unwrap();
+        let again = plan(library(), fork(), &suffix, true).unwrap();
         assert_eq!(one, again);
         let ids: Vec<Uuid> = one.outbox().map(|(_, id)| id).collect();
         assert_ne!(ids[0], ids[1]);
@@ -295,7 +315,7 @@ mod tests {
                 ("child", "c", ChangeOp::Upsert),
             ],
         );
-        let order: Vec<String> = plan(library(), fork(), &suffix)
+        let order: Vec<String> = plan(library(), fork(), &suffix, true)
             .unwrap()
             .restore
             .into_iter()
@@ -310,7 +330,7 @@ mod tests {
                 ("parent", "p", ChangeOp::Delete),
             ],
         );
-        let order: Vec<String> = plan(library(), fork(), &suffix)
+        let order: Vec<String> = plan(library(), fork(), &suffix, true)
             .unwrap()
             .restore
             .into_iter()
@@ -327,7 +347,7 @@ mod tests {
             checksum: 1,
         };
         assert!(matches!(
-            plan(library(), elsewhere, &suffix),
+            plan(library(), elsewhere, &suffix, true),
             Err(RewindRefusal::NotFromFork { .. })
         ));
         let later = Position {
@@ -335,11 +355,11 @@ mod tests {
             checksum: 0xabc,
         };
         assert!(matches!(
-            plan(library(), later, &suffix),
+            plan(library(), later, &suffix, true),
             Err(RewindRefusal::NotFromFork { .. })
         ));
         // Nothing after the fork: nothing to do.
-        let empty = plan(library(), fork(), &[]).unwrap();
+        let empty = plan(library(), fork(), &[], true).unwrap();
         assert!(empty.entries.is_empty() && empty.restore.is_empty());
     }
 
