@@ -179,6 +179,15 @@ enum Command {
     },
     /// Revokes a device (leader): it is refused from now on, live connections too.
     Revoke { device_id: String },
+    /// Promotes this write-role follower to leader, for a leader that is gone. Asking the
+    /// other members for their votes over QUIC is not built yet: without a majority
+    /// (two of three write members, say) it is refused, and `--force` promotes it alone,
+    /// recorded as forced. Prints what only the lost leader held (`lost`).
+    Promote {
+        /// Promote without a majority of the write members' votes.
+        #[arg(long)]
+        force: bool,
+    },
     /// Open conflicts: `id`, model, record id, and both sides (`local`: the value kept,
     /// `remote`: the concurrent value set aside).
     Conflicts {
@@ -774,6 +783,25 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("`{device_id}` is not a device id (see `devices`)"))?;
             library.leader()?.revoke(device).await?;
             say!("revoked {device_id}");
+        }
+        Command::Promote { force } => {
+            let library = open(&cli.db).await?;
+            let promotion = library
+                .follower()?
+                .promote(&[], sync_core::PromoteOptions { force })
+                .await?;
+            print_json(&promotion)?;
+            match promotion.lost {
+                Some((from, through)) => say!(
+                    "promoted: this device leads epoch {}; seqs {from}..={through} were held \
+                     only by the lost leader",
+                    promotion.epoch
+                ),
+                None => say!(
+                    "promoted: this device leads epoch {}; nothing is known to be lost",
+                    promotion.epoch
+                ),
+            }
         }
         Command::Demo => demo().await?,
         Command::Bench {

@@ -1574,3 +1574,36 @@ fn latest_seq(leader: &Cli) -> u64 {
         .as_u64()
         .expect("latest")
 }
+
+#[test]
+fn a_follower_is_promoted_with_force_after_its_leader_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let leader = sqlite_cli(dir.path(), "leader.db");
+    let follower = sqlite_cli(dir.path(), "follower.db");
+    leader.ok(&["init"]);
+    let mut serving = Serving::start(&leader);
+    let token = leader.ok(&["invite", "--access", "write"]);
+    follower.ok(&["join", token.trim()]);
+    leader.ok(&["put", "tag", r#"{"name":"before the crash"}"#]);
+    follower.ok(&["put", "tag", r#"{"name":"written on the follower"}"#]);
+    follower.ok(&["follow", "--once"]);
+    signal(&serving.child, "KILL");
+    let _ = wait_with_deadline(&mut serving.child);
+
+    // Two write members, the lost leader counted as absent: one vote of the two needed.
+    follower.fails(&["promote"], "votes needed");
+    let promoted = follower.run(&["promote", "--force"]);
+    let stdout = String::from_utf8_lossy(&promoted.stdout);
+    assert!(promoted.status.success(), "{stdout}");
+    assert!(stdout.contains("\"forced\":true"), "{stdout}");
+    assert!(
+        stdout.contains("this device leads epoch 2; nothing is known to be lost"),
+        "{stdout}"
+    );
+    let status = json(&follower.ok(&["status", "--json"]));
+    assert_eq!(status["role"], "leader", "{status}");
+    // It leads: a write is sequenced into its log at once, after the move record.
+    follower.ok(&["put", "tag", r#"{"name":"the new leader writes"}"#]);
+    let dump = json(&follower.ok(&["dump"]));
+    assert_eq!(dump["tag"].as_array().map(Vec::len), Some(3), "{dump}");
+}

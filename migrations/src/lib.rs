@@ -22,6 +22,7 @@ mod m0003_outbox_and_conflicts;
 mod m0004_change_ids_rejected_parked;
 mod m0005_epochs_and_members;
 mod m0006_follower_log;
+mod m0007_rewound;
 mod sync_key;
 
 pub use sync_key::add_sync_key;
@@ -35,6 +36,7 @@ pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(m0004_change_ids_rejected_parked::Migration),
         Box::new(m0005_epochs_and_members::Migration),
         Box::new(m0006_follower_log::Migration),
+        Box::new(m0007_rewound::Migration),
     ]
 }
 

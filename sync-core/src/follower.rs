@@ -22,7 +22,7 @@ use crate::tables::{device, library, position};
 use crate::{Access, DeviceId, Library, LibraryId, LogEntry, Registry, Role, Seq};
 
 /// Where a follower stands in a library's log.
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Position {
     /// Everything up to here is applied.
     pub seq: Seq,
@@ -780,6 +780,8 @@ impl Library {
                 answered: stale.answered,
             }
         })?;
+        self.leader_latest_seen
+            .fetch_max(response.latest_seq.0, std::sync::atomic::Ordering::Relaxed);
         Ok(response)
     }
 
@@ -1101,7 +1103,7 @@ async fn read_position<C: sea_orm::ConnectionTrait>(
         .unwrap_or_default())
 }
 
-async fn write_position(
+pub(crate) async fn write_position(
     txn: &sea_orm::DatabaseTransaction,
     library_id: LibraryId,
     at: Position,

@@ -263,6 +263,7 @@ impl Library {
                     seq: before_record.seq,
                     checksum: before_record.checksum,
                 },
+                forced: false,
             },
             &signer,
         )?;

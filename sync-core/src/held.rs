@@ -333,6 +333,17 @@ impl Library {
     /// interruption keeps what was stored. Entries that do not continue the chain stop it
     /// with `ApplyError::Chain`, storing nothing of that response.
     pub(crate) async fn fill_held_log(&self, transport: &dyn Transport) -> Result<u64, SyncError> {
+        self.fill_held_log_through(transport, Seq(u64::MAX)).await
+    }
+
+    /// [`Library::fill_held_log`] for the runs up to `through` only (a device rewinding
+    /// onto a newer epoch fills the history it shares with it, up to the fork).
+    pub(crate) async fn fill_held_log_through(
+        &self,
+        transport: &dyn Transport,
+        through: Seq,
+    ) -> Result<u64, SyncError> {
+        let upto = through;
         let mut stored = 0;
         loop {
             let Some(run) = runs(&self.db, self.id())
@@ -340,6 +351,7 @@ impl Library {
                 .map_err(ApplyError::from)?
                 .into_iter()
                 .next()
+                .filter(|run| run.from <= upto)
             else {
                 return Ok(stored);
             };
@@ -369,7 +381,7 @@ impl Library {
                 .items
                 .into_iter()
                 .map_while(|item| match item {
-                    PulledItem::Entry(entry) if entry.seq <= run.through => Some(entry),
+                    PulledItem::Entry(entry) if entry.seq <= run.through.min(upto) => Some(entry),
                     _ => None,
                 })
                 .collect();

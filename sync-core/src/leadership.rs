@@ -184,6 +184,10 @@ pub struct MoveRecord {
     pub signer_key: String,
     /// The Ed25519 signature of [`MoveRecord::signed_bytes`] by the signer's key, in hex.
     pub signature: String,
+    /// A promotion made without a majority of the write members' votes, by a person's
+    /// explicit choice (`force`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forced: bool,
 }
 
 /// What a move record says, before it is signed.
@@ -203,6 +207,8 @@ pub struct MoveTerms {
     pub addresses: Vec<String>,
     /// The position the new epoch starts after.
     pub after: Position,
+    /// A promotion without a majority of votes (see [`MoveRecord::forced`]).
+    pub forced: bool,
 }
 
 impl MoveRecord {
@@ -220,6 +226,7 @@ impl MoveRecord {
             after_checksum: terms.after.checksum,
             signer_key: hex(&signer.public_key_der()),
             signature: String::new(),
+            forced: terms.forced,
         };
         record.signature = hex(&signer.sign(&record.signed_bytes())?);
         Ok(record)
@@ -249,6 +256,10 @@ impl MoveRecord {
         field(&self.after.0.to_le_bytes());
         field(&self.after_checksum.to_le_bytes());
         field(self.signer_key.as_bytes());
+        if self.forced {
+            // Only when set: records signed before the field existed keep their bytes.
+            field(b"forced");
+        }
         out
     }
 
@@ -617,7 +628,7 @@ pub(crate) async fn upsert_member<C: ConnectionTrait>(
 }
 
 /// What `verify_move` needs to know, loaded in the apply transaction.
-async fn move_context<C: ConnectionTrait>(
+pub(crate) async fn move_context<C: ConnectionTrait>(
     db: &C,
     library_id: LibraryId,
     current: &Leadership,
@@ -655,7 +666,7 @@ async fn move_context<C: ConnectionTrait>(
 
 /// Records an accepted move: the library's leader, epoch and where it began; the new
 /// leader's key and addresses on its member row.
-async fn accept_move<C: ConnectionTrait>(
+pub(crate) async fn accept_move<C: ConnectionTrait>(
     db: &C,
     library_id: LibraryId,
     record: &MoveRecord,
@@ -821,6 +832,7 @@ mod tests {
                     seq: Seq(7),
                     checksum: 99,
                 },
+                forced: false,
             },
             &key,
         )

@@ -53,8 +53,10 @@ pub mod metrics;
 mod outbox;
 mod parked;
 mod peers;
+mod promote;
 mod protocol;
 mod registry;
+mod rewind;
 mod roles;
 mod serve;
 mod syncable;
@@ -82,7 +84,7 @@ pub use held::SkippedRun;
 pub use hlc::{Hlc, HlcClock, WallClock};
 pub use identity::{BadFingerprint, DeviceKey, KeyError, KeyFingerprint, verify_signature};
 pub use ids::{DeviceId, Epoch, LibraryId, Seq};
-pub use in_process::InProcess;
+pub use in_process::{InProcess, InProcessMember};
 pub use leadership::{
     LEADER_MODEL, Leadership, MEMBER_MODEL, MemberRecord, MoveKind, MoveRecord, MoveTerms,
     RESERVED_MODEL_PREFIX, RESERVED_SCHEMA_VERSION, TAKEN_MODEL, is_reserved_model,
@@ -91,12 +93,15 @@ pub use library::{Drift, DriftKind, LatestSeq, Library, Role, Status, TxnFuture}
 pub use members::{Access, Admission, Invite, InviteError, Member, MemberError};
 pub use outbox::PushOutcome;
 pub use parked::{ParkError, Parked, Retried};
+pub use promote::{PromoteError, PromoteOptions, Promotion};
 pub use protocol::{
     Divergence, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PUSH_BYTES_MAX,
     PUSH_CHANGES_MAX, PullError, PullRequest, PullResponse, PulledItem, PushError, PushRequest,
-    PushResponse, PushedChange, RECORD_BYTES_MAX, Refused, RejectedChange, Transport,
+    PushResponse, PushedChange, RECORD_BYTES_MAX, Refused, RejectedChange, Transport, VoteError,
+    VoteRefusal, VoteRequest, VoteResponse,
 };
 pub use registry::{DuplicateSyncId, ModelRows, Registry};
+pub use rewind::{Rewind, RewindError, RewoundEntry};
 pub use roles::{FollowerView, LeaderView, WrongRole};
 pub use sync_derive::Syncable;
 pub use syncable::{FieldMerge, FieldSpec, MergeRule, Syncable, find_by_key, key_column};

@@ -93,6 +93,9 @@ pub struct Library {
     membership: Arc<watch::Sender<u64>>,
     /// Bumped when a write enters this follower's outbox, so the follow loop pushes.
     outbox_news: Arc<watch::Sender<u64>>,
+    /// Follower: the highest latest seq its leader's answers announced (in this process),
+    /// for what a promotion reports lost.
+    pub(crate) leader_latest_seen: Arc<std::sync::atomic::AtomicU64>,
     /// Leader: followers' positions seen since the last write of `sync_peer`.
     pub(crate) peer_positions: Arc<crate::peers::PeerPositions>,
     /// Leader: admission checks asked for together, read together.
@@ -306,6 +309,7 @@ impl Library {
             kick,
             membership: Arc::new(watch::Sender::new(0)),
             outbox_news: Arc::new(watch::Sender::new(0)),
+            leader_latest_seen: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             peer_positions: Arc::default(),
             admissions: Arc::default(),
             pull_reads: Arc::default(),

@@ -295,6 +295,9 @@ impl Library {
             crate::metrics::record_acknowledged(self.id(), removed);
             outcome.rejected += response.rejected.len() as u64;
             outcome.latest_seq = response.latest_seq;
+            // What the leader announced: a promotion reports what only it held.
+            self.leader_latest_seen
+                .fetch_max(response.latest_seq.0, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

@@ -504,6 +504,74 @@ pub enum PushError {
     Transport(String),
 }
 
+/// A write member asks another member to vote for its promotion to leader of `epoch`
+/// (see ARCHITECTURE.md, *Failover*).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoteRequest {
+    /// The candidate's `PROTOCOL_VERSION`.
+    pub protocol_version: u32,
+    /// The library.
+    pub library_id: LibraryId,
+    /// The epoch the candidate would start.
+    pub epoch: Epoch,
+    /// The candidate (over QUIC it must be the authenticated peer).
+    pub candidate: DeviceId,
+}
+
+/// A member's answer to a vote request: granted or refused, and what it holds, so the
+/// candidate knows whom to fetch missing entries from and what the lost leader announced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoteResponse {
+    /// The library.
+    pub library_id: LibraryId,
+    /// The member that answered.
+    pub voter: DeviceId,
+    /// Why the vote was refused; `None`: granted (and stored before this answer).
+    pub refused: Option<VoteRefusal>,
+    /// The epoch the member knows.
+    pub epoch: Epoch,
+    /// The end of the log the member holds (a verified prefix of the old epoch's chain).
+    pub held: Position,
+    /// The highest latest seq the member saw its leader announce.
+    pub latest_seen: Seq,
+}
+
+/// Why a vote is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum VoteRefusal {
+    /// The voter already knows an epoch at least as new as the one asked for.
+    #[error("the member knows epoch {known}; a promotion must start a newer one")]
+    EpochNotNewer {
+        /// The epoch it knows.
+        known: Epoch,
+    },
+    /// The voter voted for another candidate in that epoch.
+    #[error("the member voted for device {0} in that epoch")]
+    VotedForAnother(DeviceId),
+    /// The candidate may not lead.
+    #[error("the candidate is not a write member in this member's membership")]
+    CandidateMayNotLead,
+    /// The voter leads the library and is alive.
+    #[error("the member asked leads the library itself and is reachable: it was not lost")]
+    LeaderIsAlive,
+    /// The voter does not hold the library.
+    #[error("the member asked does not hold this library")]
+    UnknownLibrary,
+}
+
+/// Why a vote request got no answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VoteError {
+    /// The member's database failed.
+    #[error("database error on the member: {0}")]
+    Db(#[from] sea_orm::DbErr),
+    /// The transport failed or cannot carry votes.
+    #[error("transport: {0}")]
+    Transport(String),
+}
+
 /// Carries pull requests to a leader. sync-transport implements it over QUIC;
 /// `InProcess` (`in_process.rs`) calls a leader `Library` directly.
 #[async_trait::async_trait]
@@ -517,6 +585,15 @@ pub trait Transport: Send + Sync {
         let _ = request;
         Err(PushError::Transport(
             "this transport does not carry pushes".into(),
+        ))
+    }
+
+    /// Asks the member at the other end to vote for a promotion (member to member).
+    /// Transports that do not carry votes refuse.
+    async fn vote(&self, request: VoteRequest) -> Result<VoteResponse, VoteError> {
+        let _ = request;
+        Err(VoteError::Transport(
+            "this transport does not carry votes".into(),
         ))
     }
 

@@ -265,6 +265,21 @@ impl FollowerView {
         self.0.retry_parked().await
     }
 
+    /// Promotes this write member to leader of the next epoch, for a leader that is gone
+    /// (see ARCHITECTURE.md, *Failover*): asks `members` (transports to the other members,
+    /// not the lost leader) for their votes — a majority of the write members, the lost
+    /// leader counted as absent, unless `options.force` — fetches from them the entries of
+    /// the old epoch they hold beyond this device's, then logs a signed move record of
+    /// promotion kind and leads. [`crate::Promotion::lost`] says what only the lost leader
+    /// held.
+    pub async fn promote(
+        &self,
+        members: &[&dyn Transport],
+        options: crate::PromoteOptions,
+    ) -> Result<crate::Promotion, crate::PromoteError> {
+        self.0.promote(members, options).await
+    }
+
     /// Forgets a parked entry for good. Returns whether it was parked.
     pub async fn drop_parked(&self, seq: Seq) -> Result<bool, DbErr> {
         self.0.drop_parked(seq).await

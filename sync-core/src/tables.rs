@@ -308,6 +308,39 @@ pub mod taken {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+pub mod rewound {
+    use sea_orm::entity::prelude::*;
+
+    /// An entry a device held after a fork point that the surviving history did not
+    /// keep, and what became of it (see `rewind.rs`).
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sync_rewound")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub library_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub epoch: i64,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub seq: i64,
+        pub fork_seq: i64,
+        pub model: String,
+        pub record_id: String,
+        pub op: String,
+        #[sea_orm(column_type = "Text", nullable)]
+        pub data: Option<String>,
+        pub device_id: String,
+        pub hlc: i64,
+        pub disposition: String,
+        pub change_id: Option<String>,
+        pub rewound_at_ms: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 pub mod rejected {
     use sea_orm::entity::prelude::*;
 

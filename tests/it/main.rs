@@ -11,6 +11,7 @@ mod cascades;
 mod crowd;
 mod dense;
 mod derive;
+mod failover;
 mod follow_state;
 mod follower;
 mod follower_audit;

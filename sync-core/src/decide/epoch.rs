@@ -231,6 +231,7 @@ mod tests {
             key: to.fingerprint(),
             addresses: vec!["10.0.0.2:4433".into()],
             after: before(),
+            forced: false,
         }
     }
 

@@ -13,6 +13,9 @@
 //! - `collapse`: which entries of a range a follower needs (selective sync, collapsing).
 //! - `epoch`: epoch fencing (a stale answer, a request from a newer epoch) and whether a
 //!   move record is to be trusted.
+//! - `rewind`: the old leader's return (what becomes of the entries after the fork).
+//! - `promote`: promotion after a lost leader (the vote rule, the tally, which of two
+//!   leaders wins, the lost range).
 //!
 //! `merge.rs` (the merge decision) is pure too and stays where it is.
 
@@ -20,4 +23,6 @@ pub(crate) mod absorb;
 pub(crate) mod collapse;
 pub(crate) mod epoch;
 pub(crate) mod follow;
+pub(crate) mod promote;
+pub(crate) mod rewind;
 pub(crate) mod take;
