@@ -837,6 +837,13 @@ impl Library {
         limit: u32,
         progress: impl FnMut(&Applied, Seq),
     ) -> Result<(Position, Seq), SyncError> {
+        if self.leadership().taking_over {
+            // It leads now: take the log over from the old leader (the transport's), then
+            // there is nothing to push or pull.
+            self.take_over(transport).await?;
+            let at = self.position().await.map_err(ApplyError::from)?;
+            return Ok((at, at.seq));
+        }
         let pushed = if self.is_read_only() {
             Ok(())
         } else {

@@ -82,8 +82,9 @@ pub use identity::{BadFingerprint, DeviceKey, KeyError, KeyFingerprint, verify_s
 pub use ids::{DeviceId, Epoch, LibraryId, Seq};
 pub use in_process::InProcess;
 pub use leadership::{
-    LEADER_MODEL, Leadership, MEMBER_MODEL, MemberRecord, MoveKind, MoveRecord, MoveTerms,
-    RESERVED_MODEL_PREFIX, RESERVED_SCHEMA_VERSION, TAKEN_MODEL, is_reserved_model,
+    INVITE_MODEL, LEADER_MODEL, Leadership, MEMBER_MODEL, MemberRecord, MoveKind, MoveRecord,
+    MoveTerms, PEER_MODEL, REJECTED_MODEL, RESERVED_MODEL_PREFIX, RESERVED_SCHEMA_VERSION,
+    TAKEN_MODEL, is_reserved_model,
 };
 pub use library::{Drift, DriftKind, LatestSeq, Library, Role, Status, TxnFuture};
 pub use members::{Access, Admission, Invite, InviteError, Member, MemberError};

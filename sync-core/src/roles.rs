@@ -172,6 +172,16 @@ impl LeaderView {
         self.0.hand_off(to, within).await
     }
 
+    /// On a device that has just become the leader (it applied the move record naming it,
+    /// `Leadership::taking_over`): takes the log over from the old leader through `from`,
+    /// then sequences. Nothing to do otherwise. A follow loop does this by itself.
+    pub async fn take_over(&self, from: &dyn Transport) -> Result<(), crate::SyncError> {
+        if self.0.leadership().taking_over {
+            self.0.take_over(from).await?;
+        }
+        Ok(())
+    }
+
     /// Writes every noted follower position now.
     pub async fn flush_peer_positions(&self) -> Result<(), DbErr> {
         self.0.flush_peer_positions().await
