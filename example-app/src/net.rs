@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use sea_orm_migration::MigratorTrait;
-use sync_core::{Access, Library, OpenError, Position, Role, SyncError};
+use sync_core::{Access, KeyFingerprint, Library, OpenError, Position, Role, SyncError};
 use sync_transport::{Client, ClientConfig, JoinToken, QuicTransport, Server, ServerConfig};
 
 use crate::{Migrator, connect, registry};
@@ -281,18 +281,42 @@ pub async fn transport(library: &Library, leader: Option<&str>) -> Result<Arc<Qu
     if let Some(address) = leader {
         library.set_local_setting(LEADER_ADDRESS, address).await?;
     }
-    let addresses = library
+    // The leader as the replicated membership knows it: after a handoff its key and
+    // addresses came with the move record (a device that led never stored a leader's).
+    let current = library
+        .members()
+        .await?
+        .into_iter()
+        .find(|m| m.device_id == library.leader_device_id());
+    let stored_pin: Option<KeyFingerprint> = library
+        .local_setting(LEADER_KEY)
+        .await?
+        .map(|text| text.parse())
+        .transpose()
+        .context("the stored leader key is damaged; join again")?;
+    let moved = stored_pin.is_none_or(|pin| pin.device_id() != library.leader_device_id());
+    let stored_addresses = library
         .local_setting(LEADER_ADDRESS)
         .await?
         .map(|text| split_addresses(&text))
-        .filter(|addresses| !addresses.is_empty())
-        .ok_or_else(|| anyhow!("no leader address stored: pass `--leader HOST:PORT`"))?;
-    let pin = library
-        .local_setting(LEADER_KEY)
-        .await?
-        .ok_or_else(|| anyhow!("no leader key stored: this database did not `join`"))?
-        .parse()
-        .context("the stored leader key is damaged; join again")?;
+        .filter(|addresses| !addresses.is_empty());
+    let member_addresses = current
+        .as_ref()
+        .map(|m| m.addresses.clone())
+        .filter(|addresses| !addresses.is_empty());
+    let addresses = match (leader, moved) {
+        (Some(_), _) | (None, false) => stored_addresses.or(member_addresses),
+        (None, true) => member_addresses.or(stored_addresses),
+    }
+    .ok_or_else(|| anyhow!("no leader address known: pass `--leader HOST:PORT`"))?;
+    let pin = match (moved, current.and_then(|m| m.key)) {
+        (true, Some(key)) => key,
+        _ => stored_pin.ok_or_else(|| {
+            anyhow!(
+                "no leader key known: this database did not `join`, and the membership holds none"
+            )
+        })?,
+    };
     let key = library.device_key().await?;
     let client = Client::new(key, ClientConfig::default());
     Ok(Arc::new(QuicTransport::with_addresses(

@@ -749,6 +749,7 @@ impl Library {
         mut request: PullRequest,
     ) -> Result<PullResponse, PullError> {
         request.device = Some(self.device_id());
+        request.serves_at = self.serving_addresses();
         let response = transport.pull(request).await?;
         crate::decide::epoch::check_answer(self.epoch(), response.epoch).map_err(|stale| {
             PullError::StaleEpoch {

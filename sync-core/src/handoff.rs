@@ -24,10 +24,28 @@ use crate::{Access, ChangeOp, DeviceId, Epoch, KeyFingerprint, Library, LibraryI
 /// Taken marks per `sync.taken` entry.
 pub(crate) const TAKEN_PER_ENTRY: usize = 1_000;
 
-/// The positions followers' pulls showed the leader: the position a pull stated (and the
-/// leader verified: same seq, same checksum) or the end of what it was served, whichever is
-/// later. A handoff waits on it.
-pub(crate) type PullsSeen = watch::Sender<HashMap<DeviceId, Position>>;
+/// What followers' pulls showed the leader, and what this device's own pulls state.
+#[derive(Debug)]
+pub(crate) struct PullsSeen {
+    /// The position a pull stated (and the leader verified: same seq, same checksum) or the
+    /// end of what it was served, whichever is later. A handoff waits on it.
+    positions: watch::Sender<HashMap<DeviceId, Position>>,
+    /// Where each follower said it serves (`PullRequest::serves_at`): a handoff names the
+    /// target's addresses in the move record.
+    serves_at: std::sync::Mutex<HashMap<DeviceId, Vec<String>>>,
+    /// Where this device's server listens, stated in its own pulls.
+    own: std::sync::RwLock<Vec<String>>,
+}
+
+impl Default for PullsSeen {
+    fn default() -> Self {
+        PullsSeen {
+            positions: watch::Sender::new(HashMap::new()),
+            serves_at: std::sync::Mutex::default(),
+            own: std::sync::RwLock::default(),
+        }
+    }
+}
 
 /// One `sync.taken` entry's data: changes the leader took, by identity, with their author.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,13 +193,58 @@ pub enum HandOffError {
 impl Library {
     /// Notes where a follower's pull showed it (see [`PullsSeen`]).
     pub(crate) fn note_pull_seen(&self, device: DeviceId, at: Position) {
-        self.pulls_seen.send_if_modified(|seen| {
+        self.pulls_seen.positions.send_if_modified(|seen| {
             let newer = seen.get(&device).is_none_or(|known| at.seq > known.seq);
             if newer {
                 seen.insert(device, at);
             }
             newer
         });
+    }
+
+    /// Notes where a follower says it serves the library (its pulls' `serves_at`).
+    pub(crate) fn note_serves_at(&self, device: DeviceId, addresses: &[String]) {
+        if addresses.is_empty() {
+            return;
+        }
+        let mut heard = self
+            .pulls_seen
+            .serves_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if heard.get(&device).is_none_or(|known| known != addresses) {
+            heard.insert(device, addresses.to_vec());
+        }
+    }
+
+    fn heard_serves_at(&self, device: DeviceId) -> Vec<String> {
+        self.pulls_seen
+            .serves_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&device)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Where this device's server processes listen (`host:port`), stated in its pulls so
+    /// that a leader handing off to it can tell the other followers where to find it.
+    /// A server that serves the library whatever its role calls it once it listens.
+    pub fn set_serving_addresses(&self, addresses: Vec<String>) {
+        *self
+            .pulls_seen
+            .own
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = addresses;
+    }
+
+    /// What [`Library::set_serving_addresses`] set.
+    pub fn serving_addresses(&self) -> Vec<String> {
+        self.pulls_seen
+            .own
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Waits until `device` shows a position that `done` accepts, or `deadline` passes.
@@ -191,7 +254,7 @@ impl Library {
         deadline: tokio::time::Instant,
         done: impl Fn(Position) -> bool,
     ) -> Result<(), Option<Seq>> {
-        let mut seen = self.pulls_seen.subscribe();
+        let mut seen = self.pulls_seen.positions.subscribe();
         loop {
             let at = seen.borrow_and_update().get(&device).copied();
             if at.is_some_and(&done) {
@@ -236,7 +299,7 @@ impl Library {
             .as_deref()
             .and_then(|k| k.parse().ok())
             .ok_or(HandOffError::KeyUnknown(to))?;
-        let addresses = parse_addresses(target.addresses.as_deref());
+        let mut addresses = parse_addresses(target.addresses.as_deref());
         let signer = self
             .device_key()
             .await
@@ -277,6 +340,11 @@ impl Library {
             });
         }
 
+        // Where the target serves, as its pulls said (else as the membership holds it).
+        let heard = self.heard_serves_at(to);
+        if !heard.is_empty() {
+            addresses = heard;
+        }
         // The taken marks, what else only the leader holds, the two members' new access,
         // then the move record: the last entries of this epoch.
         self.flush_peer_positions().await?;
@@ -305,7 +373,7 @@ impl Library {
         }
         let epoch = self.epoch().next();
         drafts.extend(self.leader_state_drafts(&txn, to, epoch).await?);
-        drafts.extend(self.new_access_drafts(&txn, to).await?);
+        drafts.extend(self.new_access_drafts(&txn, to, &addresses).await?);
         let (mut rows, before_record) = Library::number(&drafts, tip);
         let record = MoveRecord::sign(
             MoveTerms {
@@ -540,11 +608,18 @@ impl Library {
         &self,
         txn: &C,
         to: DeviceId,
+        addresses: &[String],
     ) -> Result<Vec<LogEntry>, DbErr> {
         let mut drafts = Vec::with_capacity(2);
         for (device, access) in [(self.device_id(), Access::Write), (to, Access::Leader)] {
-            device::Entity::update_many()
-                .col_expr(device::Column::Access, Expr::value(access.as_str()))
+            let mut update = device::Entity::update_many()
+                .col_expr(device::Column::Access, Expr::value(access.as_str()));
+            if device == to
+                && let Some(text) = crate::leadership::addresses_text(addresses)
+            {
+                update = update.col_expr(device::Column::Addresses, Expr::value(text));
+            }
+            update
                 .filter(device::Column::LibraryId.eq(self.id().to_string()))
                 .filter(device::Column::DeviceId.eq(device.to_string()))
                 .exec(txn)

@@ -91,7 +91,7 @@ pub use members::{Access, Admission, Invite, InviteError, Member, MemberError};
 pub use outbox::PushOutcome;
 pub use parked::{ParkError, Parked, Retried};
 pub use protocol::{
-    Divergence, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PUSH_BYTES_MAX,
+    Divergence, LeaderMoved, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PUSH_BYTES_MAX,
     PUSH_CHANGES_MAX, PullError, PullRequest, PullResponse, PulledItem, PushError, PushRequest,
     PushResponse, PushedChange, RECORD_BYTES_MAX, Refused, RejectedChange, Transport,
 };

@@ -75,6 +75,16 @@ impl Library {
         }
     }
 
+    /// This library as a server sees it, whatever this device's role now: a server
+    /// that keeps running while leadership moves holds it. Each request is checked against
+    /// the leadership when it arrives: while this device does not lead, pulls and pushes
+    /// are answered `Moved`, naming the leader (a device that handed leadership on still
+    /// serves its log up to the move record), and invites are not redeemed
+    /// (`InviteError::NotLeading`); once it leads, it serves.
+    pub fn server_view(&self) -> LeaderView {
+        LeaderView(self.clone())
+    }
+
     /// This library as a follower: pulling, applying, pushing the outbox, the follow loop,
     /// parking. [`WrongRole`] on the leader.
     pub fn follower(&self) -> Result<FollowerView, WrongRole> {
