@@ -179,6 +179,13 @@ enum Command {
     },
     /// Revokes a device (leader): it is refused from now on, live connections too.
     Revoke { device_id: String },
+    /// Hands leadership to a write member (leader, while its `serve` runs; the target
+    /// runs `serve` too): sequencing stops, the target catches up, then leads; this
+    /// device follows it, and the other followers find it by themselves.
+    Handoff {
+        /// The device to lead from now on (see `devices`).
+        device_id: String,
+    },
     /// Open conflicts: `id`, model, record id, and both sides (`local`: the value kept,
     /// `remote`: the concurrent value set aside).
     Conflicts {
@@ -643,11 +650,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(addr) = metrics {
                 say!("metrics on {addr}");
             }
+            // On a follower it follows the leader (and takes over when a handoff names
+            // it); on the leader it carries out `handoff` requests.
+            let supervisor = net::supervise(library.clone());
             shutdown_signal().await?;
+            supervisor.abort();
             server.shutdown().await;
             registration.end().await?;
             // Followers' positions are written about once a second; keep the last ones.
-            library.leader()?.flush_peer_positions().await?;
+            if let Ok(leader) = library.leader() {
+                leader.flush_peer_positions().await?;
+            }
             note!("stopped serving");
         }
         Command::Invite {
@@ -748,12 +761,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Devices { json } => {
             let library = open(&cli.db).await?;
             let members = library.members().await?;
+            let epoch = library.epoch();
             if json {
                 print_json(&members)?;
             } else {
                 for m in members {
                     say!(
-                        "{}  {:<6} {:<8} position {}  {}",
+                        "{}  {:<6} {:<8} position {}  epoch {epoch}  {}",
                         m.device_id,
                         m.access,
                         if m.revoked_at_ms.is_some() {
@@ -774,6 +788,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("`{device_id}` is not a device id (see `devices`)"))?;
             library.leader()?.revoke(device).await?;
             say!("revoked {device_id}");
+        }
+        Command::Handoff { device_id } => {
+            let library = open(&cli.db).await?;
+            say!("{}", net::hand_off(&library, &device_id).await?);
         }
         Command::Demo => demo().await?,
         Command::Bench {

@@ -480,7 +480,10 @@ impl Library {
             moving_to: None,
             ..current
         });
-        let appended = crate::backend::append(&txn, self.id(), *self.tip.borrow(), &drafts).await?;
+        // Copied out: the watch's guard must not be held across the append (the handoff's
+        // future is sent between threads, as a server's task).
+        let tip = *self.tip.borrow();
+        let appended = crate::backend::append(&txn, self.id(), tip, &drafts).await?;
         txn.commit().await?;
         match appended {
             crate::library::Appended::Sequenced(tip) => crate::library::advance(&self.tip, tip),
