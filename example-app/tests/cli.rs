@@ -210,6 +210,11 @@ fn the_demo_runs_and_its_follower_matches_the_leader() {
     );
     // The leader went away, the follower kept writing, both converged.
     assert!(stdout.contains("follower keeps writing"), "{stdout}");
+    // Then leadership moves to the follower, and the old leader follows it.
+    assert!(
+        stdout.contains("handoff: the follower leads in epoch 2"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains(r#"tags merged as a set: ["holiday","2026","family","beach"]"#),
         "{stdout}"
