@@ -174,6 +174,96 @@ pub async fn catchup(count: u64, batch: u32) -> Result<serde_json::Value> {
     }))
 }
 
+/// A planned handoff over loopback QUIC (see `example-app bench handoff`).
+pub async fn handoff(followers: usize, count: u64) -> Result<serde_json::Value> {
+    let dir = tempfile::tempdir()?;
+    let (leader, server) = leader_in(dir.path()).await?;
+    let started = Instant::now();
+    write_tags(&leader, count, 1_000).await?;
+    let write_seconds = started.elapsed().as_secs_f64();
+    let mut devices = Vec::with_capacity(followers);
+    for n in 0..followers {
+        let access = if n == 0 { Access::Write } else { Access::Read };
+        let token = net::invite(&leader, access, Duration::from_secs(600), None).await?;
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join(format!("f{n}.db")).display()
+        );
+        devices.push(net::join(&url, &token, Some(&format!("f{n}"))).await?);
+    }
+    // The target serves from the start, as a follower's `serve` does.
+    let target = devices[0].clone();
+    let target_server = net::serve(&target, "127.0.0.1:0".parse()?).await?;
+    let started = Instant::now();
+    let mut follows = Vec::with_capacity(followers);
+    for device in &devices {
+        let transport = net::transport(device, None).await?;
+        follows.push(
+            device
+                .follower()?
+                .start_following(transport, FollowConfig::default()),
+        );
+    }
+    let latest = leader.latest_seq().await?;
+    let deadline = Duration::from_secs(3_600);
+    for follow in &follows {
+        follow
+            .wait_for(deadline, |s| s.position >= latest)
+            .await
+            .context("a follower did not catch up")?;
+    }
+    let catch_up_seconds = started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    let handed = leader
+        .leader()?
+        .hand_off(target.device_id(), Duration::from_secs(600))
+        .await?;
+    let hand_off_seconds = started.elapsed().as_secs_f64();
+    follows[0]
+        .wait_for(deadline, |s| s.state == sync_core::FollowState::Leading)
+        .await
+        .context("the target did not take over")?;
+    let leading_seconds = started.elapsed().as_secs_f64();
+    let after = crate::ops::put(&target, "tag", r#"{"name":"at the new leader"}"#).await?;
+    let _ = after;
+    let latest = target.latest_seq().await?;
+    for follow in &follows[1..] {
+        follow
+            .wait_for(deadline, |s| s.position >= latest)
+            .await
+            .context("a follower did not follow the new leader")?;
+    }
+    let all_following_seconds = started.elapsed().as_secs_f64();
+    for device in &devices[1..] {
+        if device.leader_device_id() != target.device_id() {
+            bail!("a follower does not know the new leader");
+        }
+    }
+    if devices[followers - 1].dump().await? != target.dump().await? {
+        bail!("a follower does not match the new leader");
+    }
+    for follow in follows {
+        follow.stop().await;
+    }
+    target_server.shutdown().await;
+    server.shutdown().await;
+    Ok(json!({
+        "bench": "handoff",
+        "transport": "loopback QUIC",
+        "backend": "sqlite",
+        "followers": followers,
+        "entries": count,
+        "record_seq": handed.record_seq.0,
+        "taken_marks": handed.taken_marks,
+        "write_seconds": write_seconds,
+        "catch_up_seconds": catch_up_seconds,
+        "hand_off_seconds": hand_off_seconds,
+        "target_leads_seconds": leading_seconds,
+        "all_following_seconds": all_following_seconds,
+    }))
+}
+
 /// This process's CPU time so far (user + system), from `/proc/self/stat`.
 fn cpu_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;

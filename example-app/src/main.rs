@@ -188,6 +188,13 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Hands leadership to a write member (leader, while its `serve` runs; the target
+    /// runs `serve` too): sequencing stops, the target catches up, then leads; this
+    /// device follows it, and the other followers find it by themselves.
+    Handoff {
+        /// The device to lead from now on (see `devices`).
+        device_id: String,
+    },
     /// Open conflicts: `id`, model, record id, and both sides (`local`: the value kept,
     /// `remote`: the concurrent value set aside).
     Conflicts {
@@ -276,6 +283,16 @@ enum Bench {
     Live {
         #[arg(long, default_value_t = 1_000)]
         writes: u64,
+    },
+    /// A planned handoff over loopback QUIC: a leader holding `--count` entries, `--followers`
+    /// live followers (the first, with write access and a server of its own, is the
+    /// target): how long `hand_off` takes, until the target leads, and until every other
+    /// follower has applied a write made at the new leader.
+    Handoff {
+        #[arg(long, default_value_t = 10, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100))]
+        followers: usize,
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
     },
     /// Initial sync over QUIC against the in-process transport; bytes per change on the
     /// wire with and without compression.
@@ -652,11 +669,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(addr) = metrics {
                 say!("metrics on {addr}");
             }
+            // On a follower it follows the leader (and takes over when a handoff names
+            // it); on the leader it carries out `handoff` requests.
+            let supervisor = net::supervise(library.clone());
             shutdown_signal().await?;
+            supervisor.abort();
             server.shutdown().await;
             registration.end().await?;
             // Followers' positions are written about once a second; keep the last ones.
-            library.leader()?.flush_peer_positions().await?;
+            if let Ok(leader) = library.leader() {
+                leader.flush_peer_positions().await?;
+            }
             note!("stopped serving");
         }
         Command::Invite {
@@ -757,12 +780,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Devices { json } => {
             let library = open(&cli.db).await?;
             let members = library.members().await?;
+            let epoch = library.epoch();
             if json {
                 print_json(&members)?;
             } else {
                 for m in members {
                     say!(
-                        "{}  {:<6} {:<8} position {}  {}",
+                        "{}  {:<6} {:<8} position {}  epoch {epoch}  {}",
                         m.device_id,
                         m.access,
                         if m.revoked_at_ms.is_some() {
@@ -803,6 +827,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 ),
             }
         }
+        Command::Handoff { device_id } => {
+            let library = open(&cli.db).await?;
+            say!("{}", net::hand_off(&library, &device_id).await?);
+        }
         Command::Demo => demo().await?,
         Command::Bench {
             which:
@@ -818,6 +846,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench {
             which: Bench::Catchup { count, batch },
         } => print_json(&example_app::bench::catchup(count, batch).await?)?,
+        Command::Bench {
+            which: Bench::Handoff { followers, count },
+        } => print_json(&example_app::bench::handoff(followers, count).await?)?,
         Command::Bench {
             which:
                 Bench::Fanout {
@@ -1018,6 +1049,9 @@ async fn demo() -> Result<()> {
         "follower {} joined with a one-time invite (leader key pinned)",
         follower.device_id()
     );
+    // It serves too, as every device does (nothing until it leads): its pulls tell the
+    // leader where, for a handoff later.
+    let follower_server = net::serve(&follower, "127.0.0.1:0".parse()?).await?;
     let transport = net::transport(&follower, None).await?;
     let follow = follower
         .follower()?
@@ -1130,8 +1164,52 @@ async fn demo() -> Result<()> {
         started.elapsed().as_secs_f64() * 1e3,
         status.position
     );
-    let latest = leader.latest_seq().await?;
+    // Leadership moves: the follower (serving all along) takes over; the old leader follows it.
+    let handed = leader
+        .leader()?
+        .hand_off(follower.device_id(), std::time::Duration::from_secs(30))
+        .await?;
+    follow
+        .wait_for(std::time::Duration::from_secs(30), |s| {
+            s.state == sync_core::FollowState::Leading
+        })
+        .await
+        .ok_or_else(|| anyhow::anyhow!("the follower did not take the leadership over"))?;
     follow.stop().await;
+    let old_follow = leader.follower()?.start_following(
+        net::transport(&leader, None).await?,
+        FollowConfig::default(),
+    );
+    ops::put(&leader, "tag", r#"{"name":"written by the old leader"}"#).await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let latest = loop {
+        let status = old_follow.status();
+        let latest = follower.latest_seq().await?;
+        if leader.outbox_len().await? == 0
+            && latest > handed.record_seq
+            && status.position >= latest
+        {
+            break latest;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "the old leader did not follow the new one: {:?}",
+                status.last_error
+            );
+        }
+        old_follow
+            .wait_for(std::time::Duration::from_millis(50), |now| now != &status)
+            .await;
+    };
+    say!(
+        "handoff: the follower leads in epoch {} (move record at seq {}); the old leader follows \
+         it on {}, and its new tag went through the new leader",
+        handed.epoch,
+        handed.record_seq,
+        follower_server.local_addr()
+    );
+    old_follow.stop().await;
+    follower_server.shutdown().await;
     server.shutdown().await;
     let (leader_data, follower_data) = (leader.dump().await?, follower.dump().await?);
     if leader_data != follower_data {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use sea_orm_migration::MigratorTrait;
-use sync_core::{Access, Library, OpenError, Position, Role, SyncError};
+use sync_core::{Access, KeyFingerprint, Library, OpenError, Position, Role, SyncError};
 use sync_transport::{Client, ClientConfig, JoinToken, QuicTransport, Server, ServerConfig};
 
 use crate::{Migrator, connect, registry};
@@ -36,18 +36,134 @@ pub const LAST_ERROR: &str = "last_error";
 
 /// Serves `library` on `listen` and remembers the address for `invite`.
 pub async fn serve(library: &Library, listen: SocketAddr) -> Result<Server> {
-    if library.role() != Role::Leader {
+    let key = library.device_key().await?;
+    // Whatever this device's role: a follower's server serves nothing until it leads.
+    let server = Server::bind(listen, &key, vec![library.clone()], ServerConfig::default()).await?;
+    let address = advertised(server.local_addr()).to_string();
+    library.set_local_setting(SERVE_ADDRESS, &address).await?;
+    // Its pulls say where it serves, so a handoff to it tells the others.
+    library.set_serving_addresses(vec![address]);
+    Ok(server)
+}
+
+/// The `sync_local` setting through which `handoff` asks a running `serve` to hand the
+/// library on (the device id), and where that `serve` answers (`HANDOFF_RESULT`).
+pub const HANDOFF_REQUEST: &str = "handoff_request";
+/// The answer to a `HANDOFF_REQUEST`: `ok epoch SEQ` or `error MESSAGE`.
+pub const HANDOFF_RESULT: &str = "handoff_result";
+/// How often a `serve` looks at its role and for a handoff request.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(200);
+/// How long a handoff asked through `serve` waits for its target.
+pub const HANDOFF_WITHIN: Duration = Duration::from_secs(60);
+
+/// What a `serve` does besides serving: while this device does not lead, it follows the
+/// leader (so a handoff needs no restart: the follow loop takes the log over, and the
+/// server serves once it leads); while it leads, it carries out `handoff` requests, and
+/// follows the new leader after one.
+pub fn supervise(library: Library) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut follow: Option<sync_core::Follow> = None;
+        let mut followed = None;
+        loop {
+            let leadership = library.leadership();
+            let leads = leadership.leader == library.device_id() && !leadership.taking_over;
+            if leads {
+                if let Some(f) = follow.take() {
+                    f.stop().await;
+                    tracing::info!(library = %library.id(), epoch = %leadership.epoch, "this device leads the library now");
+                }
+                if let Err(e) = hand_off_if_asked(&library).await {
+                    tracing::warn!(%e, "a handoff request failed");
+                }
+            } else if follow.is_none() || followed != Some(leadership.leader) {
+                if library.role() == Role::Follower && follow.is_none() {
+                    match transport(&library, None).await {
+                        Ok(transport) => {
+                            if let Ok(view) = library.follower() {
+                                follow = Some(view.start_following(
+                                    transport,
+                                    sync_core::FollowConfig::default(),
+                                ));
+                                followed = Some(leadership.leader);
+                                tracing::info!(library = %library.id(), leader = %leadership.leader, "following the leader");
+                            }
+                        }
+                        Err(e) => tracing::warn!(%e, "cannot follow the leader yet"),
+                    }
+                } else {
+                    // The loop re-points by itself after a move.
+                    followed = Some(leadership.leader);
+                }
+            }
+            tokio::time::sleep(SUPERVISE_EVERY).await;
+        }
+    })
+}
+
+/// Carries out a `handoff` request stored for this library, if there is one (one `serve`
+/// process claims it: removing the request is the claim).
+async fn hand_off_if_asked(library: &Library) -> Result<()> {
+    let Some(target) = library.local_setting(HANDOFF_REQUEST).await? else {
+        return Ok(());
+    };
+    if !library.remove_local_setting(HANDOFF_REQUEST).await? {
+        return Ok(());
+    }
+    let outcome = match target.parse() {
+        Ok(to) => match library.leader()?.hand_off(to, HANDOFF_WITHIN).await {
+            Ok(done) => format!("ok {} {}", done.epoch, done.record_seq),
+            Err(e) => format!("error {e}"),
+        },
+        Err(e) => format!("error `{target}` is not a device id: {e}"),
+    };
+    library.set_local_setting(HANDOFF_RESULT, &outcome).await?;
+    Ok(())
+}
+
+/// Asks the `serve` running for this library to hand it to `to`, and waits for the
+/// answer. Refused when no `serve` runs: the target pulls the log through it.
+pub async fn hand_off(library: &Library, to: &str) -> Result<String> {
+    let to: sync_core::DeviceId = to
+        .parse()
+        .with_context(|| format!("`{to}` is not a device id (see `devices`)"))?;
+    let view = library.leader()?;
+    drop(view);
+    if serving_addresses(library).await?.is_empty() {
         bail!(
-            "this device follows library {}; run `serve` on its leader (or `follow` here)",
+            "no `serve` runs for library {}: start `serve` here (the target pulls the log \
+             through it), then hand off",
             library.id()
         );
     }
-    let key = library.device_key().await?;
-    let server = Server::bind(listen, &key, vec![library.clone()], ServerConfig::default()).await?;
+    library.remove_local_setting(HANDOFF_RESULT).await?;
     library
-        .set_local_setting(SERVE_ADDRESS, &advertised(server.local_addr()).to_string())
+        .set_local_setting(HANDOFF_REQUEST, &to.to_string())
         .await?;
-    Ok(server)
+    let deadline = tokio::time::Instant::now() + HANDOFF_WITHIN + Duration::from_secs(30);
+    loop {
+        if let Some(result) = library.local_setting(HANDOFF_RESULT).await? {
+            library.remove_local_setting(HANDOFF_RESULT).await?;
+            return match result.strip_prefix("ok ") {
+                Some(rest) => {
+                    let mut parts = rest.split(' ');
+                    let epoch = parts.next().unwrap_or_default();
+                    let seq = parts.next().unwrap_or_default();
+                    Ok(format!(
+                        "handed library {} to {to}: epoch {epoch} begins after the move record at seq {seq}",
+                        library.id()
+                    ))
+                }
+                None => bail!("{}", result.strip_prefix("error ").unwrap_or(&result)),
+            };
+        }
+        if tokio::time::Instant::now() > deadline {
+            library.remove_local_setting(HANDOFF_REQUEST).await?;
+            bail!(
+                "the running `serve` did not answer the handoff request in time; is it still running?"
+            );
+        }
+        tokio::time::sleep(SUPERVISE_EVERY).await;
+    }
 }
 
 /// A `serve` process's entry among the library's serving addresses (`SERVING_PREFIX`),
@@ -281,18 +397,42 @@ pub async fn transport(library: &Library, leader: Option<&str>) -> Result<Arc<Qu
     if let Some(address) = leader {
         library.set_local_setting(LEADER_ADDRESS, address).await?;
     }
-    let addresses = library
+    // The leader as the replicated membership knows it: after a handoff its key and
+    // addresses came with the move record (a device that led never stored a leader's).
+    let current = library
+        .members()
+        .await?
+        .into_iter()
+        .find(|m| m.device_id == library.leader_device_id());
+    let stored_pin: Option<KeyFingerprint> = library
+        .local_setting(LEADER_KEY)
+        .await?
+        .map(|text| text.parse())
+        .transpose()
+        .context("the stored leader key is damaged; join again")?;
+    let moved = stored_pin.is_none_or(|pin| pin.device_id() != library.leader_device_id());
+    let stored_addresses = library
         .local_setting(LEADER_ADDRESS)
         .await?
         .map(|text| split_addresses(&text))
-        .filter(|addresses| !addresses.is_empty())
-        .ok_or_else(|| anyhow!("no leader address stored: pass `--leader HOST:PORT`"))?;
-    let pin = library
-        .local_setting(LEADER_KEY)
-        .await?
-        .ok_or_else(|| anyhow!("no leader key stored: this database did not `join`"))?
-        .parse()
-        .context("the stored leader key is damaged; join again")?;
+        .filter(|addresses| !addresses.is_empty());
+    let member_addresses = current
+        .as_ref()
+        .map(|m| m.addresses.clone())
+        .filter(|addresses| !addresses.is_empty());
+    let addresses = match (leader, moved) {
+        (Some(_), _) | (None, false) => stored_addresses.or(member_addresses),
+        (None, true) => member_addresses.or(stored_addresses),
+    }
+    .ok_or_else(|| anyhow!("no leader address known: pass `--leader HOST:PORT`"))?;
+    let pin = match (moved, current.and_then(|m| m.key)) {
+        (true, Some(key)) => key,
+        _ => stored_pin.ok_or_else(|| {
+            anyhow!(
+                "no leader key known: this database did not `join`, and the membership holds none"
+            )
+        })?,
+    };
     let key = library.device_key().await?;
     let client = Client::new(key, ClientConfig::default());
     Ok(Arc::new(QuicTransport::with_addresses(
@@ -370,12 +510,35 @@ pub struct AppStatus {
     pub rejected: u64,
     /// Follower: pulled entries set aside by `skip` (and later entries of their records).
     pub parked: u64,
+    /// The library's leadership epoch, as this device knows it.
+    pub epoch: u64,
+    /// The leader, as this device knows it.
+    pub leader_device_id: sync_core::DeviceId,
+    /// Where the leader listens, as far as this device knows.
+    pub leader_address: Option<String>,
 }
 
 /// This device's status in its library.
 pub async fn status(library: &Library) -> Result<AppStatus> {
     let access = library.access().await?;
-    Ok(match library.role() {
+    let leadership = library.leadership();
+    let leader_address = match library.role() {
+        Role::Leader => library.local_setting(SERVE_ADDRESS).await?,
+        Role::Follower => {
+            let from_members = library
+                .members()
+                .await?
+                .into_iter()
+                .find(|m| m.device_id == leadership.leader)
+                .map(|m| m.addresses.join(","))
+                .filter(|a| !a.is_empty());
+            match from_members {
+                Some(addresses) => Some(addresses),
+                None => library.local_setting(LEADER_ADDRESS).await?,
+            }
+        }
+    };
+    let mut status = match library.role() {
         Role::Leader => AppStatus {
             role: Role::Leader,
             library_id: library.id(),
@@ -397,6 +560,9 @@ pub async fn status(library: &Library) -> Result<AppStatus> {
             conflicts: library.conflict_count().await?,
             rejected: library.rejected_count().await?,
             parked: 0,
+            epoch: 0,
+            leader_device_id: library.device_id(),
+            leader_address: None,
         },
         Role::Follower => {
             let position = library.position().await?.seq.0;
@@ -423,14 +589,30 @@ pub async fn status(library: &Library) -> Result<AppStatus> {
                 conflicts: library.conflict_count().await?,
                 rejected: library.rejected_count().await?,
                 parked: library.parked_count().await?,
+                epoch: 0,
+                leader_device_id: library.device_id(),
+                leader_address: None,
             }
         }
-    })
+    };
+    status.epoch = leadership.epoch.0;
+    status.leader_device_id = leadership.leader;
+    status.leader_address = leader_address;
+    Ok(status)
 }
 
 /// `status` for people.
 pub fn describe(status: &AppStatus) -> String {
-    match status.role {
+    let leadership = format!(
+        "; epoch {}, leader {}{}",
+        status.epoch,
+        status.leader_device_id,
+        status
+            .leader_address
+            .as_ref()
+            .map_or_else(String::new, |a| format!(" at {a}"))
+    );
+    let described = match status.role {
         Role::Leader => format!(
             "leader of library {} (device {}), latest seq {}, {} follower(s), {} open conflict(s), {} rejected change(s)",
             status.library_id,
@@ -456,7 +638,8 @@ pub fn describe(status: &AppStatus) -> String {
                 .as_ref()
                 .map_or_else(String::new, |e| format!("; last error: {e}"))
         ),
-    }
+    };
+    described + &leadership
 }
 
 /// Stores what the live follow loop last knew, for `status`.

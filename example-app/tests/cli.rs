@@ -210,6 +210,11 @@ fn the_demo_runs_and_its_follower_matches_the_leader() {
     );
     // The leader went away, the follower kept writing, both converged.
     assert!(stdout.contains("follower keeps writing"), "{stdout}");
+    // Then leadership moves to the follower, and the old leader follows it.
+    assert!(
+        stdout.contains("handoff: the follower leads in epoch 2"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains(r#"tags merged as a set: ["holiday","2026","family","beach"]"#),
         "{stdout}"
@@ -1606,4 +1611,101 @@ fn a_follower_is_promoted_with_force_after_its_leader_is_killed() {
     follower.ok(&["put", "tag", r#"{"name":"the new leader writes"}"#]);
     let dump = json(&follower.ok(&["dump"]));
     assert_eq!(dump["tag"].as_array().map(Vec::len), Some(3), "{dump}");
+}
+
+/// Waits (within the deadline) until every one of `clis` dumps the same data as `first`.
+fn wait_until_converged(first: &Cli, others: &[&Cli]) -> String {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let dump = first.ok(&["dump"]);
+        if others.iter().all(|cli| cli.ok(&["dump"]) == dump) {
+            return dump;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the devices did not converge: {dump} vs {:?}",
+            others
+                .iter()
+                .map(|cli| cli.ok(&["dump"]))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_handoff_from_the_cli_moves_leadership_and_every_device_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = sqlite_cli(dir.path(), "old.db");
+    let target = sqlite_cli(dir.path(), "target.db");
+    let other = sqlite_cli(dir.path(), "other.db");
+    old.ok(&["init"]);
+    old.ok(&["put", "tag", r#"{"name":"before"}"#]);
+    let old_serving = Serving::start(&old);
+    for (cli, name) in [(&target, "target"), (&other, "other")] {
+        let token = old.ok(&["invite", "--access", "write", "--ttl", "10m"]);
+        cli.ok(&["join", token.trim(), "--name", name]);
+    }
+    // The target runs `serve` as a follower: it follows, and serves once it leads.
+    let target_serving = Serving::start(&target);
+    let mut following = other.spawn_follow(std::process::Stdio::null());
+    let target_id = json(&target.ok(&["status", "--json"]))["device_id"]
+        .as_str()
+        .expect("device id")
+        .to_owned();
+    let target_status = json(&target.ok(&["status", "--json"]));
+    assert_eq!(target_status["epoch"], 1);
+    // Writes on every device before, during and after the move.
+    old.ok(&["put", "tag", r#"{"name":"old before"}"#]);
+    other.ok(&["put", "tag", r#"{"name":"other before"}"#]);
+    let writer = {
+        let other = Cli {
+            db: other.db.clone(),
+        };
+        std::thread::spawn(move || {
+            for n in 0..5 {
+                other.ok(&["put", "tag", &format!(r#"{{"name":"other during {n}"}}"#)]);
+            }
+        })
+    };
+    let handed = old.ok(&["handoff", &target_id]);
+    assert!(handed.contains("epoch 2"), "{handed}");
+    writer.join().expect("writer");
+    old.ok(&["put", "tag", r#"{"name":"old after"}"#]);
+    target.ok(&["put", "tag", r#"{"name":"target after"}"#]);
+    other.ok(&["put", "tag", r#"{"name":"other after"}"#]);
+
+    let dump = wait_until_converged(&target, &[&old, &other]);
+    for name in [
+        "before",
+        "old before",
+        "other before",
+        "other during 4",
+        "old after",
+        "target after",
+        "other after",
+    ] {
+        assert!(
+            dump.contains(&format!(r#""name":"{name}""#)),
+            "{name} missing: {dump}"
+        );
+    }
+    for cli in [&old, &target, &other] {
+        let status = json(&cli.ok(&["status", "--json"]));
+        assert_eq!(status["epoch"], 2, "{status}");
+        assert_eq!(status["leader_device_id"], target_id.as_str(), "{status}");
+        assert_eq!(
+            status["leader_address"],
+            target_serving.address.as_str(),
+            "{status}"
+        );
+    }
+    assert_eq!(json(&target.ok(&["status", "--json"]))["role"], "leader");
+    assert_eq!(json(&old.ok(&["status", "--json"]))["role"], "follower");
+    let devices = target.ok(&["devices"]);
+    assert!(devices.contains("epoch 2"), "{devices}");
+    signal(&following, "TERM");
+    assert!(wait_with_deadline(&mut following).success());
+    assert!(target_serving.stop().success());
+    assert!(old_serving.stop().success());
 }

@@ -116,6 +116,9 @@ pub enum FollowState {
         /// The error, in words.
         reason: String,
     },
+    /// This device leads the library now (a handoff named it, and it has taken the log
+    /// over): there is no one to follow; the loop idles until stopped.
+    Leading,
 }
 
 /// Why a leader and this follower cannot sync, in a way retrying cannot fix.
@@ -277,6 +280,7 @@ impl Library {
         let state = LoopState {
             library: self.clone(),
             transport,
+            followed: std::sync::Mutex::new(self.leader_device_id()),
             config,
             status: status_tx,
             events: events.clone(),
@@ -351,6 +355,8 @@ impl Follow {
 struct LoopState {
     library: Library,
     transport: Arc<dyn Transport>,
+    /// The leader the transport points at.
+    followed: std::sync::Mutex<crate::DeviceId>,
     config: FollowConfig,
     status: watch::Sender<FollowStatus>,
     events: broadcast::Sender<ChangesApplied>,
@@ -364,8 +370,13 @@ impl LoopState {
             outbox.mark_unchanged();
             let outcome = match self.round().await {
                 Ok(()) => {
+                    let leads = self.leads();
                     self.status.send_modify(|s| {
-                        s.state = FollowState::InSync;
+                        s.state = if leads {
+                            FollowState::Leading
+                        } else {
+                            FollowState::InSync
+                        };
                         s.retrying = true;
                     });
                     Ok(())
@@ -425,14 +436,24 @@ impl LoopState {
     /// One round (`Library::sync_round`: push this follower's own changes, then pull
     /// until caught up), then the counts the status shows.
     async fn round(&self) -> Result<(), SyncError> {
-        let round = self
-            .library
-            .sync_round(
-                self.transport.as_ref(),
-                self.config.batch_len_max,
-                |applied, latest| self.pulled(applied, latest),
-            )
-            .await;
+        if self.leads() {
+            return Ok(());
+        }
+        self.follow_the_leader(None).await;
+        let mut round = self.sync_round().await;
+        // A move learnt in this round (the record applied, or a `Moved` answer): point the
+        // transport at the new leader and go on there at once.
+        let hint = match &round {
+            Err(SyncError::Pull(PullError::Moved {
+                leader, addresses, ..
+            })) => Some((*leader, addresses.clone())),
+            Err(SyncError::Push(PushError::Moved { leader, .. })) => Some((*leader, Vec::new())),
+            _ => None,
+        };
+        let moved = hint.is_some() || self.library.leader_device_id() != self.followed();
+        if moved && !self.leads() && self.follow_the_leader(hint).await {
+            round = self.sync_round().await;
+        }
         if let Ok((position, latest)) = &round {
             // Also when nothing was applied: the status shows the leader's latest seq.
             self.status.send_modify(|s| {
@@ -465,6 +486,78 @@ impl LoopState {
             s.rejected = rejected.unwrap_or(s.rejected);
         });
         round.map(|_| ())
+    }
+
+    async fn sync_round(&self) -> Result<(crate::Position, Seq), SyncError> {
+        self.library
+            .sync_round(
+                self.transport.as_ref(),
+                self.config.batch_len_max,
+                |applied, latest| self.pulled(applied, latest),
+            )
+            .await
+    }
+
+    /// Whether this device leads the library now (and has taken the log over).
+    fn leads(&self) -> bool {
+        let leadership = self.library.leadership();
+        leadership.leader == self.library.device_id() && !leadership.taking_over
+    }
+
+    fn followed(&self) -> crate::DeviceId {
+        *self.followed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Points the transport at the leader this device knows now (or the one a `Moved`
+    /// answer named, `hint`, with its addresses), if it is not the one followed: its key
+    /// from the replicated membership, its addresses from the answer and the membership.
+    /// Returns whether the transport was pointed somewhere new.
+    async fn follow_the_leader(&self, hint: Option<(crate::DeviceId, Vec<String>)>) -> bool {
+        let leadership = self.library.leadership();
+        let (leader, mut addresses) = hint.unwrap_or((leadership.leader, Vec::new()));
+        if leader == self.followed() || leader == self.library.device_id() {
+            return false;
+        }
+        let member = match self.library.members().await {
+            Ok(members) => members.into_iter().find(|m| m.device_id == leader),
+            Err(e) => {
+                tracing::warn!(library = %self.library.id(), %e, "cannot read the membership to follow the new leader");
+                return false;
+            }
+        };
+        let Some(key) = member.as_ref().and_then(|m| m.key) else {
+            tracing::warn!(
+                library = %self.library.id(),
+                %leader,
+                "the leader moved to a device whose key the membership does not hold; \
+                 cannot follow it without a new invite"
+            );
+            return false;
+        };
+        for address in member.map(|m| m.addresses).unwrap_or_default() {
+            if !addresses.contains(&address) {
+                addresses.push(address);
+            }
+        }
+        let moved = crate::LeaderMoved {
+            library_id: self.library.id(),
+            epoch: leadership.epoch,
+            leader,
+            key,
+            addresses,
+        };
+        if !self.transport.leader_moved(&moved).await {
+            return false;
+        }
+        tracing::info!(
+            library = %self.library.id(),
+            %leader,
+            epoch = %moved.epoch,
+            addresses = ?moved.addresses,
+            "the leader moved: following it"
+        );
+        *self.followed.lock().unwrap_or_else(|p| p.into_inner()) = leader;
+        true
     }
 
     /// After each transaction of a round: the status moves, listeners hear what changed.

@@ -773,6 +773,7 @@ impl Library {
         mut request: PullRequest,
     ) -> Result<PullResponse, PullError> {
         request.device = Some(self.device_id());
+        request.serves_at = self.serving_addresses();
         let response = transport.pull(request).await?;
         crate::decide::epoch::check_answer(self.epoch(), response.epoch).map_err(|stale| {
             PullError::StaleEpoch {
@@ -863,6 +864,13 @@ impl Library {
         limit: u32,
         progress: impl FnMut(&Applied, Seq),
     ) -> Result<(Position, Seq), SyncError> {
+        if self.leadership().taking_over {
+            // It leads now: take the log over from the old leader (the transport's), then
+            // there is nothing to push or pull.
+            self.take_over(transport).await?;
+            let at = self.position().await.map_err(ApplyError::from)?;
+            return Ok((at, at.seq));
+        }
         let pushed = if self.is_read_only() {
             Ok(())
         } else {

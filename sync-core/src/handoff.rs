@@ -14,20 +14,38 @@ use tokio::sync::watch;
 
 use crate::follower::Position;
 use crate::leadership::{
-    LEADER_MODEL, Leadership, MoveKind, MoveRecord, MoveTerms, RESERVED_SCHEMA_VERSION,
-    TAKEN_MODEL, parse_addresses,
+    INVITE_MODEL, LEADER_MODEL, Leadership, MEMBER_MODEL, MemberRecord, MoveKind, MoveRecord,
+    MoveTerms, PEER_MODEL, REJECTED_MODEL, RESERVED_SCHEMA_VERSION, TAKEN_MODEL, parse_addresses,
 };
 use crate::library::{Tip, committed_tip};
-use crate::tables::{device, library, position, taken};
+use crate::tables::{device, invite, library, peer, position, rejected, taken};
 use crate::{Access, ChangeOp, DeviceId, Epoch, KeyFingerprint, Library, LibraryId, LogEntry, Seq};
 
 /// Taken marks per `sync.taken` entry.
 pub(crate) const TAKEN_PER_ENTRY: usize = 1_000;
 
-/// The positions followers' pulls showed the leader: the position a pull stated (and the
-/// leader verified: same seq, same checksum) or the end of what it was served, whichever is
-/// later. A handoff waits on it.
-pub(crate) type PullsSeen = watch::Sender<HashMap<DeviceId, Position>>;
+/// What followers' pulls showed the leader, and what this device's own pulls state.
+#[derive(Debug)]
+pub(crate) struct PullsSeen {
+    /// The position a pull stated (and the leader verified: same seq, same checksum) or the
+    /// end of what it was served, whichever is later. A handoff waits on it.
+    positions: watch::Sender<HashMap<DeviceId, Position>>,
+    /// Where each follower said it serves (`PullRequest::serves_at`): a handoff names the
+    /// target's addresses in the move record.
+    serves_at: std::sync::Mutex<HashMap<DeviceId, Vec<String>>>,
+    /// Where this device's server listens, stated in its own pulls.
+    own: std::sync::RwLock<Vec<String>>,
+}
+
+impl Default for PullsSeen {
+    fn default() -> Self {
+        PullsSeen {
+            positions: watch::Sender::new(HashMap::new()),
+            serves_at: std::sync::Mutex::default(),
+            own: std::sync::RwLock::default(),
+        }
+    }
+}
 
 /// One `sync.taken` entry's data: changes the leader took, by identity, with their author.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +53,58 @@ pub(crate) struct TakenMarks {
     /// `(change id, device id)`.
     pub taken: Vec<(String, String)>,
 }
+
+/// What a leader holds that followers do not, passed on by a handoff as the data of
+/// `sync.invite`, `sync.peer` and `sync.rejected` entries (each entry carries one kind, in
+/// chunks). Only the device named `to` stores it: it is the next leader's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct LeaderState {
+    /// The device taking over.
+    pub to: DeviceId,
+    /// Invites not yet expired (used ones too, so a copy left open elsewhere is closed).
+    #[serde(default)]
+    pub invites: Vec<PassedInvite>,
+    /// Followers' positions: `(device id, seq, last seen ms)`.
+    #[serde(default)]
+    pub peers: Vec<(String, i64, i64)>,
+    /// Pushed changes set aside.
+    #[serde(default)]
+    pub rejected: Vec<PassedRejected>,
+}
+
+/// One invite as a handoff passes it on: only the hash of its secret, as the leader keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PassedInvite {
+    pub secret_hash: String,
+    pub access: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    #[serde(default)]
+    pub used_at_ms: Option<i64>,
+    #[serde(default)]
+    pub used_by: Option<String>,
+}
+
+/// One `sync_rejected` row as a handoff passes it on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PassedRejected {
+    pub change_id: String,
+    pub device_id: String,
+    pub model: String,
+    pub record_id: String,
+    pub op: String,
+    #[serde(default)]
+    pub data: Option<String>,
+    pub reason: String,
+    pub rejected_at_ms: i64,
+}
+
+/// Invites per `sync.invite` entry and positions per `sync.peer` entry.
+const STATE_ROWS_PER_ENTRY: usize = 1_000;
+/// Rejected changes per `sync.rejected` entry, at most, and the bytes of their data: each
+/// holds a record's data (up to `RECORD_BYTES_MAX`), and an entry must stay servable.
+const REJECTED_PER_ENTRY: usize = 100;
+const REJECTED_BYTES_PER_ENTRY: usize = 1024 * 1024;
 
 /// What a finished handoff did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -123,13 +193,58 @@ pub enum HandOffError {
 impl Library {
     /// Notes where a follower's pull showed it (see [`PullsSeen`]).
     pub(crate) fn note_pull_seen(&self, device: DeviceId, at: Position) {
-        self.pulls_seen.send_if_modified(|seen| {
+        self.pulls_seen.positions.send_if_modified(|seen| {
             let newer = seen.get(&device).is_none_or(|known| at.seq > known.seq);
             if newer {
                 seen.insert(device, at);
             }
             newer
         });
+    }
+
+    /// Notes where a follower says it serves the library (its pulls' `serves_at`).
+    pub(crate) fn note_serves_at(&self, device: DeviceId, addresses: &[String]) {
+        if addresses.is_empty() {
+            return;
+        }
+        let mut heard = self
+            .pulls_seen
+            .serves_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if heard.get(&device).is_none_or(|known| known != addresses) {
+            heard.insert(device, addresses.to_vec());
+        }
+    }
+
+    fn heard_serves_at(&self, device: DeviceId) -> Vec<String> {
+        self.pulls_seen
+            .serves_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&device)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Where this device's server processes listen (`host:port`), stated in its pulls so
+    /// that a leader handing off to it can tell the other followers where to find it.
+    /// A server that serves the library whatever its role calls it once it listens.
+    pub fn set_serving_addresses(&self, addresses: Vec<String>) {
+        *self
+            .pulls_seen
+            .own
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = addresses;
+    }
+
+    /// What [`Library::set_serving_addresses`] set.
+    pub fn serving_addresses(&self) -> Vec<String> {
+        self.pulls_seen
+            .own
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Waits until `device` shows a position that `done` accepts, or `deadline` passes.
@@ -139,7 +254,7 @@ impl Library {
         deadline: tokio::time::Instant,
         done: impl Fn(Position) -> bool,
     ) -> Result<(), Option<Seq>> {
-        let mut seen = self.pulls_seen.subscribe();
+        let mut seen = self.pulls_seen.positions.subscribe();
         loop {
             let at = seen.borrow_and_update().get(&device).copied();
             if at.is_some_and(&done) {
@@ -184,7 +299,7 @@ impl Library {
             .as_deref()
             .and_then(|k| k.parse().ok())
             .ok_or(HandOffError::KeyUnknown(to))?;
-        let addresses = parse_addresses(target.addresses.as_deref())?;
+        let mut addresses = parse_addresses(target.addresses.as_deref())?;
         let signer = self
             .device_key()
             .await
@@ -225,7 +340,14 @@ impl Library {
             });
         }
 
-        // The taken marks, then the move record: the last entries of this epoch.
+        // Where the target serves, as its pulls said (else as the membership holds it).
+        let heard = self.heard_serves_at(to);
+        if !heard.is_empty() {
+            addresses = heard;
+        }
+        // The taken marks, what else only the leader holds, the two members' new access,
+        // then the move record: the last entries of this epoch.
+        self.flush_peer_positions().await?;
         let txn = self.begin_write().await?;
         crate::backend::take_turns(&txn, self.id()).await?;
         let tip = committed_tip(&txn, self.id(), true).await?;
@@ -249,8 +371,10 @@ impl Library {
                 serde_json::to_string(&data).map_err(|e| DbErr::Json(e.to_string()))?,
             ));
         }
-        let (mut rows, before_record) = Library::number(&drafts, tip);
         let epoch = self.epoch().next();
+        drafts.extend(self.leader_state_drafts(&txn, to, epoch).await?);
+        drafts.extend(self.new_access_drafts(&txn, to, &addresses).await?);
+        let (mut rows, before_record) = Library::number(&drafts, tip);
         let record = MoveRecord::sign(
             MoveTerms {
                 library_id: self.id(),
@@ -357,7 +481,10 @@ impl Library {
             moving_to: None,
             ..current
         });
-        let appended = crate::backend::append(&txn, self.id(), *self.tip.borrow(), &drafts).await?;
+        // Copied out: the watch's guard must not be held across the append (the handoff's
+        // future is sent between threads, as a server's task).
+        let tip = *self.tip.borrow();
+        let appended = crate::backend::append(&txn, self.id(), tip, &drafts).await?;
         txn.commit().await?;
         match appended {
             crate::library::Appended::Sequenced(tip) => crate::library::advance(&self.tip, tip),
@@ -365,6 +492,156 @@ impl Library {
             _ => {}
         }
         Ok(())
+    }
+
+    /// The `sync.invite`, `sync.peer` and `sync.rejected` entries of a handoff to `to`
+    /// (read in `txn`, which takes turns on the library's row).
+    async fn leader_state_drafts<C: ConnectionTrait>(
+        &self,
+        txn: &C,
+        to: DeviceId,
+        epoch: Epoch,
+    ) -> Result<Vec<LogEntry>, DbErr> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let invites: Vec<PassedInvite> = invite::Entity::find()
+            .filter(invite::Column::LibraryId.eq(self.id().to_string()))
+            .filter(invite::Column::ExpiresAtMs.gt(now_ms))
+            .order_by_asc(invite::Column::SecretHash)
+            .all(txn)
+            .await?
+            .into_iter()
+            .map(|row| PassedInvite {
+                secret_hash: row.secret_hash,
+                access: row.access,
+                created_at_ms: row.created_at_ms,
+                expires_at_ms: row.expires_at_ms,
+                used_at_ms: row.used_at_ms,
+                used_by: row.used_by,
+            })
+            .collect();
+        let peers: Vec<(String, i64, i64)> = self
+            .peer_positions_now(txn)
+            .await?
+            .into_iter()
+            .filter(|(device, _, _)| *device != to.to_string())
+            .collect();
+        let rejected: Vec<PassedRejected> = rejected::Entity::find()
+            .filter(rejected::Column::LibraryId.eq(self.id().to_string()))
+            .order_by_asc(rejected::Column::ChangeId)
+            .all(txn)
+            .await?
+            .into_iter()
+            .map(|row| PassedRejected {
+                change_id: row.change_id,
+                device_id: row.device_id,
+                model: row.model,
+                record_id: row.record_id,
+                op: row.op,
+                data: row.data,
+                reason: row.reason,
+                rejected_at_ms: row.rejected_at_ms,
+            })
+            .collect();
+        let empty = LeaderState {
+            to,
+            invites: Vec::new(),
+            peers: Vec::new(),
+            rejected: Vec::new(),
+        };
+        let mut states: Vec<(&str, LeaderState)> = Vec::new();
+        for chunk in invites.chunks(STATE_ROWS_PER_ENTRY) {
+            states.push((
+                INVITE_MODEL,
+                LeaderState {
+                    invites: chunk.to_vec(),
+                    ..empty.clone()
+                },
+            ));
+        }
+        for chunk in peers.chunks(STATE_ROWS_PER_ENTRY) {
+            states.push((
+                PEER_MODEL,
+                LeaderState {
+                    peers: chunk.to_vec(),
+                    ..empty.clone()
+                },
+            ));
+        }
+        let mut chunk: Vec<PassedRejected> = Vec::new();
+        let mut bytes = 0;
+        for row in rejected {
+            let size = row.data.as_ref().map_or(0, String::len) + row.reason.len();
+            if !chunk.is_empty()
+                && (chunk.len() >= REJECTED_PER_ENTRY || bytes + size > REJECTED_BYTES_PER_ENTRY)
+            {
+                states.push((
+                    REJECTED_MODEL,
+                    LeaderState {
+                        rejected: std::mem::take(&mut chunk),
+                        ..empty.clone()
+                    },
+                ));
+                bytes = 0;
+            }
+            bytes += size;
+            chunk.push(row);
+        }
+        if !chunk.is_empty() {
+            states.push((
+                REJECTED_MODEL,
+                LeaderState {
+                    rejected: chunk,
+                    ..empty.clone()
+                },
+            ));
+        }
+        let mut drafts = Vec::with_capacity(states.len());
+        for (n, (model, state)) in states.into_iter().enumerate() {
+            drafts.push(self.reserved_draft(
+                model,
+                format!("{epoch}.{n}"),
+                serde_json::to_string(&state).map_err(|e| DbErr::Json(e.to_string()))?,
+            ));
+        }
+        Ok(drafts)
+    }
+
+    /// The handoff's change to the membership: this device's row becomes a write member's,
+    /// the target's the leader's, in `txn` and as `sync.member` entries for every member.
+    async fn new_access_drafts<C: ConnectionTrait>(
+        &self,
+        txn: &C,
+        to: DeviceId,
+        addresses: &[String],
+    ) -> Result<Vec<LogEntry>, DbErr> {
+        let mut drafts = Vec::with_capacity(2);
+        for (device, access) in [(self.device_id(), Access::Write), (to, Access::Leader)] {
+            let mut update = device::Entity::update_many()
+                .col_expr(device::Column::Access, Expr::value(access.as_str()));
+            if device == to
+                && let Some(text) = crate::leadership::addresses_text(addresses)
+            {
+                update = update.col_expr(device::Column::Addresses, Expr::value(text));
+            }
+            update
+                .filter(device::Column::LibraryId.eq(self.id().to_string()))
+                .filter(device::Column::DeviceId.eq(device.to_string()))
+                .exec(txn)
+                .await?;
+            let row = device::Entity::find_by_id((self.id().to_string(), device.to_string()))
+                .one(txn)
+                .await?
+                .ok_or_else(|| {
+                    DbErr::RecordNotFound(format!("the membership row of device {device}"))
+                })?;
+            let record = MemberRecord::from_row(&row)?;
+            drafts.push(self.reserved_draft(
+                MEMBER_MODEL,
+                device.to_string(),
+                serde_json::to_string(&record).map_err(|e| DbErr::Json(e.to_string()))?,
+            ));
+        }
+        Ok(drafts)
     }
 
     /// A reserved entry authored by this device now, without its seq and checksum.
@@ -442,6 +719,86 @@ pub(crate) async fn store_taken_marks<C: ConnectionTrait>(
                 DbErr::RecordNotInserted => Ok(0),
                 e => Err(e),
             })?;
+    }
+    Ok(())
+}
+
+/// Stores what a handoff passed on to this device, the new leader: open invites (so a
+/// token made before the move is redeemed here), followers' positions, rejected changes.
+pub(crate) async fn store_leader_state<C: ConnectionTrait>(
+    db: &C,
+    library_id: LibraryId,
+    state: &LeaderState,
+) -> Result<(), DbErr> {
+    let nothing_new = |e: DbErr| match e {
+        // Every row of the chunk was stored already.
+        DbErr::RecordNotInserted => Ok(()),
+        e => Err(e),
+    };
+    for chunk in state.invites.chunks(250) {
+        let rows = chunk.iter().map(|i| invite::ActiveModel {
+            secret_hash: Set(i.secret_hash.clone()),
+            library_id: Set(library_id.to_string()),
+            access: Set(i.access.clone()),
+            created_at_ms: Set(i.created_at_ms),
+            expires_at_ms: Set(i.expires_at_ms),
+            used_at_ms: Set(i.used_at_ms),
+            used_by: Set(i.used_by.clone()),
+        });
+        invite::Entity::insert_many(rows)
+            .on_conflict(
+                OnConflict::column(invite::Column::SecretHash)
+                    .update_columns([invite::Column::UsedAtMs, invite::Column::UsedBy])
+                    .to_owned(),
+            )
+            .exec_without_returning(db)
+            .await
+            .map(|_| ())
+            .or_else(nothing_new)?;
+    }
+    let newer = crate::peers::newer_sighting_wins(db.get_database_backend());
+    for chunk in state.peers.chunks(250) {
+        let rows = chunk
+            .iter()
+            .map(|(device, position, seen_at_ms)| peer::ActiveModel {
+                library_id: Set(library_id.to_string()),
+                device_id: Set(device.clone()),
+                position: Set(*position),
+                last_seen_ms: Set(*seen_at_ms),
+            });
+        peer::Entity::insert_many(rows)
+            .on_conflict(
+                OnConflict::columns([peer::Column::LibraryId, peer::Column::DeviceId])
+                    .values(newer.clone())
+                    .to_owned(),
+            )
+            .exec_without_returning(db)
+            .await
+            .map(|_| ())
+            .or_else(nothing_new)?;
+    }
+    for chunk in state.rejected.chunks(50) {
+        let rows = chunk.iter().map(|r| rejected::ActiveModel {
+            change_id: Set(r.change_id.clone()),
+            library_id: Set(library_id.to_string()),
+            device_id: Set(r.device_id.clone()),
+            model: Set(r.model.clone()),
+            record_id: Set(r.record_id.clone()),
+            op: Set(r.op.clone()),
+            data: Set(r.data.clone()),
+            reason: Set(r.reason.clone()),
+            rejected_at_ms: Set(r.rejected_at_ms),
+        });
+        rejected::Entity::insert_many(rows)
+            .on_conflict(
+                OnConflict::column(rejected::Column::ChangeId)
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(db)
+            .await
+            .map(|_| ())
+            .or_else(nothing_new)?;
     }
     Ok(())
 }

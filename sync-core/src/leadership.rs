@@ -44,6 +44,15 @@ pub const LEADER_MODEL: &str = "sync.leader";
 /// The reserved model of taken marks a handoff passes on (`sync_taken` rows: which pushed
 /// changes the leader took), so that the next leader takes none of them again.
 pub const TAKEN_MODEL: &str = "sync.taken";
+/// The reserved model of the open invites a handoff passes on to the new leader (the
+/// hashes of their secrets and their terms), so an invite made before the move can be
+/// redeemed after it.
+pub const INVITE_MODEL: &str = "sync.invite";
+/// The reserved model of the followers' positions a handoff passes on to the new leader.
+pub const PEER_MODEL: &str = "sync.peer";
+/// The reserved model of the pushed changes set aside (`sync_rejected`) that a handoff
+/// passes on to the new leader, so that `Library::rejected` there still lists them.
+pub const REJECTED_MODEL: &str = "sync.rejected";
 /// The schema version of the reserved models' data.
 pub const RESERVED_SCHEMA_VERSION: u32 = 1;
 
@@ -93,7 +102,7 @@ pub struct MemberRecord {
 }
 
 impl MemberRecord {
-    fn from_row(row: &device::Model) -> Result<MemberRecord, DbErr> {
+    pub(crate) fn from_row(row: &device::Model) -> Result<MemberRecord, DbErr> {
         let bad = |what: &str, e: &dyn std::fmt::Display| {
             DbErr::Custom(format!("sync_device row {}: {what}: {e}", row.device_id))
         };
@@ -590,6 +599,22 @@ impl Library {
                             reason: format!("not a list of taken changes: {why}"),
                         })?;
                     crate::handoff::store_taken_marks(txn, self.id(), &marks).await?;
+                }
+                INVITE_MODEL | PEER_MODEL | REJECTED_MODEL => {
+                    let state: crate::handoff::LeaderState = entry
+                        .data
+                        .as_deref()
+                        .ok_or_else(|| "no data".to_owned())
+                        .and_then(|d| serde_json::from_str(d).map_err(|e| e.to_string()))
+                        .map_err(|why| crate::ApplyError::BadPayload {
+                            seq: entry.seq,
+                            model: entry.model.clone(),
+                            reason: format!("not a leader's state passed on by a handoff: {why}"),
+                        })?;
+                    // Only the device the handoff names takes it: it is what a leader holds.
+                    if state.to == self.device_id() {
+                        crate::handoff::store_leader_state(txn, self.id(), &state).await?;
+                    }
                 }
                 other => {
                     return Err(crate::ApplyError::UnknownModel {

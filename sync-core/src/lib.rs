@@ -86,8 +86,9 @@ pub use identity::{BadFingerprint, DeviceKey, KeyError, KeyFingerprint, verify_s
 pub use ids::{DeviceId, Epoch, LibraryId, Seq};
 pub use in_process::{InProcess, InProcessMember};
 pub use leadership::{
-    LEADER_MODEL, Leadership, MEMBER_MODEL, MemberRecord, MoveKind, MoveRecord, MoveTerms,
-    RESERVED_MODEL_PREFIX, RESERVED_SCHEMA_VERSION, TAKEN_MODEL, is_reserved_model,
+    INVITE_MODEL, LEADER_MODEL, Leadership, MEMBER_MODEL, MemberRecord, MoveKind, MoveRecord,
+    MoveTerms, PEER_MODEL, REJECTED_MODEL, RESERVED_MODEL_PREFIX, RESERVED_SCHEMA_VERSION,
+    TAKEN_MODEL, is_reserved_model,
 };
 pub use library::{Drift, DriftKind, LatestSeq, Library, Role, Status, TxnFuture};
 pub use members::{Access, Admission, Invite, InviteError, Member, MemberError};
@@ -95,7 +96,7 @@ pub use outbox::PushOutcome;
 pub use parked::{ParkError, Parked, Retried};
 pub use promote::{PromoteError, PromoteOptions, Promotion};
 pub use protocol::{
-    Divergence, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PUSH_BYTES_MAX,
+    Divergence, LeaderMoved, PROTOCOL_VERSION, PULL_BYTES_MAX, PULL_ENTRIES_MAX, PUSH_BYTES_MAX,
     PUSH_CHANGES_MAX, PullError, PullRequest, PullResponse, PulledItem, PushError, PushRequest,
     PushResponse, PushedChange, RECORD_BYTES_MAX, Refused, RejectedChange, Transport, VoteError,
     VoteRefusal, VoteRequest, VoteResponse,

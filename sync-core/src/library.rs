@@ -304,7 +304,7 @@ impl Library {
             leadership: Arc::new(std::sync::RwLock::new(leadership)),
             tip,
             sequencing_gate: Arc::default(),
-            pulls_seen: Arc::new(watch::Sender::new(HashMap::new())),
+            pulls_seen: Arc::default(),
             sequencer,
             kick,
             membership: Arc::new(watch::Sender::new(0)),

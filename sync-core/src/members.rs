@@ -217,6 +217,17 @@ pub enum InviteError {
         /// What the token claims.
         claimed: Access,
     },
+    /// This device handed leadership on (or was replaced): it admits no one.
+    #[error(
+        "this device no longer leads library {library}: device {leader} does; redeem the invite \
+         there (an invite made before a handoff is passed on to the new leader)"
+    )]
+    NotLeading {
+        /// The library.
+        library: LibraryId,
+        /// The leader as this device knows it.
+        leader: DeviceId,
+    },
     /// Membership could not be recorded.
     #[error(transparent)]
     Member(#[from] MemberError),
@@ -340,6 +351,13 @@ impl Library {
         key: KeyFingerprint,
         name: Option<&str>,
     ) -> Result<Access, InviteError> {
+        if !self.sequences() {
+            let leadership = self.leadership();
+            return Err(InviteError::NotLeading {
+                library: self.id(),
+                leader: leadership.moving_to.unwrap_or(leadership.leader),
+            });
+        }
         let device = key.device_id();
         let hash = secret_hash(secret);
         let now_ms = chrono::Utc::now().timestamp_millis();

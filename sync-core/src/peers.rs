@@ -60,6 +60,15 @@ impl PeerPositions {
         self.gathered().seen.get(&device).copied()
     }
 
+    /// Every position noted and not yet written.
+    pub(crate) fn snapshot(&self) -> Vec<(DeviceId, (Seq, i64))> {
+        self.gathered()
+            .seen
+            .iter()
+            .map(|(device, seen)| (*device, *seen))
+            .collect()
+    }
+
     /// Writes what was gathered, in one transaction.
     async fn write(&self, db: &DatabaseConnection, library_id: LibraryId) -> Result<(), DbErr> {
         let _writing = self.writing.lock().await;
@@ -96,7 +105,7 @@ impl PeerPositions {
 /// if it is not older. Several server processes on one database each note and write the
 /// positions of their own sessions; a follower that moved from one process to another is
 /// written by both, and the process that saw it last must win whichever writes last.
-fn newer_sighting_wins(backend: DbBackend) -> Vec<(peer::Column, Expr)> {
+pub(crate) fn newer_sighting_wins(backend: DbBackend) -> Vec<(peer::Column, Expr)> {
     let (position, seen) = match backend {
         // MySQL evaluates the assignments left to right, each seeing the ones before it:
         // the position is decided on the stored `last_seen_ms`, then that moves.
@@ -169,5 +178,35 @@ impl Library {
     /// so that `status` in another process sees where each follower stood).
     pub(crate) async fn flush_peer_positions(&self) -> Result<(), DbErr> {
         self.peer_positions.write(&self.db, self.id()).await
+    }
+
+    /// Every follower's position as this leader knows it: stored, or noted since (the
+    /// newer). A handoff passes them on.
+    pub(crate) async fn peer_positions_now<C: sea_orm::ConnectionTrait>(
+        &self,
+        db: &C,
+    ) -> Result<Vec<(String, i64, i64)>, DbErr> {
+        use sea_orm::{ColumnTrait, QueryFilter};
+        let mut known: HashMap<String, (i64, i64)> = peer::Entity::find()
+            .filter(peer::Column::LibraryId.eq(self.id().to_string()))
+            .all(db)
+            .await?
+            .into_iter()
+            .map(|row| (row.device_id, (row.position, row.last_seen_ms)))
+            .collect();
+        for (device, (position, seen_at_ms)) in self.peer_positions.snapshot() {
+            let newer = known
+                .get(&device.to_string())
+                .is_none_or(|(_, stored_at)| seen_at_ms >= *stored_at);
+            if newer {
+                known.insert(device.to_string(), (position.0 as i64, seen_at_ms));
+            }
+        }
+        let mut out: Vec<_> = known
+            .into_iter()
+            .map(|(device, (position, seen_at_ms))| (device, position, seen_at_ms))
+            .collect();
+        out.sort();
+        Ok(out)
     }
 }

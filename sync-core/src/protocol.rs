@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ChangeOp, DeviceId, Epoch, Hlc, LibraryId, LogEntry, Position, Seq};
+use crate::{ChangeOp, DeviceId, Epoch, Hlc, KeyFingerprint, LibraryId, LogEntry, Position, Seq};
 
 /// The protocol this build speaks. A peer speaking another version is refused, not misread.
 ///
@@ -56,6 +56,10 @@ pub struct PullRequest {
     /// over the log it must serve).
     #[serde(default)]
     pub full: bool,
+    /// Where the asking device serves the library should it lead (its server processes'
+    /// addresses, `host:port`): a leader handing off to it names them in the move record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub serves_at: Vec<String>,
 }
 
 impl PullRequest {
@@ -72,6 +76,7 @@ impl PullRequest {
             epoch: Epoch::UNSTATED,
             device: None,
             full: false,
+            serves_at: Vec::new(),
         }
     }
 
@@ -572,6 +577,23 @@ pub enum VoteError {
     Transport(String),
 }
 
+/// Where a library's leader is now, as a follower learnt it (a move record it applied, or
+/// a `Moved` answer): the follow loop hands it to its transport
+/// ([`Transport::leader_moved`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaderMoved {
+    /// The library.
+    pub library_id: LibraryId,
+    /// The epoch the leader leads in, as far as known.
+    pub epoch: Epoch,
+    /// The leader.
+    pub leader: DeviceId,
+    /// Its key fingerprint, from the replicated membership: pin it from now on.
+    pub key: KeyFingerprint,
+    /// Where it listens (`host:port`), from the move record, the membership or the answer.
+    pub addresses: Vec<String>,
+}
+
 /// Carries pull requests to a leader. sync-transport implements it over QUIC;
 /// `InProcess` (`in_process.rs`) calls a leader `Library` directly.
 #[async_trait::async_trait]
@@ -602,5 +624,14 @@ pub trait Transport: Send + Sync {
     /// for its next poll. Transports without announcements never complete.
     async fn news(&self) {
         std::future::pending::<()>().await;
+    }
+
+    /// The library's leader moved: point at `to` from now on (its key, its addresses).
+    /// Returns whether the transport now does; one that cannot re-point (the default, and
+    /// `InProcess`, which holds one leader) returns false, and the follow loop reports the
+    /// move as a refusal (`RefusedFor::Moved`) for the app to act on.
+    async fn leader_moved(&self, to: &LeaderMoved) -> bool {
+        let _ = to;
+        false
     }
 }

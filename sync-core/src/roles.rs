@@ -75,6 +75,16 @@ impl Library {
         }
     }
 
+    /// This library as a server sees it, whatever this device's role now: a server
+    /// that keeps running while leadership moves holds it. Each request is checked against
+    /// the leadership when it arrives: while this device does not lead, pulls and pushes
+    /// are answered `Moved`, naming the leader (a device that handed leadership on still
+    /// serves its log up to the move record), and invites are not redeemed
+    /// (`InviteError::NotLeading`); once it leads, it serves.
+    pub fn server_view(&self) -> LeaderView {
+        LeaderView(self.clone())
+    }
+
     /// This library as a follower: pulling, applying, pushing the outbox, the follow loop,
     /// parking. [`WrongRole`] on the leader.
     pub fn follower(&self) -> Result<FollowerView, WrongRole> {
@@ -170,6 +180,16 @@ impl LeaderView {
         within: Duration,
     ) -> Result<crate::HandOff, crate::HandOffError> {
         self.0.hand_off(to, within).await
+    }
+
+    /// On a device that has just become the leader (it applied the move record naming it,
+    /// `Leadership::taking_over`): takes the log over from the old leader through `from`,
+    /// then sequences. Nothing to do otherwise. A follow loop does this by itself.
+    pub async fn take_over(&self, from: &dyn Transport) -> Result<(), crate::SyncError> {
+        if self.0.leadership().taking_over {
+            self.0.take_over(from).await?;
+        }
+        Ok(())
     }
 
     /// Writes every noted follower position now.

@@ -65,8 +65,16 @@ impl Library {
                     .into(),
             ))));
         }
-        if leadership.leader != self.device_id() && request.after >= leadership.epoch_start_seq {
-            // Handed on: this log ends with the move record.
+        let handed_on = leadership.leader != self.device_id()
+            && (request.after >= leadership.epoch_start_seq
+                || crate::library::committed_tip(&self.db, self.id(), false)
+                    .await
+                    .map_err(LogError::from)?
+                    .seq
+                    < leadership.epoch_start_seq);
+        if handed_on {
+            // Handed on (this log ends with the move record), or never led: a follower
+            // serving nothing until it leads.
             let addresses = self
                 .members()
                 .await
@@ -102,6 +110,7 @@ impl Library {
             }
         }
         if let Some(device) = request.device {
+            self.note_serves_at(device, &request.serves_at);
             // Its history is this log's up to its position (checked just above).
             self.note_pull_seen(
                 device,

@@ -378,6 +378,7 @@ fn refusal_of(code: u64) -> Option<Refusal> {
         Refusal::HistoryDiverged,
         Refusal::SchemaMismatch,
         Refusal::Superseded,
+        Refusal::Moved,
     ]
     .into_iter()
     .find(|r| u64::from(r.close_code()) == code)
@@ -423,6 +424,18 @@ impl Session {
                 epoch: Some(epoch),
                 ..
             } => Err(TransportError::Superseded { epoch, message }),
+            Response::Refused {
+                code: Refusal::Moved,
+                message,
+                epoch,
+                moved: Some(moved),
+                ..
+            } => Err(TransportError::Moved {
+                epoch: epoch.unwrap_or_default(),
+                leader: moved.leader,
+                addresses: moved.addresses,
+                message,
+            }),
             Response::Refused { code, message, .. } => {
                 Err(TransportError::Refused { code, message })
             }
@@ -447,6 +460,18 @@ impl Session {
                 epoch: Some(epoch),
                 ..
             } => Err(TransportError::Superseded { epoch, message }),
+            Response::Refused {
+                code: Refusal::Moved,
+                message,
+                epoch,
+                moved: Some(moved),
+                ..
+            } => Err(TransportError::Moved {
+                epoch: epoch.unwrap_or_default(),
+                leader: moved.leader,
+                addresses: moved.addresses,
+                message,
+            }),
             Response::Refused { code, message, .. } => {
                 Err(TransportError::Refused { code, message })
             }
@@ -508,7 +533,8 @@ impl Session {
 pub struct QuicTransport {
     client: Client,
     addresses: Mutex<Addresses>,
-    pin: KeyFingerprint,
+    /// The leader's key: replaced when the leader moves (`Transport::leader_moved`).
+    pin: Mutex<KeyFingerprint>,
     library_id: LibraryId,
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
     latest: watch::Sender<Seq>,
@@ -569,7 +595,7 @@ impl QuicTransport {
                 all: addresses,
                 current: 0,
             }),
-            pin,
+            pin: Mutex::new(pin),
             library_id,
             session: tokio::sync::Mutex::new(None),
             latest,
@@ -600,7 +626,7 @@ impl QuicTransport {
         for (index, address) in in_turn {
             last = self
                 .client
-                .connect(&address, self.pin, self.library_id, self.latest.clone())
+                .connect(&address, self.pin(), self.library_id, self.latest.clone())
                 .await;
             match &last {
                 Ok(_) => {
@@ -641,6 +667,11 @@ impl QuicTransport {
         self.addresses().all.clone()
     }
 
+    /// The key it pins the leader to now.
+    pub fn pin(&self) -> KeyFingerprint {
+        *self.pin.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn addresses(&self) -> std::sync::MutexGuard<'_, Addresses> {
         self.addresses.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -674,6 +705,16 @@ impl QuicTransport {
 /// (retrying cannot fix it), or a failure to reach the leader.
 fn pull_error(e: TransportError) -> PullError {
     match e {
+        TransportError::Moved {
+            epoch,
+            leader,
+            addresses,
+            ..
+        } => PullError::Moved {
+            epoch,
+            leader,
+            addresses,
+        },
         TransportError::HistoryDiverged(divergence) => PullError::HistoryDiverged(divergence),
         TransportError::Superseded { epoch, .. } => PullError::Superseded { epoch },
         e => match refused_kind(&e) {
@@ -690,6 +731,9 @@ fn pull_error(e: TransportError) -> PullError {
 fn push_error(e: TransportError) -> PushError {
     if let TransportError::Superseded { epoch, .. } = e {
         return PushError::Superseded { epoch };
+    }
+    if let TransportError::Moved { epoch, leader, .. } = e {
+        return PushError::Moved { epoch, leader };
     }
     match refused_kind(&e) {
         Some(kind) => PushError::Refused {
@@ -746,5 +790,23 @@ impl Transport for QuicTransport {
         if news.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
+    }
+
+    /// Re-points at the new leader: its key, its addresses (in the order given); the open
+    /// session is dropped, the next request connects there. Without an address to reach
+    /// it, nothing changes (false).
+    async fn leader_moved(&self, to: &sync_core::LeaderMoved) -> bool {
+        if to.library_id != self.library_id || to.addresses.is_empty() {
+            return false;
+        }
+        let mut slot = self.session.lock().await;
+        *self.pin.lock().unwrap_or_else(|p| p.into_inner()) = to.key;
+        {
+            let mut addresses = self.addresses();
+            addresses.all = to.addresses.clone();
+            addresses.current = 0;
+        }
+        slot.take();
+        true
     }
 }

@@ -117,7 +117,20 @@ pub enum Response {
         /// follower's typed error (`PullError::Superseded`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         epoch: Option<sync_core::Epoch>,
+        /// With `Refusal::Moved`: the leader now, and where it listens.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        moved: Option<MovedTo>,
     },
+}
+
+/// Where leadership moved, as a `Refusal::Moved` names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MovedTo {
+    /// The leader now.
+    pub leader: sync_core::DeviceId,
+    /// Where it listens, as far as the device asked knows.
+    #[serde(default)]
+    pub addresses: Vec<String>,
 }
 
 /// Why the leader refused.
@@ -149,6 +162,9 @@ pub enum Refusal {
     /// The device asked no longer leads the library: a request stated a newer epoch than
     /// its own (`epoch` names it).
     Superseded,
+    /// The device asked does not lead the library (it handed leadership on, or never
+    /// led it): `moved` names the leader and its addresses, `epoch` its epoch.
+    Moved,
 }
 
 impl Refusal {
@@ -166,6 +182,7 @@ impl Refusal {
             Refusal::HistoryDiverged => 10,
             Refusal::SchemaMismatch => 11,
             Refusal::Superseded => 12,
+            Refusal::Moved => 13,
         }
     }
 }
@@ -358,6 +375,7 @@ mod tests {
             message: "x".repeat(10_000),
             divergence: None,
             epoch: None,
+            moved: None,
         };
         let frame = encode(&big).unwrap();
         assert_eq!(frame[1], CODEC_ZSTD);
@@ -378,6 +396,7 @@ mod tests {
             message: divergence.to_string(),
             divergence: Some(divergence),
             epoch: None,
+            moved: None,
         };
         assert_eq!(
             decode::<Response>(&encode(&refused).unwrap()).unwrap(),
@@ -389,6 +408,7 @@ mod tests {
             message: "x".into(),
             divergence: None,
             epoch: None,
+            moved: None,
         };
         assert_eq!(
             serde_json::to_string(&plain).unwrap(),

@@ -17,11 +17,11 @@ mod tls;
 mod token;
 
 pub use client::{Client, ClientConfig, FAILOVER_IDLE_TIMEOUT, Joined, QuicTransport, Session};
-pub use frame::{FrameError, Refusal};
+pub use frame::{FrameError, MovedTo, Refusal};
 pub use server::{Server, ServerConfig};
 pub use token::{JoinToken, TokenError};
 
-use sync_core::KeyFingerprint;
+use sync_core::{DeviceId, KeyFingerprint};
 
 /// Why a transport operation failed. Each message says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +80,20 @@ pub enum TransportError {
         /// The leader's explanation.
         message: String,
     },
+    /// The device asked does not lead the library: it handed leadership on, or never led
+    /// it (`Refusal::Moved`; `QuicTransport` hands it on as `PullError::Moved`/
+    /// `PushError::Moved`, and re-points when the follow loop asks it to).
+    #[error("the device asked does not lead the library: {message}")]
+    Moved {
+        /// The leader's epoch.
+        epoch: sync_core::Epoch,
+        /// The leader now.
+        leader: DeviceId,
+        /// Where it listens, as far as known.
+        addresses: Vec<String>,
+        /// The explanation.
+        message: String,
+    },
     /// The connection was lost.
     #[error("connection to the leader lost: {0}")]
     Lost(String),
@@ -114,6 +128,7 @@ impl TransportError {
             | TransportError::HistoryDiverged(_)
             // Every process of a replaced leader shares its database, and its epoch.
             | TransportError::Superseded { .. }
+            | TransportError::Moved { .. }
             | TransportError::Frame(_)
             | TransportError::Protocol(_) => false,
         }

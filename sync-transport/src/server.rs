@@ -76,10 +76,9 @@ impl Server {
     ) -> Result<Server, TransportError> {
         let mut served = HashMap::new();
         for library in libraries {
-            let leader = library
-                .leader()
-                .map_err(|e| TransportError::Config(e.to_string()))?;
-            served.insert(library.id(), leader);
+            // Whatever its role now: a follower's server serves nothing until it leads
+            // (each request answered `Moved`), and then serves without a restart.
+            served.insert(library.id(), library.server_view());
         }
         let mut transport = quinn::TransportConfig::default();
         transport
@@ -243,6 +242,7 @@ async fn refuse(
             message: message.clone(),
             divergence: None,
             epoch: None,
+            moved: None,
         };
         if frame::write(send, &refused).await.is_ok() && send.finish().is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
@@ -632,8 +632,21 @@ async fn answer(
                     message: divergence.to_string(),
                     divergence: Some(divergence),
                     epoch: None,
+                    moved: None,
                 },
                 Err(e @ PullError::Superseded { epoch }) => superseded(epoch, e.to_string()),
+                Err(PullError::Moved {
+                    epoch,
+                    leader,
+                    addresses,
+                }) => {
+                    let message = format!(
+                        "leadership of library {} is with device {leader} (epoch {epoch}); \
+                         follow it",
+                        library.id()
+                    );
+                    moved(epoch, leader, addresses, message)
+                }
                 Err(e) => refused(Refusal::Internal, e.to_string()),
             };
             reply(&mut send, device, what, answer).await;
@@ -668,6 +681,16 @@ async fn answer(
                     Err(e @ sync_core::PushError::Superseded { epoch }) => {
                         superseded(epoch, e.to_string())
                     }
+                    Err(e @ sync_core::PushError::Moved { epoch, leader }) => {
+                        let addresses = library
+                            .members()
+                            .await
+                            .ok()
+                            .and_then(|members| members.into_iter().find(|m| m.device_id == leader))
+                            .map(|m| m.addresses)
+                            .unwrap_or_default();
+                        moved(epoch, leader, addresses, e.to_string())
+                    }
                     Err(e) => refused(Refusal::Internal, e.to_string()),
                 }
             };
@@ -683,6 +706,7 @@ fn refused(code: Refusal, message: String) -> Response {
         message,
         divergence: None,
         epoch: None,
+        moved: None,
     }
 }
 
@@ -693,6 +717,23 @@ fn superseded(epoch: sync_core::Epoch, message: String) -> Response {
         message,
         divergence: None,
         epoch: Some(epoch),
+        moved: None,
+    }
+}
+
+/// The refusal of a device that does not lead the library, naming the leader.
+fn moved(
+    epoch: sync_core::Epoch,
+    leader: DeviceId,
+    addresses: Vec<String>,
+    message: String,
+) -> Response {
+    Response::Refused {
+        code: Refusal::Moved,
+        message,
+        divergence: None,
+        epoch: Some(epoch),
+        moved: Some(crate::frame::MovedTo { leader, addresses }),
     }
 }
 
@@ -743,7 +784,8 @@ fn log_refusal(device: DeviceId, what: &str, refusal: &Response) {
         | Refusal::Revoked
         | Refusal::ReadOnly
         | Refusal::HistoryDiverged
-        | Refusal::Superseded => {
+        | Refusal::Superseded
+        | Refusal::Moved => {
             tracing::info!(%device, what, ?code, %message, "request refused");
         }
         _ => tracing::warn!(%device, what, ?code, %message, "request refused"),

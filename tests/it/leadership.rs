@@ -242,6 +242,7 @@ crate::on_every_backend!(
     a_follower_refuses_a_stale_epoch_leader,
     a_leader_asked_from_a_newer_epoch_stops_serving_and_sequencing,
     a_handoff_under_write_load_loses_nothing_and_takes_nothing_twice,
+    a_handoff_passes_on_invites_positions_and_rejected_changes,
 );
 
 #[tokio::test]
@@ -520,4 +521,234 @@ async fn other_change_id(old: &Library, entry: &sync_core::LogEntry) -> uuid::Uu
         .collect();
     assert_eq!(ids.len(), 1, "one change of that device was pushed");
     ids[0].parse().expect("a uuid")
+}
+
+/// Rounds of `devices` (each with whoever it knows as the leader) until every follower
+/// holds the leader's whole log and has nothing waiting in its outbox.
+async fn settle(devices: &[Library], kept: &[sync_core::LeaderView]) {
+    for _ in 0..100 {
+        for device in devices {
+            if device.role() == sync_core::Role::Follower {
+                let _ = round(device, devices, kept).await;
+            } else if device.leadership().taking_over {
+                // It applied the record naming it: it takes the log over from the old leader.
+                if let Some(old) = kept.iter().find(|v| v.device_id() != device.device_id()) {
+                    let from = InProcess::new(old.clone());
+                    let _ = device
+                        .leader()
+                        .expect("the new leader")
+                        .take_over(&from)
+                        .await;
+                }
+            }
+        }
+        let Some(leader) = devices.iter().find(|d| d.role() == sync_core::Role::Leader) else {
+            continue;
+        };
+        let latest = leader.latest_seq().await.expect("latest");
+        let mut at_rest = !leader.leadership().taking_over;
+        for device in devices
+            .iter()
+            .filter(|d| d.device_id() != leader.device_id())
+        {
+            at_rest &= device.position().await.expect("position").seq == latest
+                && device.outbox_len().await.expect("outbox") == 0
+                && device.leader_device_id() == leader.device_id();
+        }
+        if at_rest {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the devices did not settle on one leader");
+}
+
+/// Each member's access as `device`'s membership holds it.
+async fn access_of(device: &Library) -> std::collections::HashMap<sync_core::DeviceId, Access> {
+    device
+        .members()
+        .await
+        .expect("members")
+        .into_iter()
+        .map(|m| (m.device_id, m.access))
+        .collect()
+}
+
+async fn a_handoff_passes_on_invites_positions_and_rejected_changes(f: Fixture) -> Fixture {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let old = f.library.clone();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let target = member(&old, dir.path(), "target", Access::Write).await;
+    let other = member(&old, dir.path(), "other", Access::Write).await;
+    let devices = vec![old.clone(), target.clone(), other.clone()];
+    for device in &devices[1..] {
+        sync(device, &old).await;
+    }
+    // A change the old leader cannot store: set aside there. (Not on MySQL: its upsert's
+    // `ON DUPLICATE KEY UPDATE` answers any unique index, so the same name updates the
+    // other row instead of failing.)
+    let mysql = old.db().get_database_backend() == sea_orm::DbBackend::MySql;
+    let refused = if mysql {
+        None
+    } else {
+        old.db()
+            .execute_unprepared("CREATE UNIQUE INDEX tag_name_unique ON tag (name)")
+            .await
+            .expect("index");
+        put(&old, "tag", json!({"name": "taken"})).await;
+        let refused = put(&other, "tag", json!({"name": "taken"})).await;
+        sync(&other, &old).await;
+        assert_eq!(old.rejected().await.expect("rejected").len(), 1);
+        Some(refused)
+    };
+    // An invite made before the move, redeemed after it at the new leader.
+    let invite = old
+        .leader()
+        .expect("the leader")
+        .invite(Access::Read, std::time::Duration::from_secs(600))
+        .await
+        .expect("invite");
+    // Positions the old leader saw (its server notes each pull's; in process, by hand).
+    sync(&other, &old).await;
+    let other_at = other.position().await.expect("position").seq;
+    old.leader()
+        .expect("the leader")
+        .record_peer_position(other.device_id(), other_at)
+        .await
+        .expect("position noted");
+
+    let old_view = old.leader().expect("the leader");
+    let syncing = Arc::new(AtomicBool::new(true));
+    let follower = {
+        let (target, devices, kept) = (target.clone(), devices.clone(), vec![old_view.clone()]);
+        let syncing = Arc::clone(&syncing);
+        tokio::spawn(async move {
+            while syncing.load(Ordering::SeqCst) {
+                let _ = round(&target, &devices, &kept).await;
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let handed = old_view
+        .hand_off(target.device_id(), std::time::Duration::from_secs(60))
+        .await
+        .expect("hand off");
+    syncing.store(false, Ordering::SeqCst);
+    follower.await.expect("syncer");
+    assert_eq!(handed.epoch, Epoch(2));
+    settle(&devices, std::slice::from_ref(&old_view)).await;
+    assert_eq!(target.role(), sync_core::Role::Leader);
+
+    // Every device's membership says who leads now, and that the old leader writes.
+    for device in &devices {
+        let access = access_of(device).await;
+        assert_eq!(
+            access.get(&old.device_id()),
+            Some(&Access::Write),
+            "on {}",
+            device.device_id()
+        );
+        assert_eq!(
+            access.get(&target.device_id()),
+            Some(&Access::Leader),
+            "on {}",
+            device.device_id()
+        );
+        assert_eq!(access.get(&other.device_id()), Some(&Access::Write));
+    }
+    // The set-aside change is listed at the new leader.
+    if let Some(refused) = refused {
+        let listed = target.rejected().await.expect("rejected");
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].record_id, crate::offline::id_of(&refused));
+        assert_eq!(listed[0].device_id, other.device_id().to_string());
+    }
+    // The followers' positions are known to the new leader before it served them.
+    let seen = target
+        .members()
+        .await
+        .expect("members")
+        .into_iter()
+        .find(|m| m.device_id == other.device_id())
+        .and_then(|m| m.position)
+        .expect("the other follower's position");
+    assert!(seen >= other_at, "{seen:?} < {other_at:?}");
+    // The invite admits a device at the new leader, once.
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("late.db").display());
+    let db = example_app::connect(&url).await.expect("connect");
+    <example_app::Migrator as sea_orm_migration::MigratorTrait>::up(&db, None)
+        .await
+        .expect("migrate");
+    let key = Library::device_key_of(&db).await.expect("device key");
+    let new_leader = target.leader().expect("the new leader");
+    new_leader
+        .redeem_invite(
+            &invite.secret,
+            Access::Read,
+            key.fingerprint(),
+            Some("late"),
+        )
+        .await
+        .expect("an invite made before the handoff is redeemed at the new leader");
+    let again = new_leader
+        .redeem_invite(
+            &invite.secret,
+            Access::Read,
+            key.fingerprint(),
+            Some("late"),
+        )
+        .await;
+    assert!(
+        matches!(again, Err(sync_core::InviteError::AlreadyUsed)),
+        "{again:?}"
+    );
+    let late = Library::join(
+        db,
+        target.id(),
+        target.device_id(),
+        "test",
+        Access::Read,
+        example_app::registry(),
+    )
+    .await
+    .expect("join");
+    sync(&late, &target).await;
+    assert_eq!(
+        late.dump().await.expect("dump"),
+        target.dump().await.expect("dump")
+    );
+    // The old leader admits no one any more: an invite it made is redeemed where the
+    // library is led.
+    let key = DeviceKeyOf::fresh(dir.path(), "later").await;
+    let stale = old_view
+        .redeem_invite(&invite.secret, Access::Read, key, Some("later"))
+        .await;
+    assert!(
+        matches!(stale, Err(sync_core::InviteError::NotLeading { leader, .. }) if leader == target.device_id()),
+        "{stale:?}"
+    );
+    drop(late);
+    f
+}
+
+/// A device key of a fresh database.
+struct DeviceKeyOf;
+
+impl DeviceKeyOf {
+    async fn fresh(dir: &std::path::Path, name: &str) -> sync_core::KeyFingerprint {
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.join(format!("{name}.db")).display()
+        );
+        let db = example_app::connect(&url).await.expect("connect");
+        <example_app::Migrator as sea_orm_migration::MigratorTrait>::up(&db, None)
+            .await
+            .expect("migrate");
+        Library::device_key_of(&db)
+            .await
+            .expect("device key")
+            .fingerprint()
+    }
 }

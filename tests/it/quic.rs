@@ -610,3 +610,128 @@ async fn a_write_follower_pushes_live_and_others_are_refused() {
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
+
+/// A planned handoff over QUIC: the target's server (bound while it followed) serves once
+/// it leads, the other follower finds it by itself through the move record (its key from
+/// the membership, its address from the record), and the old leader follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_find_the_new_leader_after_a_handoff() {
+    let dir = tempfile::tempdir().expect("dir");
+    let old = leader(dir.path(), ServerConfig::default()).await;
+    put_tag(&old.library, "before").await;
+    let target = joined_follower(&old, dir.path(), "target.db").await;
+    let other = joined_follower(&old, dir.path(), "other.db").await;
+    // The target serves from now on; it serves nothing until it leads.
+    let target_server = Server::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        &target.device_key().await.expect("key"),
+        vec![target.clone()],
+        ServerConfig::default(),
+    )
+    .await
+    .expect("bind a follower's server");
+    let target_address = target_server.local_addr().to_string();
+    target.set_serving_addresses(vec![target_address.clone()]);
+    let mut follows = Vec::new();
+    for device in [&target, &other] {
+        let transport = net::transport(device, None).await.expect("transport");
+        follows.push(
+            device
+                .follower()
+                .expect("a follower")
+                .start_following(transport, live_config()),
+        );
+    }
+    let latest = old.library.latest_seq().await.expect("latest");
+    for follow in &follows {
+        follow
+            .wait_for(DEADLINE, |s| s.position >= latest)
+            .await
+            .expect("caught up before the handoff");
+    }
+    // Asked before it leads (it holds the membership now), it names the leader.
+    let early = Client::new(
+        other.device_key().await.expect("key"),
+        ClientConfig::default(),
+    )
+    .connect(
+        &target_address,
+        target.device_key().await.expect("key").fingerprint(),
+        other.id(),
+        tokio::sync::watch::channel(Seq::ZERO).0,
+    )
+    .await
+    .expect("a session with a follower's server")
+    .pull(&sync_core::PullRequest::from_position(
+        other.id(),
+        Default::default(),
+    ))
+    .await;
+    assert!(
+        matches!(&early, Err(TransportError::Moved { leader, .. }) if *leader == old.library.device_id()),
+        "{early:?}"
+    );
+
+    let handed = old
+        .library
+        .leader()
+        .expect("the leader")
+        .hand_off(target.device_id(), DEADLINE)
+        .await
+        .expect("hand off");
+    assert_eq!(handed.epoch, sync_core::Epoch(2));
+    follows[0]
+        .wait_for(DEADLINE, |s| s.state == sync_core::FollowState::Leading)
+        .await
+        .expect("the target leads");
+    assert_eq!(target.role(), sync_core::Role::Leader);
+
+    // A write at the new leader reaches the other follower, which re-pointed by itself.
+    let latest = put_tag(&target, "at the new leader").await;
+    follows[1]
+        .wait_for(DEADLINE, |s| s.position >= latest)
+        .await
+        .expect("the other follower follows the new leader");
+    assert_eq!(other.leader_device_id(), target.device_id());
+    // The old leader follows it too (its key and address from the membership), and its
+    // write made after the move reaches the new leader.
+    put_tag(&old.library, "written by the old leader").await;
+    let transport = net::transport(&old.library, None)
+        .await
+        .expect("the old leader's transport to the new one");
+    assert_eq!(transport.addresses_known(), vec![target_address.clone()]);
+    let old_follow = old
+        .library
+        .follower()
+        .expect("the old leader follows")
+        .start_following(transport, live_config());
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let names = target.dump().await.expect("dump").to_string();
+        if names.contains("written by the old leader") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the old leader's write did not reach the new leader"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let latest = target.latest_seq().await.expect("latest");
+    for follow in follows.iter().skip(1).chain([&old_follow]) {
+        follow
+            .wait_for(DEADLINE, |s| s.position >= latest)
+            .await
+            .expect("every follower converges");
+    }
+    assert_eq!(
+        other.dump().await.expect("dump"),
+        target.dump().await.expect("dump")
+    );
+    assert_eq!(
+        old.library.dump().await.expect("dump"),
+        target.dump().await.expect("dump")
+    );
+    drop(old.server);
+    drop(target_server);
+}

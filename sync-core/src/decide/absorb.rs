@@ -151,6 +151,9 @@ fn absorb_entry<'a>(
             crate::leadership::MEMBER_MODEL
                 | crate::leadership::LEADER_MODEL
                 | crate::leadership::TAKEN_MODEL
+                | crate::leadership::INVITE_MODEL
+                | crate::leadership::PEER_MODEL
+                | crate::leadership::REJECTED_MODEL
         );
         if !known {
             return Some(Refusal::UnknownModel {
