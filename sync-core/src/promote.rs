@@ -353,9 +353,7 @@ impl Library {
     ) -> Result<Option<DeviceId>, DbErr> {
         let txn = self.begin_write().await?;
         let key = vote_key(self.id(), epoch);
-        if let Some(voted) = get_local_value(&txn, &key)
-            .await?
-            .and_then(|v| v.parse::<DeviceId>().ok())
+        if let Some(voted) = stored_vote(&key, get_local_value(&txn, &key).await?)?
             && voted != candidate
         {
             return Ok(Some(voted));
@@ -367,19 +365,23 @@ impl Library {
 
     /// The members as the tally sees them.
     async fn electors(&self) -> Result<Vec<Elector>, DbErr> {
-        Ok(device::Entity::find()
+        // A row that does not parse is an error, not a member left out: the electorate's
+        // size decides what a majority is.
+        device::Entity::find()
             .filter(device::Column::LibraryId.eq(self.id().to_string()))
             .all(&self.db)
             .await?
             .into_iter()
-            .filter_map(|row| {
-                Some(Elector {
-                    device: row.device_id.parse().ok()?,
+            .map(|row| {
+                Ok(Elector {
+                    device: row.device_id.parse().map_err(|e| {
+                        DbErr::Custom(format!("sync_device row {}: device id: {e}", row.device_id))
+                    })?,
                     access: Access::parse(&row.access),
                     revoked: row.revoked_at_ms.is_some(),
                 })
             })
-            .collect())
+            .collect()
     }
 
     /// Answers a member's request to vote for its promotion: at most one candidate per
@@ -416,9 +418,7 @@ impl Library {
         });
         let txn = self.begin_write().await?;
         let key = vote_key(self.id(), request.epoch);
-        let voted_for = get_local_value(&txn, &key)
-            .await?
-            .and_then(|v| v.parse::<DeviceId>().ok());
+        let voted_for = stored_vote(&key, get_local_value(&txn, &key).await?)?;
         let state = VoterState {
             epoch: leadership.epoch,
             voted_for,
@@ -475,4 +475,17 @@ impl Library {
             epoch: self.epoch(),
         })
     }
+}
+
+/// A vote stored in `sync_local`: text that is not a device id is an error, never "no
+/// vote" (which would let this member vote twice in one epoch).
+fn stored_vote(key: &str, text: Option<String>) -> Result<Option<DeviceId>, DbErr> {
+    text.map(|v| {
+        v.parse::<DeviceId>().map_err(|e| {
+            DbErr::Custom(format!(
+                "sync_local `{key}` holds `{v}`, not a device id: {e}"
+            ))
+        })
+    })
+    .transpose()
 }
